@@ -1,0 +1,5 @@
+"""The one exception type for bad user input: the CLI prints it on one line and exits 2."""
+
+
+class InputError(ValueError):
+    """Bad input from the user (file, config value, label, shape); the message names the field and value."""
