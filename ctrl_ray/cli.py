@@ -1,0 +1,118 @@
+"""The `ctrl-ray` command line: thin argument parsing over the Python API.
+
+Bad input (an `InputError`) prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from ctrl_ray.errors import InputError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        args.handler(args)
+    except InputError as err:
+        print(f"ctrl-ray: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ctrl-ray: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctrl-ray",
+        description="Add new conditional controls to pre-trained diffusion models with RL (CTRL).",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    demo = _command(commands, "demo", "the end-to-end demo on the embedded default", _demo)
+    _config_options(demo, required=False)
+
+    data = commands.add_parser("data", help="build the digits testbed and offline pair sets")
+    data_commands = data.add_subparsers(title="data commands", metavar="COMMAND")
+    build = _command(data_commands, "build-digits", "write the digits testbed as Parquet",
+                     _data_build_digits)
+    build.add_argument("--size", type=int, default=16, choices=(8, 16, 32))
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--out", required=True, help="output Parquet file")
+    pairs = _command(data_commands, "pairs", "draw N labelled (image, y) train pairs",
+                     _data_pairs)
+    pairs.add_argument("--dataset", required=True, help="digits Parquet file")
+    pairs.add_argument("--label", required=True, help="label column, e.g. compress_class")
+    pairs.add_argument("--n", type=int, required=True, help="number of pairs")
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--out", required=True, help="output Parquet file")
+
+    pretrain = _command(commands, "pretrain", "pre-train the digits base model p_pre(x | c)",
+                        _pretrain)
+    _config_options(pretrain)
+    return parser
+
+
+def _command(commands, name: str, help_text: str, handler: Callable) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=help_text, description=help_text)
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def _config_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config value (repeatable)")
+
+
+def _print_json(data: dict) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from ctrl_ray.config import load_config
+    from ctrl_ray.demo import DemoConfig, run_demo
+
+    run_demo(load_config(DemoConfig, args.config, args.overrides))
+
+
+def _data_build_digits(args: argparse.Namespace) -> None:
+    from ctrl_ray.data.digits import build_digits, load_digits_dataset
+
+    path = build_digits(args.out, size=args.size, seed=args.seed)
+    dataset = load_digits_dataset(path)
+    print(f"wrote {path}: {len(dataset)} images of shape {dataset.image_shape}")
+    for name, info in dataset.label_info.items():
+        print(f"  {name}: edges {info['edges']}")
+
+
+def _data_pairs(args: argparse.Namespace) -> None:
+    from ctrl_ray.data.pairs import load_pairs, make_pairs
+
+    path = make_pairs(args.dataset, args.label, args.n, args.out, seed=args.seed)
+    pairs = load_pairs(path)
+    print(f"wrote {path}: {len(pairs)} pairs labelled {pairs.label_name!r} "
+          f"({pairs.num_classes} classes)")
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from ctrl_ray.config import load_config
+    from ctrl_ray.pretrain import PretrainConfig, pretrain
+
+    result = pretrain(load_config(PretrainConfig, args.config, args.overrides))
+    print(f"saved {result.model_dir} (final loss {result.final_loss:.4f}, "
+          f"{result.steps_per_second:.2f} steps/s)")
+    if result.model_uri:
+        print(f"registered {result.model_uri}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

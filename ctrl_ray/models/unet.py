@@ -1,0 +1,56 @@
+"""The class-conditional pixel UNet of the digits testbed and its noise schedule (diffusers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffusers import DDPMScheduler, UNet2DModel
+
+
+@dataclass
+class UNetConfig:
+    """Shape of a small class-conditional `UNet2DModel`; the last down block has self-attention."""
+
+    image_size: int = 16
+    in_channels: int = 1
+    num_contexts: int = 10
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    attention_head_dim: int = 8
+
+
+@dataclass
+class ScheduleConfig:
+    """DDPM training noise schedule; stored as the scheduler config next to the UNet."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    clip_sample: bool = True
+
+
+def build_unet(config: UNetConfig) -> UNet2DModel:
+    """A fresh, randomly initialised `UNet2DModel` with one class embedding row per context."""
+    depth = len(config.block_out_channels)
+    return UNet2DModel(
+        sample_size=config.image_size,
+        in_channels=config.in_channels,
+        out_channels=config.in_channels,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        down_block_types=("DownBlock2D",) * (depth - 1) + ("AttnDownBlock2D",),
+        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (depth - 1),
+        num_class_embeds=config.num_contexts,
+        norm_num_groups=config.norm_num_groups,
+        attention_head_dim=config.attention_head_dim,
+    )
+
+
+def build_scheduler(config: ScheduleConfig) -> DDPMScheduler:
+    """The DDPM scheduler whose `alphas_cumprod` defines the forward process."""
+    return DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        clip_sample=config.clip_sample,
+        prediction_type="epsilon",
+    )

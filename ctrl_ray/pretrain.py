@@ -1,0 +1,149 @@
+"""Pre-train the testbed's base model p_pre(x | c): a class-conditional DDPM UNet on the digits."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ctrl_ray import tracking
+from ctrl_ray.config import flatten, to_dict
+from ctrl_ray.data.digits import ensure_digits
+from ctrl_ray.models.loading import save_base_model
+from ctrl_ray.models.unet import ScheduleConfig, UNetConfig, build_scheduler, build_unet
+
+
+@dataclass
+class DigitsDataConfig:
+    """Where the digits Parquet file lives; it is built there when missing."""
+
+    path: str = "data/digits16.parquet"
+    size: int = 16
+    seed: int = 0
+
+
+@dataclass
+class PretrainTrainingConfig:
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    ema_decay: float = 0.995
+    seed: int = 0
+    log_every: int = 50
+
+
+@dataclass
+class PretrainConfig:
+    data: DigitsDataConfig = field(default_factory=DigitsDataConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: PretrainTrainingConfig = field(default_factory=PretrainTrainingConfig)
+    output_dir: str = "outputs/base-digits16"
+    experiment: str = "ctrl-ray-pretrain"
+    registered_model: str = "ctrl-base-digits"
+
+
+@dataclass
+class PretrainResult:
+    model_dir: Path
+    model_uri: str | None
+    final_loss: float
+    seconds: float
+    steps_per_second: float
+
+
+def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
+    """Train with the DDPM noise-prediction loss, keep an EMA, save and register the model."""
+    dataset = ensure_digits(config.data.path, size=config.data.size, seed=config.data.seed)
+    train = dataset.subset("train")
+    images = torch.from_numpy(train.images)
+    digits = torch.from_numpy(train.digits).long()
+    if tuple(images.shape[-2:]) != (config.model.image_size,) * 2:
+        from ctrl_ray.errors import InputError
+
+        raise InputError(f"model.image_size={config.model.image_size} does not match the "
+                         f"dataset images {tuple(images.shape[-2:])} in {config.data.path!r}")
+
+    train_cfg = config.training
+    torch.manual_seed(train_cfg.seed)
+    generator = torch.Generator().manual_seed(train_cfg.seed)
+    unet = build_unet(config.model)
+    scheduler = build_scheduler(config.schedule)
+    alphas_cumprod = scheduler.alphas_cumprod.float()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=train_cfg.lr,
+                                  weight_decay=train_cfg.weight_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _warmup_cosine(step, train_cfg.warmup_steps, train_cfg.steps))
+    ema = [p.detach().clone() for p in unet.parameters()]
+
+    params = flatten(to_dict(config))
+    params["model.num_parameters"] = sum(p.numel() for p in unet.parameters())
+    start = time.perf_counter()
+    window: list[float] = []
+    with tracking.run(config.experiment, "pretrain", params) as active:
+        bar = tqdm(range(train_cfg.steps), desc="pretrain", disable=not progress)
+        for step in bar:
+            index = torch.randint(len(images), (train_cfg.batch_size,), generator=generator)
+            x0, c = images[index], digits[index]
+            t = torch.randint(config.schedule.num_train_timesteps, (len(index),),
+                              generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            a = alphas_cumprod[t].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            loss = F.mse_loss(unet(x_t, t, class_labels=c).sample, noise)
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            lr_schedule.step()
+            decay = min(train_cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - decay)
+
+            window.append(loss.item())
+            if (step + 1) % train_cfg.log_every == 0 or step + 1 == train_cfg.steps:
+                mean_loss = sum(window) / len(window)
+                window.clear()
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                mlflow.log_metrics({"loss": mean_loss, "lr": lr_schedule.get_last_lr()[0]},
+                                   step=step + 1)
+        seconds = time.perf_counter() - start
+
+        with torch.no_grad():
+            for param, averaged in zip(unet.parameters(), ema, strict=True):
+                param.copy_(averaged)
+        metadata = {
+            "kind": "unet2d-class-conditional",
+            "image_shape": [config.model.in_channels, config.model.image_size,
+                            config.model.image_size],
+            "num_contexts": config.model.num_contexts,
+            "context_name": "digit",
+            "dataset": str(config.data.path),
+            "training": {"steps": train_cfg.steps, "final_loss": mean_loss,
+                         "seconds": round(seconds, 1), "mlflow_run_id": active.info.run_id},
+        }
+        model_dir = save_base_model(unet, scheduler, config.output_dir, metadata)
+        mlflow.log_metrics({"train_seconds": seconds,
+                            "steps_per_second": train_cfg.steps / seconds})
+        model_uri = None
+        if config.registered_model:
+            model_uri = tracking.log_model({"base_model": model_dir}, config.registered_model,
+                                           metadata={"ctrl_ray": metadata})
+    return PretrainResult(model_dir=model_dir, model_uri=model_uri, final_loss=mean_loss,
+                          seconds=seconds, steps_per_second=train_cfg.steps / seconds)
+
+
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

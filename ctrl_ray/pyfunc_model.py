@@ -1,0 +1,58 @@
+"""The MLflow pyfunc model of ctrl-ray (logged as code, so nothing is unpickled on load).
+
+Artifacts: `base_model` (a base-model directory) and, for a fine-tuned model, `adapter`
+(a CTRL checkpoint directory). `predict` takes a DataFrame with columns `c` (context), `seed`
+and, for a fine-tuned model, one column per label (`y` works for a single label; -1 or a
+missing column means unconditional) and returns one image per row, deterministic per seed.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+
+class CtrlDiffusionModel(mlflow.pyfunc.PythonModel):
+    """Samples images from a base or CTRL-fine-tuned diffusion model."""
+
+    def load_context(self, context) -> None:
+        from ctrl_ray.models.augmented import AugmentedModel
+        from ctrl_ray.models.backbone import UNetBackbone
+        from ctrl_ray.models.loading import load_base_model_dir
+
+        base = load_base_model_dir(context.artifacts["base_model"])
+        self.sampling = {"num_inference_steps": 50, "eta": 1.0}
+        adapter_dir = context.artifacts.get("adapter")
+        if adapter_dir:
+            from ctrl_ray.checkpoint import load_policy
+
+            self.model, settings = load_policy(base, adapter_dir)
+            self.sampling.update(settings)
+        else:
+            self.model = AugmentedModel(UNetBackbone(base.unet, base.scheduler), {},
+                                        adapter="none")
+        self.model.eval()
+        self.fine_tuned = bool(adapter_dir)
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
+        from ctrl_ray.evaluation import generate
+
+        frame = pd.DataFrame(model_input)
+        if "c" not in frame.columns:
+            raise ValueError(f"model input needs a column 'c', got columns {list(frame.columns)}")
+        contexts = torch.tensor(frame["c"].to_numpy(), dtype=torch.long)
+        seeds = frame["seed"].tolist() if "seed" in frame.columns else [0] * len(frame)
+        labels = {}
+        for name, num_classes in self.model.label_classes.items():
+            column = name if name in frame.columns else "y"
+            values = frame[column].to_numpy() if column in frame.columns else -np.ones(len(frame))
+            values = np.where(values < 0, num_classes, values)
+            labels[name] = torch.tensor(values, dtype=torch.long)
+        images, _ = generate(self.model, contexts, labels, seeds,
+                             from_reference=not self.fine_tuned, **self.sampling)
+        return images.numpy()
+
+
+mlflow.models.set_model(CtrlDiffusionModel())

@@ -1,0 +1,126 @@
+"""MLflow: the embedded default store, runs, model logging (pyfunc from code) and the registry."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+
+from ctrl_ray.errors import InputError
+
+PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a SQLite store `mlflow.db` in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
+
+
+def configure() -> str:
+    """Point MLflow at `tracking_uri()` and return it."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def use_experiment(name: str) -> str:
+    """Create `name` if missing (artifacts beside a local SQLite store) and make it current."""
+    configure()
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        experiment_id = found.experiment_id
+    else:
+        location = None
+        uri = mlflow.get_tracking_uri()
+        if uri.startswith("sqlite:///"):
+            root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+            location = root.resolve().as_uri()
+        experiment_id = client.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+@contextmanager
+def run(experiment: str, run_name: str, params: dict[str, Any] | None = None,
+        nested: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run in `experiment` with `params` logged (flattened, stringified)."""
+    use_experiment(experiment)
+    with mlflow.start_run(run_name=run_name, nested=nested) as active:
+        if params:
+            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        yield active
+
+
+def log_model(artifacts: dict[str, str | Path], registered_name: str | None,
+              metadata: dict[str, Any] | None = None) -> str:
+    """Log a ctrl-ray pyfunc model (code from `pyfunc_model.py`, weights as artifacts).
+
+    Returns the model URI: `models:/NAME/VERSION` if registered, else `runs:/RUN/model`.
+    """
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(PYFUNC_MODEL_FILE),
+        artifacts={key: str(path) for key, path in artifacts.items()},
+        pip_requirements=[f"ctrl-ray=={_version()}"],
+        metadata=metadata,
+        registered_model_name=registered_name,
+    )
+    if registered_name:
+        return f"models:/{registered_name}/{info.registered_model_version}"
+    return info.model_uri
+
+
+def set_alias(name: str, version: int | str, alias: str) -> None:
+    """Point `models:/name@alias` at `version`."""
+    MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+def latest_version(name: str) -> str | None:
+    """The newest version number of registered model `name`, or None if it does not exist."""
+    configure()
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    if not versions:
+        return None
+    return str(max(int(v.version) for v in versions))
+
+
+def resolve_artifacts(uri: str | Path) -> dict[str, Path]:
+    """Local paths of a model's artifacts, for a local directory or a `models:/`/`runs:/` URI.
+
+    A local directory is returned as {"model": dir}. A logged ctrl-ray model is downloaded and
+    its pyfunc artifacts (e.g. "base_model", "adapter") are returned by key.
+    """
+    text = str(uri)
+    if "://" not in text and ":/" not in text:
+        path = Path(text)
+        if not path.is_dir():
+            raise InputError(f"model directory not found: {text!r}")
+        return {"model": path}
+    configure()
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
+    except mlflow.exceptions.MlflowException as err:
+        raise InputError(f"model URI {text!r} could not be resolved: {err.message}") from None
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    stored = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
+    if not stored:
+        raise InputError(f"model URI {text!r} is not a ctrl-ray model (no pyfunc artifacts)")
+    return {key: local / entry["path"] for key, entry in stored.items()}
+
+
+def _version() -> str:
+    from ctrl_ray import __version__
+
+    return __version__

@@ -1,0 +1,52 @@
+"""Typed configs: YAML + overrides, and a clear InputError for unknown keys or wrong types."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctrl_ray.config import load_config, to_dict
+from ctrl_ray.errors import InputError
+from ctrl_ray.pretrain import PretrainConfig
+
+
+def test_yaml_and_overrides_fill_typed_fields(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  steps: 10\n  lr: 1\nmodel:\n  block_out_channels: [8, 16]\n")
+    config = load_config(PretrainConfig, path, ["training.steps=20", "output_dir=out/x"])
+    assert config.training.steps == 20
+    assert config.training.lr == 1.0 and isinstance(config.training.lr, float)
+    assert config.model.block_out_channels == (8, 16)
+    assert config.output_dir == "out/x"
+    assert to_dict(config)["model"]["block_out_channels"] == [8, 16]
+
+
+def test_repository_config_loads():
+    config = load_config(PretrainConfig, "configs/pretrain_digits.yaml")
+    assert config.model.image_size == config.data.size == 16
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.stepz=3", "unknown config key 'training.stepz'"),
+        ("training.steps=many", "config key 'training.steps': expected int, got 'many'"),
+        ("training.steps=1.5", "config key 'training.steps': expected int, got 1.5"),
+        ("training.lr=true", "config key 'training.lr': expected float, got True"),
+        ("model.block_out_channels=8", "config key 'model.block_out_channels': expected a list"),
+        ("training=3", "config key 'training': expected a section, got 3"),
+        ("noequals", "expected dotted.key=value"),
+    ],
+)
+def test_bad_values_name_key_value_and_expectation(override, message):
+    with pytest.raises(InputError) as caught:
+        load_config(PretrainConfig, overrides=[override])
+    assert message in str(caught.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(InputError, match="config file not found"):
+        load_config(PretrainConfig, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(InputError, match="expected a mapping"):
+        load_config(PretrainConfig, bad)
