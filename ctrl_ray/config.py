@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 import types
@@ -133,7 +134,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise InputError(f"config key {key!r}: value {value!r} is not one of "
                              f"{', '.join(map(repr, choices))}")
         return value
-    if origin in (list, tuple):
+    if origin in (list, tuple, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):
             raise InputError(f"config key {key!r}: expected a list ({_describe(hint)}), "
                              f"got {value!r}")
@@ -141,7 +142,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         item_hint = args[0] if args else Any
         items = [_coerce(item_hint, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if origin is dict:
+    if origin in (dict, collections.abc.Mapping):
         if not isinstance(value, dict):
             raise InputError(f"config key {key!r}: expected a mapping, got {value!r}")
         _, value_hint = get_args(hint) or (Any, Any)

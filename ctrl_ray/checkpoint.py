@@ -1,0 +1,124 @@
+"""CTRL checkpoints: the trainable state (adapters + label embeddings) as safetensors plus JSON.
+
+A checkpoint directory holds `adapter.safetensors` and `policy.json` (how to rebuild the
+augmented model around the base model, the label metadata and the sampler settings). Training
+checkpoints add `optimizer.safetensors` and `state.json` (iteration, policy version, RNG states).
+Every directory is written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ctrl_ray.errors import InputError
+from ctrl_ray.models.augmented import AugmentedModel
+from ctrl_ray.models.backbone import UNetBackbone
+from ctrl_ray.models.loading import BaseModel
+from ctrl_ray.storage import atomic_directory, read_json, write_json
+
+ADAPTER_FILE = "adapter.safetensors"
+POLICY_FILE = "policy.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+
+
+def policy_spec(model: AugmentedModel, label_info: dict[str, dict], sampling: dict[str, Any],
+                base_model: str, lora_rank: int, lora_alpha: float | None,
+                lora_targets: list[str] | None) -> dict[str, Any]:
+    """What `load_policy` needs to rebuild `model` around its base model."""
+    return {
+        "label_classes": model.label_classes,
+        "label_info": label_info,
+        "adapter": model.adapter,
+        "lora_rank": lora_rank,
+        "lora_alpha": lora_alpha,
+        "lora_targets": lora_targets,
+        "sampling": sampling,
+        "base_model": base_model,
+    }
+
+
+def save_policy(model: AugmentedModel, spec: dict[str, Any], out_dir: str | Path,
+                training_state: dict[str, Any] | None = None,
+                optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Write the trainable tensors and `spec` (plus optional optimizer and training state)."""
+    with atomic_directory(out_dir) as tmp:
+        trainable = model.trainable_state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+                  tmp / ADAPTER_FILE)
+        write_json(tmp / POLICY_FILE, spec)
+        if optimizer is not None:
+            tensors, layout = optimizer_tensors(optimizer)
+            save_file(tensors, tmp / OPTIMIZER_FILE)
+            training_state = {**(training_state or {}), "optimizer_layout": layout}
+        if training_state is not None:
+            write_json(tmp / STATE_FILE, training_state)
+    return Path(out_dir)
+
+
+def read_policy_spec(path: str | Path) -> dict[str, Any]:
+    return read_json(Path(path) / POLICY_FILE, "policy spec")
+
+
+def build_policy(base: BaseModel, spec: dict[str, Any]) -> AugmentedModel:
+    """A fresh augmented model (zero-initialised adapters) around `base`, shaped by `spec`."""
+    return AugmentedModel(
+        UNetBackbone(base.unet, base.scheduler),
+        {name: int(k) for name, k in spec["label_classes"].items()},
+        adapter=spec["adapter"],
+        lora_rank=spec["lora_rank"],
+        lora_alpha=spec["lora_alpha"],
+        lora_targets=spec["lora_targets"],
+    )
+
+
+def load_policy(base: BaseModel, path: str | Path) -> tuple[AugmentedModel, dict[str, Any]]:
+    """Rebuild the fine-tuned policy from a checkpoint; returns it and its sampler settings."""
+    path = Path(path)
+    spec = read_policy_spec(path)
+    model = build_policy(base, spec)
+    model.load_trainable_state_dict(read_tensors(path / ADAPTER_FILE, "adapter weights"))
+    return model.eval(), dict(spec.get("sampling", {}))
+
+
+def read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InputError(f"{what} not found: {str(path)!r}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"{what} {str(path)!r} could not be read: {err}") from None
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and a JSON layout."""
+    state = optimizer.state_dict()
+    tensors, layout = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, entry in state["state"].items():
+        layout["state"][str(index)] = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                layout["state"][str(index)][key] = "tensor"
+            else:
+                layout["state"][str(index)][key] = value
+    return tensors, layout
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: str | Path) -> dict[str, Any]:
+    """Restore `optimizer` from a training checkpoint; returns the training state JSON."""
+    path = Path(path)
+    training_state = read_json(path / STATE_FILE, "training state")
+    tensors = read_tensors(path / OPTIMIZER_FILE, "optimizer state")
+    layout = training_state["optimizer_layout"]
+    state = {}
+    for index, entry in layout["state"].items():
+        state[int(index)] = {key: tensors[f"{index}.{key}"] if value == "tensor" else value
+                             for key, value in entry.items()}
+    optimizer.load_state_dict({"state": state, "param_groups": layout["param_groups"]})
+    return training_state
