@@ -1,3 +1,3 @@
-"""ctrl-ray: add new conditional controls to pre-trained diffusion models with RL (CTRL, arXiv 2406.12120)."""
+"""ctrl-ray: new conditional controls for pre-trained diffusion models with RL (CTRL)."""
 
 __version__ = "0.1.0"

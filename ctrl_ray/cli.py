@@ -58,6 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = _command(commands, "pretrain", "pre-train the digits base model p_pre(x | c)",
                         _pretrain)
     _config_options(pretrain)
+
+    reward = commands.add_parser("reward", help="the reward classifier p(y | x0)")
+    reward_commands = reward.add_subparsers(title="reward commands", metavar="COMMAND")
+    _config_options(_command(reward_commands, "train",
+                             "train and calibrate the reward on N offline pairs", _reward_train))
+
+    finetune = _command(commands, "finetune", "CTRL fine-tuning of the base model", _finetune)
+    _config_options(finetune)
+
+    evaluate = _command(commands, "evaluate", "score a fine-tuned policy by the protocol",
+                        _evaluate)
+    evaluate.add_argument("--model", required=True,
+                          help="CTRL checkpoint directory or models:/NAME@ALIAS")
+    _config_options(evaluate, required=False)
+
+    sample = _command(commands, "sample", "draw samples for a context c and label y", _sample)
+    sample.add_argument("--model", required=True,
+                        help="CTRL checkpoint directory, base-model directory or models:/ URI")
+    sample.add_argument("--c", type=int, required=True, help="context (digit)")
+    sample.add_argument("--y", type=int, default=-1, help="new label class (-1: unconditional)")
+    sample.add_argument("--n", type=int, default=16)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", required=True, help="PNG grid to write")
     return parser
 
 
@@ -112,6 +135,42 @@ def _pretrain(args: argparse.Namespace) -> None:
           f"{result.steps_per_second:.2f} steps/s)")
     if result.model_uri:
         print(f"registered {result.model_uri}")
+
+
+
+def _reward_train(args: argparse.Namespace) -> None:
+    from ctrl_ray.config import load_config
+    from ctrl_ray.reward_training import RewardJobConfig, train_reward_job
+
+    result = train_reward_job(load_config(RewardJobConfig, args.config, args.overrides))
+    print(f"saved {result['output_dir']}: test accuracy {result['test_accuracy']:.3f}, "
+          f"temperature {result['temperature']:.2f}")
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from ctrl_ray.config import load_config
+    from ctrl_ray.finetune import FinetuneConfig, finetune
+
+    result = finetune(load_config(FinetuneConfig, args.config, args.overrides))
+    print(f"saved {result['policy_dir']} ({result['train_seconds']:.0f} s of training)")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from ctrl_ray.config import load_config
+    from ctrl_ray.finetune import FinetuneConfig
+    from ctrl_ray.policy import evaluate_model
+
+    config = load_config(FinetuneConfig, args.config, args.overrides)
+    report = evaluate_model(args.model, config.evaluation, config.judge, config.output_dir)
+    _print_json({k: v for k, v in report.items() if k != "labels"})
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from ctrl_ray.policy import sample_grid
+
+    path = sample_grid(args.model, context=args.c, label=args.y, count=args.n, seed=args.seed,
+                       out=args.out)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

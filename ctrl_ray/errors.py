@@ -2,4 +2,4 @@
 
 
 class InputError(ValueError):
-    """Bad input from the user (file, config value, label, shape); the message names the field and value."""
+    """Bad user input (file, config value, label, shape); the message names field and value."""

@@ -18,23 +18,10 @@ class CtrlDiffusionModel(mlflow.pyfunc.PythonModel):
     """Samples images from a base or CTRL-fine-tuned diffusion model."""
 
     def load_context(self, context) -> None:
-        from ctrl_ray.models.augmented import AugmentedModel
-        from ctrl_ray.models.backbone import UNetBackbone
-        from ctrl_ray.models.loading import load_base_model_dir
+        from ctrl_ray.policy import load_from_artifacts
 
-        base = load_base_model_dir(context.artifacts["base_model"])
-        self.sampling = {"num_inference_steps": 50, "eta": 1.0}
-        adapter_dir = context.artifacts.get("adapter")
-        if adapter_dir:
-            from ctrl_ray.checkpoint import load_policy
-
-            self.model, settings = load_policy(base, adapter_dir)
-            self.sampling.update(settings)
-        else:
-            self.model = AugmentedModel(UNetBackbone(base.unet, base.scheduler), {},
-                                        adapter="none")
-        self.model.eval()
-        self.fine_tuned = bool(adapter_dir)
+        self.policy = load_from_artifacts(context.artifacts)
+        self.policy.model.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         from ctrl_ray.evaluation import generate
@@ -45,13 +32,13 @@ class CtrlDiffusionModel(mlflow.pyfunc.PythonModel):
         contexts = torch.tensor(frame["c"].to_numpy(), dtype=torch.long)
         seeds = frame["seed"].tolist() if "seed" in frame.columns else [0] * len(frame)
         labels = {}
-        for name, num_classes in self.model.label_classes.items():
+        for name, num_classes in self.policy.model.label_classes.items():
             column = name if name in frame.columns else "y"
             values = frame[column].to_numpy() if column in frame.columns else -np.ones(len(frame))
             values = np.where(values < 0, num_classes, values)
             labels[name] = torch.tensor(values, dtype=torch.long)
-        images, _ = generate(self.model, contexts, labels, seeds,
-                             from_reference=not self.fine_tuned, **self.sampling)
+        images, _ = generate(self.policy.model, contexts, labels, seeds,
+                             from_reference=not self.policy.fine_tuned, **self.policy.sampling)
         return images.numpy()
 
 

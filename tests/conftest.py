@@ -12,7 +12,7 @@ from ctrl_ray.config import load_config
 from ctrl_ray.data.digits import build_digits
 from ctrl_ray.pretrain import PretrainConfig, pretrain
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny tensors: a second thread only adds contention
 
 TINY_PRETRAIN = [
     "data.size=8",
@@ -48,3 +48,49 @@ def tiny_base(digits8, tmp_path_factory):
         *TINY_PRETRAIN, f"data.path={digits8}", f"output_dir={out}",
     ])
     return pretrain(config, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward(digits8, tmp_path_factory):
+    """A compressibility reward on 8x8 images from 300 pairs (a few epochs)."""
+    from ctrl_ray.reward_training import RewardJobConfig, train_reward_job
+
+    root = tmp_path_factory.mktemp("reward")
+    config = load_config(RewardJobConfig, overrides=[
+        f"dataset={digits8}", "size=8", "num_pairs=300", f"pairs={root}/pairs.parquet",
+        "training.epochs=5", f"output_dir={root}/reward",
+    ])
+    train_reward_job(config, progress=False)
+    return root / "reward"
+
+
+@pytest.fixture(scope="session")
+def tiny_judge(digits8, tmp_path_factory):
+    """A digit judge on the 8x8 train split (a few epochs)."""
+    from ctrl_ray.data.digits import load_digits_dataset
+    from ctrl_ray.demo import JudgeConfig, ensure_judge
+
+    path = tmp_path_factory.mktemp("judge") / "judge"
+    ensure_judge(load_digits_dataset(digits8), JudgeConfig(path=str(path), epochs=3))
+    return path
+
+
+def tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, out) -> list[str]:
+    """A CTRL run small enough for a test: 8x8, batch 8, 4 DDIM steps, a few iterations."""
+    return [
+        f"base_model={tiny_base.model_dir}",
+        f"rewards=[{{path: {tiny_reward}}}]",
+        f"judge={tiny_judge}",
+        "objective.batch_size=8",
+        "objective.num_inference_steps=4",
+        "objective.truncation.mode=fixed",
+        "objective.truncation.k=2",
+        "objective.lr_embedding=0.05",
+        "objective.lr_adapter=0.005",
+        "iterations=4",
+        "checkpoint_every=2",
+        "evaluation.samples_per_target=1",
+        "evaluation.contexts=[0, 1]",
+        "evaluation.num_inference_steps=4",
+        f"output_dir={out}",
+    ]

@@ -1,0 +1,255 @@
+"""The augmented model of CTRL (DESIGN step 2): a frozen backbone plus zero-started new parameters.
+
+For every new label y with K classes an ``nn.Embedding(K + 1, d)`` is added to the timestep
+embedding; row K is the null label (unconditional) and stays exactly zero (it is the
+``padding_idx``, so it never receives a gradient). The backbone network gets LoRA adapters
+(peft, zero-initialised up-projections), full fine-tuning, or nothing. At initialisation the
+augmented model therefore equals the pre-trained one, and the pre-trained model stays
+available as the *reference*: the same network with the adapters disabled and the label
+embedding bypassed (for full fine-tuning: the original weights through ``functional_call``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ctrl_ray.errors import InputError
+from ctrl_ray.models.backbone import Backbone
+
+ADAPTERS = ("lora", "full", "none")
+
+
+class FrozenWeights(nn.Module):
+    """A frozen copy of named tensors, as non-persistent buffers so ``.to(device)`` moves it."""
+
+    def __init__(self, named_tensors: Mapping[str, Tensor]):
+        super().__init__()
+        self.names = list(named_tensors)
+        for index, tensor in enumerate(named_tensors.values()):
+            self.register_buffer(f"tensor_{index}", tensor.detach().clone(), persistent=False)
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {name: getattr(self, f"tensor_{index}") for index, name in enumerate(self.names)}
+
+
+class AugmentedModel(nn.Module):
+    """Backbone + label embeddings + adapter: the CTRL policy, with the pre-trained model inside.
+
+    Args:
+        backbone: the frozen pre-trained noise predictor.
+        label_classes: number of classes K per new label, e.g. ``{"compress_class": 4}``.
+        adapter: ``"lora"`` (peft LoRA on ``backbone.network``), ``"full"`` (all weights of
+            ``backbone.network`` trainable) or ``"none"`` (label embeddings only).
+        lora_rank, lora_alpha: LoRA rank and scale numerator (``lora_alpha=None`` means rank,
+            i.e. scale 1).
+        lora_targets: module-name suffixes that get LoRA; default ``backbone.default_lora_targets``.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        label_classes: Mapping[str, int],
+        adapter: str = "lora",
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
+        lora_targets: list[str] | None = None,
+    ):
+        super().__init__()
+        if adapter not in ADAPTERS:
+            raise InputError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
+        for name, num_classes in label_classes.items():
+            if not name.isidentifier():
+                raise InputError(f"label name must be an identifier, got {name!r}")
+            if not isinstance(num_classes, int) or num_classes < 1:
+                raise InputError(
+                    f"label_classes[{name!r}] must be a positive int, got {num_classes!r}"
+                )
+        self.backbone = backbone
+        self.adapter = adapter
+        self.label_classes = dict(label_classes)
+        self.label_embeddings = nn.ModuleDict()
+        for name, num_classes in self.label_classes.items():
+            embedding = nn.Embedding(
+                num_classes + 1, backbone.embedding_dim, padding_idx=num_classes
+            )
+            nn.init.zeros_(embedding.weight)
+            self.label_embeddings[name] = embedding
+
+        self._lora_layers: list[BaseTunerLayer] = []
+        self.reference_weights: FrozenWeights | None = None
+        if adapter == "lora":
+            if lora_rank < 1:
+                raise InputError(f"lora_rank must be >= 1, got {lora_rank}")
+            targets = list(lora_targets or backbone.default_lora_targets)
+            config = LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_alpha if lora_alpha is not None else lora_rank,
+                target_modules=targets,
+                init_lora_weights=True,  # lora_B = 0: the adapted layer starts equal to the base
+            )
+            try:
+                inject_adapter_in_model(config, backbone.network)
+            except ValueError as error:
+                raise InputError(
+                    f"lora_targets {targets} do not fit the backbone: {error}"
+                ) from error
+            self._lora_layers = [
+                m for m in backbone.network.modules() if isinstance(m, BaseTunerLayer)
+            ]
+        elif adapter == "full":
+            backbone.network.requires_grad_(True)
+            self.reference_weights = FrozenWeights(
+                {f"network.{name}": p for name, p in backbone.network.named_parameters()}
+            )
+        self._adapter_names = [
+            name
+            for name, _ in self.named_parameters()
+            if name.startswith("backbone.") and (adapter == "full" or ".lora_" in name)
+        ]
+        self._embedding_names = [f"label_embeddings.{name}.weight" for name in self.label_classes]
+        self._reference_mode = False
+
+    # -- what the sampler reads ------------------------------------------------------------
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return self.backbone.alphas_cumprod
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.backbone.sample_shape
+
+    @property
+    def clip_sample(self) -> bool:
+        return self.backbone.clip_sample
+
+    @property
+    def num_contexts(self) -> int | None:
+        return self.backbone.num_contexts
+
+    # -- forward ---------------------------------------------------------------------------
+    def embed_labels(self, labels: Mapping[str, Tensor] | None) -> Tensor | None:
+        """Sum of the label embeddings (B, d); a label that is absent counts as null (zero)."""
+        if not labels:
+            return None
+        unknown = set(labels) - set(self.label_classes)
+        if unknown:
+            raise InputError(
+                f"labels has unknown names {sorted(unknown)}; known: {sorted(self.label_classes)}"
+            )
+        return sum(self.label_embeddings[name](values) for name, values in labels.items())
+
+    def predict_noise(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        context: Tensor | None,
+        labels: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """The policy's noise prediction; inside ``reference()`` the pre-trained one."""
+        if not self._reference_mode:
+            return self.backbone(x_t, t, context, self.embed_labels(labels))
+        if self.reference_weights is not None:
+            weights = self.reference_weights.as_dict()
+            return functional_call(self.backbone, weights, (x_t, t, context))
+        return self.backbone(x_t, t, context)
+
+    def reference_noise(self, x_t: Tensor, t: Tensor, context: Tensor | None) -> Tensor:
+        """The pre-trained model's noise prediction (frozen weights; differentiable in x_t)."""
+        with self.reference():
+            return self.predict_noise(x_t, t, context)
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """Within this block the model is the pre-trained one: adapters off, labels bypassed."""
+        if self._reference_mode:
+            yield
+            return
+        # peft's enable_adapters also flips requires_grad of the adapter weights: restore it.
+        lora_parameters = self._adapter_parameters() if self._lora_layers else []
+        requires_grad = [p.requires_grad for p in lora_parameters]
+        self._reference_mode = True
+        for layer in self._lora_layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in self._lora_layers:
+                layer.enable_adapters(True)
+            for parameter, flag in zip(lora_parameters, requires_grad, strict=True):
+                parameter.requires_grad_(flag)
+            self._reference_mode = False
+
+    # -- trainable state -------------------------------------------------------------------
+    def _adapter_parameters(self) -> list[nn.Parameter]:
+        parameters = dict(self.named_parameters())
+        return [parameters[name] for name in self._adapter_names]
+
+    def trainable_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters as ``embedding`` and ``adapter`` (separate learning rates)."""
+        parameters = dict(self.named_parameters())
+        return {
+            "embedding": [parameters[name] for name in self._embedding_names],
+            "adapter": [parameters[name] for name in self._adapter_names],
+        }
+
+    def num_trainable_parameters(self) -> int:
+        """Number of trainable scalars (the embeddings' fixed null rows included)."""
+        return sum(p.numel() for group in self.trainable_parameter_groups().values() for p in group)
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Only the trainable tensors (label embeddings + adapter), as contiguous CPU copies."""
+        parameters = dict(self.named_parameters())
+        return {
+            name: parameters[name].detach().to("cpu", copy=True).contiguous()
+            for name in self._embedding_names + self._adapter_names
+        }
+
+    def load_trainable_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Load tensors from ``trainable_state_dict``; names and shapes must match exactly."""
+        parameters = dict(self.named_parameters())
+        expected = set(self._embedding_names + self._adapter_names)
+        missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+        if missing or unexpected:
+            raise InputError(
+                f"trainable state dict does not fit the model: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        for name, value in state_dict.items():
+            if tuple(value.shape) != tuple(parameters[name].shape):
+                raise InputError(
+                    f"trainable state dict entry {name!r} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(parameters[name].shape)}"
+                )
+        for label in self.label_classes:
+            null_row = state_dict[f"label_embeddings.{label}.weight"][-1]
+            if torch.any(null_row != 0):
+                raise InputError(f"the null-label row of embedding {label!r} must be zero")
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                parameters[name].copy_(value)
+
+    def validate_labels(self, labels: Mapping[str, Tensor], batch_size: int) -> None:
+        """Raise ``InputError`` unless every label is a (B,) integer tensor with values in 0..K."""
+        for name, values in labels.items():
+            if name not in self.label_classes:
+                raise InputError(
+                    f"labels has unknown name {name!r}; known: {sorted(self.label_classes)}"
+                )
+            num_classes = self.label_classes[name]
+            if values.dtype != torch.long or tuple(values.shape) != (batch_size,):
+                raise InputError(
+                    f"labels[{name!r}] must be a long tensor of shape ({batch_size},), "
+                    f"got {values.dtype} {tuple(values.shape)}"
+                )
+            if values.numel() and (values.min() < 0 or values.max() > num_classes):
+                raise InputError(
+                    f"labels[{name!r}] must lie in 0..{num_classes} ({num_classes} = null), "
+                    f"got values {values.min().item()}..{values.max().item()}"
+                )

@@ -1,0 +1,92 @@
+"""The frozen pre-trained noise predictor that CTRL adapts, behind one small interface.
+
+A backbone answers ``predict_noise(x_t, t, context, extra_embedding)`` and exposes what the
+sampler and the augmented model need: ``sample_shape``, ``alphas_cumprod`` (the forward
+process), ``embedding_dim`` (the size of the vector added to the timestep embedding),
+``clip_sample``, ``num_contexts`` and ``network`` (the module adapters are injected into).
+"""
+
+from __future__ import annotations
+
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from torch import Tensor, nn
+
+from ctrl_ray.errors import InputError
+
+
+class Backbone(nn.Module):
+    """Interface of a pre-trained epsilon-predictor p_pre(x | c) with a slot for new conditions.
+
+    Subclasses set the attributes below in ``__init__``, register the noise schedule as the
+    buffer ``alphas_cumprod`` (length T = number of training timesteps) and implement
+    ``predict_noise``. ``extra_embedding`` (B, embedding_dim) is added to the timestep
+    embedding; ``None`` means nothing is added, so the output is the pre-trained one.
+    """
+
+    sample_shape: tuple[int, ...]
+    embedding_dim: int
+    clip_sample: bool
+    num_contexts: int | None
+    network: nn.Module
+    default_lora_targets: list[str]
+    alphas_cumprod: Tensor
+
+    def predict_noise(
+        self, x_t: Tensor, t: Tensor, context: Tensor | None, extra_embedding: Tensor | None = None
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, x_t: Tensor, t: Tensor, context: Tensor | None, extra_embedding: Tensor | None = None
+    ) -> Tensor:
+        # forward lets torch.func.functional_call run the backbone with swapped weights.
+        return self.predict_noise(x_t, t, context, extra_embedding)
+
+
+class UNetBackbone(Backbone):
+    """A diffusers UNet (epsilon prediction) as a backbone; its weights are frozen.
+
+    ``context`` is the class-label tensor (B,) long for a ``UNet2DModel`` with class
+    embeddings, or the encoder hidden states (B, L, D) for a ``UNet2DConditionModel``.
+    The extra embedding is added to the output of ``unet.time_embedding`` by a forward hook
+    that is active only while ``predict_noise`` runs with an embedding, so the UNet code is
+    used unchanged.
+    """
+
+    def __init__(self, unet: UNet2DModel | UNet2DConditionModel, scheduler: DDPMScheduler):
+        super().__init__()
+        if scheduler.config.prediction_type != "epsilon":
+            prediction = scheduler.config.prediction_type
+            raise InputError(f"scheduler.prediction_type must be 'epsilon', got {prediction!r}")
+        unet.requires_grad_(False)
+        unet.eval()
+        self.network = unet
+        self.register_buffer(
+            "alphas_cumprod", scheduler.alphas_cumprod.detach().clone().float(), persistent=False
+        )
+        size = unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        self.sample_shape = (unet.config.in_channels, height, width)
+        self.embedding_dim = unet.time_embedding.linear_2.out_features
+        self.clip_sample = bool(scheduler.config.clip_sample)
+        self.is_cross_attention = isinstance(unet, UNet2DConditionModel)
+        self.num_contexts = None if self.is_cross_attention else unet.config.num_class_embeds
+        self.default_lora_targets = ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"]
+        self._extra_embedding: Tensor | None = None
+        unet.time_embedding.register_forward_hook(self._add_extra_embedding)
+
+    def _add_extra_embedding(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        if self._extra_embedding is None:
+            return output
+        return output + self._extra_embedding.to(output.dtype)
+
+    def predict_noise(
+        self, x_t: Tensor, t: Tensor, context: Tensor | None, extra_embedding: Tensor | None = None
+    ) -> Tensor:
+        self._extra_embedding = extra_embedding
+        try:
+            if self.is_cross_attention:
+                return self.network(x_t, t, encoder_hidden_states=context).sample
+            return self.network(x_t, t, class_labels=context).sample
+        finally:
+            self._extra_embedding = None

@@ -1,0 +1,346 @@
+"""Reverse diffusion that records a trajectory: DDIM with eta, DDPM ancestral, per-step KL.
+
+Each reverse step is Gaussian, x_{t-1} ~ N(mu(x_t), sigma_t^2 I), with the DDIM mean
+
+    x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)             (optionally clipped to [-1, 1])
+    eps    = (x_t - sqrt(a_t) x0_hat) / sqrt(1 - a_t)           (re-derived from the clipped x0_hat)
+    mu     = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma_t^2) eps
+    sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)
+
+where a = alphas_cumprod. With eta = 1, sigma_t^2 is the DDPM posterior variance beta_tilde and
+mu is the DDPM posterior mean of q(x_{t-1} | x_t, x0_hat): DDIM with eta = 1 *is* DDPM
+ancestral sampling on the strided grid, so ``method="ddpm"`` is that. Timesteps are
+diffusers' "leading" grid with ``steps_offset=1`` (981, 961, ..., 1 for T = 1000, S = 50, as
+DDPO / Stable Diffusion): starting below t = T - 1 avoids the step where alphas_cumprod ~ 0
+makes x0_hat, hence the mean, blow up any change of eps (~1e3x for a cosine schedule). The
+last step goes from t = 1 to a_prev = alphas_cumprod[0] (diffusers' ``set_alpha_to_one=False``),
+not to 1, so sigma_t > 0 on every step and the per-step KL is finite.
+
+Policy and reference share sigma_t, so the KL of a step is closed-form:
+KL_t = || mu_policy - mu_reference ||^2 / (2 sigma_t^2), summed (nats) or averaged over the
+non-batch dimensions (``kl_reduction``). All randomness comes in through ``RolloutInputs``
+(labels, contexts, initial and per-step noise), so a batch split across workers gives exactly
+the result of one process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from ctrl_ray.errors import InputError
+from ctrl_ray.models.augmented import AugmentedModel
+
+KL_REDUCTIONS = ("sum", "mean")
+TRUNCATION_MODES = ("none", "fixed", "random")
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """Which final steps get parameter gradients: all (none), the last k (fixed), or the last
+    k' ~ Uniform{1..k} drawn once per batch (random, as in DRaFT / the CTRL paper)."""
+
+    mode: str = "none"
+    k: int = 1
+
+    def __post_init__(self):
+        if self.mode not in TRUNCATION_MODES:
+            raise InputError(
+                f"truncation.mode must be one of {TRUNCATION_MODES}, got {self.mode!r}"
+            )
+        if self.k < 1:
+            raise InputError(f"truncation.k must be >= 1, got {self.k}")
+
+    def gradient_steps(self, num_steps: int, generator: torch.Generator | None = None) -> int:
+        """The number of final steps whose network calls are differentiated."""
+        if self.mode == "none":
+            return num_steps
+        if self.mode == "fixed":
+            return min(self.k, num_steps)
+        return int(torch.randint(1, min(self.k, num_steps) + 1, (), generator=generator))
+
+
+@dataclass
+class DenoisingSchedule:
+    """The S strided reverse steps: timesteps t, a_t, a_prev and sigma_t, each of shape (S,)."""
+
+    timesteps: Tensor
+    alphas: Tensor
+    alphas_prev: Tensor
+    sigmas: Tensor
+
+    @classmethod
+    def create(cls, alphas_cumprod: Tensor, num_steps: int, eta: float) -> DenoisingSchedule:
+        num_train_timesteps = len(alphas_cumprod)
+        if not 1 <= num_steps < num_train_timesteps:
+            raise InputError(
+                f"num_inference_steps must be in 1..{num_train_timesteps - 1}, got {num_steps}"
+            )
+        if eta < 0:
+            raise InputError(f"eta must be >= 0, got {eta}")
+        ratio = num_train_timesteps // num_steps
+        timesteps = (torch.arange(num_steps - 1, -1, -1) * ratio + 1).to(alphas_cumprod.device)
+        cumulative = alphas_cumprod.double()
+        alphas = cumulative[timesteps]
+        alphas_prev = torch.cat([alphas[1:], cumulative[:1]])
+        sigmas = eta * ((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev)).sqrt()
+        dtype = alphas_cumprod.dtype
+        return cls(timesteps, alphas.to(dtype), alphas_prev.to(dtype), sigmas.to(dtype))
+
+    def mean(self, step: int, x_t: Tensor, noise_prediction: Tensor, clip_sample: bool) -> Tensor:
+        """The reverse-step mean mu(x_t) at ``step`` (0-based) from a noise prediction."""
+        alpha, alpha_prev, sigma = self.alphas[step], self.alphas_prev[step], self.sigmas[step]
+        x0_hat = (x_t - (1 - alpha).sqrt() * noise_prediction) / alpha.sqrt()
+        if clip_sample:
+            x0_hat = x0_hat.clamp(-1.0, 1.0)
+            noise_prediction = (x_t - alpha.sqrt() * x0_hat) / (1 - alpha).sqrt()
+        direction = (1 - alpha_prev - sigma**2).clamp(min=0).sqrt() * noise_prediction
+        return alpha_prev.sqrt() * x0_hat + direction
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, sigma: Tensor) -> Tensor:
+    """log N(x; mean, sigma^2 I) summed over the non-batch dimensions, shape (B,)."""
+    dims = x[0].numel()
+    squared = ((x - mean) ** 2).flatten(1).sum(1)
+    return -squared / (2 * sigma**2) - dims * (sigma.log() + 0.5 * math.log(2 * math.pi))
+
+
+def gaussian_kl(mean_p: Tensor, mean_q: Tensor, sigma: Tensor, reduction: str = "sum") -> Tensor:
+    """KL(N(mean_p, sigma^2 I) || N(mean_q, sigma^2 I)) per sample (B,), summed or averaged."""
+    per_dim = ((mean_p - mean_q) ** 2).flatten(1) / (2 * sigma**2)
+    return per_dim.sum(1) if reduction == "sum" else per_dim.mean(1)
+
+
+def _check_distribution(name: str, probabilities: Sequence[float], size: int) -> Tensor:
+    probs = torch.as_tensor(probabilities, dtype=torch.float64)
+    if probs.shape != (size,) or torch.any(probs < 0) or not probs.sum() > 0:
+        raise InputError(
+            f"{name} must be {size} non-negative probabilities, got {list(probabilities)}"
+        )
+    return probs / probs.sum()
+
+
+@dataclass
+class RolloutInputs:
+    """All randomness of one batch, drawn once so any split of the batch reproduces it exactly.
+
+    labels: name -> (B,) long (value K = null); contexts: (B,) long class ids, other conditioning
+    with batch first, or None; initial_noise: (B, *shape) = x_T; step_noise: (S, B, *shape);
+    gradient_steps: the truncation window drawn with the batch (None = all steps).
+    """
+
+    labels: dict[str, Tensor]
+    contexts: Tensor | None
+    initial_noise: Tensor
+    step_noise: Tensor
+    gradient_steps: int | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.initial_noise.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.step_noise.shape[0]
+
+    @classmethod
+    def draw(
+        cls,
+        generator: torch.Generator | int,
+        batch_size: int,
+        num_steps: int,
+        sample_shape: Sequence[int],
+        label_classes: Mapping[str, int],
+        label_distribution: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
+        num_contexts: int | None = None,
+        context_distribution: Sequence[float] | None = None,
+        truncation: Truncation | None = None,
+    ) -> RolloutInputs:
+        """Draw labels, contexts, noise and the truncation window (on CPU, in that order).
+
+        ``label_distribution``: None (uniform over the K classes), one list of K probabilities
+        for every label, or a dict name -> list. ``num_contexts=None`` means no contexts.
+        """
+        if isinstance(generator, int):
+            generator = torch.Generator().manual_seed(generator)
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        labels = {}
+        for name, num_classes in label_classes.items():
+            probs = label_distribution
+            if isinstance(label_distribution, Mapping):
+                probs = label_distribution.get(name)
+            probs = [1.0] * num_classes if probs is None else probs
+            probs = _check_distribution(f"label_distribution[{name!r}]", probs, num_classes)
+            labels[name] = torch.multinomial(probs, batch_size, True, generator=generator)
+        contexts = None
+        if num_contexts is not None:
+            probs = [1.0] * num_contexts if context_distribution is None else context_distribution
+            probs = _check_distribution("context_distribution", probs, num_contexts)
+            contexts = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+        shape = tuple(sample_shape)
+        initial_noise = torch.randn((batch_size, *shape), generator=generator)
+        step_noise = torch.randn((num_steps, batch_size, *shape), generator=generator)
+        window = truncation.gradient_steps(num_steps, generator) if truncation else None
+        return cls(labels, contexts, initial_noise, step_noise, window)
+
+    def slice(self, start: int, stop: int) -> RolloutInputs:
+        """Rows start:stop of the batch (the same truncation window)."""
+        return RolloutInputs(
+            labels={name: values[start:stop] for name, values in self.labels.items()},
+            contexts=None if self.contexts is None else self.contexts[start:stop],
+            initial_noise=self.initial_noise[start:stop],
+            step_noise=self.step_noise[:, start:stop],
+            gradient_steps=self.gradient_steps,
+        )
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> RolloutInputs:
+        """Move to ``device``; ``dtype`` applies to the noise and to floating-point contexts."""
+        contexts = self.contexts
+        if contexts is not None:
+            floating = contexts.is_floating_point() and dtype is not None
+            contexts = contexts.to(device, dtype) if floating else contexts.to(device)
+        return RolloutInputs(
+            labels={name: values.to(device) for name, values in self.labels.items()},
+            contexts=contexts,
+            initial_noise=self.initial_noise.to(device, dtype),
+            step_noise=self.step_noise.to(device, dtype),
+            gradient_steps=self.gradient_steps,
+        )
+
+
+@dataclass
+class Trajectory:
+    """One batch of reverse trajectories (S steps, B samples).
+
+    states (S+1, B, ...) x_T .. x_0 and means (S, B, ...) are detached; log_probs (S, B) is
+    log N(x_{t-1}; mu_policy, sigma_t^2) (None when eta = 0); kl (S, B) is the per-step KL to the
+    reference (None when not computed) and, like x0, carries gradients inside the window.
+    """
+
+    states: Tensor
+    means: Tensor
+    log_probs: Tensor | None
+    kl: Tensor | None
+    sigmas: Tensor
+    timesteps: Tensor
+    x0: Tensor
+    labels: dict[str, Tensor] = field(default_factory=dict)
+    contexts: Tensor | None = None
+
+    @property
+    def path_kl(self) -> Tensor:
+        """KL(P_policy || P_reference) of each path, sum_t KL_t, shape (B,)."""
+        if self.kl is None:
+            raise InputError("the trajectory has no KL: sample it with compute_kl=True")
+        return self.kl.sum(0)
+
+
+NoiseFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (x_t, t, contexts) -> eps
+
+
+def step_mean(
+    schedule: DenoisingSchedule,
+    step: int,
+    noise_fn: NoiseFn,
+    x_t: Tensor,
+    contexts: Tensor | None,
+    clip_sample: bool,
+    checkpoint: bool = False,
+) -> Tensor:
+    """mu(x_t) of reverse step ``step`` under a noise predictor (e.g. to recompute PPO ratios).
+
+    With ``checkpoint`` the network's activations are recomputed in backward, not stored.
+    """
+    t = schedule.timesteps[step].expand(x_t.shape[0])
+
+    def mean(x: Tensor) -> Tensor:
+        return schedule.mean(step, x, noise_fn(x, t, contexts), clip_sample)
+
+    return activation_checkpoint(mean, x_t, use_reentrant=False) if checkpoint else mean(x_t)
+
+
+def sample(
+    model: AugmentedModel,
+    inputs: RolloutInputs,
+    *,
+    eta: float = 1.0,
+    method: str = "ddim",
+    clip_sample: bool | None = None,
+    compute_kl: bool = True,
+    kl_reduction: str = "sum",
+    differentiable: bool = False,
+    gradient_steps: int | None = None,
+    checkpoint: bool = True,
+    from_reference: bool = False,
+) -> Trajectory:
+    """Run the reverse process from ``inputs`` with the policy (or the reference) and record it.
+
+    differentiable=False: everything under ``torch.no_grad()`` (rollouts, evaluation).
+    differentiable=True: only the last ``gradient_steps`` steps (default: inputs.gradient_steps,
+    else all) call the networks with gradients; earlier steps run under ``no_grad``, so they
+    contribute no parameter gradient (their x_t does not depend on the parameters). Inside the
+    window the reference mean is differentiable in x_t too (its weights are frozen), since x_t
+    depends on the parameters and the KL gradient needs that path; with ``checkpoint`` each
+    network call is recomputed in backward instead of storing its activations.
+    ``compute_kl=False`` skips the reference network entirely; ``from_reference=True`` samples
+    the pre-trained model (KL is then zero and not computed).
+    """
+    if method not in ("ddim", "ddpm"):
+        raise InputError(f"method must be 'ddim' or 'ddpm', got {method!r}")
+    if method == "ddpm" and eta != 1.0:
+        raise InputError(f"method 'ddpm' is DDIM with eta = 1; got eta = {eta}")
+    if kl_reduction not in KL_REDUCTIONS:
+        raise InputError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}")
+    compute_kl = compute_kl and not from_reference
+    if compute_kl and eta == 0:
+        raise InputError("compute_kl needs eta > 0 (the KL of deterministic steps is undefined)")
+    inputs = inputs.to(model.alphas_cumprod.device, model.alphas_cumprod.dtype)
+    model.validate_labels(inputs.labels, inputs.batch_size)
+    clip_sample = model.clip_sample if clip_sample is None else clip_sample
+    schedule = DenoisingSchedule.create(model.alphas_cumprod, inputs.num_steps, eta)
+    num_steps = inputs.num_steps
+    window = gradient_steps or inputs.gradient_steps or num_steps
+    first_gradient_step = num_steps - min(window, num_steps) if differentiable else num_steps
+
+    if from_reference:
+        policy_noise = model.reference_noise
+    else:
+        policy_noise = partial(model.predict_noise, labels=inputs.labels)
+
+    x = inputs.initial_noise
+    states, means, log_probs, kls = [x], [], [], []
+    for step in range(num_steps):
+        sigma = schedule.sigmas[step]
+        in_window = step >= first_gradient_step
+        with torch.set_grad_enabled(in_window):
+            mean = step_mean(schedule, step, policy_noise, x, inputs.contexts, clip_sample,
+                             checkpoint=in_window and checkpoint)
+            if compute_kl:
+                mean_reference = step_mean(schedule, step, model.reference_noise, x,
+                                           inputs.contexts, clip_sample,
+                                           checkpoint=in_window and checkpoint)
+                kls.append(gaussian_kl(mean, mean_reference, sigma, kl_reduction))
+            x = mean + sigma * inputs.step_noise[step]
+        if eta > 0:
+            log_probs.append(gaussian_log_prob(x.detach(), mean.detach(), sigma))
+        means.append(mean.detach())
+        states.append(x.detach())
+
+    return Trajectory(
+        states=torch.stack(states),
+        means=torch.stack(means),
+        log_probs=torch.stack(log_probs) if log_probs else None,
+        kl=torch.stack(kls) if kls else None,
+        sigmas=schedule.sigmas,
+        timesteps=schedule.timesteps,
+        x0=x,
+        labels=inputs.labels,
+        contexts=inputs.contexts,
+    )
