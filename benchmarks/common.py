@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "platform": platform.platform(),
         "date": time.strftime("%Y-%m-%d"),
+        "load_average_1min": os.getloadavg()[0],
     }
 
 
