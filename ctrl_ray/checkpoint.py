@@ -47,18 +47,45 @@ def save_policy(model: AugmentedModel, spec: dict[str, Any], out_dir: str | Path
                 training_state: dict[str, Any] | None = None,
                 optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write the trainable tensors and `spec` (plus optional optimizer and training state)."""
+    optimizer_state = optimizer_tensors(optimizer) if optimizer is not None else None
+    return save_checkpoint(out_dir, model.trainable_state_dict(), spec, training_state,
+                           optimizer_state)
+
+
+def save_checkpoint(out_dir: str | Path, adapter: dict[str, torch.Tensor], spec: dict[str, Any],
+                    training_state: dict[str, Any] | None = None,
+                    optimizer_state: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
+    """Atomically write a checkpoint directory from tensors (what a remote learner returns)."""
     with atomic_directory(out_dir) as tmp:
-        trainable = model.trainable_state_dict()
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()},
                   tmp / ADAPTER_FILE)
         write_json(tmp / POLICY_FILE, spec)
-        if optimizer is not None:
-            tensors, layout = optimizer_tensors(optimizer)
+        if optimizer_state is not None:
+            tensors, layout = optimizer_state
             save_file(tensors, tmp / OPTIMIZER_FILE)
             training_state = {**(training_state or {}), "optimizer_layout": layout}
         if training_state is not None:
             write_json(tmp / STATE_FILE, training_state)
     return Path(out_dir)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                dict[str, Any]]:
+    """The adapter tensors, optimizer tensors and training state of a training checkpoint."""
+    path = Path(path)
+    training_state = read_json(path / STATE_FILE, "training state")
+    return (read_tensors(path / ADAPTER_FILE, "adapter weights"),
+            read_tensors(path / OPTIMIZER_FILE, "optimizer state"), training_state)
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
+    """The newest complete training checkpoint under `checkpoints_dir` (names sort by step)."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return None
+    complete = sorted(p for p in root.iterdir()
+                      if not p.name.startswith(".") and (p / STATE_FILE).is_file())
+    return complete[-1] if complete else None
 
 
 def read_policy_spec(path: str | Path) -> dict[str, Any]:
@@ -110,15 +137,11 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, layout
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, path: str | Path) -> dict[str, Any]:
-    """Restore `optimizer` from a training checkpoint; returns the training state JSON."""
-    path = Path(path)
-    training_state = read_json(path / STATE_FILE, "training state")
-    tensors = read_tensors(path / OPTIMIZER_FILE, "optimizer state")
-    layout = training_state["optimizer_layout"]
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                      layout: dict[str, Any]) -> None:
+    """Load an optimizer state split by `optimizer_tensors` back into `optimizer`."""
     state = {}
     for index, entry in layout["state"].items():
         state[int(index)] = {key: tensors[f"{index}.{key}"] if value == "tensor" else value
                              for key, value in entry.items()}
     optimizer.load_state_dict({"state": state, "param_groups": layout["param_groups"]})
-    return training_state

@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = _command(commands, "finetune", "CTRL fine-tuning of the base model", _finetune)
     _config_options(finetune)
+    finetune.add_argument("--workers", type=int, help="Ray rollout workers (0: one process)")
+    finetune.add_argument("--mode", choices=("pathwise", "ppo"), help="update rule")
+    finetune.add_argument("--resume", action="store_true",
+                          help="continue from the newest checkpoint in output_dir")
+    finetune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
 
     evaluate = _command(commands, "evaluate", "score a fine-tuned policy by the protocol",
                         _evaluate)
@@ -151,7 +156,12 @@ def _finetune(args: argparse.Namespace) -> None:
     from ctrl_ray.config import load_config
     from ctrl_ray.finetune import FinetuneConfig, finetune
 
-    result = finetune(load_config(FinetuneConfig, args.config, args.overrides))
+    overrides = list(args.overrides)
+    for key, value in (("distributed.workers", args.workers), ("mode", args.mode),
+                       ("distributed.address", args.address)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    result = finetune(load_config(FinetuneConfig, args.config, overrides), resume=args.resume)
     print(f"saved {result['policy_dir']} ({result['train_seconds']:.0f} s of training)")
 
 

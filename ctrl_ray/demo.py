@@ -13,11 +13,13 @@ from ctrl_ray import tracking
 from ctrl_ray.data.digits import DigitsDataset, ensure_digits
 from ctrl_ray.data.oracles import label_images
 from ctrl_ray.evaluation import class_histogram, generate, save_grid
+from ctrl_ray.finetune import FinetuneConfig, finetune
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.backbone import UNetBackbone
 from ctrl_ray.models.judge import DigitJudge, train_digit_judge
 from ctrl_ray.models.loading import BaseModel, load_base_model
 from ctrl_ray.pretrain import PretrainConfig, pretrain
+from ctrl_ray.reward_training import RewardJobConfig, train_reward_job
 from ctrl_ray.storage import write_json
 
 
@@ -43,40 +45,63 @@ class DemoConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     sampling: DemoSamplingConfig = field(default_factory=DemoSamplingConfig)
+    reward: RewardJobConfig = field(default_factory=RewardJobConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     reuse_registered_base: bool = True
     output_dir: str = "outputs/demo"
 
 
 def run_demo(config: DemoConfig) -> dict:
-    """Data -> fidelity judge -> base model (trained or pulled from the registry) -> samples."""
+    """Data -> judge -> base model -> its samples -> N pairs -> reward -> CTRL -> evaluation."""
     start = time.perf_counter()
     out = Path(config.output_dir)
     data_cfg = config.pretrain.data
-    print(f"[1/4] digits testbed: {data_cfg.path}")
+    print(f"[1/6] digits testbed: {data_cfg.path}")
     dataset = ensure_digits(data_cfg.path, size=data_cfg.size, seed=data_cfg.seed)
     print(f"      {len(dataset)} images {dataset.image_shape}, labels "
           f"{', '.join(dataset.label_info)}")
 
-    print(f"[2/4] fidelity judge: {config.judge.path}")
+    print(f"[2/6] fidelity judge: {config.judge.path}")
     judge, judge_accuracy = ensure_judge(dataset, config.judge)
     print(f"      test accuracy on real digits: {judge_accuracy:.3f}")
 
-    print("[3/4] base model p_pre(x | c)")
-    base = ensure_base_model(config)
-    print(f"      {base.path}")
+    print("[3/6] base model p_pre(x | c)")
+    base, base_uri = ensure_base_model(config)
+    print(f"      {base_uri}")
 
-    print("[4/4] sampling the base model")
+    print("[4/6] sampling the base model")
     report = sample_report(base, dataset, judge, config.sampling, out / "base_grid.png")
-    report.update(judge_test_accuracy=judge_accuracy, base_model=str(base.path),
-                  seconds=round(time.perf_counter() - start, 1))
-    write_json(out / "base_report.json", report)
-    print(f"\nbase model fidelity (judge accuracy vs requested digit): {report['fidelity']:.3f}")
+    print(f"      fidelity (judge accuracy vs requested digit): {report['fidelity']:.3f}")
     for name, histogram in report["histograms"].items():
-        print(f"{name} histogram of samples: {histogram} (real train split: "
+        print(f"      {name} histogram of samples: {histogram} (real: "
               f"{report['real_histograms'][name]})")
-    print(f"grid (rows = digit): {report['grid']}")
-    print(f"report: {out / 'base_report.json'}  ({report['seconds']:.0f} s)")
-    return report
+    print(f"      grid (rows = digit): {report['grid']}")
+
+    reward_cfg = config.reward
+    print(f"[5/6] reward p({reward_cfg.label} | x0) from {reward_cfg.num_pairs} labelled pairs")
+    reward = train_reward_job(reward_cfg, progress=False)
+    print(f"      test accuracy {reward['test_accuracy']:.3f} (chance 0.25), "
+          f"temperature {reward['temperature']:.2f}")
+
+    finetune_cfg = config.finetune
+    workers = finetune_cfg.distributed.workers
+    print(f"[6/6] CTRL fine-tuning ({finetune_cfg.mode}, "
+          f"{f'{workers} Ray rollout workers' if workers else 'one process'})")
+    finetune_cfg.base_model = base_uri
+    ctrl = finetune(finetune_cfg)
+
+    summary = {
+        "base_model": base_uri,
+        "judge_test_accuracy": judge_accuracy,
+        "base_samples": report,
+        "reward": reward,
+        "ctrl": {k: ctrl[k] for k in ("policy_dir", "train_seconds", "base", "ctrl")
+                 if k in ctrl},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    write_json(out / "report.json", summary)
+    print(f"\nreport: {out / 'report.json'}  (demo took {summary['seconds']:.0f} s)")
+    return summary
 
 
 def ensure_judge(dataset: DigitsDataset, config: JudgeConfig) -> tuple[DigitJudge, float]:
@@ -93,20 +118,24 @@ def ensure_judge(dataset: DigitsDataset, config: JudgeConfig) -> tuple[DigitJudg
     return judge, judge.fidelity(test.images, test.digits)
 
 
-def ensure_base_model(config: DemoConfig) -> BaseModel:
-    """Pull the newest registered base model if it fits the data, else pre-train one."""
+def ensure_base_model(config: DemoConfig) -> tuple[BaseModel, str]:
+    """Pull the newest registered base model if it fits the data, else pre-train one.
+
+    Returns the model and where it lives (a `models:/` URI, or its directory).
+    """
     name = config.pretrain.registered_model
     if config.reuse_registered_base and name:
         version = tracking.latest_version(name)
         if version is not None:
-            base = load_base_model(f"models:/{name}/{version}")
+            uri = f"models:/{name}/{version}"
+            base = load_base_model(uri)
             if base.image_shape[-1] == config.pretrain.model.image_size:
-                print(f"      pulled models:/{name}/{version} from the registry")
-                return base
+                print(f"      pulled {uri} from the registry")
+                return base, uri
     result = pretrain(config.pretrain)
     print(f"      trained in {result.seconds:.0f} s (final loss {result.final_loss:.4f}); "
           f"registered {result.model_uri}")
-    return load_base_model(result.model_dir)
+    return load_base_model(result.model_dir), result.model_uri or str(result.model_dir)
 
 
 def sample_report(base: BaseModel, dataset: DigitsDataset, judge: DigitJudge,

@@ -1,23 +1,20 @@
-"""CTRL fine-tuning in one process: base model + reward -> augmented policy, pathwise updates.
+"""CTRL fine-tuning: the run's config, and the setup every role builds from it.
 
-The pieces (`build_setup`, `Setup.update`) are what the Ray learner and workers reuse; this module
-is the whole algorithm read top to bottom.
+`build_setup` loads the base model and the reward and wraps the base in the zero-initialised
+augmented policy; the learner and the rollout workers (`ctrl_ray.distributed.roles`) each hold
+one, and `ctrl_ray.distributed.driver.train` runs the loop, in-process or on Ray.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mlflow
 import torch
-from tqdm.auto import tqdm
 
-from ctrl_ray import tracking
-from ctrl_ray.checkpoint import policy_spec, save_policy
-from ctrl_ray.config import flatten, to_dict
+from ctrl_ray.checkpoint import policy_spec
 from ctrl_ray.errors import InputError
 from ctrl_ray.evaluation import EvaluationConfig, evaluate, format_report
 from ctrl_ray.models.augmented import AugmentedModel
@@ -25,7 +22,8 @@ from ctrl_ray.models.backbone import UNetBackbone
 from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.models.loading import BaseModel, load_base_model
 from ctrl_ray.models.reward import MultiTaskReward, RewardModel, load_reward
-from ctrl_ray.objectives.pathwise import PathwiseConfig, draw_inputs, make_optimizer, train_step
+from ctrl_ray.objectives.pathwise import PathwiseConfig, make_optimizer
+from ctrl_ray.objectives.ppo import PPOConfig
 
 
 @dataclass
@@ -48,16 +46,34 @@ class AdapterConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Where the work runs: `workers: 0` is one process without Ray; N > 0 starts N Ray
+    rollout workers and a learner actor (joining `address`, or RAY_ADDRESS, or a local Ray)."""
+
+    workers: int = 0
+    address: str | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    learner_cpus: float = 0.0
+    learner_gpus: float = 0.0
+    max_restarts: int = 3
+
+
+@dataclass
 class FinetuneConfig:
     base_model: str = "outputs/base-digits16"
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    mode: Literal["pathwise", "ppo"] = "pathwise"
     objective: PathwiseConfig = field(default_factory=PathwiseConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     iterations: int = 100
     seed: int = 0
     checkpoint_every: int = 25
     judge: str = "outputs/judge-digits16"
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    evaluate: bool = True
     evaluate_base: bool = True
     output_dir: str = "outputs/ctrl-digits-compress"
     experiment: str = "ctrl-ray-finetune"
@@ -71,7 +87,7 @@ class Setup:
     model: AugmentedModel
     reward: RewardModel | MultiTaskReward
     optimizer: torch.optim.Optimizer
-    objective: PathwiseConfig
+    objective: PathwiseConfig | PPOConfig
     spec: dict[str, Any]
 
     @property
@@ -82,10 +98,6 @@ class Setup:
                   contexts: torch.Tensor | None) -> torch.Tensor:
         return self.reward.log_likelihood(x0, labels, contexts)
 
-    def update(self, generator: torch.Generator) -> dict[str, float]:
-        """Draw one batch (labels, contexts, noise) and apply one pathwise update."""
-        inputs = draw_inputs(self.model, self.objective, generator)
-        return train_step(self.model, self.optimizer, self.reward_fn, inputs, self.objective)
 
 
 def load_rewards(specs: list[RewardSpec]) -> RewardModel | MultiTaskReward:
@@ -115,45 +127,24 @@ def build_setup(config: FinetuneConfig, base: BaseModel | None = None) -> Setup:
                              f"{term.classifier.config.image_size}px images, the base model "
                              f"makes {image_size}px images")
     adapter = config.adapter
-    model = AugmentedModel(UNetBackbone(base.unet, base.scheduler), reward.num_classes,
-                           adapter=adapter.kind, lora_rank=adapter.rank,
-                           lora_alpha=adapter.alpha, lora_targets=adapter.targets)
+    with torch.random.fork_rng():  # LoRA down-projections are random: same seed, same policy
+        torch.manual_seed(config.seed)
+        model = AugmentedModel(UNetBackbone(base.unet, base.scheduler), reward.num_classes,
+                               adapter=adapter.kind, lora_rank=adapter.rank,
+                               lora_alpha=adapter.alpha, lora_targets=adapter.targets)
     sampling = {"num_inference_steps": config.evaluation.num_inference_steps,
                 "eta": config.evaluation.eta}
     spec = policy_spec(model, reward_label_info(reward), sampling, str(config.base_model),
                        adapter.rank, adapter.alpha, adapter.targets)
-    optimizer = make_optimizer(model, config.objective)
-    return Setup(base, model, reward, optimizer, config.objective, spec)
+    objective = config.ppo if config.mode == "ppo" else config.objective
+    return Setup(base, model, reward, make_optimizer(model, objective), objective, spec)
 
 
-def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
-    """Run CTRL for `config.iterations` pathwise updates, checkpoint, evaluate, log to MLflow."""
-    setup = build_setup(config)
-    out = Path(config.output_dir)
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    params = flatten(to_dict(config))
-    params["trainable_parameters"] = setup.model.num_trainable_parameters()
-    with tracking.run(config.experiment, "finetune", params) as active:
-        start = time.perf_counter()
-        bar = tqdm(range(config.iterations), desc="ctrl", disable=not progress)
-        for iteration in bar:
-            metrics = setup.update(generator)
-            mlflow.log_metrics(metrics, step=iteration + 1)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.2f}")
-            if config.checkpoint_every and (iteration + 1) % config.checkpoint_every == 0:
-                save_policy(setup.model, setup.spec, out / "checkpoints" / f"{iteration + 1:06d}",
-                            {"iteration": iteration + 1}, setup.optimizer)
-        train_seconds = time.perf_counter() - start
-        policy_dir = save_policy(setup.model, setup.spec, out / "policy")
-        mlflow.log_artifacts(str(policy_dir), artifact_path="policy")
-        result = {"policy_dir": str(policy_dir), "train_seconds": train_seconds,
-                  "mlflow_run_id": active.info.run_id}
-        result.update(evaluate_setup(setup, config, out))
-        for name in ("base", "ctrl"):
-            if name in result:
-                mlflow.log_metrics(_scalar_metrics(result[name], f"eval_{name}_"))
-    return result
+def finetune(config: FinetuneConfig, progress: bool = True, resume: bool = False) -> dict:
+    """Run CTRL: in this process (`distributed.workers: 0`) or with Ray rollout workers."""
+    from ctrl_ray.distributed.driver import train
+
+    return train(config, progress=progress, resume=resume)
 
 
 def evaluate_setup(setup: Setup, config: FinetuneConfig, out: Path) -> dict[str, Any]:
@@ -172,12 +163,3 @@ def evaluate_setup(setup: Setup, config: FinetuneConfig, out: Path) -> dict[str,
         if path.exists():
             mlflow.log_artifact(str(path))
     return results
-
-
-def _scalar_metrics(report: dict, prefix: str) -> dict[str, float]:
-    metrics = {f"{prefix}{k}": float(v) for k, v in report.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for name, scores in report.get("labels", {}).items():
-        for key in ("accuracy", "macro_f1"):
-            metrics[f"{prefix}{name}_{key}"] = float(scores[key])
-    return metrics

@@ -94,3 +94,17 @@ def tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, out) -> list[str
         "evaluation.num_inference_steps=4",
         f"output_dir={out}",
     ]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray runtime for the whole session (2 logical CPUs, own short temp dir)."""
+    import tempfile
+
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="crt-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()

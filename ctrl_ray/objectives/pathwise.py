@@ -143,8 +143,14 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss, metrics = pathwise_loss(model, reward_fn, inputs, config, normaliser=inputs.batch_size)
     loss.backward()
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
-    metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(parameters, max_norm).item()
-    optimizer.step()
+    metrics["grad_norm"] = clip_and_step(optimizer, config.max_grad_norm)
     return metrics
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> float:
+    """Clip the gradients of the optimizer's parameters, step, and return the pre-clip norm."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = max_grad_norm if max_grad_norm is not None else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm).item()
+    optimizer.step()
+    return norm

@@ -1,0 +1,234 @@
+"""The training driver: one loop over a learner and N rollout workers, in-process or on Ray.
+
+Each iteration: draw the batch's randomness (labels, contexts, noise) from the driver's seeded
+generator, publish the learner's trainable state for the current version, hand each worker a
+shard, and let the learner apply the update. Because the randomness is drawn here and split,
+2 workers with B/2 each make the same update as one process with B. A worker that dies is
+restarted by Ray (`max_restarts`), its shard is redone, and it re-syncs on its next call.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from tqdm.auto import tqdm
+
+from ctrl_ray import tracking
+from ctrl_ray.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from ctrl_ray.config import flatten, to_dict
+from ctrl_ray.distributed.roles import Learner, RolloutWorker
+from ctrl_ray.errors import InputError
+from ctrl_ray.sampling.sampler import RolloutInputs
+
+
+@dataclass
+class Roles:
+    """The learner and workers, either plain objects (workers=0) or Ray actor handles."""
+
+    learner: Any
+    workers: list[Any]
+    remote: bool
+
+    def call(self, actor: Any, method: str, *args: Any) -> Any:
+        if not self.remote:
+            return getattr(actor, method)(*args)
+        import ray
+
+        return ray.get(getattr(actor, method).remote(*args))
+
+    def on_workers(self, method: str, calls: list[tuple], retries: int) -> list[Any]:
+        """Run `method(*calls[i])` on worker i (all at once); redo a dead worker's call."""
+        if not self.remote:
+            return [getattr(self.workers[0], method)(*args) for args in calls]
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        futures = {i: getattr(self.workers[i], method).remote(*args)
+                   for i, args in enumerate(calls)}
+        results: dict[int, Any] = {}
+        failures = dict.fromkeys(futures, 0)
+        while futures:
+            index, future = next(iter(futures.items()))
+            try:
+                results[index] = ray.get(future)
+                del futures[index]
+            except (RayActorError, ActorUnavailableError) as error:
+                failures[index] += 1
+                if failures[index] > retries:
+                    raise RuntimeError(f"rollout worker {index} failed {failures[index]} times: "
+                                       f"{error}") from error
+                print(f"rollout worker {index} died ({type(error).__name__}); redoing its shard")
+                time.sleep(0.5)
+                futures[index] = getattr(self.workers[index], method).remote(*calls[index])
+        return [results[i] for i in range(len(calls))]
+
+
+def start_roles(config) -> Roles:
+    """Build the learner and workers: in this process, or as Ray actors (joining `address`)."""
+    dist = config.distributed
+    if dist.workers == 0:
+        learner = Learner(config, num_threads=torch.get_num_threads())
+        return Roles(learner, [RolloutWorker(config, torch.get_num_threads())], remote=False)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=dist.address, include_dashboard=False, runtime_env=_actor_env())
+    config = _with_absolute_paths(config)
+    learner = ray.remote(Learner).options(
+        num_cpus=dist.learner_cpus, num_gpus=dist.learner_gpus,
+    ).remote(config, max(1, int(dist.learner_cpus)))
+    workers = [
+        ray.remote(RolloutWorker).options(
+            num_cpus=dist.cpus_per_worker, num_gpus=dist.gpus_per_worker,
+            max_restarts=dist.max_restarts, max_task_retries=0,
+        ).remote(config, max(1, int(dist.cpus_per_worker)))
+        for _ in range(dist.workers)
+    ]
+    return Roles(learner, workers, remote=True)
+
+
+def _actor_env() -> dict | None:
+    """MLFLOW_TRACKING_URI for the actors, unless a Ray job's runtime_env already sets it (Ray
+    refuses to merge a driver env var whose key the job's runtime_env also has)."""
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    if "MLFLOW_TRACKING_URI" in ((job_config.get("runtime_env") or {}).get("env_vars") or {}):
+        return None
+    return {"env_vars": {"MLFLOW_TRACKING_URI": tracking.tracking_uri()}}
+
+
+def _with_absolute_paths(config):
+    """A copy of `config` whose local paths are absolute, so actors find them from any cwd."""
+    config = copy.deepcopy(config)
+    if Path(config.base_model).exists():
+        config.base_model = str(Path(config.base_model).resolve())
+    for reward in config.rewards:
+        reward.path = str(Path(reward.path).resolve())
+    return config
+
+
+def train(config, progress: bool = True, resume: bool = False,
+          on_iteration: Callable[[int, Roles], None] | None = None) -> dict[str, Any]:
+    """Run CTRL for `config.iterations` updates; checkpoint, evaluate, log everything to MLflow.
+
+    `resume=True` continues from the newest checkpoint under `output_dir/checkpoints` (adapter,
+    optimizer, policy version, the driver's RNG state and the MLflow run).
+    """
+    from ctrl_ray.finetune import build_setup, evaluate_setup
+
+    out = Path(config.output_dir)
+    roles = start_roles(config)
+    info = roles.call(roles.learner, "describe")
+    objective = config.objective if config.mode == "pathwise" else config.ppo
+    generator = torch.Generator().manual_seed(config.seed)
+    start, run_id = 0, None
+    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
+    if resume and checkpoint is None:
+        print(f"no checkpoint under {out / 'checkpoints'}: starting from scratch")
+    if checkpoint is not None:
+        adapter, optimizer_state, state = read_checkpoint(checkpoint)
+        roles.call(roles.learner, "restore", adapter, optimizer_state,
+                   state["optimizer_layout"], state["version"])
+        generator.set_state(torch.tensor(state["generator_state"], dtype=torch.uint8))
+        start, run_id = state["iteration"], state.get("mlflow_run_id")
+        print(f"resumed from {checkpoint} (iteration {start}, version {state['version']})")
+
+    params = flatten(to_dict(config))
+    params["trainable_parameters"] = info["trainable_parameters"]
+    tracking.use_experiment(config.experiment)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "finetune") as active:
+        if run_id is None:
+            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        train_start = time.perf_counter()
+        bar = tqdm(range(start, config.iterations), desc=f"ctrl {config.mode}",
+                   initial=start, total=config.iterations, disable=not progress)
+        for iteration in bar:
+            metrics = _iteration(roles, config, objective, info, generator)
+            mlflow.log_metrics(metrics, step=iteration + 1)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.2f}")
+            done = iteration + 1
+            if config.checkpoint_every and done % config.checkpoint_every == 0:
+                _save_training_checkpoint(roles, info, out / "checkpoints" / f"{done:06d}", done,
+                                          generator, active.info.run_id)
+            if on_iteration is not None:
+                on_iteration(done, roles)
+        train_seconds = time.perf_counter() - train_start
+
+        final_state = roles.call(roles.learner, "trainable_state")
+        policy_dir = save_checkpoint(out / "policy", final_state, info["spec"])
+        mlflow.log_artifacts(str(policy_dir), artifact_path="policy")
+        result = {"policy_dir": str(policy_dir), "train_seconds": train_seconds,
+                  "iterations": config.iterations, "mlflow_run_id": active.info.run_id}
+        if config.evaluate:
+            setup = build_setup(config)
+            setup.model.load_trainable_state_dict(final_state)
+            result.update(evaluate_setup(setup, config, out))
+        for name in ("base", "ctrl"):
+            if name in result:
+                mlflow.log_metrics(_scalar_metrics(result[name], f"eval_{name}_"))
+    return result
+
+
+def _iteration(roles: Roles, config, objective, info: dict, generator: torch.Generator) -> dict:
+    """One update: draw, publish, shard across workers, apply on the learner."""
+    start = time.perf_counter()
+    inputs = RolloutInputs.draw(
+        generator, batch_size=objective.batch_size, num_steps=objective.num_inference_steps,
+        sample_shape=info["sample_shape"], label_classes=info["label_classes"],
+        label_distribution=objective.label_distribution, num_contexts=info["num_contexts"],
+        context_distribution=objective.context_distribution,
+        truncation=getattr(objective, "truncation", None),
+    )
+    publish_start = time.perf_counter()
+    version, published, sync_bytes = roles.call(roles.learner, "publish", roles.remote)
+    publish_seconds = time.perf_counter() - publish_start
+    shards = _split(inputs, len(roles.workers))
+    retries = config.distributed.max_restarts
+    if config.mode == "pathwise":
+        calls = [(version, [published], shard, inputs.batch_size) for shard in shards]
+        results = roles.on_workers("pathwise_gradients", calls, retries)
+        metrics = roles.call(roles.learner, "apply_gradients", results)
+    else:
+        results = roles.on_workers("rollouts", [(version, [published], s) for s in shards],
+                                   retries)
+        metrics = roles.call(roles.learner, "ppo_update", results, generator.get_state())
+    seconds = time.perf_counter() - start
+    metrics.update(sync_bytes=float(sync_bytes), publish_seconds=publish_seconds,
+                   iteration_seconds=seconds,
+                   sync_fraction=(publish_seconds + metrics.get("sync_seconds", 0.0)) / seconds)
+    return metrics
+
+
+def _split(inputs: RolloutInputs, parts: int) -> list[RolloutInputs]:
+    """Contiguous shards of the batch, as equal as possible."""
+    if inputs.batch_size < parts:
+        raise InputError(f"batch_size {inputs.batch_size} is smaller than the number of "
+                         f"workers {parts}")
+    bounds = [round(i * inputs.batch_size / parts) for i in range(parts + 1)]
+    return [inputs.slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def _save_training_checkpoint(roles: Roles, info: dict, path: Path, iteration: int,
+                              generator: torch.Generator, run_id: str) -> None:
+    adapter, optimizer_state, version = roles.call(roles.learner, "checkpoint_state")
+    state = {"iteration": iteration, "version": version, "mlflow_run_id": run_id,
+             "generator_state": generator.get_state().tolist()}
+    save_checkpoint(path, adapter, info["spec"], state, optimizer_state)
+    mlflow.log_artifacts(str(path), artifact_path=f"checkpoints/{path.name}")
+
+
+def _scalar_metrics(report: dict, prefix: str) -> dict[str, float]:
+    metrics = {f"{prefix}{k}": float(v) for k, v in report.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for name, scores in report.get("labels", {}).items():
+        for key in ("accuracy", "macro_f1"):
+            metrics[f"{prefix}{name}_{key}"] = float(scores[key])
+    return metrics

@@ -1,0 +1,159 @@
+"""The two roles of CTRL training as plain classes: a learner and rollout workers.
+
+They run in one process as they are, or as Ray actors (`ray.remote(Learner)`); the driver in
+`ctrl_ray.distributed.driver` does not care which. Only the trainable state (LoRA + label
+embeddings) ever travels: the learner publishes it once per policy version and workers pull it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ctrl_ray.checkpoint import optimizer_tensors, restore_optimizer
+from ctrl_ray.finetune import FinetuneConfig, build_setup
+from ctrl_ray.objectives.pathwise import clip_and_step, pathwise_loss
+from ctrl_ray.sampling.sampler import RolloutInputs
+
+
+class Learner:
+    """Holds the trainable state and the optimizer, applies updates, owns the policy version."""
+
+    def __init__(self, config: FinetuneConfig, num_threads: int = 1):
+        torch.set_num_threads(max(1, num_threads))
+        self.config = config
+        self.setup = build_setup(config)
+        self.version = 0
+        self._published: tuple[int, Any] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """What the driver needs to draw batches and write checkpoints."""
+        model = self.setup.model
+        return {"sample_shape": tuple(model.sample_shape), "label_classes": model.label_classes,
+                "num_contexts": model.num_contexts, "spec": self.setup.spec,
+                "trainable_parameters": model.num_trainable_parameters()}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.setup.model.trainable_state_dict()
+
+    def publish(self, as_object_ref: bool = False) -> tuple[int, Any, int]:
+        """(version, trainable state, bytes), made once per version.
+
+        On Ray the state is `ray.put` once and its reference handed out; workers pull it.
+        """
+        if self._published is None or self._published[0] != self.version:
+            state = self.trainable_state()
+            nbytes = sum(t.numel() * t.element_size() for t in state.values())
+            if as_object_ref:
+                import ray
+
+                state = ray.put(state)
+            self._published = (self.version, state, nbytes)
+        return self._published
+
+    def apply_gradients(self, shards: list[tuple[dict[str, torch.Tensor], dict]]) -> dict:
+        """Sum the workers' gradients (each already divided by the full batch size), step."""
+        model, optimizer = self.setup.model, self.setup.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        parameters = dict(model.named_parameters())
+        for gradients, _ in shards:
+            for name, gradient in gradients.items():
+                parameter = parameters[name]
+                parameter.grad = gradient.clone() if parameter.grad is None else \
+                    parameter.grad + gradient
+        grad_norm = clip_and_step(optimizer, self.setup.objective.max_grad_norm)
+        self.version += 1
+        metrics = _weighted_mean([m for _, m in shards])
+        metrics.update(grad_norm=grad_norm, version=self.version)
+        return metrics
+
+    def ppo_update(self, batches: list, generator_state: torch.Tensor) -> dict:
+        """Clipped policy-gradient epochs on rollouts from the workers (the `ppo` mode)."""
+        from ctrl_ray.objectives.ppo import RolloutBatch, ppo_update
+
+        generator = torch.Generator().set_state(generator_state)
+        batch = RolloutBatch.cat(batches)
+        metrics = ppo_update(self.setup.model, self.setup.optimizer, batch, self.config.ppo,
+                             generator, current_version=self.version)
+        if not metrics.get("skipped"):
+            self.version += 1
+        metrics["version"] = self.version
+        return metrics
+
+    def checkpoint_state(self) -> tuple[dict, tuple[dict, dict], int]:
+        """Adapter tensors, optimizer (tensors, layout) and version, for the driver to save."""
+        return self.trainable_state(), optimizer_tensors(self.setup.optimizer), self.version
+
+    def restore(self, adapter: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor],
+                layout: dict, version: int) -> None:
+        self.setup.model.load_trainable_state_dict(adapter)
+        restore_optimizer(self.setup.optimizer, optimizer, layout)
+        self.version = version
+
+
+class RolloutWorker:
+    """Holds the frozen backbone and a copy of the adapter; samples its share of each batch."""
+
+    def __init__(self, config: FinetuneConfig, num_threads: int = 1):
+        torch.set_num_threads(max(1, num_threads))
+        self.config = config
+        self.setup = build_setup(config)
+        self.version = -1
+        self.last_sync_seconds = 0.0
+
+    def sync(self, version: int, published: list) -> float:
+        """Pull the published state if this worker is behind `version`; seconds spent."""
+        if version == self.version:
+            return 0.0
+        start = time.perf_counter()
+        state = published[0]
+        if not isinstance(state, dict):  # a Ray object ref: fetch it now, once per version
+            import ray
+
+            state = ray.get(state)
+        self.setup.model.load_trainable_state_dict(state)
+        self.version = version
+        self.last_sync_seconds = time.perf_counter() - start
+        return self.last_sync_seconds
+
+    def pathwise_gradients(self, version: int, published: list, inputs: RolloutInputs,
+                           normaliser: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """Sample this shard with gradients; the adapter gradients of loss_shard / normaliser."""
+        sync_seconds = self.sync(version, published)
+        model = self.setup.model
+        model.zero_grad(set_to_none=True)
+        loss, metrics = pathwise_loss(model, self.setup.reward_fn, inputs, self.setup.objective,
+                                      normaliser)
+        loss.backward()
+        gradients = {name: p.grad.detach().clone() for name, p in model.named_parameters()
+                     if p.requires_grad and p.grad is not None}
+        metrics.update(sync_seconds=sync_seconds, policy_version=float(self.version))
+        return gradients, metrics
+
+    def rollouts(self, version: int, published: list, inputs: RolloutInputs):
+        """Sample this shard without gradients for the `ppo` mode, tagged with the version."""
+        from ctrl_ray.objectives.ppo import collect_rollouts
+
+        self.sync(version, published)
+        return collect_rollouts(self.setup.model, self.setup.reward_fn, inputs, self.config.ppo,
+                                self.version)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+def _weighted_mean(shard_metrics: list[dict]) -> dict[str, float]:
+    """Average per-shard metrics weighted by their number of samples."""
+    total = sum(m.get("num_samples", 1.0) for m in shard_metrics)
+    keys = {k for m in shard_metrics for k in m if k != "num_samples"}
+    averaged = {k: sum(m.get(k, 0.0) * m.get("num_samples", 1.0) for m in shard_metrics) / total
+                for k in keys if k not in ("sync_seconds", "policy_version")}
+    averaged["loss"] = sum(m["loss"] for m in shard_metrics if "loss" in m)
+    averaged["sync_seconds"] = max((m.get("sync_seconds", 0.0) for m in shard_metrics),
+                                   default=0.0)
+    averaged["num_samples"] = total
+    return averaged
