@@ -78,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
                           help="CTRL checkpoint directory or models:/NAME@ALIAS")
     _config_options(evaluate, required=False)
 
+    registry = commands.add_parser("registry", help="the MLflow model registry")
+    registry_commands = registry.add_subparsers(title="registry commands", metavar="COMMAND")
+    _command(registry_commands, "list", "registered models, versions and aliases",
+             _registry_list)
+    promote = _command(registry_commands, "promote", "point NAME@ALIAS at VERSION",
+                       _registry_promote)
+    promote.add_argument("name")
+    promote.add_argument("version", type=int)
+    promote.add_argument("alias")
+    register = _command(registry_commands, "register",
+                        "register a CTRL policy directory as a new model version",
+                        _registry_register)
+    register.add_argument("--policy", required=True, help="CTRL policy directory")
+    register.add_argument("--name", default="ctrl-digits")
+    register.add_argument("--alias", default="champion")
+
     sample = _command(commands, "sample", "draw samples for a context c and label y", _sample)
     sample.add_argument("--model", required=True,
                         help="CTRL checkpoint directory, base-model directory or models:/ URI")
@@ -181,6 +197,32 @@ def _sample(args: argparse.Namespace) -> None:
     path = sample_grid(args.model, context=args.c, label=args.y, count=args.n, seed=args.seed,
                        out=args.out)
     print(f"wrote {path}")
+
+
+
+def _registry_list(args: argparse.Namespace) -> None:
+    from ctrl_ray.tracking import list_registered
+
+    rows = list_registered()
+    if not rows:
+        print("no registered models")
+    for row in rows:
+        aliases = f"  @{', @'.join(row['aliases'])}" if row["aliases"] else ""
+        print(f"{row['name']:<24} v{row['version']:<4} run {row['run_id']}{aliases}")
+
+
+def _registry_promote(args: argparse.Namespace) -> None:
+    from ctrl_ray.tracking import promote
+
+    promote(args.name, args.version, args.alias)
+    print(f"models:/{args.name}@{args.alias} -> version {args.version}")
+
+
+def _registry_register(args: argparse.Namespace) -> None:
+    from ctrl_ray.tracking import register_policy
+
+    uri = register_policy(args.policy, args.name, args.alias)
+    print(f"registered {uri} (alias {args.alias})")
 
 
 if __name__ == "__main__":

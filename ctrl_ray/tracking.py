@@ -124,3 +124,57 @@ def _version() -> str:
     from ctrl_ray import __version__
 
     return __version__
+
+
+def register_policy(policy_dir: str | Path, name: str = "ctrl-digits",
+                    alias: str | None = "champion", metadata: dict[str, Any] | None = None) -> str:
+    """Log a CTRL policy (its base model + adapter) as a pyfunc model, register it as a new
+    version of `name`, and point `alias` at it. Returns `models:/name/version`.
+
+    Logs into the active MLflow run, or a new run in the "ctrl-ray-registry" experiment.
+    """
+    from ctrl_ray.checkpoint import read_policy_spec
+
+    configure()
+    spec = read_policy_spec(policy_dir)
+    base = resolve_artifacts(spec["base_model"])
+    base_dir = base.get("base_model") or base["model"]
+    artifacts = {"base_model": base_dir, "adapter": Path(policy_dir)}
+    info = {"label_info": spec["label_info"], "sampling": spec["sampling"],
+            "base_model": spec["base_model"], **(metadata or {})}
+    if mlflow.active_run() is None:
+        use_experiment("ctrl-ray-registry")
+        with mlflow.start_run(run_name=f"register-{name}"):
+            uri = log_model(artifacts, name, metadata={"ctrl_ray": info})
+    else:
+        uri = log_model(artifacts, name, metadata={"ctrl_ray": info})
+    if alias:
+        set_alias(name, uri.rsplit("/", 1)[1], alias)
+    return uri
+
+
+def list_registered() -> list[dict[str, Any]]:
+    """Every registered model version with its aliases, newest first per model."""
+    configure()
+    client = MlflowClient()
+    rows = []
+    for model in client.search_registered_models():
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for version in sorted(client.search_model_versions(f"name = '{model.name}'"),
+                              key=lambda v: -int(v.version)):
+            rows.append({"name": model.name, "version": int(version.version),
+                         "aliases": sorted(aliases.get(str(version.version), [])),
+                         "run_id": version.run_id, "status": version.status})
+    return rows
+
+
+def promote(name: str, version: int | str, alias: str) -> None:
+    """Point `models:/name@alias` at an existing `version` (InputError if it does not exist)."""
+    configure()
+    try:
+        MlflowClient().get_model_version(name, str(version))
+    except mlflow.exceptions.MlflowException:
+        raise InputError(f"registered model {name!r} has no version {version}") from None
+    set_alias(name, version, alias)

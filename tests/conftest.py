@@ -108,3 +108,14 @@ def ray_session():
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_base, tiny_reward, tiny_judge, tmp_path_factory):
+    """One tiny single-process CTRL run (4 updates, evaluated) shared by the tests."""
+    from ctrl_ray.finetune import FinetuneConfig, finetune
+
+    out = tmp_path_factory.mktemp("ctrl") / "run"
+    config = load_config(FinetuneConfig, overrides=tiny_finetune_overrides(
+        tiny_base, tiny_reward, tiny_judge, out))
+    return out, finetune(config, progress=False)

@@ -5,23 +5,11 @@ from __future__ import annotations
 import json
 
 import mlflow
-import pytest
 import torch
-from conftest import tiny_finetune_overrides
 
 from ctrl_ray.checkpoint import ADAPTER_FILE, OPTIMIZER_FILE, POLICY_FILE
 from ctrl_ray.cli import main
-from ctrl_ray.config import load_config
-from ctrl_ray.finetune import FinetuneConfig, finetune
 from ctrl_ray.policy import load_any
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_base, tiny_reward, tiny_judge, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ctrl") / "run"
-    config = load_config(FinetuneConfig, overrides=tiny_finetune_overrides(
-        tiny_base, tiny_reward, tiny_judge, out))
-    return out, finetune(config, progress=False)
 
 
 def test_finetune_writes_policy_checkpoints_and_mlflow_run(tiny_run):
