@@ -18,6 +18,7 @@ from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.backbone import UNetBackbone
 from ctrl_ray.models.judge import DigitJudge, train_digit_judge
 from ctrl_ray.models.loading import BaseModel, load_base_model
+from ctrl_ray.policy import sample_grid
 from ctrl_ray.pretrain import PretrainConfig, pretrain
 from ctrl_ray.reward_training import RewardJobConfig, train_reward_job
 from ctrl_ray.storage import write_json
@@ -48,6 +49,7 @@ class DemoConfig:
     reward: RewardJobConfig = field(default_factory=RewardJobConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     reuse_registered_base: bool = True
+    registered_model: str = "ctrl-digits"
     output_dir: str = "outputs/demo"
 
 
@@ -90,6 +92,11 @@ def run_demo(config: DemoConfig) -> dict:
     finetune_cfg.base_model = base_uri
     ctrl = finetune(finetune_cfg)
 
+    model_uri = tracking.register_policy(ctrl["policy_dir"], config.registered_model, "champion")
+    pulled = sample_grid(f"models:/{config.registered_model}@champion", context=3, label=0,
+                         count=8, seed=0, out=out / "registry_sample_c3_y0.png")
+    print(f"registered {model_uri} as @champion; pulled 8 samples (c=3, y=0) -> {pulled}")
+
     summary = {
         "base_model": base_uri,
         "judge_test_accuracy": judge_accuracy,
@@ -97,6 +104,7 @@ def run_demo(config: DemoConfig) -> dict:
         "reward": reward,
         "ctrl": {k: ctrl[k] for k in ("policy_dir", "train_seconds", "base", "ctrl")
                  if k in ctrl},
+        "registered_model": model_uri,
         "seconds": round(time.perf_counter() - start, 1),
     }
     write_json(out / "report.json", summary)
