@@ -69,7 +69,7 @@ class Budget:
 
 
 QUICK = Budget(
-    size=8, n_values=[100, 300], seeds=[0, 1], ratios=[0.5, 1.0, 4.0],
+    size=8, n_values=[100, 300], seeds=[0, 1], ratios=[0.1, 1.0, 10.0],
     reward=["training.epochs=5"],
     evaluation=["evaluation.samples_per_target=4", "evaluation.contexts=[0, 1, 2, 3]",
                 "evaluation.num_inference_steps=4"],
@@ -137,7 +137,8 @@ class Bench:
             *self.budget.ctrl, *self.eval_overrides(seed, multitask), *extra])
         start = time.perf_counter()
         result = finetune(config, progress=False)
-        return trim(result["ctrl"], time.perf_counter() - start, result["train_seconds"])
+        report = trim(result["ctrl"], time.perf_counter() - start, result["train_seconds"])
+        return {**report, "grid": result["ctrl"].get("grid")}
 
     def baseline(self, kind: str, out: Path, seed: int, pair_sets: list[tuple[str, int, Path]],
                  rewards: list[Path], multitask: bool = False) -> dict:
@@ -324,7 +325,9 @@ def line_plot(path: Path, series: list[tuple[str, list[float], list[float], list
     x_low, x_high = transform(min(x_ticks)), transform(max(x_ticks))
     pad = 0.08 * ((x_high - x_low) or 1.0)
     x_low, x_high = x_low - pad, x_high + pad
-    y_low, y_high = y_range
+    highest = max((y + e for _, _, ys, es in series for y, e in zip(ys, es, strict=True)
+                   if not math.isnan(y)), default=1.0)
+    y_low, y_high = 0.0, min(1.0, max(0.2, math.ceil(highest * 10 + 0.5) / 10))
 
     def to_px(x: float, y: float) -> tuple[float, float]:
         px = left + (transform(x) - x_low) / (x_high - x_low) * (width - left - right)

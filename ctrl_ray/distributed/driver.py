@@ -116,11 +116,13 @@ def _with_absolute_paths(config):
 
 
 def train(config, progress: bool = True, resume: bool = False,
-          on_iteration: Callable[[int, Roles], None] | None = None) -> dict[str, Any]:
+          on_iteration: Callable[[int, Roles], None] | None = None,
+          parent_run_id: str | None = None) -> dict[str, Any]:
     """Run CTRL for `config.iterations` updates; checkpoint, evaluate, log everything to MLflow.
 
     `resume=True` continues from the newest checkpoint under `output_dir/checkpoints` (adapter,
-    optimizer, policy version, the driver's RNG state and the MLflow run).
+    optimizer, policy version, the driver's RNG state and the MLflow run). `parent_run_id` makes
+    the run a child of that MLflow run (a Ray Tune trial under its sweep).
     """
     from ctrl_ray.finetune import build_setup, evaluate_setup
 
@@ -144,7 +146,9 @@ def train(config, progress: bool = True, resume: bool = False,
     params = flatten(to_dict(config))
     params["trainable_parameters"] = info["trainable_parameters"]
     tracking.use_experiment(config.experiment)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "finetune") as active:
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "finetune",
+                          tags=tags) as active:
         if run_id is None:
             mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         train_start = time.perf_counter()
