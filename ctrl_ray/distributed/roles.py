@@ -24,7 +24,7 @@ class Learner:
     def __init__(self, config: FinetuneConfig, num_threads: int = 1):
         torch.set_num_threads(max(1, num_threads))
         self.config = config
-        self.setup = build_setup(config)
+        self.setup = _on_device(build_setup(config))
         self.version = 0
         self._published: tuple[int, Any] | None = None
 
@@ -61,8 +61,8 @@ class Learner:
         for gradients, _ in shards:
             for name, gradient in gradients.items():
                 parameter = parameters[name]
-                parameter.grad = gradient.clone() if parameter.grad is None else \
-                    parameter.grad + gradient
+                gradient = gradient.to(parameter.device)
+                parameter.grad = gradient if parameter.grad is None else parameter.grad + gradient
         grad_norm = clip_and_step(optimizer, self.setup.objective.max_grad_norm)
         self.version += 1
         metrics = _weighted_mean([m for _, m in shards])
@@ -99,7 +99,7 @@ class RolloutWorker:
     def __init__(self, config: FinetuneConfig, num_threads: int = 1):
         torch.set_num_threads(max(1, num_threads))
         self.config = config
-        self.setup = build_setup(config)
+        self.setup = _on_device(build_setup(config))
         self.version = -1
         self.last_sync_seconds = 0.0
 
@@ -127,7 +127,7 @@ class RolloutWorker:
         loss, metrics = pathwise_loss(model, self.setup.reward_fn, inputs, self.setup.objective,
                                       normaliser)
         loss.backward()
-        gradients = {name: p.grad.detach().clone() for name, p in model.named_parameters()
+        gradients = {name: p.grad.detach().cpu() for name, p in model.named_parameters()
                      if p.requires_grad and p.grad is not None}
         metrics.update(sync_seconds=sync_seconds, policy_version=float(self.version))
         return gradients, metrics
@@ -144,6 +144,14 @@ class RolloutWorker:
         import os
 
         return os.getpid()
+
+
+def _on_device(setup):
+    """Move the policy and reward to the GPU when this process has one (a GPU worker)."""
+    if torch.cuda.is_available():
+        setup.model.to("cuda")
+        setup.reward.to("cuda")
+    return setup
 
 
 def _weighted_mean(shard_metrics: list[dict]) -> dict[str, float]:
