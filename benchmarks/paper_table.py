@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/paper_table.py             # full: 16x16, N in {100, 300, 1000}
         [--base-model outputs/base-digits16] [--judge outputs/judge-digits16]
         [--dataset data/digits16.parquet] [--seeds 0 1] [--n 100 300 1000]
+        [--set cfg:training.steps=1000 --set ctrl:iterations=200 ...]
 
 Every method uses the same base model, the same N labelled pairs (or the reward trained on
 them), the same sampler and the same evaluation seeds (`ctrl_ray.evaluation.evaluate`):
@@ -568,8 +569,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--out", default=None, help="working directory for runs")
     parser.add_argument("--docs", default=None, help="where results.md and the PNGs go")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="PART:KEY=VALUE",
+                        help="config override for one part (ctrl, cfg, cg, dps, reward, "
+                             "evaluation), e.g. cfg:training.steps=1000 (repeatable)")
     args = parser.parse_args()
     budget = QUICK if args.quick else FULL
+    for item in args.overrides:
+        part, _, override = item.partition(":")
+        if part not in ("ctrl", "cfg", "cg", "dps", "reward", "evaluation") or "=" not in override:
+            parser.error(f"--set {item!r}: expected PART:KEY=VALUE with PART one of ctrl, cfg, "
+                         f"cg, dps, reward, evaluation")
+        getattr(budget, part).append(override)
+        if part == "evaluation":
+            budget.multitask_evaluation.append(override)
     if args.n:
         budget.n_values = sorted(args.n)
     if args.seeds:

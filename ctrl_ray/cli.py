@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="CTRL checkpoint directory or models:/NAME@ALIAS")
     _config_options(evaluate, required=False)
 
+    baseline = _command(commands, "baseline", "train and evaluate a guidance baseline",
+                        _baseline)
+    baseline.add_argument("kind", choices=("cfg", "cg", "dps"),
+                          help="classifier-free guidance, classifier guidance, or DPS")
+    _config_options(baseline)
+
+    tune = _command(commands, "tune", "Ray Tune sweep over the KL weight", _tune)
+    _config_options(tune)
+
     registry = commands.add_parser("registry", help="the MLflow model registry")
     registry_commands = registry.add_subparsers(title="registry commands", metavar="COMMAND")
     _command(registry_commands, "list", "registered models, versions and aliases",
@@ -198,6 +207,24 @@ def _sample(args: argparse.Namespace) -> None:
                        out=args.out)
     print(f"wrote {path}")
 
+
+
+def _baseline(args: argparse.Namespace) -> None:
+    from ctrl_ray.baselines.run import load_baseline_config, run_baseline
+
+    result = run_baseline(args.kind, load_baseline_config(args.kind, args.config,
+                                                          args.overrides))
+    _print_json({k: v for k, v in result[args.kind].items() if k != "labels"})
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from ctrl_ray.config import load_config
+    from ctrl_ray.tuning import TuneConfig, run_sweep
+
+    result = run_sweep(load_config(TuneConfig, args.config, args.overrides))
+    print(result.table_markdown)
+    if result.model_uri:
+        print(f"registered the best trial as {result.model_uri}")
 
 
 def _registry_list(args: argparse.Namespace) -> None:

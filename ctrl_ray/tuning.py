@@ -242,8 +242,7 @@ def run_sweep(config: TuneConfig, progress: bool = True) -> SweepResult:
             param_space={name: space.to_tune() for name, space in config.search.spaces().items()},
             tune_config=tune.TuneConfig(
                 metric=config.metric, mode=config.mode, scheduler=_scheduler(config),
-                search_alg=_search_algorithm(config), num_samples=config.search.num_samples,
-                max_concurrent_trials=config.max_concurrent_trials),
+                search_alg=_search_algorithm(config), num_samples=config.search.num_samples),
             run_config=tune.RunConfig(name=config.name, storage_path=storage,
                                       verbose=1 if progress else 0),
         )
@@ -259,6 +258,8 @@ def run_sweep(config: TuneConfig, progress: bool = True) -> SweepResult:
         mlflow.log_metrics({"trials": len(rows),
                             "trials_stopped_early": sum(r.status == "stopped" for r in rows),
                             "trials_failed": sum(r.status == "error" for r in rows)})
+        if all(row.status == "error" for row in rows):
+            raise RuntimeError(f"every trial failed; the first: {rows[0].error}")
         model_uri = None
         if best is None:
             print("no trial is eligible as best" + (f" (mean KL within {config.kl_budget})"
@@ -267,8 +268,7 @@ def run_sweep(config: TuneConfig, progress: bool = True) -> SweepResult:
             mlflow.log_metrics({f"best_{k}": v for k, v in best.metrics.items()})
             mlflow.set_tags({"best_trial": best.trial, "best_run_id": best.mlflow_run_id or ""})
             if config.register:
-                model_uri = register_best(best, base.base_model, config.register_name,
-                                          config.alias)
+                model_uri = register_best(best, config.register_name, config.alias)
             print(f"best trial {best.trial}: {config.metric} {best.metrics.get(config.metric)}"
                   f" {_format_params(best.params)}" + (f" -> {model_uri}" if model_uri else ""))
     return SweepResult(rows, best, model_uri, parent_id, csv_path, markdown_path,
@@ -324,17 +324,27 @@ def _run_trial(params: dict[str, float], context: _TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(context.finetune, params, Path(context.output_dir) / trial_id)
     reporter = _Reporter(config, context, trial_id)
-    train(config, progress=False, on_iteration=reporter, parent_run_id=context.parent_run_id)
+    result = train(config, progress=False, on_iteration=reporter,
+                   parent_run_id=context.parent_run_id)
+    if reporter.final is not None:  # reported once the run is complete: see _Reporter
+        tune.report(reporter.final,
+                    checkpoint=tune.Checkpoint.from_directory(result["policy_dir"]))
 
 
 class _Reporter:
     """The `on_iteration` callback of a trial: every `report_every` iterations (and at the end)
-    score the learner's current policy, log it and its adapter to MLflow and report to Tune."""
+    score the learner's current policy, log it and its adapter to MLflow and report to Tune.
+
+    The last iteration's scores are kept in `final` and reported after `train` returns, with
+    the saved policy as the checkpoint: ASHA may stop a trial at its last rung (= max_t), and
+    a stop inside `tune.report` ends the trial's thread, which must not cut the run short.
+    """
 
     def __init__(self, config: FinetuneConfig, context: _TrialContext, trial_id: str):
         self.config, self.context, self.trial_id = config, context, trial_id
         self.setup = None
         self.judge = None
+        self.final: dict[str, Any] | None = None
 
     def __call__(self, iteration: int, roles) -> None:
         from ray import tune
@@ -356,16 +366,19 @@ class _Reporter:
         self.setup.model.eval()
         report = evaluate(self.setup.model, self.setup.label_info, self.judge,
                           self.context.evaluation)
-        metrics = report_metrics(report)
-        mlflow.log_metrics({f"tune_{k}": v for k, v in metrics.items()}, step=iteration)
-        run_id = mlflow.active_run().info.run_id
+        scores = report_metrics(report)
+        mlflow.log_metrics({f"tune_{k}": v for k, v in scores.items()}, step=iteration)
+        metrics = {**scores, "iteration": iteration,
+                   "mlflow_run_id": mlflow.active_run().info.run_id}
         with tempfile.TemporaryDirectory(prefix="ctrl-tune-") as tmp:
             checkpoint = save_checkpoint(Path(tmp) / "policy", state, self.spec,
                                          {"iteration": iteration})
             mlflow.log_artifacts(str(checkpoint), artifact_path=f"tune/{iteration:06d}")
+            if iteration == self.config.iterations:
+                self.final = metrics
+                return
             try:
-                tune.report({**metrics, "iteration": iteration, "mlflow_run_id": run_id},
-                            checkpoint=tune.Checkpoint.from_directory(str(checkpoint)))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint)))
             except SystemExit:  # the scheduler stopped this trial: end its run as KILLED
                 mlflow.set_tag("ray.tune.status", "stopped")
                 mlflow.end_run("KILLED")
@@ -425,18 +438,28 @@ def write_table(rows: list[TrialRow], out: Path) -> tuple[Path, Path]:
     return csv_path, markdown_path
 
 
-def register_best(best: TrialRow, base_model: str, name: str, alias: str) -> str | None:
-    """Register the best trial's last checkpoint as `name` with `alias`; its model URI."""
-    register = getattr(tracking, "register_policy", None)
-    if register is None:
-        print("tracking.register_policy is not available: the best trial is not registered")
-        return None
+def register_best(best: TrialRow, name: str, alias: str) -> str:
+    """Register the best trial's last checkpoint (with its base model) as a new version of
+    `name` with `alias`, logged into the active (parent) run; returns its model URI."""
+    metadata = {"tune_trial": best.trial, "tune_iterations": best.iterations,
+                "mlflow_trial_run_id": best.mlflow_run_id, **best.params, **best.metrics}
     with best.checkpoint.as_directory() as policy_dir:
-        return register(policy_dir, base_model, name, alias)
+        return tracking.register_policy(policy_dir, name, alias, metadata=metadata)
 
 
 def _validate(config: TuneConfig) -> None:
-    iterations = config.finetune.iterations
+    """Fail before starting Ray on what would make every trial fail."""
+    finetune = config.finetune
+    local = [("finetune.base_model", finetune.base_model)] if ":/" not in finetune.base_model \
+        else []
+    local += [(f"finetune.rewards[{i}].path", r.path) for i, r in enumerate(finetune.rewards)]
+    local += [("finetune.judge", finetune.judge)] if finetune.judge else []
+    for key, path in local:
+        if not Path(path).exists():
+            raise InputError(f"config key {key!r}: {path!r} does not exist")
+    if not finetune.rewards:
+        raise InputError("finetune.rewards: at least one reward classifier is needed")
+    iterations = finetune.iterations
     if iterations < 1:
         raise InputError(f"finetune.iterations must be >= 1, got {iterations}")
     if config.asha.enabled and config.asha.grace_period > iterations:
@@ -459,7 +482,8 @@ def _scheduler(config: TuneConfig):
 def _search_algorithm(config: TuneConfig):
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=config.search.seed)
+    return BasicVariantGenerator(random_state=config.search.seed,
+                                 max_concurrent=config.max_concurrent_trials or 0)
 
 
 def _trial_rows(results, base: FinetuneConfig) -> list[TrialRow]:

@@ -178,6 +178,8 @@ def test_shipped_configs_load_and_bad_values_are_input_errors(kind):
 def test_bad_kind_and_bad_values_are_input_errors(tiny_base, digits8, ink):
     with pytest.raises(InputError, match="baseline kind"):
         load_baseline_config("ppo")
+    with pytest.raises(InputError, match="guidance_scale"):
+        load_baseline_config("cg", None, ["guidance_scale=-1"])
     with pytest.raises(InputError, match="p_uncond"):
         load_baseline_config("cfg", None, ["training.p_uncond=1.5"])
     with pytest.raises(InputError, match="CFGBaselineConfig"):

@@ -9,7 +9,6 @@ import mlflow
 import pytest
 from conftest import tiny_finetune_overrides
 
-from ctrl_ray import tracking
 from ctrl_ray.config import load_config
 from ctrl_ray.errors import InputError
 from ctrl_ray.tuning import TrialRow, TuneConfig, pick_best, run_sweep, write_table
@@ -94,8 +93,6 @@ def test_each_trial_is_a_child_mlflow_run_with_metrics_and_checkpoints(sweep):
 
 def test_best_trial_is_registered_with_its_alias(sweep):
     config, result = sweep
-    if not hasattr(tracking, "register_policy"):
-        pytest.skip("tracking.register_policy is not there yet")
     assert result.model_uri and result.model_uri.startswith(f"models:/{config.register_name}/")
     version = mlflow.MlflowClient().get_model_version_by_alias(config.register_name,
                                                                config.alias)
@@ -113,10 +110,10 @@ def test_best_trial_respects_the_kl_budget_and_breaks_ties_by_kl(tmp_path):
     rows = [_row("a", 0.9, 50.0), _row("b", 0.7, 5.0), _row("c", 0.7, 2.0),
             _row("d", 0.95, 1.0, status="error")]
     assert pick_best(rows, "macro_f1", "max", None).trial == "a"
+    assert pick_best(rows, "mean_kl", "min", None).trial == "c"
+    assert pick_best(rows, "macro_f1", "max", 0.5) is None
     assert pick_best(rows, "macro_f1", "max", 10.0).trial == "c"
     assert [row.eligible for row in rows] == [False, True, True, False]
-    assert pick_best(rows, "macro_f1", "max", 0.5) is None
-    assert pick_best(rows, "mean_kl", "min", None).trial == "c"
     csv_path, markdown_path = write_table(rows, tmp_path)
     assert len(markdown_path.read_text().splitlines()) == 2 + len(rows)
     with open(csv_path) as handle:
@@ -134,3 +131,10 @@ def test_best_trial_respects_the_kl_budget_and_breaks_ties_by_kl(tmp_path):
 def test_bad_sweep_config_names_the_field(override, field):
     with pytest.raises(InputError, match=field):
         load_config(TuneConfig, overrides=[override])
+
+
+def test_missing_base_model_fails_before_any_trial_starts(tmp_path):
+    config = load_config(TuneConfig, overrides=[f"finetune.base_model={tmp_path / 'none'}",
+                                                f"output_dir={tmp_path / 'sweep'}"])
+    with pytest.raises(InputError, match="finetune.base_model"):
+        run_sweep(config, progress=False)

@@ -69,6 +69,11 @@ class BaselineConfig:
     output_dir: str = "outputs/baseline"
     experiment: str = "ctrl-ray-baselines"
 
+    def __post_init__(self):
+        if not 0.0 <= self.guidance_scale < float("inf"):
+            raise InputError(f"guidance_scale must be a finite number >= 0, "
+                             f"got {self.guidance_scale}")
+
 
 @dataclass
 class CFGBaselineConfig(BaselineConfig):
@@ -87,7 +92,7 @@ class CFGBaselineConfig(BaselineConfig):
 class CGBaselineConfig(BaselineConfig):
     """Classifier guidance: time-dependent classifiers p(y | x_t, t) trained on noised pairs."""
 
-    guidance_scale: float = 3.0
+    guidance_scale: float = 10.0
     dataset: str = "data/digits16.parquet"
     pairs: list[PairsConfig] = field(default_factory=lambda: [PairsConfig()])
     training: NoisyClassifierTrainingConfig = field(default_factory=NoisyClassifierTrainingConfig)
@@ -99,7 +104,7 @@ class CGBaselineConfig(BaselineConfig):
 class DPSBaselineConfig(BaselineConfig):
     """DPS / reconstruction guidance with CTRL's own reward classifier(s) on x0_hat(x_t)."""
 
-    guidance_scale: float = 3.0
+    guidance_scale: float = 10.0
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     output_dir: str = "outputs/baseline-dps"
 
