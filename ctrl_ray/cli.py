@@ -222,7 +222,7 @@ def _tune(args: argparse.Namespace) -> None:
     from ctrl_ray.tuning import TuneConfig, run_sweep
 
     result = run_sweep(load_config(TuneConfig, args.config, args.overrides))
-    print(result.table_markdown)
+    print(result.table_markdown.read_text())
     if result.model_uri:
         print(f"registered the best trial as {result.model_uri}")
 
