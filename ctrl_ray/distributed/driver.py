@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
@@ -27,6 +28,7 @@ from ctrl_ray.checkpoint import latest_checkpoint, read_checkpoint, save_checkpo
 from ctrl_ray.config import flatten, to_dict
 from ctrl_ray.distributed.roles import Learner, RolloutWorker
 from ctrl_ray.errors import InputError
+from ctrl_ray.objectives.pathwise import draw_inputs
 from ctrl_ray.sampling.sampler import RolloutInputs
 
 
@@ -184,13 +186,7 @@ def train(config, progress: bool = True, resume: bool = False,
 def _iteration(roles: Roles, config, objective, info: dict, generator: torch.Generator) -> dict:
     """One update: draw, publish, shard across workers, apply on the learner."""
     start = time.perf_counter()
-    inputs = RolloutInputs.draw(
-        generator, batch_size=objective.batch_size, num_steps=objective.num_inference_steps,
-        sample_shape=info["sample_shape"], label_classes=info["label_classes"],
-        label_distribution=objective.label_distribution, num_contexts=info["num_contexts"],
-        context_distribution=objective.context_distribution,
-        truncation=getattr(objective, "truncation", None),
-    )
+    inputs = draw_inputs(SimpleNamespace(**info), objective, generator)
     publish_start = time.perf_counter()
     version, published, sync_bytes = roles.call(roles.learner, "publish", roles.remote)
     publish_seconds = time.perf_counter() - publish_start

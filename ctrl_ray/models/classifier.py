@@ -11,8 +11,6 @@ import copy
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -27,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ctrl_ray.errors import InputError
+from ctrl_ray.storage import atomic_directory
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -541,26 +540,13 @@ def save_classifier(model: ImageClassifier, temperature: float | None, path_dir:
         text = json.dumps(document, indent=2, default=_json_default, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise InputError(f"extra_meta: not JSON-serialisable ({error})") from error
-    target = Path(path_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
     }
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(path_dir) as staging:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
         (staging / CONFIG_FILE).write_text(text)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, retired / "previous")
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return Path(path_dir)
 
 
 def read_classifier_document(path_dir: str | os.PathLike) -> dict[str, Any]:

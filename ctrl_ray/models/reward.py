@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from ctrl_ray.models.classifier import (
     save_classifier,
     train_classifier,
 )
+from ctrl_ray.storage import atomic_directory
 
 REWARD_KIND = "reward"
 MULTITASK_FILE = "multitask.json"
@@ -239,10 +238,7 @@ class MultiTaskReward(nn.Module):
 
     def save(self, path_dir: str | os.PathLike) -> Path:
         """Atomic directory: one reward directory per label plus `multitask.json` with weights."""
-        target = Path(path_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_directory(path_dir) as staging:
             entries = []
             for index, (reward, weight) in enumerate(zip(self.rewards, self.weights, strict=True)):
                 subdir = f"label_{index}"
@@ -251,17 +247,7 @@ class MultiTaskReward(nn.Module):
             (staging / MULTITASK_FILE).write_text(
                 json.dumps({"format": MULTITASK_FORMAT, "terms": entries}, indent=2)
             )
-            if target.exists():
-                retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                os.replace(target, retired / "previous")
-                os.replace(staging, target)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                os.replace(staging, target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-        return target
+        return Path(path_dir)
 
     @classmethod
     def load(cls, path_dir: str | os.PathLike) -> MultiTaskReward:

@@ -62,10 +62,12 @@ class PathwiseConfig:
             raise InputError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
 
 
-def draw_inputs(
-    model: AugmentedModel, config: PathwiseConfig, generator: torch.Generator | int
-) -> RolloutInputs:
-    """One training batch's randomness (labels, contexts, noise, truncation window), on CPU."""
+def draw_inputs(model, config, generator: torch.Generator | int) -> RolloutInputs:
+    """One training batch's randomness (labels, contexts, noise, truncation window), on CPU.
+
+    `model` needs `sample_shape`, `label_classes`, `num_contexts`; `config` is a pathwise or
+    PPO config (PPO has no truncation window).
+    """
     return RolloutInputs.draw(
         generator,
         batch_size=config.batch_size,
@@ -75,7 +77,7 @@ def draw_inputs(
         label_distribution=config.label_distribution,
         num_contexts=model.num_contexts,
         context_distribution=config.context_distribution,
-        truncation=config.truncation,
+        truncation=getattr(config, "truncation", None),
     )
 
 

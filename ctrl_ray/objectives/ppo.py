@@ -69,7 +69,7 @@ from torch import Tensor
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.objectives import pathwise
-from ctrl_ray.objectives.pathwise import RewardFn, clip_and_step
+from ctrl_ray.objectives.pathwise import RewardFn, clip_and_step, draw_inputs
 from ctrl_ray.sampling.sampler import (
     KL_REDUCTIONS,
     DenoisingSchedule,
@@ -262,22 +262,6 @@ class RolloutBatch:
         values["contexts"] = None if self.contexts is None else move(self.contexts)
         return RolloutBatch(**{name: value if name in ("labels", "contexts") else move(value)
                                for name, value in values.items()})
-
-
-def draw_inputs(
-    model: AugmentedModel, config: PPOConfig, generator: torch.Generator | int
-) -> RolloutInputs:
-    """One rollout batch's randomness (labels, contexts, noise), on CPU; no truncation."""
-    return RolloutInputs.draw(
-        generator,
-        batch_size=config.batch_size,
-        num_steps=config.num_inference_steps,
-        sample_shape=model.sample_shape,
-        label_classes=model.label_classes,
-        label_distribution=config.label_distribution,
-        num_contexts=model.num_contexts,
-        context_distribution=config.context_distribution,
-    )
 
 
 def make_optimizer(model: AugmentedModel, config: PPOConfig) -> torch.optim.AdamW:
