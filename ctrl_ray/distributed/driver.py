@@ -52,7 +52,7 @@ class Roles:
         if not self.remote:
             return [getattr(self.workers[0], method)(*args) for args in calls]
         import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.exceptions import RayActorError
 
         futures = {i: getattr(self.workers[i], method).remote(*args)
                    for i, args in enumerate(calls)}
@@ -63,15 +63,33 @@ class Roles:
             try:
                 results[index] = ray.get(future)
                 del futures[index]
-            except (RayActorError, ActorUnavailableError) as error:
+            except RayActorError as error:
                 failures[index] += 1
                 if failures[index] > retries:
                     raise RuntimeError(f"rollout worker {index} failed {failures[index]} times: "
                                        f"{error}") from error
-                print(f"rollout worker {index} died ({type(error).__name__}); redoing its shard")
-                time.sleep(0.5)
+                print(f"rollout worker {index} failed ({type(error).__name__}); waiting for its "
+                      f"restart to redo its shard")
+                _wait_until_alive(self.workers[index])
                 futures[index] = getattr(self.workers[index], method).remote(*calls[index])
         return [results[i] for i in range(len(calls))]
+
+
+def _wait_until_alive(actor: Any, timeout_s: float = 300.0) -> None:
+    """Block until a restarting actor answers (Ray re-runs its constructor); raise if it died
+    for good (its restarts are used up) or does not come back in `timeout_s`."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.pid.remote(), timeout=10)
+            return
+        except (ActorUnavailableError, GetTimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def start_roles(config) -> Roles:
