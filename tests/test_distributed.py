@@ -109,4 +109,5 @@ def test_ppo_mode_on_two_workers_logs_staleness_and_clipping(make_config, ray_se
     assert [m.value for m in client.get_metric_history(run_id, "version")] == [1.0, 2.0]
     assert [m.value for m in client.get_metric_history(run_id, "staleness_max")] == [0.0, 0.0]
     assert client.get_metric_history(run_id, "clip_fraction")
+    assert len(client.get_metric_history(run_id, "sync_seconds")) == 2
     assert any(t.abs().sum() > 0 for t in _adapter(result).values())

@@ -69,17 +69,18 @@ class Learner:
         metrics.update(grad_norm=grad_norm, version=self.version)
         return metrics
 
-    def ppo_update(self, batches: list, generator_state: torch.Tensor) -> dict:
+    def ppo_update(self, shards: list[tuple], generator_state: torch.Tensor) -> dict:
         """Clipped policy-gradient epochs on rollouts from the workers (the `ppo` mode)."""
         from ctrl_ray.objectives.ppo import RolloutBatch, ppo_update
 
         generator = torch.Generator().set_state(generator_state)
-        batch = RolloutBatch.cat(batches)
+        batch = RolloutBatch.cat([shard for shard, _ in shards])
         metrics = ppo_update(self.setup.model, self.setup.optimizer, batch, self.config.ppo,
                              generator, current_version=self.version)
         if not metrics.get("skipped"):
             self.version += 1
-        metrics["version"] = self.version
+        metrics.update(version=self.version,
+                       sync_seconds=max(seconds for _, seconds in shards))
         return metrics
 
     def checkpoint_state(self) -> tuple[dict, tuple[dict, dict], int]:
@@ -132,13 +133,15 @@ class RolloutWorker:
         metrics.update(sync_seconds=sync_seconds, policy_version=float(self.version))
         return gradients, metrics
 
-    def rollouts(self, version: int, published: list, inputs: RolloutInputs):
-        """Sample this shard without gradients for the `ppo` mode, tagged with the version."""
+    def rollouts(self, version: int, published: list, inputs: RolloutInputs) -> tuple:
+        """Sample this shard without gradients for the `ppo` mode, tagged with the version;
+        returns the batch and the seconds this call spent syncing weights."""
         from ctrl_ray.objectives.ppo import collect_rollouts
 
-        self.sync(version, published)
-        return collect_rollouts(self.setup.model, self.setup.reward_fn, inputs, self.config.ppo,
-                                self.version)
+        sync_seconds = self.sync(version, published)
+        batch = collect_rollouts(self.setup.model, self.setup.reward_fn, inputs,
+                                 self.config.ppo, self.version)
+        return batch, sync_seconds
 
     def pid(self) -> int:
         import os
