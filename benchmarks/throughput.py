@@ -69,8 +69,9 @@ def main() -> None:
     data = {"machine": machine(), "iterations": args.iterations, "rows": rows}
     lines = ["# Training throughput", "",
              f"`python benchmarks/throughput.py` on {data['machine']['date']}: 16x16 digits, "
-             "batch 32, 20 DDIM steps, LoRA rank 4; 2 CPU threads in total per setting; the "
-             "first iteration (actor start-up, warm-up) is excluded.", "",
+             "LoRA rank 4; pathwise: batch and steps of the config (16, 50 DDIM steps), ppo: "
+             "batch 32, 20 steps; 2 CPU threads in total per setting; the first iteration "
+             "(actor start-up, warm-up) is excluded.", "",
              "| mode | setting | trajectories/s | updates/s | vs single process | "
              "sync bytes | sync time / iteration | sync share |",
              "|---|---|---|---|---|---|---|---|"]
