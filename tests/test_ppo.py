@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from test_theorem import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, COVARIANCES, MEANS, WEIGHTS
 
 from ctrl_ray.config import from_dict
 from ctrl_ray.errors import InputError
@@ -31,10 +32,6 @@ from ctrl_ray.objectives.ppo import (
 )
 from ctrl_ray.sampling import DenoisingSchedule, RolloutInputs, sample
 
-WEIGHTS = [0.45, 0.35, 0.2]
-MEANS = [[-1.2, -0.4], [1.2, -0.4], [0.0, 1.0]]
-COVARIANCES = (0.12 * torch.eye(2)).expand(3, 2, 2)
-CLASSIFIER_WEIGHT, CLASSIFIER_BIAS = torch.tensor([4.0, 0.0]), -1.0  # favours the right mode
 STEPS = 10
 
 
