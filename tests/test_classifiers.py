@@ -30,15 +30,6 @@ from ctrl_ray.models.reward import (
 SIZE = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """These models are tiny: one thread is faster than two and leaves a core to others."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def quadrant_task(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Noisy 8x8 images whose label is the quadrant (0..3) that was brightened."""
     rng = np.random.default_rng(seed)

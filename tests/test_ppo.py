@@ -35,13 +35,6 @@ from ctrl_ray.sampling import DenoisingSchedule, RolloutInputs, sample
 STEPS = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def classifier_log_likelihood(x0, labels, contexts=None):

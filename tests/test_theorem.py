@@ -23,13 +23,6 @@ CLASSIFIER_WEIGHT, CLASSIFIER_BIAS = torch.tensor([4.0, 0.0]), -1.0  # favours t
 STEPS = 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def mixture_backbone(seed: int = 0) -> GaussianMixtureBackbone:
