@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.augmented import AugmentedModel
-from ctrl_ray.models.backbone import UNetBackbone
-from ctrl_ray.models.loading import BaseModel
+from ctrl_ray.models.loading import BaseModel, build_backbone
 from ctrl_ray.storage import atomic_directory, read_json, write_json
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -93,9 +92,10 @@ def read_policy_spec(path: str | Path) -> dict[str, Any]:
 
 
 def build_policy(base: BaseModel, spec: dict[str, Any]) -> AugmentedModel:
-    """A fresh augmented model (zero-initialised adapters) around `base`, shaped by `spec`."""
+    """A fresh augmented model (zero-initialised adapters) around `base`, shaped by `spec`
+    (a text backbone gets back its prompts and guidance from `spec["backbone"]`)."""
     return AugmentedModel(
-        UNetBackbone(base.unet, base.scheduler),
+        build_backbone(base, spec.get("backbone")),
         {name: int(k) for name, k in spec["label_classes"].items()},
         adapter=spec["adapter"],
         lora_rank=spec["lora_rank"],

@@ -102,11 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--policy", required=True, help="CTRL policy directory")
     register.add_argument("--name", default="ctrl-digits")
     register.add_argument("--alias", default="champion")
+    register_base = _command(registry_commands, "register-base",
+                             "register a base-model directory (e.g. a Stable-Diffusion-format "
+                             "pipeline) as a new model version", _registry_register_base)
+    register_base.add_argument("--model", required=True, help="base-model directory")
+    register_base.add_argument("--name", required=True)
+    register_base.add_argument("--alias", default=None)
+
+    text = commands.add_parser("text2image", help="text-to-image (Stable-Diffusion-format) models")
+    text_commands = text.add_subparsers(title="text2image commands", metavar="COMMAND")
+    tiny = _command(text_commands, "tiny-pipeline",
+                    "write a small SD-format pipeline with random weights (offline)",
+                    _text2image_tiny_pipeline)
+    _config_options(tiny, required=False)
+    tiny.add_argument("--out", required=True, help="pipeline directory to write")
 
     sample = _command(commands, "sample", "draw samples for a context c and label y", _sample)
     sample.add_argument("--model", required=True,
                         help="CTRL checkpoint directory, base-model directory or models:/ URI")
-    sample.add_argument("--c", type=int, required=True, help="context (digit)")
+    context = sample.add_mutually_exclusive_group(required=True)
+    context.add_argument("--c", type=int, help="context: digit, or prompt index of a text model")
+    context.add_argument("--prompt", help="prompt (text-to-image models)")
     sample.add_argument("--y", type=int, default=-1, help="new label class (-1: unconditional)")
     sample.add_argument("--n", type=int, default=16)
     sample.add_argument("--seed", type=int, default=0)
@@ -203,7 +219,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     from ctrl_ray.policy import sample_grid
 
-    path = sample_grid(args.model, context=args.c, label=args.y, count=args.n, seed=args.seed,
+    context = args.prompt if args.prompt is not None else args.c
+    path = sample_grid(args.model, context=context, label=args.y, count=args.n, seed=args.seed,
                        out=args.out)
     print(f"wrote {path}")
 
@@ -243,6 +260,22 @@ def _registry_promote(args: argparse.Namespace) -> None:
 
     promote(args.name, args.version, args.alias)
     print(f"models:/{args.name}@{args.alias} -> version {args.version}")
+
+
+def _registry_register_base(args: argparse.Namespace) -> None:
+    from ctrl_ray.tracking import register_base_model
+
+    uri = register_base_model(args.model, args.name, args.alias)
+    print(f"registered {uri}" + (f" (alias {args.alias})" if args.alias else ""))
+
+
+def _text2image_tiny_pipeline(args: argparse.Namespace) -> None:
+    from ctrl_ray.config import load_config
+    from ctrl_ray.models.tiny_pipeline import TinyPipelineConfig, build_tiny_pipeline
+
+    path = build_tiny_pipeline(load_config(TinyPipelineConfig, args.config, args.overrides),
+                               args.out)
+    print(f"wrote {path}")
 
 
 def _registry_register(args: argparse.Namespace) -> None:

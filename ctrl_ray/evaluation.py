@@ -13,23 +13,28 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from ctrl_ray.data.oracles import label_images
+from ctrl_ray.models.text_to_image import reward_view
 
 
 def image_grid(images: np.ndarray | torch.Tensor, rows: int, scale: int = 4) -> Image.Image:
-    """Tile (rows*cols, 1, H, W) images in [-1, 1] into one grayscale PIL image, row-major."""
-    array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else images
-    count, _, height, width = array.shape
+    """Tile (rows*cols, C, H, W) images in [-1, 1] into one PIL image, row-major: grayscale
+    for C = 1, RGB for C = 3."""
+    array = images.detach().cpu().float().numpy() if isinstance(images, torch.Tensor) else images
+    count, channels, height, width = array.shape
     cols = count // rows
     if rows * cols != count:
         raise ValueError(f"{count} images do not fill a grid of {rows} rows")
-    pixels = np.clip((array[:, 0] + 1) * 127.5, 0, 255).round().astype(np.uint8)
+    rgb = channels == 3
+    pixels = np.clip((array[:, :3 if rgb else 1] + 1) * 127.5, 0, 255).round().astype(np.uint8)
+    pixels = pixels.transpose(0, 2, 3, 1)  # (N, H, W, C)
     pad = 1
-    canvas = np.full((rows * (height + pad) + pad, cols * (width + pad) + pad), 255, np.uint8)
+    canvas = np.full((rows * (height + pad) + pad, cols * (width + pad) + pad, pixels.shape[-1]),
+                     255, np.uint8)
     for index, tile in enumerate(pixels):
         r, c = divmod(index, cols)
         top, left = pad + r * (height + pad), pad + c * (width + pad)
         canvas[top:top + height, left:left + width] = tile
-    grid = Image.fromarray(canvas, mode="L")
+    grid = Image.fromarray(canvas if rgb else canvas[..., 0], mode="RGB" if rgb else "L")
     return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
 
 
@@ -54,7 +59,8 @@ def generate(model, contexts: torch.Tensor | None, labels: dict[str, torch.Tenso
     """Sample one image per row of (contexts, labels, seeds); each row depends only on its own
     seed, so a sample is reproducible alone or in any batch.
 
-    Returns the images (N, C, H, W) and, when `compute_kl`, each path's KL to the reference.
+    Returns the images (N, C, H, W) (a latent model's samples decoded by its VAE) and, when
+    `compute_kl`, each path's KL to the reference.
     """
     from ctrl_ray.sampling.sampler import RolloutInputs, sample
 
@@ -66,11 +72,14 @@ def generate(model, contexts: torch.Tensor | None, labels: dict[str, torch.Tenso
         steps.append(torch.randn((num_inference_steps, *shape), generator=generator))
     inputs = RolloutInputs(labels=dict(labels), contexts=contexts,
                            initial_noise=torch.stack(initial), step_noise=torch.stack(steps, 1))
+    decode = getattr(model, "decode", None)  # guided baselines sample pixels only
     images, kls = [], []
     for start in range(0, len(initial), batch_size):
         trajectory = sample(model, inputs.slice(start, start + batch_size), eta=eta,
                             compute_kl=compute_kl, from_reference=from_reference)
-        images.append(trajectory.x0.cpu())
+        with torch.no_grad():
+            x0 = trajectory.x0 if decode is None else decode(trajectory.x0)
+        images.append(x0.cpu())
         if compute_kl:
             kls.append(trajectory.path_kl.cpu())
     return torch.cat(images), (torch.cat(kls) if compute_kl else None)
@@ -110,7 +119,8 @@ def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig
                                num_inference_steps=config.num_inference_steps, eta=config.eta,
                                from_reference=from_reference, batch_size=config.batch_size,
                                compute_kl=not from_reference)
-    array = images.numpy()
+    # The oracles label grayscale images: an RGB model's images are seen as their luma.
+    array = reward_view(images, channels=1, image_size=images.shape[-1]).numpy()
 
     report: dict = {"num_samples": len(rows), "labels": {}}
     correct_all = np.ones(len(rows), dtype=bool)

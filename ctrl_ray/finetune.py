@@ -18,10 +18,10 @@ from ctrl_ray.checkpoint import policy_spec
 from ctrl_ray.errors import InputError
 from ctrl_ray.evaluation import EvaluationConfig, evaluate, format_report
 from ctrl_ray.models.augmented import AugmentedModel
-from ctrl_ray.models.backbone import UNetBackbone
 from ctrl_ray.models.judge import DigitJudge
-from ctrl_ray.models.loading import BaseModel, load_base_model
+from ctrl_ray.models.loading import BaseModel, backbone_spec, build_backbone, load_base_model
 from ctrl_ray.models.reward import MultiTaskReward, RewardModel, load_reward
+from ctrl_ray.models.text_to_image import TextToImageOptions, decode_images, reward_view
 from ctrl_ray.objectives.pathwise import PathwiseConfig, make_optimizer
 from ctrl_ray.objectives.ppo import PPOConfig
 
@@ -62,6 +62,7 @@ class DistributedConfig:
 @dataclass
 class FinetuneConfig:
     base_model: str = "outputs/base-digits16"
+    backbone: TextToImageOptions = field(default_factory=TextToImageOptions)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     mode: Literal["pathwise", "ppo"] = "pathwise"
@@ -96,7 +97,11 @@ class Setup:
 
     def reward_fn(self, x0: torch.Tensor, labels: dict[str, torch.Tensor],
                   contexts: torch.Tensor | None) -> torch.Tensor:
-        return self.reward.log_likelihood(x0, labels, contexts)
+        """log p(y | x0, c) of the decoded samples (a latent model's VAE decode is inside the
+        graph, checkpointed), seen at the reward classifier's size and channels."""
+        images = decode_images(self.model.backbone, x0)
+        images = reward_view(images, channels=1, image_size=reward_image_size(self.reward))
+        return self.reward.log_likelihood(images, labels, contexts)
 
 
 
@@ -107,6 +112,15 @@ def load_rewards(specs: list[RewardSpec]) -> RewardModel | MultiTaskReward:
     if len(specs) == 1 and specs[0].weight == 1.0:
         return load_reward(specs[0].path)
     return MultiTaskReward([(RewardModel.load(spec.path), spec.weight) for spec in specs])
+
+
+def reward_image_size(reward: RewardModel | MultiTaskReward) -> int:
+    """The image size the reward classifiers read (they share one)."""
+    terms = reward.rewards if isinstance(reward, MultiTaskReward) else [reward]
+    sizes = {term.classifier.config.image_size for term in terms}
+    if len(sizes) != 1:
+        raise InputError(f"the reward classifiers read different image sizes {sorted(sizes)}")
+    return sizes.pop()
 
 
 def reward_label_info(reward: RewardModel | MultiTaskReward) -> dict[str, dict]:
@@ -122,20 +136,27 @@ def build_setup(config: FinetuneConfig, base: BaseModel | None = None) -> Setup:
     reward = load_rewards(config.rewards)
     image_size = base.image_shape[-1]
     for term in (reward.rewards if isinstance(reward, MultiTaskReward) else [reward]):
-        if term.classifier.config.image_size != image_size:
+        # A text-to-image model's images are resized to the reward's size (`reward_view`).
+        if term.classifier.config.image_size != image_size and not base.is_text_to_image:
             raise InputError(f"reward {term.label_name!r} was trained on "
                              f"{term.classifier.config.image_size}px images, the base model "
                              f"makes {image_size}px images")
+    reward_image_size(reward)
+    backbone = build_backbone(base, config.backbone)
+    if base.is_text_to_image and not backbone.num_contexts:
+        raise InputError("backbone.prompts: a text-to-image base model needs at least one "
+                         "prompt to train on")
     adapter = config.adapter
     with torch.random.fork_rng():  # LoRA down-projections are random: same seed, same policy
         torch.manual_seed(config.seed)
-        model = AugmentedModel(UNetBackbone(base.unet, base.scheduler), reward.num_classes,
+        model = AugmentedModel(backbone, reward.num_classes,
                                adapter=adapter.kind, lora_rank=adapter.rank,
                                lora_alpha=adapter.alpha, lora_targets=adapter.targets)
     sampling = {"num_inference_steps": config.evaluation.num_inference_steps,
                 "eta": config.evaluation.eta}
     spec = policy_spec(model, reward_label_info(reward), sampling, str(config.base_model),
                        adapter.rank, adapter.alpha, adapter.targets)
+    spec["backbone"] = backbone_spec(backbone)
     objective = config.ppo if config.mode == "ppo" else config.objective
     return Setup(base, model, reward, make_optimizer(model, objective), objective, spec)
 

@@ -12,9 +12,8 @@ from ctrl_ray.checkpoint import POLICY_FILE, load_policy, read_policy_spec
 from ctrl_ray.errors import InputError
 from ctrl_ray.evaluation import EvaluationConfig, evaluate, format_report, generate, save_grid
 from ctrl_ray.models.augmented import AugmentedModel
-from ctrl_ray.models.backbone import UNetBackbone
 from ctrl_ray.models.judge import DigitJudge
-from ctrl_ray.models.loading import load_base_model, load_base_model_dir
+from ctrl_ray.models.loading import build_backbone, load_base_model, load_base_model_dir
 from ctrl_ray.tracking import resolve_artifacts
 
 
@@ -52,8 +51,28 @@ def load_from_artifacts(artifacts: dict[str, Path], name: str = "model") -> Load
         base = load_base_model_dir(artifacts["base_model"])
     else:
         raise InputError(f"{name!r} holds neither a policy nor a base model")
-    model = AugmentedModel(UNetBackbone(base.unet, base.scheduler), {}, adapter="none")
+    model = AugmentedModel(build_backbone(base), {}, adapter="none")
     return LoadedPolicy(model.eval(), {}, {}, False)
+
+
+def context_indices(model: AugmentedModel, contexts: list) -> torch.Tensor:
+    """Contexts as the (N,) long tensor the sampler carries: ints are class ids (or prompt
+    indices); strings are prompts of a text-to-image model, appended to its list when new."""
+    backbone = model.backbone
+    indices = []
+    for value in contexts:
+        if isinstance(value, str):
+            if not hasattr(backbone, "add_prompt"):
+                raise InputError(f"prompt {value!r} given, but the model is class-conditional: "
+                                 f"give a class id")
+            indices.append(backbone.add_prompt(value))
+            continue
+        index = int(value)
+        if model.num_contexts is not None and not 0 <= index < model.num_contexts:
+            raise InputError(f"context {index}: the model knows contexts "
+                             f"0..{model.num_contexts - 1}")
+        indices.append(index)
+    return torch.tensor(indices, dtype=torch.long)
 
 
 def evaluate_model(uri: str | Path, config: EvaluationConfig, judge_path: str | None,
@@ -69,20 +88,26 @@ def evaluate_model(uri: str | Path, config: EvaluationConfig, judge_path: str | 
     return report
 
 
-def sample_grid(uri: str | Path, context: int, label: int, count: int, seed: int,
+def sample_grid(uri: str | Path, context: int | str | None, label: int, count: int, seed: int,
                 out: str | Path) -> Path:
-    """`count` samples for digit `context` and class `label` (-1: unconditional) as a PNG row."""
+    """`count` samples for context `context` (a digit, a prompt index, or a prompt string for a
+    text-to-image model) and class `label` (-1: unconditional) as a PNG row."""
     loaded = load_any(uri)
     model = loaded.model
-    if model.num_contexts is not None and not 0 <= context < model.num_contexts:
-        raise InputError(f"--c {context}: the model knows contexts 0..{model.num_contexts - 1}")
+    if context is None:
+        raise InputError("give a context: --c for a class id (or prompt index), --prompt for "
+                         "a text-to-image model")
+    try:
+        contexts = context_indices(model, [context] * count)
+    except InputError as err:
+        raise InputError(f"--c/--prompt: {err}") from None
     labels = {}
     for name, num_classes in model.label_classes.items():
         if not -1 <= label < num_classes:
             raise InputError(f"--y {label}: label {name!r} has classes 0..{num_classes - 1} "
                              f"(or -1 for unconditional)")
         labels[name] = torch.full((count,), num_classes if label < 0 else label)
-    images, _ = generate(model, torch.full((count,), context), labels,
+    images, _ = generate(model, contexts, labels,
                          [seed + i for i in range(count)], from_reference=not loaded.fine_tuned,
                          **loaded.sampling)
     return save_grid(images, rows=1, path=out)

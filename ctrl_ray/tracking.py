@@ -141,13 +141,30 @@ def register_policy(policy_dir: str | Path, name: str = "ctrl-digits",
     base_dir = base.get("base_model") or base["model"]
     artifacts = {"base_model": base_dir, "adapter": Path(policy_dir)}
     info = {"label_info": spec["label_info"], "sampling": spec["sampling"],
-            "base_model": spec["base_model"], **(metadata or {})}
+            "base_model": spec["base_model"],
+            "backbone": spec.get("backbone", {"kind": "unet"}), **(metadata or {})}
     if mlflow.active_run() is None:
         use_experiment("ctrl-ray-registry")
         with mlflow.start_run(run_name=f"register-{name}"):
             uri = log_model(artifacts, name, metadata={"ctrl_ray": info})
     else:
         uri = log_model(artifacts, name, metadata={"ctrl_ray": info})
+    if alias:
+        set_alias(name, uri.rsplit("/", 1)[1], alias)
+    return uri
+
+
+def register_base_model(model_dir: str | Path, name: str, alias: str | None = None) -> str:
+    """Log a base-model directory (ctrl-ray's own or a Stable-Diffusion-format pipeline) as a
+    pyfunc model and register it as a new version of `name`; returns `models:/name/version`."""
+    from ctrl_ray.models.loading import load_base_model_dir
+
+    base = load_base_model_dir(Path(model_dir))  # fails early on a directory that cannot load
+    configure()
+    use_experiment("ctrl-ray-registry")
+    metadata = {"ctrl_ray": {k: v for k, v in base.metadata.items() if k != "training"}}
+    with mlflow.start_run(run_name=f"register-{name}"):
+        uri = log_model({"base_model": Path(model_dir)}, name, metadata=metadata)
     if alias:
         set_alias(name, uri.rsplit("/", 1)[1], alias)
     return uri

@@ -344,3 +344,12 @@ def ensure_digits(path: str | os.PathLike, size: int = 16, seed: int = 0) -> Dig
         raise InputError(f"dataset {str(path)!r} holds {dataset.image_shape[-1]}x"
                          f"{dataset.image_shape[-1]} images, but size={size} was asked for")
     return dataset
+
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def digit_prompts(template: str = "a handwritten {}") -> list[str]:
+    """Prompts for text-conditioned models, "a handwritten zero" .. "a handwritten nine":
+    prompt i names digit i, so prompt indices are digits (and the digit judge applies)."""
+    return [template.format(name) for name in DIGIT_NAMES]

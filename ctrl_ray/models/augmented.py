@@ -133,6 +133,10 @@ class AugmentedModel(nn.Module):
     def num_contexts(self) -> int | None:
         return self.backbone.num_contexts
 
+    def decode(self, samples: Tensor) -> Tensor:
+        """Images from samples (a latent backbone's VAE decoder; identity for pixel ones)."""
+        return self.backbone.decode(samples)
+
     # -- forward ---------------------------------------------------------------------------
     def embed_labels(self, labels: Mapping[str, Tensor] | None) -> Tensor | None:
         """Sum of the label embeddings (B, d); a label that is absent counts as null (zero)."""

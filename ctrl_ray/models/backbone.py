@@ -4,6 +4,7 @@ A backbone answers ``predict_noise(x_t, t, context, extra_embedding)`` and expos
 sampler and the augmented model need: ``sample_shape``, ``alphas_cumprod`` (the forward
 process), ``embedding_dim`` (the size of the vector added to the timestep embedding),
 ``clip_sample``, ``num_contexts`` and ``network`` (the module adapters are injected into).
+A latent backbone also turns samples into images with ``decode`` (identity for pixel models).
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ class Backbone(nn.Module):
         self, x_t: Tensor, t: Tensor, context: Tensor | None, extra_embedding: Tensor | None = None
     ) -> Tensor:
         raise NotImplementedError
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of one decoded image; a pixel backbone's samples are its images."""
+        return tuple(self.sample_shape)
+
+    def decode(self, samples: Tensor) -> Tensor:
+        """Images (B, C, H, W) in about [-1, 1] from samples; identity for pixel backbones."""
+        return samples
 
     def forward(
         self, x_t: Tensor, t: Tensor, context: Tensor | None, extra_embedding: Tensor | None = None

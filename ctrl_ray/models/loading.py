@@ -1,4 +1,10 @@
-"""Save and load a pre-trained base model: a diffusers directory from a local path or `models:/`."""
+"""Save and load a pre-trained base model: a diffusers directory from a local path or `models:/`.
+
+Three kinds of directory load: ctrl-ray's own (`unet/`, `scheduler/`, `ctrl_ray.json`) with a
+class-conditional UNet, the same with a text-conditioned UNet whose metadata names its text
+encoder (the digits text model), and a diffusers Stable-Diffusion-format pipeline
+(`model_index.json`). `build_backbone` wraps any of them in the matching backbone.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from ctrl_ray.errors import InputError
+from ctrl_ray.models import text_to_image
+from ctrl_ray.models.backbone import Backbone, UNetBackbone
+from ctrl_ray.models.text_encoder import PromptEncoder
+from ctrl_ray.models.text_to_image import TextToImageBackbone, TextToImageOptions
 from ctrl_ray.storage import atomic_directory, read_json, write_json
 from ctrl_ray.tracking import resolve_artifacts
 
@@ -19,10 +29,16 @@ METADATA_FILE = "ctrl_ray.json"
 class BaseModel:
     """A loaded pre-trained diffusion model p_pre(x | c) and what ctrl-ray knows about it."""
 
-    unet: UNet2DModel
+    unet: UNet2DModel | UNet2DConditionModel
     scheduler: DDPMScheduler
     metadata: dict[str, Any]
     path: Path
+    vae: AutoencoderKL | None = None
+    prompt_encoder: PromptEncoder | None = None
+
+    @property
+    def is_text_to_image(self) -> bool:
+        return self.prompt_encoder is not None
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -56,14 +72,49 @@ def load_base_model(uri: str | Path) -> BaseModel:
 def load_base_model_dir(path: Path) -> BaseModel:
     """Load the diffusers UNet and scheduler from a base-model directory, offline."""
     path = Path(path)
+    if (path / "model_index.json").is_file():
+        parts = text_to_image.load_stable_diffusion_dir(path)
+        return BaseModel(path=path, **parts)
     metadata = read_json(path / METADATA_FILE, "base model metadata")
+    text = metadata.get("kind") == text_to_image.TEXT_PIXEL
     for part in ("unet", "scheduler"):
         if not (path / part).is_dir():
             raise InputError(f"base model {str(path)!r} has no {part}/ directory")
     try:
-        unet = UNet2DModel.from_pretrained(path / "unet", local_files_only=True)
+        unet_class = UNet2DConditionModel if text else UNet2DModel
+        unet = unet_class.from_pretrained(path / "unet", local_files_only=True)
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
     except (OSError, ValueError) as err:
         raise InputError(f"base model {str(path)!r} could not be loaded: {err}") from None
     unet.eval().requires_grad_(False)
-    return BaseModel(unet=unet, scheduler=scheduler, metadata=metadata, path=path)
+    encoder = None
+    if text:
+        from ctrl_ray.models.text_encoder import load_named_encoder
+
+        encoder = load_named_encoder(metadata["text_encoder"], int(metadata["max_length"]))
+    return BaseModel(unet=unet, scheduler=scheduler, metadata=metadata, path=path,
+                     prompt_encoder=encoder)
+
+
+def build_backbone(base: BaseModel, options: Any = None) -> Backbone:
+    """The backbone of `base`: a `UNetBackbone`, or a text backbone configured by `options`
+    (a `TextToImageOptions`, or the dict a policy checkpoint recorded; None: the defaults)."""
+    if isinstance(options, dict):
+        options = TextToImageOptions(**{k: v for k, v in options.items() if k != "kind"})
+    options = options or TextToImageOptions()
+    if not base.is_text_to_image:
+        if not options.is_default():
+            raise InputError(f"backbone options {options} apply to text-to-image models only; "
+                             f"{str(base.path)!r} is class-conditional")
+        return UNetBackbone(base.unet, base.scheduler)
+    prompts = options.prompts if options.prompts is not None else base.metadata.get("prompts", [])
+    return TextToImageBackbone(
+        base.unet, base.scheduler, base.prompt_encoder, prompts, vae=base.vae,
+        guidance_scale=options.guidance_scale, mixed_precision=options.mixed_precision,
+        gradient_checkpointing=options.gradient_checkpointing, kind=base.metadata["kind"])
+
+
+def backbone_spec(backbone: Backbone) -> dict[str, Any]:
+    """What a policy records about its backbone: the kind and, for text backbones, options."""
+    describe = getattr(backbone, "describe", None)
+    return describe() if describe is not None else {"kind": "unet"}

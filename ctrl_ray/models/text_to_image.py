@@ -1,0 +1,259 @@
+"""Text-to-image backbones: a prompt-conditioned UNet, in latent space (Stable Diffusion) or pixels.
+
+The context c of a text backbone is a prompt. The backbone holds a list of prompts (from the
+config's ``backbone.prompts`` or the base model's metadata) and their token states, encoded
+once by the frozen text encoder; the contexts the sampler carries stay (B,) long indices into
+that list, so drawing, sharding, seeding and Ray transport are those of class contexts. A free
+prompt at sampling time (``ctrl-ray sample --prompt``, a pyfunc row with a string ``c``) is
+appended with ``add_prompt`` and gets the next index.
+
+Classifier-free guidance on the prompt: with ``guidance_scale`` w != 1 every noise prediction is
+``eps_uncond + w (eps_cond - eps_uncond)``, the empty prompt giving eps_uncond. The new label's
+embedding goes into both branches and the reference is the same guided prediction with the
+adapters off, so the per-step KL compares the guided policy with the guided pre-trained model.
+
+A latent backbone (``vae`` given) samples latents of ``sample_shape`` and ``decode`` maps them
+through the VAE decoder to images of ``image_shape``; the reward and the evaluation read the
+decoded images. ``mixed_precision`` (bf16 / fp16 autocast of the UNet and VAE) is applied only
+to CUDA tensors; ``gradient_checkpointing`` turns on the UNet's own activation checkpointing for
+the policy's calls (those that carry a label embedding). The reference's calls run inside
+``AugmentedModel.reference()`` (adapters off, or the original weights swapped in): a checkpoint
+inside the UNet would be recomputed lazily in backward, after that context has closed, i.e. with
+the policy's weights, so they are never checkpointed inside the UNet (the sampler's own
+checkpoint around each whole network call still applies to them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from ctrl_ray.errors import InputError
+from ctrl_ray.models.backbone import UNetBackbone
+from ctrl_ray.models.text_encoder import PromptEncoder
+
+PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STABLE_DIFFUSION = "stable-diffusion"
+TEXT_PIXEL = "unet2d-text-conditional"
+
+
+@dataclass
+class TextToImageOptions:
+    """How a text backbone is used (config section ``backbone``; ignored by class models).
+
+    prompts: the contexts c to train and evaluate on (index i = prompt i); None takes the base
+    model's own list. guidance_scale: classifier-free guidance on the prompt (1 = none).
+    mixed_precision: autocast dtype on CUDA. gradient_checkpointing: the UNet's checkpointing.
+    """
+
+    prompts: list[str] | None = None
+    guidance_scale: float = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if not self.guidance_scale >= 0:
+            raise InputError(f"backbone.guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.mixed_precision not in PRECISIONS:
+            raise InputError(f"backbone.mixed_precision must be one of {list(PRECISIONS)}, "
+                             f"got {self.mixed_precision!r}")
+        if self.prompts is not None:
+            if isinstance(self.prompts, str) or not all(isinstance(p, str) for p in self.prompts):
+                raise InputError(f"backbone.prompts must be a list of strings, got "
+                                 f"{self.prompts!r}")
+            self.prompts = list(self.prompts)
+
+    def is_default(self) -> bool:
+        return self == TextToImageOptions()
+
+
+class TextToImageBackbone(UNetBackbone):
+    """A frozen ``UNet2DConditionModel`` conditioned on prompts, optionally in a VAE's latents.
+
+    ``network`` is the UNet (LoRA goes on its attention projections); the text encoder and the
+    VAE are frozen submodules that never get adapters.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler,
+                 prompt_encoder: PromptEncoder, prompts: list[str],
+                 vae: AutoencoderKL | None = None, guidance_scale: float = 1.0,
+                 mixed_precision: str = "no", gradient_checkpointing: bool = False,
+                 kind: str = STABLE_DIFFUSION):
+        if not isinstance(unet, UNet2DConditionModel):
+            raise InputError(f"a text backbone needs a UNet2DConditionModel, got "
+                             f"{type(unet).__name__}")
+        cross_dim = unet.config.cross_attention_dim
+        if cross_dim != prompt_encoder.hidden_size:
+            raise InputError(f"the UNet cross-attends to {cross_dim}-d states but the text "
+                             f"encoder makes {prompt_encoder.hidden_size}-d ones")
+        super().__init__(unet, scheduler)
+        self.kind = kind
+        self.prompt_encoder = prompt_encoder
+        self.vae = vae
+        self.guidance_scale = float(guidance_scale)
+        self.mixed_precision = mixed_precision
+        self.autocast_dtype = PRECISIONS[mixed_precision]
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        if self.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self._checkpointed_blocks = [m for m in unet.modules()
+                                     if getattr(m, "gradient_checkpointing", False)]
+        self.default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+        if vae is not None:
+            vae.requires_grad_(False)
+            vae.eval()
+            self.clip_sample = False  # latents are not bounded to [-1, 1]
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            _, height, width = self.sample_shape
+            self._image_shape = (vae.config.out_channels, height * factor, width * factor)
+        else:
+            self._image_shape = tuple(self.sample_shape)
+        self.prompts: list[str] = []
+        self.register_buffer("empty_prompt_states", prompt_encoder.encode([""]),
+                             persistent=False)
+        self.register_buffer("prompt_states", self.empty_prompt_states[:0].clone(),
+                             persistent=False)
+        for prompt in prompts:
+            self.add_prompt(prompt)
+
+    # -- contexts are prompts ----------------------------------------------------------------
+    @property
+    def num_contexts(self) -> int:
+        return len(self.prompts)
+
+    @num_contexts.setter
+    def num_contexts(self, value) -> None:  # UNetBackbone.__init__ assigns it; prompts decide
+        pass
+
+    def add_prompt(self, prompt: str) -> int:
+        """The context index of ``prompt``, encoding and appending it if it is new."""
+        if not isinstance(prompt, str):
+            raise InputError(f"a prompt must be a string, got {prompt!r}")
+        if prompt in self.prompts:
+            return self.prompts.index(prompt)
+        states = self.prompt_encoder.encode([prompt]).to(self.prompt_states.device)
+        self.prompt_states = torch.cat([self.prompt_states, states])
+        self.prompts.append(prompt)
+        return len(self.prompts) - 1
+
+    def describe(self) -> dict[str, Any]:
+        """What a policy checkpoint records to rebuild this backbone around its base model."""
+        return {"kind": self.kind, "prompts": list(self.prompts),
+                "guidance_scale": self.guidance_scale, "mixed_precision": self.mixed_precision,
+                "gradient_checkpointing": self.gradient_checkpointing}
+
+    def context_states(self, context: Tensor | None, batch_size: int) -> Tensor:
+        """Token states (B, L, D) for prompt indices (B,), given states, or None (empty prompt)."""
+        if context is None:
+            return self.empty_prompt_states.expand(batch_size, -1, -1)
+        if context.is_floating_point():
+            return context
+        if context.numel() and not 0 <= int(context.min()) <= int(context.max()) < len(
+                self.prompts):
+            raise InputError(f"prompt indices must lie in 0..{len(self.prompts) - 1}, got "
+                             f"{int(context.min())}..{int(context.max())}")
+        return self.prompt_states[context.to(self.prompt_states.device)]
+
+    # -- the network calls -------------------------------------------------------------------
+    def _autocast(self, like: Tensor):
+        enabled = self.autocast_dtype is not None and like.is_cuda
+        return torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16,
+                              enabled=enabled)
+
+    def _unet(self, x_t: Tensor, t: Tensor, states: Tensor, extra: Tensor | None) -> Tensor:
+        for block in self._checkpointed_blocks:  # policy calls only (module docstring)
+            block.gradient_checkpointing = extra is not None
+        with self._autocast(x_t):
+            eps = super().predict_noise(x_t, t, states, extra)
+        return eps.to(x_t.dtype)
+
+    def predict_noise(self, x_t: Tensor, t: Tensor, context: Tensor | None,
+                      extra_embedding: Tensor | None = None) -> Tensor:
+        batch = x_t.shape[0]
+        states = self.context_states(context, batch).to(x_t.dtype)
+        t = t.expand(batch)
+        if self.guidance_scale == 1.0:
+            return self._unet(x_t, t, states, extra_embedding)
+        uncond = self.empty_prompt_states.to(x_t.dtype).expand(batch, -1, -1)
+        extra = None if extra_embedding is None else torch.cat([extra_embedding] * 2)
+        eps = self._unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, states]),
+                         extra)
+        eps_uncond, eps_cond = eps.chunk(2)
+        return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+
+    # -- latents to images -------------------------------------------------------------------
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return self._image_shape
+
+    def decode(self, samples: Tensor) -> Tensor:
+        if self.vae is None:
+            return samples
+        with self._autocast(samples):
+            images = self.vae.decode(samples / self.vae.config.scaling_factor).sample
+        return images.to(samples.dtype)
+
+
+def decode_images(backbone, samples: Tensor) -> Tensor:
+    """``backbone.decode(samples)``; when gradients flow (pathwise) the decoder's activations are
+    recomputed in backward instead of stored (``torch.utils.checkpoint``)."""
+    if getattr(backbone, "vae", None) is None:
+        return backbone.decode(samples)
+    if torch.is_grad_enabled() and samples.requires_grad:
+        return activation_checkpoint(backbone.decode, samples, use_reentrant=False)
+    return backbone.decode(samples)
+
+
+def reward_view(images: Tensor, channels: int, image_size: int) -> Tensor:
+    """Decoded images as a reward classifier reads them: RGB to luma (ITU-R 601) when it reads
+    one channel, resized (bilinear, antialiased) to its size; differentiable, identity when the
+    images already fit."""
+    if images.shape[1] == 3 and channels == 1:
+        weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        images = (images * weights).sum(1, keepdim=True)
+    if images.shape[1] != channels:
+        raise InputError(f"the reward reads {channels}-channel images, the model makes "
+                         f"{images.shape[1]}-channel ones")
+    if tuple(images.shape[-2:]) != (image_size, image_size):
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear",
+                               antialias=True, align_corners=False)
+    return images
+
+
+def load_stable_diffusion_dir(path: Path) -> dict[str, Any]:
+    """The parts of a diffusers Stable-Diffusion-format directory (``model_index.json``):
+    unet, vae, prompt_encoder, scheduler (DDPM on its noise schedule) and metadata."""
+    from ctrl_ray.models.text_encoder import load_pretrained_encoder
+    from ctrl_ray.storage import read_json
+
+    index = read_json(path / "model_index.json", "pipeline index")
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if part not in index or not (path / part).is_dir():
+            raise InputError(f"Stable-Diffusion directory {str(path)!r} has no {part}/")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
+        scheduler_config = DDPMScheduler.load_config(path / "scheduler")
+        scheduler = DDPMScheduler.from_config(scheduler_config)
+    except (OSError, ValueError) as err:
+        raise InputError(f"Stable-Diffusion directory {str(path)!r} could not be loaded: "
+                         f"{err}") from None
+    encoder = load_pretrained_encoder(path / "text_encoder", path / "tokenizer")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    metadata: dict[str, Any] = {"prompts": []}
+    extra = path / "ctrl_ray.json"
+    if extra.is_file():
+        metadata.update(read_json(extra, "base model metadata"))
+    metadata.update(kind=STABLE_DIFFUSION, num_contexts=len(metadata["prompts"]) or None,
+                    image_shape=[vae.config.out_channels, height * factor, width * factor])
+    return {"unet": unet, "vae": vae, "prompt_encoder": encoder, "scheduler": scheduler,
+            "metadata": metadata}
