@@ -15,9 +15,8 @@ from ctrl_ray.data.oracles import label_images
 from ctrl_ray.evaluation import class_histogram, generate, save_grid
 from ctrl_ray.finetune import FinetuneConfig, finetune
 from ctrl_ray.models.augmented import AugmentedModel
-from ctrl_ray.models.backbone import UNetBackbone
 from ctrl_ray.models.judge import DigitJudge, train_digit_judge
-from ctrl_ray.models.loading import BaseModel, load_base_model
+from ctrl_ray.models.loading import BaseModel, build_backbone, load_base_model
 from ctrl_ray.policy import sample_grid
 from ctrl_ray.pretrain import PretrainConfig, pretrain
 from ctrl_ray.reward_training import RewardJobConfig, train_reward_job
@@ -149,7 +148,7 @@ def ensure_base_model(config: DemoConfig) -> tuple[BaseModel, str]:
 def sample_report(base: BaseModel, dataset: DigitsDataset, judge: DigitJudge,
                   config: DemoSamplingConfig, grid_path: Path) -> dict:
     """Sample every digit, judge fidelity, label with the oracles, write the grid."""
-    model = AugmentedModel(UNetBackbone(base.unet, base.scheduler), {}, adapter="none")
+    model = AugmentedModel(build_backbone(base), {}, adapter="none")
     digits = torch.arange(base.num_contexts).repeat_interleave(config.samples_per_digit)
     start = time.perf_counter()
     seeds = config.seed + torch.arange(len(digits))

@@ -50,6 +50,25 @@ def pipeline_dir(tmp_path_factory):
     return build_tiny_pipeline(config, tmp_path_factory.mktemp("sd") / "tiny-sd")
 
 
+@pytest.fixture(scope="module")
+def pipeline_uri(pipeline_dir):
+    """The same pipeline registered as a base model: `models:/tiny-sd/1`."""
+    return tracking.register_base_model(pipeline_dir, "tiny-sd")
+
+
+def test_cli_writes_a_pipeline_that_registers_and_loads_from_models_uri(tmp_path, capsys):
+    out = tmp_path / "cli-sd"
+    assert main(["text2image", "tiny-pipeline", "--out", str(out), "--set", "image_size=8",
+                 "--set", "vae_channels=[8, 16]", "--set", "prompts=[a seven]"]) == 0
+    assert main(["registry", "register-base", "--model", str(out), "--name", "cli-sd",
+                 "--alias", "base"]) == 0
+    assert "models:/cli-sd/1" in capsys.readouterr().out
+    base = load_base_model("models:/cli-sd@base")
+    assert base.vae is not None and base.metadata["prompts"] == ["a seven"]
+    assert base.image_shape == (3, 8, 8)
+    assert main(["registry", "register-base", "--model", str(tmp_path), "--name", "x"]) == 2
+
+
 def _policy(pipeline_dir, **options) -> AugmentedModel:
     base = load_base_model(pipeline_dir)
     backbone = build_backbone(base, TextToImageOptions(prompts=PROMPTS, **options))
@@ -167,9 +186,9 @@ def test_pathwise_gradient_reaches_the_adapter_through_the_vae_decode(pipeline_d
     assert all(p.grad is None for p in vae.parameters())  # frozen, but on the gradient path
 
 
-def test_finetune_on_ray_register_pull_and_sample_by_prompt(pipeline_dir, tiny_reward,
+def test_finetune_on_ray_register_pull_and_sample_by_prompt(pipeline_uri, tiny_reward,
                                                            ray_session, tmp_path, capsys):
-    config = _config(pipeline_dir, tiny_reward, tmp_path / "run", "distributed.workers=2")
+    config = _config(pipeline_uri, tiny_reward, tmp_path / "run", "distributed.workers=2")
     result = finetune(config, progress=False)
     policy_dir = result["policy_dir"]
     assert result["ctrl"]["num_samples"] == 4  # 4 classes x 1 prompt x 1 sample, evaluated
