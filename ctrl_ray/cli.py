@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     context = sample.add_mutually_exclusive_group(required=True)
     context.add_argument("--c", type=int, help="context: digit, or prompt index of a text model")
     context.add_argument("--prompt", help="prompt (text-to-image models)")
+    sample.add_argument("--guidance-scale", type=float,
+                        help="classifier-free guidance on the prompt (text-to-image models; "
+                             "default: the model's own)")
     sample.add_argument("--y", type=int, default=-1, help="new label class (-1: unconditional)")
     sample.add_argument("--n", type=int, default=16)
     sample.add_argument("--seed", type=int, default=0)
@@ -221,7 +224,7 @@ def _sample(args: argparse.Namespace) -> None:
 
     context = args.prompt if args.prompt is not None else args.c
     path = sample_grid(args.model, context=context, label=args.y, count=args.n, seed=args.seed,
-                       out=args.out)
+                       out=args.out, guidance_scale=args.guidance_scale)
     print(f"wrote {path}")
 
 

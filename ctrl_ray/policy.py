@@ -89,11 +89,18 @@ def evaluate_model(uri: str | Path, config: EvaluationConfig, judge_path: str | 
 
 
 def sample_grid(uri: str | Path, context: int | str | None, label: int, count: int, seed: int,
-                out: str | Path) -> Path:
+                out: str | Path, guidance_scale: float | None = None) -> Path:
     """`count` samples for context `context` (a digit, a prompt index, or a prompt string for a
-    text-to-image model) and class `label` (-1: unconditional) as a PNG row."""
+    text-to-image model) and class `label` (-1: unconditional) as a PNG row. `guidance_scale`
+    overrides a text model's classifier-free guidance (default: the one it was trained with)."""
     loaded = load_any(uri)
     model = loaded.model
+    if guidance_scale is not None:
+        if not hasattr(model.backbone, "guidance_scale"):
+            raise InputError("--guidance-scale applies to text-to-image models only")
+        if not guidance_scale >= 0:
+            raise InputError(f"--guidance-scale must be >= 0, got {guidance_scale}")
+        model.backbone.guidance_scale = float(guidance_scale)
     if context is None:
         raise InputError("give a context: --c for a class id (or prompt index), --prompt for "
                          "a text-to-image model")

@@ -240,7 +240,7 @@ def test_minilm_pixel_model_pretrains_and_samples_a_handwritten_seven(digits8, t
     assert backbone.prompt_states.shape == (10, 16, 384) and backbone.sample_shape == (1, 8, 8)
     grid = tmp_path / "seven.png"
     assert main(["sample", "--model", str(result.model_dir), "--prompt", "a handwritten seven",
-                 "--n", "2", "--out", str(grid)]) == 0
+                 "--guidance-scale", "3", "--n", "2", "--out", str(grid)]) == 0
     assert grid.is_file()
     frame = pd.DataFrame({"c": ["a handwritten seven", 7], "seed": [0, 0]})
     images = mlflow.pyfunc.load_model(result.model_uri).predict(frame)

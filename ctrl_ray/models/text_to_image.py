@@ -50,7 +50,8 @@ class TextToImageOptions:
 
     prompts: the contexts c to train and evaluate on (index i = prompt i); None takes the base
     model's own list. guidance_scale: classifier-free guidance on the prompt (1 = none).
-    mixed_precision: autocast dtype on CUDA. gradient_checkpointing: the UNet's checkpointing.
+    mixed_precision: autocast dtype on CUDA (bf16 recommended: fp16 runs without loss scaling).
+    gradient_checkpointing: the UNet's own checkpointing.
     """
 
     prompts: list[str] | None = None
