@@ -37,6 +37,7 @@ def policy_spec(model: AugmentedModel, label_info: dict[str, dict], sampling: di
         "lora_rank": lora_rank,
         "lora_alpha": lora_alpha,
         "lora_targets": lora_targets,
+        "min_timestep": model.min_timestep,
         "sampling": sampling,
         "base_model": base_model,
     }
@@ -101,6 +102,7 @@ def build_policy(base: BaseModel, spec: dict[str, Any]) -> AugmentedModel:
         lora_rank=spec["lora_rank"],
         lora_alpha=spec["lora_alpha"],
         lora_targets=spec["lora_targets"],
+        min_timestep=int(spec.get("min_timestep", 0)),
     )
 
 

@@ -43,6 +43,7 @@ class AdapterConfig:
     rank: int = 4
     alpha: float | None = None
     targets: list[str] | None = None
+    min_timestep: int = 0    # adapters and label embeddings act only at t >= min_timestep
 
 
 @dataclass
@@ -151,7 +152,8 @@ def build_setup(config: FinetuneConfig, base: BaseModel | None = None) -> Setup:
         torch.manual_seed(config.seed)
         model = AugmentedModel(backbone, reward.num_classes,
                                adapter=adapter.kind, lora_rank=adapter.rank,
-                               lora_alpha=adapter.alpha, lora_targets=adapter.targets)
+                               lora_alpha=adapter.alpha, lora_targets=adapter.targets,
+                               min_timestep=adapter.min_timestep)
     sampling = {"num_inference_steps": config.evaluation.num_inference_steps,
                 "eta": config.evaluation.eta}
     spec = policy_spec(model, reward_label_info(reward), sampling, str(config.base_model),

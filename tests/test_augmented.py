@@ -208,3 +208,26 @@ def test_a_cross_attention_unet_fits_the_same_interface():
         assert (model.predict_noise(x_t, t, prompts, labels) - expected).abs().max() > 1e-3
         assert (model.reference_noise(x_t, t, prompts) - expected).abs().max() <= 1e-6
     assert model.sample_shape == (4, 8, 8) and model.num_contexts is None
+
+
+def test_min_timestep_gates_the_new_parameters_per_row():
+    reference_unet = tiny_unet()
+    model = AugmentedModel(UNetBackbone(tiny_unet(), tiny_scheduler()), LABELS, adapter="lora",
+                           min_timestep=50)
+    perturb(model)
+    x_t, _, contexts, labels = batch()
+    t = torch.tensor([10, 49, 50, 90])
+    expected = pretrained_noise(reference_unet, x_t, t, contexts)
+    x_t.requires_grad_(True)
+    policy = model.predict_noise(x_t, t, contexts, labels)
+    difference = (policy - expected).detach().abs().flatten(1).amax(1)
+    assert difference[:2].max() <= 1e-6  # below min_timestep: exactly the pre-trained model
+    assert difference[2:].min() > 1e-3
+    policy[2:].sum().backward()
+    assert x_t.grad[2:].abs().sum() > 0
+    low = model.predict_noise(x_t[:2], torch.tensor([0, 1]), contexts[:2], {
+        name: values[:2] for name, values in labels.items()})
+    assert (low - pretrained_noise(reference_unet, x_t[:2].detach(), torch.tensor([0, 1]),
+                                   contexts[:2])).abs().max() <= 1e-6
+    with pytest.raises(InputError, match="min_timestep"):
+        AugmentedModel(UNetBackbone(tiny_unet(), tiny_scheduler()), LABELS, min_timestep=-1)

@@ -33,6 +33,7 @@ def test_fine_tuned_policy_differs_from_base_and_reloads(tiny_run):
     out, _ = tiny_run
     loaded = load_any(out / "policy")
     assert loaded.fine_tuned and loaded.model.label_classes == {"compress_class": 4}
+    assert loaded.model.min_timestep == 100
     weights = loaded.model.label_embeddings["compress_class"].weight
     assert weights[:4].abs().sum() > 0 and weights[4].abs().sum() == 0  # null row stays zero
 

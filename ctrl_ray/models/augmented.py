@@ -50,6 +50,10 @@ class AugmentedModel(nn.Module):
         lora_rank, lora_alpha: LoRA rank and scale numerator (``lora_alpha=None`` means rank,
             i.e. scale 1).
         lora_targets: module-name suffixes that get LoRA; default ``backbone.default_lora_targets``.
+        min_timestep: the new parameters act only at timesteps t >= min_timestep; below it the
+            policy *is* the pre-trained model. The nearly noise-free last steps have tiny
+            variances, so any change there costs many nats of KL while barely moving x0;
+            gating them keeps the KL exact and the optimisation well-conditioned.
     """
 
     def __init__(
@@ -60,8 +64,12 @@ class AugmentedModel(nn.Module):
         lora_rank: int = 4,
         lora_alpha: float | None = None,
         lora_targets: list[str] | None = None,
+        min_timestep: int = 0,
     ):
         super().__init__()
+        if min_timestep < 0:
+            raise InputError(f"min_timestep must be >= 0, got {min_timestep}")
+        self.min_timestep = int(min_timestep)
         if adapter not in ADAPTERS:
             raise InputError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
         for name, num_classes in label_classes.items():
@@ -156,9 +164,17 @@ class AugmentedModel(nn.Module):
         context: Tensor | None,
         labels: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
-        """The policy's noise prediction; inside ``reference()`` the pre-trained one."""
+        """The policy's noise prediction; inside ``reference()`` (or at t < min_timestep) the
+        pre-trained one."""
         if not self._reference_mode:
-            return self.backbone(x_t, t, context, self.embed_labels(labels))
+            adapted = torch.as_tensor(t >= self.min_timestep).expand(x_t.shape[0])
+            if self.min_timestep == 0 or adapted.all():
+                return self.backbone(x_t, t, context, self.embed_labels(labels))
+            reference = self.reference_noise(x_t, t, context)
+            if not adapted.any():
+                return reference
+            policy = self.backbone(x_t, t, context, self.embed_labels(labels))
+            return torch.where(adapted.view(-1, *[1] * (x_t.dim() - 1)), policy, reference)
         if self.reference_weights is not None:
             weights = self.reference_weights.as_dict()
             return functional_call(self.backbone, weights, (x_t, t, context))
