@@ -89,10 +89,16 @@ QUICK = Budget(
               "registered_model="],
 )
 
+# Sized for 2 CPU cores (one process per seed, about 80 min each): every method is sampled with
+# the same 20-step sampler; CTRL keeps its config (50 training steps, random truncation k <= 5)
+# with 50 updates of 16 trajectories; CFG and the CG classifier train for 600 / 1500 steps.
 FULL = Budget(
-    size=16, n_values=[100, 300, 1000], seeds=[0, 1], ratios=[0.5, 1.0, 2.0, 4.0],
-    reward=[], evaluation=[], multitask_evaluation=["evaluation.samples_per_target=4"],
-    ctrl=["checkpoint_every=0"], cfg=[], cg=[], dps=[],
+    size=16, n_values=[100, 300, 1000], seeds=[0, 1], ratios=[1.0, 10.0, 100.0],
+    reward=[],
+    evaluation=["evaluation.samples_per_target=4", "evaluation.num_inference_steps=20"],
+    multitask_evaluation=["evaluation.samples_per_target=2", "evaluation.num_inference_steps=20"],
+    ctrl=["checkpoint_every=0", "iterations=50"], cfg=["training.steps=600"],
+    cg=["training.steps=1500"], dps=[],
 )
 
 
@@ -131,6 +137,8 @@ class Bench:
         from ctrl_ray.config import load_config
         from ctrl_ray.finetune import FinetuneConfig, finetune
 
+        if (done := finished(out / "report.json")) is not None:
+            return done
         reward_list = ", ".join(f"{{path: {path}}}" for path in rewards)
         config = load_config(FinetuneConfig, CONFIGS / "ctrl_digits_compress.yaml", [
             f"base_model={self.base_model}", f"rewards=[{reward_list}]", f"judge={self.judge}",
@@ -139,12 +147,14 @@ class Bench:
         start = time.perf_counter()
         result = finetune(config, progress=False)
         report = trim(result["ctrl"], time.perf_counter() - start, result["train_seconds"])
-        return {**report, "grid": result["ctrl"].get("grid")}
+        return keep(out / "report.json", {**report, "grid": result["ctrl"].get("grid")})
 
     def baseline(self, kind: str, out: Path, seed: int, pair_sets: list[tuple[str, int, Path]],
                  rewards: list[Path], multitask: bool = False) -> dict:
         from ctrl_ray.baselines.run import load_baseline_config, run_baseline
 
+        if (done := finished(out / "report.json")) is not None:
+            return done
         overrides = [f"base_model={self.base_model}", f"judge={self.judge}", f"output_dir={out}",
                      "evaluate_base=false", *getattr(self.budget, kind),
                      *self.eval_overrides(seed, multitask)]
@@ -161,7 +171,7 @@ class Bench:
         report = trim(result[kind], time.perf_counter() - start, result["train_seconds"])
         report["label_counts"] = result["label_counts"]
         report["grid"] = result[kind].get("grid")
-        return report
+        return keep(out / "report.json", report)
 
     def base(self, label_info: dict, seed: int, out: Path, multitask: bool = False) -> dict:
         """The pre-trained model on the same targets and seeds (it ignores y)."""
@@ -173,6 +183,8 @@ class Bench:
         from ctrl_ray.models.judge import DigitJudge
         from ctrl_ray.models.loading import load_base_model
 
+        if (done := finished(out / "base_report.json")) is not None:
+            return done
         evaluation = load_config(FinetuneConfig, CONFIGS / "ctrl_digits_compress.yaml",
                                  self.eval_overrides(seed, multitask)).evaluation
         base = load_base_model(self.base_model)
@@ -182,7 +194,19 @@ class Bench:
         report = evaluate(model, label_info, DigitJudge.load(self.judge), evaluation,
                           out / "base_grid.png", from_reference=True)
         seconds = time.perf_counter() - start
-        return {**trim(report, seconds, 0.0), "grid": report.get("grid")}
+        return keep(out / "base_report.json",
+                    {**trim(report, seconds, 0.0), "grid": report.get("grid")})
+
+
+def finished(path: Path) -> dict | None:
+    """The report of a run that already finished (the benchmark resumes where it stopped)."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def keep(path: Path, report: dict) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, default=str) + "\n")
+    return report
 
 
 def trim(report: dict, wall: float, train: float) -> dict:
@@ -272,6 +296,30 @@ def guidance_level(bench: Bench, single: dict) -> dict:
                                                           f"objective.kl_weight={1.0 / ratio}"])
             results.setdefault(ratio, []).append(report)
     return results
+
+
+def combine(runs: list[dict]) -> dict:
+    """One result from runs that differ only in their seeds: the per-seed lists concatenated.
+
+    JSON turned the keys N and ratio into strings; they come back as numbers here.
+    """
+    first = runs[0]
+    merged = {**first, "seconds": max(run["seconds"] for run in runs),
+              "budget": {**first["budget"], "seeds": [s for run in runs
+                                                      for s in run["budget"]["seeds"]]},
+              "single": {m: {} for m in first["single"]},
+              "multitask": {m: [] for m in first["multitask"]}, "guidance": {}}
+    for run in runs:
+        if run["budget"]["n_values"] != first["budget"]["n_values"]:
+            raise SystemExit("--combine: the runs have different values of N")
+        for method, by_n in run["single"].items():
+            for n, reports in by_n.items():
+                merged["single"][method].setdefault(int(n), []).extend(reports)
+        for method, reports in run["multitask"].items():
+            merged["multitask"][method].extend(reports)
+        for ratio, reports in run["guidance"].items():
+            merged["guidance"].setdefault(float(ratio), []).extend(reports)
+    return merged
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -398,6 +446,26 @@ def grid_montage(path: Path, grids: list[tuple[str, str | None]]) -> Path | None
 # ----------------------------------------------------------------------------- the document
 
 
+def goal_check(single: dict, n_values: list[int]) -> list[str]:
+    """The issue's two claims, checked on the mean macro-F1 over seeds."""
+    def f1(method: str, n: int) -> float:
+        return stat([r["macro_f1"] for r in single[method][n]])[0]
+
+    lines = ["Goal check (mean macro-F1 over seeds):", ""]
+    for n in n_values:
+        behind = [f"{NAMES[m]} {f1(m, n):.3f}" for m in ("cfg", "cg", "dps")
+                  if f1(m, n) > f1("ctrl", n)]
+        verdict = "matches or beats every baseline" if not behind else \
+            "is behind " + ", ".join(behind)
+        lines.append(f"- N = {n}: CTRL {f1('ctrl', n):.3f} {verdict}.")
+    if 300 in n_values and 1000 in n_values:
+        reached = f1("ctrl", 300) >= f1("cfg", 1000)
+        lines.append(f"- Sample efficiency: CTRL at N = 300 ({f1('ctrl', 300):.3f}) "
+                     f"{'reaches' if reached else 'does not reach'} CFG at N = 1000 "
+                     f"({f1('cfg', 1000):.3f}).")
+    return lines
+
+
 def write_docs(results: dict, docs: Path, quick: bool) -> Path:
     docs.mkdir(parents=True, exist_ok=True)
     single, multi, guidance = results["single"], results["multitask"], results["guidance"]
@@ -458,7 +526,11 @@ def write_docs(results: dict, docs: Path, quick: bool) -> Path:
         "- **DPS**: CTRL's reward on the Tweedie estimate x0_hat(x_t), gradient through the "
         "network; eps - s sqrt(1 - a_t) grad log p(y | x0_hat(x_t)).",
         "",
-        f"Guidance scales: {results['scales']}.",
+        f"Guidance scales: {results['scales']}. Config overrides of this mode on top of "
+        "configs/*.yaml: " + "; ".join(
+            f"{part} `{' '.join(getattr(QUICK if quick else FULL, part))}`"
+            for part in ("ctrl", "cfg", "cg", "dps", "evaluation")
+            if getattr(QUICK if quick else FULL, part)) + ".",
         "",
         "## 1. Single task: compressibility",
         "",
@@ -476,7 +548,7 @@ def write_docs(results: dict, docs: Path, quick: bool) -> Path:
                 f"{pm([r['fidelity'] for r in reports])} | "
                 f"{pm([r['mean_kl'] for r in reports], 1)} | "
                 f"{pm([r['wall_seconds'] for r in reports], 1)} |")
-    lines += ["", f"![macro-F1 vs N]({figure.name})", ""]
+    lines += ["", f"![macro-F1 vs N]({figure.name})", "", *goal_check(single, n_values), ""]
     if grids:
         lines += [f"Samples at N = {n_max}, seed {seeds[0]} (rows = requested class y, "
                   f"columns = digit c):", "", f"![samples]({grids.name})", ""]
@@ -569,11 +641,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--out", default=None, help="working directory for runs")
     parser.add_argument("--docs", default=None, help="where results.md and the PNGs go")
+    parser.add_argument("--json", default=None,
+                        help="where the raw results go (default benchmarks/results/paper_table.json)")
+    parser.add_argument("--combine", nargs="+", metavar="JSON", default=None,
+                        help="merge the JSON of runs over disjoint seeds (e.g. one process per "
+                             "seed) and write the docs from them; runs nothing")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="PART:KEY=VALUE",
                         help="config override for one part (ctrl, cfg, cg, dps, reward, "
                              "evaluation), e.g. cfg:training.steps=1000 (repeatable)")
     args = parser.parse_args()
+    if args.combine:
+        results = combine([json.loads(Path(path).read_text()) for path in args.combine])
+        json_path = Path(args.json or RESULTS / "paper_table.json")
+        json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        document = write_docs(results, Path(args.docs or ROOT / "docs"), quick=False)
+        print(f"wrote {document}, its PNGs, and {json_path}")
+        return
     budget = QUICK if args.quick else FULL
     for item in args.overrides:
         part, _, override = item.partition(":")
@@ -591,7 +675,8 @@ def main() -> None:
     out = Path(args.out)
     docs = Path(args.docs or (out / "docs" if args.quick else ROOT / "docs"))
     if args.quick:
-        shutil.rmtree(out / "single", ignore_errors=True)
+        for part in ("single", "multitask", "guidance"):
+            shutil.rmtree(out / part, ignore_errors=True)
         os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out.resolve()}/mlflow.db")
         out.mkdir(parents=True, exist_ok=True)
         prepare_quick(args, budget)
@@ -619,7 +704,7 @@ def main() -> None:
         "scales": scales, "seconds": time.perf_counter() - start,
         "single": single, "multitask": multi, "guidance": guidance,
     }
-    json_path = (out if args.quick else RESULTS) / "paper_table.json"
+    json_path = Path(args.json or (out if args.quick else RESULTS) / "paper_table.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     document = write_docs(results, docs, args.quick)
