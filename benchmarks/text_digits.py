@@ -115,7 +115,9 @@ def markdown(data: dict) -> str:
     for scale, values in data["summary"].items():
         lines.append(f"| {float(scale):g} | {values['fidelity_training_prompts']:.3f} | "
                      f"{values['fidelity_paraphrases']:.3f} |")
-    lines += ["", "Per prompt:", "", "| guidance | prompt | digit | fidelity |",
+    lines += ["", "Grid at guidance 3 (rows: the prompts in the order of the table below, 4 "
+              "samples each): [docs/text_digits_grid.png](../../docs/text_digits_grid.png).",
+              "", "Per prompt:", "", "| guidance | prompt | digit | fidelity |",
               "|---|---|---|---|"]
     for row in data["rows"]:
         seen = "" if row["seen_in_training"] else " (paraphrase)"
