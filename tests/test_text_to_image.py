@@ -69,6 +69,22 @@ def test_cli_writes_a_pipeline_that_registers_and_loads_from_models_uri(tmp_path
     assert main(["registry", "register-base", "--model", str(tmp_path), "--name", "x"]) == 2
 
 
+def test_class_models_refuse_prompts(tmp_path, capsys):
+    from ctrl_ray.models.loading import save_base_model
+    from ctrl_ray.models.unet import ScheduleConfig, UNetConfig, build_scheduler, build_unet
+
+    unet = build_unet(UNetConfig(image_size=8, block_out_channels=(16, 32)))
+    path = save_base_model(unet, build_scheduler(ScheduleConfig()), tmp_path / "class-base",
+                           {"kind": "unet2d-class-conditional", "image_shape": [1, 8, 8],
+                            "num_contexts": 10})
+    with pytest.raises(InputError, match="text-to-image models only"):
+        build_backbone(load_base_model(path), TextToImageOptions(prompts=["a seven"]))
+    assert main(["sample", "--model", str(path), "--prompt", "a seven", "--out",
+                 str(tmp_path / "x.png")]) == 2
+    assert "class-conditional" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
 def _policy(pipeline_dir, **options) -> AugmentedModel:
     base = load_base_model(pipeline_dir)
     backbone = build_backbone(base, TextToImageOptions(prompts=PROMPTS, **options))
@@ -172,14 +188,18 @@ def _config(pipeline_dir, tiny_reward, out, *extra) -> FinetuneConfig:
 
 def test_pathwise_gradient_reaches_the_adapter_through_the_vae_decode(pipeline_dir, tiny_reward,
                                                                       tmp_path):
+    # UNet gradient checkpointing on, inside the sampler's checkpoint, reward and KL both
+    # back-propagated: the reference's calls must recompute with the adapters off.
     setup = build_setup(_config(pipeline_dir, tiny_reward, tmp_path / "run"))
     model = setup.model
+    assert model.backbone.gradient_checkpointing
     _perturb(model)
     inputs = RolloutInputs.draw(0, 2, 3, model.sample_shape, model.label_classes,
                                 num_contexts=model.num_contexts)
-    trajectory = sample(model, inputs, differentiable=True, gradient_steps=1)
+    trajectory = sample(model, inputs, differentiable=True, gradient_steps=2)
     reward = setup.reward_fn(trajectory.x0, trajectory.labels, trajectory.contexts)
-    reward.sum().backward()
+    assert trajectory.path_kl.min() > 0
+    (trajectory.path_kl - reward).sum().backward()
     adapter = setup.model.trainable_parameter_groups()["adapter"]
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter)
     vae = model.backbone.vae
