@@ -235,6 +235,24 @@ def test_truncation_gives_no_parameter_gradient_from_steps_before_the_window(pre
     assert differs, "the window must cut the gradient of the earlier steps"
 
 
+def test_the_window_counts_only_steps_above_min_timestep(pretrained_unet):
+    model = make_model(pretrained_unet, perturbed=True, dtype=torch.float64)
+    inputs = make_inputs().to("cpu", torch.float64)
+    timesteps = DenoisingSchedule.create(model.alphas_cumprod, STEPS, eta=1.0).timesteps
+    model.min_timestep = int(timesteps[-2])  # the last step is the pre-trained network
+    _, gated = loss_and_grads(model, inputs, gradient_steps=1, checkpoint=False)
+    assert any(g.abs().sum() > 0 for g in gated.values())
+    # the one adapted step of the window is step STEPS - 2; the gated last step is passed through
+    model.min_timestep = 0
+    _, two_steps = loss_and_grads(model, inputs, gradient_steps=2, checkpoint=False)
+    model.min_timestep = int(timesteps[-2])
+    _, gated_two = loss_and_grads(model, inputs, gradient_steps=2, checkpoint=False)
+    assert not all(torch.allclose(gated_two[n], two_steps[n]) for n in gated_two)
+    model.min_timestep = int(timesteps[0]) + 1
+    with pytest.raises(InputError, match="min_timestep"):
+        sample(model, inputs, differentiable=True)
+
+
 def test_random_truncation_draws_every_window_in_range():
     truncation = Truncation("random", k=3)
     generator = torch.Generator().manual_seed(0)

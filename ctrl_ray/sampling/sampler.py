@@ -283,8 +283,9 @@ def sample(
     """Run the reverse process from ``inputs`` with the policy (or the reference) and record it.
 
     differentiable=False: everything under ``torch.no_grad()`` (rollouts, evaluation).
-    differentiable=True: only the last ``gradient_steps`` steps (default: inputs.gradient_steps,
-    else all) call the networks with gradients; earlier steps run under ``no_grad``, so they
+    differentiable=True: only the last ``gradient_steps`` steps with t >= model.min_timestep
+    (default: inputs.gradient_steps, else all), and the gated steps after them, call the
+    networks with gradients; earlier steps run under ``no_grad``, so they
     contribute no parameter gradient (their x_t does not depend on the parameters). Inside the
     window the reference mean is differentiable in x_t too (its weights are frozen), since x_t
     depends on the parameters and the KL gradient needs that path; with ``checkpoint`` each
@@ -307,7 +308,16 @@ def sample(
     schedule = DenoisingSchedule.create(model.alphas_cumprod, inputs.num_steps, eta)
     num_steps = inputs.num_steps
     window = gradient_steps or inputs.gradient_steps or num_steps
-    first_gradient_step = num_steps - min(window, num_steps) if differentiable else num_steps
+    first_gradient_step = num_steps
+    if differentiable:
+        # The window counts steps where the policy has parameters: below the model's
+        # min_timestep it is the pre-trained network, so those final steps are only passed.
+        min_timestep = getattr(model, "min_timestep", 0)
+        adapted = [step for step in range(num_steps) if schedule.timesteps[step] >= min_timestep]
+        if not adapted:
+            raise InputError(f"min_timestep {min_timestep} leaves no step of the {num_steps}-step "
+                             f"sampler to train (largest timestep {int(schedule.timesteps[0])})")
+        first_gradient_step = adapted[-min(window, len(adapted))]
 
     if from_reference:
         policy_noise = model.reference_noise
