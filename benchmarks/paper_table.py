@@ -446,6 +446,15 @@ def grid_montage(path: Path, grids: list[tuple[str, str | None]]) -> Path | None
 # ----------------------------------------------------------------------------- the document
 
 
+def guidance_scale(kind: str, override: str | None) -> str:
+    """The scale a baseline ran with: the override, else its config file's value."""
+    import yaml
+
+    if override is not None and not str(override).startswith("configs/"):
+        return str(override)
+    return str(yaml.safe_load((CONFIGS / f"baseline_{kind}.yaml").read_text())["guidance_scale"])
+
+
 def goal_check(single: dict, n_values: list[int]) -> list[str]:
     """The issue's two claims, checked on the mean macro-F1 over seeds."""
     def f1(method: str, n: int) -> float:
@@ -466,7 +475,7 @@ def goal_check(single: dict, n_values: list[int]) -> list[str]:
     return lines
 
 
-def write_docs(results: dict, docs: Path, quick: bool) -> Path:
+def write_docs(results: dict, docs: Path, quick: bool, notes: str | None = None) -> Path:
     docs.mkdir(parents=True, exist_ok=True)
     single, multi, guidance = results["single"], results["multitask"], results["guidance"]
     n_values, seeds = results["budget"]["n_values"], results["budget"]["seeds"]
@@ -526,8 +535,10 @@ def write_docs(results: dict, docs: Path, quick: bool) -> Path:
         "- **DPS**: CTRL's reward on the Tweedie estimate x0_hat(x_t), gradient through the "
         "network; eps - s sqrt(1 - a_t) grad log p(y | x0_hat(x_t)).",
         "",
-        f"Guidance scales: {results['scales']}. Config overrides of this mode on top of "
-        "configs/*.yaml: " + "; ".join(
+        "Guidance scales: " + ", ".join(
+            f"{NAMES[kind]} {guidance_scale(kind, value)}"
+            for kind, value in results["scales"].items())
+        + ". Config overrides of this mode on top of configs/*.yaml: " + "; ".join(
             f"{part} `{' '.join(getattr(QUICK if quick else FULL, part))}`"
             for part in ("ctrl", "cfg", "cg", "dps", "evaluation")
             if getattr(QUICK if quick else FULL, part)) + ".",
@@ -601,6 +612,8 @@ def write_docs(results: dict, docs: Path, quick: bool) -> Path:
             f"{' / '.join(f'{v:.2f}' for v in accuracy)} | "
             f"{pm([r['fidelity'] for r in reports])} | {pm([r['mean_kl'] for r in reports], 1)} |")
     lines += ["", f"![per-class accuracy by guidance level]({per_class_plot.name})", ""]
+    if notes is not None:
+        lines += [Path(notes).read_text().rstrip(), ""]
     path = docs / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -646,6 +659,8 @@ def main() -> None:
     parser.add_argument("--combine", nargs="+", metavar="JSON", default=None,
                         help="merge the JSON of runs over disjoint seeds (e.g. one process per "
                              "seed) and write the docs from them; runs nothing")
+    parser.add_argument("--notes", default=None,
+                        help="a Markdown file of hand-written analysis appended to results.md")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="PART:KEY=VALUE",
                         help="config override for one part (ctrl, cfg, cg, dps, reward, "
@@ -655,7 +670,8 @@ def main() -> None:
         results = combine([json.loads(Path(path).read_text()) for path in args.combine])
         json_path = Path(args.json or RESULTS / "paper_table.json")
         json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        document = write_docs(results, Path(args.docs or ROOT / "docs"), quick=False)
+        document = write_docs(results, Path(args.docs or ROOT / "docs"),
+                              quick=results["mode"] == "quick", notes=args.notes)
         print(f"wrote {document}, its PNGs, and {json_path}")
         return
     budget = QUICK if args.quick else FULL
@@ -695,7 +711,7 @@ def main() -> None:
     multi = multi_task(bench)
     guidance = guidance_level(bench, single)
     scales = {kind: next((o.split("=")[1] for o in getattr(budget, kind)
-                          if o.startswith("guidance_scale=")), f"configs/baseline_{kind}.yaml")
+                          if o.startswith("guidance_scale=")), None)
               for kind in ("cfg", "cg", "dps")}
     results = {
         "mode": "quick" if args.quick else "full", "machine": machine(),
@@ -707,7 +723,7 @@ def main() -> None:
     json_path = Path(args.json or (out if args.quick else RESULTS) / "paper_table.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    document = write_docs(results, docs, args.quick)
+    document = write_docs(results, docs, args.quick, notes=args.notes)
     print(f"\nwrote {document}, its PNGs, and {json_path} ({results['seconds'] / 60:.1f} min)")
 
 
