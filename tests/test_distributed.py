@@ -12,6 +12,7 @@ from ctrl_ray.checkpoint import ADAPTER_FILE, STATE_FILE
 from ctrl_ray.config import load_config
 from ctrl_ray.distributed.driver import train
 from ctrl_ray.distributed.roles import Learner, RolloutWorker
+from ctrl_ray.errors import InputError
 from ctrl_ray.finetune import FinetuneConfig
 from ctrl_ray.sampling.sampler import RolloutInputs
 
@@ -111,3 +112,14 @@ def test_ppo_mode_on_two_workers_logs_staleness_and_clipping(make_config, ray_se
     assert client.get_metric_history(run_id, "clip_fraction")
     assert len(client.get_metric_history(run_id, "sync_seconds")) == 2
     assert any(t.abs().sum() > 0 for t in _adapter(result).values())
+
+
+def test_a_missing_input_fails_in_the_driver_with_one_clear_error(make_config, ray_session):
+    missing_reward = make_config("no-reward", "distributed.workers=2",
+                                 "rewards=[{path: /nonexistent/reward}]")
+    with pytest.raises(InputError, match="nonexistent/reward"):
+        train(missing_reward, progress=False)
+    missing_base = make_config("no-base", "distributed.workers=2",
+                               "base_model=/nonexistent/base")
+    with pytest.raises(InputError, match="base_model"):
+        train(missing_base, progress=False)

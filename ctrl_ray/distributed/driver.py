@@ -100,6 +100,7 @@ def start_roles(config) -> Roles:
         return Roles(learner, [RolloutWorker(config, torch.get_num_threads())], remote=False)
     import ray
 
+    _check_inputs(config)
     if not ray.is_initialized():
         ray.init(address=dist.address, include_dashboard=False, runtime_env=_actor_env())
     config = _with_absolute_paths(config)
@@ -114,6 +115,15 @@ def start_roles(config) -> Roles:
         for _ in range(dist.workers)
     ]
     return Roles(learner, workers, remote=True)
+
+
+def _check_inputs(config) -> None:
+    """Fail in the driver, with one clear line, on inputs every actor would fail on."""
+    from ctrl_ray.finetune import load_rewards
+
+    load_rewards(config.rewards)
+    if ":/" not in str(config.base_model) and not Path(config.base_model).exists():
+        raise InputError(f"base_model: {str(config.base_model)!r} does not exist")
 
 
 def _actor_env() -> dict | None:
