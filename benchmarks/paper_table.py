@@ -655,7 +655,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="working directory for runs")
     parser.add_argument("--docs", default=None, help="where results.md and the PNGs go")
     parser.add_argument("--json", default=None,
-                        help="where the raw results go (default benchmarks/results/paper_table.json)")
+                        help="where the raw results go "
+                             "(default benchmarks/results/paper_table.json)")
     parser.add_argument("--combine", nargs="+", metavar="JSON", default=None,
                         help="merge the JSON of runs over disjoint seeds (e.g. one process per "
                              "seed) and write the docs from them; runs nothing")
