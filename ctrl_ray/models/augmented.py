@@ -167,8 +167,10 @@ class AugmentedModel(nn.Module):
         """The policy's noise prediction; inside ``reference()`` (or at t < min_timestep) the
         pre-trained one."""
         if not self._reference_mode:
+            if self.min_timestep == 0:
+                return self.backbone(x_t, t, context, self.embed_labels(labels))
             adapted = torch.as_tensor(t >= self.min_timestep).expand(x_t.shape[0])
-            if self.min_timestep == 0 or adapted.all():
+            if adapted.all():
                 return self.backbone(x_t, t, context, self.embed_labels(labels))
             reference = self.reference_noise(x_t, t, context)
             if not adapted.any():

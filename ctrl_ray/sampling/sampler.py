@@ -308,12 +308,12 @@ def sample(
     schedule = DenoisingSchedule.create(model.alphas_cumprod, inputs.num_steps, eta)
     num_steps = inputs.num_steps
     window = gradient_steps or inputs.gradient_steps or num_steps
+    # Below the model's min_timestep the policy is the pre-trained network: those steps have
+    # no parameters (the truncation window does not count them) and no KL.
+    min_timestep = getattr(model, "min_timestep", 0)
+    adapted = [step for step in range(num_steps) if schedule.timesteps[step] >= min_timestep]
     first_gradient_step = num_steps
     if differentiable:
-        # The window counts steps where the policy has parameters: below the model's
-        # min_timestep it is the pre-trained network, so those final steps are only passed.
-        min_timestep = getattr(model, "min_timestep", 0)
-        adapted = [step for step in range(num_steps) if schedule.timesteps[step] >= min_timestep]
         if not adapted:
             raise InputError(f"min_timestep {min_timestep} leaves no step of the {num_steps}-step "
                              f"sampler to train (largest timestep {int(schedule.timesteps[0])})")
@@ -333,9 +333,9 @@ def sample(
             mean = step_mean(schedule, step, policy_noise, x, inputs.contexts, clip_sample,
                              checkpoint=in_window and checkpoint)
             if compute_kl:
-                mean_reference = step_mean(schedule, step, model.reference_noise, x,
-                                           inputs.contexts, clip_sample,
-                                           checkpoint=in_window and checkpoint)
+                mean_reference = mean if step not in adapted else step_mean(
+                    schedule, step, model.reference_noise, x, inputs.contexts, clip_sample,
+                    checkpoint=in_window and checkpoint)
                 kls.append(gaussian_kl(mean, mean_reference, sigma, kl_reduction))
             x = mean + sigma * inputs.step_noise[step]
         if eta > 0:
