@@ -450,7 +450,7 @@ def guidance_scale(kind: str, override: str | None) -> str:
     """The scale a baseline ran with: the override, else its config file's value."""
     import yaml
 
-    if override is not None and not str(override).startswith("configs/"):
+    if override is not None:
         return str(override)
     return str(yaml.safe_load((CONFIGS / f"baseline_{kind}.yaml").read_text())["guidance_scale"])
 
