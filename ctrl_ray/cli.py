@@ -54,6 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--n", type=int, required=True, help="number of pairs")
     pairs.add_argument("--seed", type=int, default=0)
     pairs.add_argument("--out", required=True, help="output Parquet file")
+    imported = _command(data_commands, "import",
+                        "import your own labelled images (folder + CSV, or Parquet) as pairs",
+                        _data_import)
+    source = imported.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="image folder (with --labels CSV)")
+    source.add_argument("--parquet", help="Parquet table with an image and a label column")
+    imported.add_argument("--labels", help="CSV of file_name,label rows (paths under --images)")
+    imported.add_argument("--out", required=True, help="output pair-set Parquet file")
+    imported.add_argument("--name", help="name of the new label y (default: the label column)")
+    imported.add_argument("--classes", help="class names in class order, comma-separated "
+                          "(default: 0..max for integers, sorted names otherwise)")
+    imported.add_argument("--size", type=int, help="resize every image to SIZE x SIZE")
+    imported.add_argument("--channels", type=int, choices=(1, 3),
+                          help="1 grayscale, 3 RGB (default: RGB if any image has colour)")
+    imported.add_argument("--heldout", type=float, default=0.2,
+                          help="stratified share of every class held out (default 0.2)")
+    imported.add_argument("--seed", type=int, default=0)
+    imported.add_argument("--label-column", help="label column (default: label)")
+    imported.add_argument("--image-column", default="image", help="Parquet image column")
+    imported.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     pretrain = _command(commands, "pretrain", "pre-train the digits base model p_pre(x | c)",
                         _pretrain)
@@ -173,6 +193,26 @@ def _data_pairs(args: argparse.Namespace) -> None:
     pairs = load_pairs(path)
     print(f"wrote {path}: {len(pairs)} pairs labelled {pairs.label_name!r} "
           f"({pairs.num_classes} classes)")
+
+
+def _data_import(args: argparse.Namespace) -> None:
+    from ctrl_ray.data.importing import ImportOptions, describe, import_folder, import_parquet
+
+    classes = None if args.classes is None else args.classes.split(",")
+    options = ImportOptions(label_name=args.name, classes=classes, size=args.size,
+                            channels=args.channels, heldout_fraction=args.heldout,
+                            seed=args.seed, overwrite=args.overwrite)
+    if args.images is not None:
+        if args.labels is None:
+            raise InputError("--labels: give the CSV of file_name,label rows for --images")
+        pairs = import_folder(args.images, args.labels, args.out, options, args.label_column,
+                              progress=True)
+    else:
+        if args.labels is not None:
+            raise InputError("--labels: goes with --images; a --parquet table holds its labels")
+        pairs = import_parquet(args.parquet, args.out, options, args.image_column,
+                               args.label_column or "label", progress=True)
+    print(f"wrote {args.out}: " + "\n".join(describe(pairs)))
 
 
 def _pretrain(args: argparse.Namespace) -> None:
