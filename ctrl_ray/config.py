@@ -1,10 +1,17 @@
-"""Typed configs: dataclasses from YAML files plus `--set dotted.key=value` overrides, validated."""
+"""Typed configs: dataclasses from YAML files plus `--set dotted.key=value` overrides, validated.
+
+Every value is checked where its type is declared: the type hints (by `from_dict`), ranges in
+the dataclass's `__post_init__` (with `check_bounds`, whose errors `from_dict` reports under
+the full dotted key), and, for config types that declare no range of their own, `BOUNDS`.
+"""
 
 from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -15,6 +22,125 @@ import yaml
 from ctrl_ray.errors import InputError
 
 T = TypeVar("T")
+
+MAX_CONFIG_BYTES = 1 << 20
+SEED = "[0, 4294967295]"
+"""The range of every seed: what numpy's and torch's generators both accept."""
+
+BOUNDS: dict[str, dict[str, str | tuple]] = {
+    # Ranges of config types that declare none themselves, by "module.Class"; a rule is an
+    # interval ("[1, 512]", ">= 0", "(0, 1)") or a tuple of allowed values.
+    "ctrl_ray.models.unet.UNetConfig": {
+        "image_size": "[4, 1024]", "in_channels": "[1, 64]", "num_contexts": "[1, 100000]",
+        "block_out_channels": "[1, 4096]", "layers_per_block": "[1, 16]",
+        "norm_num_groups": "[1, 4096]", "attention_head_dim": "[1, 4096]",
+    },
+    "ctrl_ray.models.unet.ScheduleConfig": {
+        "num_train_timesteps": "[2, 100000]",
+        "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    },
+    "ctrl_ray.evaluation.EvaluationConfig": {
+        "samples_per_target": "[1, 100000]", "contexts": "[0, 100000]",
+        "num_inference_steps": "[1, 10000]", "eta": "[0, 100]", "seed": SEED,
+        "batch_size": "[1, 100000]",
+    },
+    "ctrl_ray.models.reward.RewardTrainingConfig": {"seed": SEED},
+    "ctrl_ray.baselines.cfg.CFGTrainingConfig": {"seed": SEED},
+    "ctrl_ray.baselines.classifier_guidance.NoisyClassifierTrainingConfig": {"seed": SEED},
+    "ctrl_ray.objectives.pathwise.PathwiseConfig": {
+        "batch_size": "[1, 1000000]", "num_inference_steps": "[1, 10000]",
+    },
+    "ctrl_ray.objectives.ppo.PPOConfig": {
+        "batch_size": "[1, 1000000]", "num_inference_steps": "[1, 10000]",
+    },
+    "ctrl_ray.tuning.SearchConfig": {"seed": SEED},
+}
+
+
+class ConfigValueError(InputError):
+    """A config value outside its range; `from_dict` re-raises it under the full dotted key."""
+
+    def __init__(self, key: str, value: Any, expected: str):
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"config key {key!r}: value {value!r} {expected}")
+
+    def under(self, prefix: str) -> ConfigValueError:
+        return ConfigValueError(prefix + self.key, self.value, self.expected)
+
+
+def check_bounds(config: Any, **rules: str | tuple) -> None:
+    """Raise ConfigValueError for the first field of `config` outside its rule.
+
+    A rule is an interval, `"[0, 1)"`, `"(0, 10]"`, `">= 1"`, `"> 0"`, `"<= 5"`, or a tuple of
+    allowed values. None is always allowed (optional fields); a list is checked item by item.
+    """
+    for name, rule in rules.items():
+        value = getattr(config, name)
+        items = value if isinstance(value, (list, tuple)) and not isinstance(rule, tuple) \
+            else [value]
+        for item in items:
+            if item is None:
+                continue
+            if isinstance(rule, tuple):
+                if item not in rule:
+                    raise ConfigValueError(name, value,
+                                           f"is not one of {', '.join(map(repr, rule))}")
+                continue
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue  # a wrong type is the type check's to report
+            low, low_closed, high, high_closed = _parse_rule(rule)
+            if not ((item > low or (low_closed and item == low))
+                    and (item < high or (high_closed and item == high))):
+                raise ConfigValueError(name, value,
+                                       f"is out of range: expected {_describe_rule(rule)}")
+
+
+@functools.cache
+def _parse_rule(rule: str) -> tuple[float, bool, float, bool]:
+    text = rule.replace(" ", "")
+    if text.startswith((">=", ">", "<=", "<")):
+        op = text[:2] if text[1] == "=" else text[:1]
+        bound = float(text[len(op):])
+        if op.startswith(">"):
+            return bound, op == ">=", math.inf, False
+        return -math.inf, False, bound, op == "<="
+    match = re.fullmatch(r"([\[(])([^,]+),([^,]+)([\])])", text)
+    if not match:
+        raise ValueError(f"bad bounds rule {rule!r}")
+    return (float(match[2]), match[1] == "[", float(match[3]), match[4] == "]")
+
+
+def _describe_rule(rule: str) -> str:
+    text = rule.strip()
+    if text[0] in "[(":
+        low, _, high = text[1:-1].partition(",")
+        return f"a value in {text}" if "." in text or "(" in text or ")" in text else \
+            f"{low.strip()}..{high.strip()}"
+    return text
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, plus exponent floats without a dot (`1e-3`, `5E4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text like `yaml.safe_load`, reading `1e-3` as a float."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def yaml_error(err: yaml.YAMLError) -> str:
+    """One line: where the YAML is broken and why (not PyYAML's multi-line report)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
@@ -31,62 +157,98 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping at the top of a YAML file; InputError if missing or not a mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"config file {str(path)!r} is a directory")
     if not path.is_file():
         raise InputError(f"config file not found: {str(path)!r}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise InputError(f"config file {str(path)!r} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise InputError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        raise InputError(f"config file {str(path)!r} is not valid YAML: {yaml_error(err)}") \
+            from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise InputError(f"config file {str(path)!r} could not be read as text: "
+                         f"{type(err).__name__}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise InputError(f"config file {str(path)!r}: expected a mapping at the top, got {data!r}")
+        raise InputError(f"config file {str(path)!r}: expected a mapping at the top, "
+                         f"got {_short(data)}")
     return data
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b=3` -> ("a.b", 3); the value is parsed as YAML so numbers, booleans and lists work."""
     key, sep, value = text.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise InputError(f"override {text!r}: expected dotted.key=value")
+    if not all(part.strip() for part in key.split(".")):
+        raise InputError(f"override {text!r}: {key!r} has an empty part")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
-    return key.strip(), parsed
+    return key, parsed
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     """Set `tree[a][b] = value` for key "a.b", creating intermediate mappings."""
     *parents, leaf = key.split(".")
     node = tree
-    for part in parents:
+    for index, part in enumerate(parents):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise InputError(f"config key {key!r}: {part!r} holds {child!r}, not a section")
+            section = ".".join(parents[:index + 1])
+            raise InputError(f"config key {key!r}: {section!r} holds {_short(child)}, "
+                             f"not a section")
         node = child
     node[leaf] = value
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Instantiate dataclass `cls` from `data`, checking every key and value type."""
+    """Instantiate dataclass `cls` from `data`, checking every key, value type and range."""
     if not isinstance(data, dict):
         raise InputError(f"config key {prefix.rstrip('.') or '<root>'!r}: expected a section, "
-                         f"got {data!r}")
+                         f"got {_short(data)}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(key) for key in set(data) - set(fields))
     if unknown:
         raise InputError(f"unknown config key {prefix + unknown[0]!r} "
                          f"(valid keys here: {', '.join(sorted(fields))})")
     kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
     try:
         obj = cls(**kwargs)
+        rules = BOUNDS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if rules:
+            check_bounds(obj, **rules)
+    except ConfigValueError as err:
+        raise err.under(prefix) from None
     except (TypeError, ValueError) as err:
-        if isinstance(err, InputError):
-            raise
-        raise InputError(f"config section {prefix.rstrip('.') or '<root>'!r}: {err}") from None
+        raise InputError(_keyed_message(str(err), fields, prefix)) from None
     return obj
+
+
+def _keyed_message(message: str, fields: dict[str, Any], prefix: str) -> str:
+    """A config type's own error ("batch_size must be >= 1") under its full dotted key."""
+    message = " ".join(message.split())
+    if message.startswith(("config key", "unknown config key")):
+        return message
+    match = re.match(r"([A-Za-z_][\w.]*)(:?\s*)(.*)", message)
+    if match:
+        leaf = match[1].rsplit(".", 1)[-1]
+        if leaf in fields:
+            return f"config key {prefix + leaf!r}: {match[3]}"
+    section = prefix.rstrip(".")
+    return f"config section {section!r}: {message}" if section else message
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -144,7 +306,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return tuple(items) if origin is tuple else items
     if origin in (dict, collections.abc.Mapping):
         if not isinstance(value, dict):
-            raise InputError(f"config key {key!r}: expected a mapping, got {value!r}")
+            raise InputError(f"config key {key!r}: expected a mapping, got {_short(value)}")
         _, value_hint = get_args(hint) or (Any, Any)
         return {str(k): _coerce(value_hint, v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
@@ -167,7 +329,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return value
     else:
         raise TypeError(f"unsupported config type {hint!r} for {key!r}")
-    raise InputError(f"config key {key!r}: expected {_describe(hint)}, got {value!r}")
+    raise InputError(f"config key {key!r}: expected {_describe(hint)}, got {_short(value)}")
 
 
 def _describe(hint: Any) -> str:
