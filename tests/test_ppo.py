@@ -15,14 +15,13 @@ from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.backbone import UNetBackbone
 from ctrl_ray.models.gaussian_mixture import GaussianMixtureBackbone
 from ctrl_ray.models.unet import ScheduleConfig, UNetConfig, build_scheduler, build_unet
+from ctrl_ray.objectives.base import draw_inputs, make_optimizer
 from ctrl_ray.objectives.pathwise import PathwiseConfig, pathwise_loss
 from ctrl_ray.objectives.ppo import (
     PPOConfig,
     RolloutBatch,
     collect_rollouts,
     compute_advantages,
-    draw_inputs,
-    make_optimizer,
     policy_log_probs_and_kl,
     ppo_loss,
     ppo_update,

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -68,10 +68,9 @@ from torch import Tensor
 
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.augmented import AugmentedModel
-from ctrl_ray.objectives import pathwise
-from ctrl_ray.objectives.pathwise import RewardFn, clip_and_step, draw_inputs
+from ctrl_ray.objectives.base import ObjectiveConfig, clip_and_step, draw_inputs
+from ctrl_ray.objectives.pathwise import RewardFn
 from ctrl_ray.sampling.sampler import (
-    KL_REDUCTIONS,
     DenoisingSchedule,
     RolloutInputs,
     gaussian_kl,
@@ -87,56 +86,36 @@ ADVANTAGE_SCALES = ("std", "none")
 
 
 @dataclass
-class PPOConfig:
-    """Hyper-parameters of PPO CTRL fine-tuning (names shared with ``PathwiseConfig`` mean the
-    same). ``clip_range`` is per dimension, as in DDPO (see the module docstring);
-    ``minibatch_size`` counts (step, sample) pairs; ``max_staleness`` counts policy versions
-    (0 = strictly on-policy). ``advantage_baseline``: leave-one-out mean of the return-to-go
-    over samples with the same labels (and class context) ``per_label``, over the whole batch
-    ``global``, or ``none``; ``advantage_scale``: divide by the batch RMS (``std``) or not."""
+class PPOConfig(ObjectiveConfig):
+    """PPO CTRL: the shared objective plus PPO's knobs. ``clip_range`` is per dimension, as in
+    DDPO (see the module docstring); ``minibatch_size`` counts (step, sample) pairs;
+    ``max_staleness`` counts policy versions (0 = strictly on-policy). ``advantage_baseline``:
+    leave-one-out mean of the return-to-go over samples with the same labels (and class
+    context) ``per_label``, over the whole batch ``global``, or ``none``; ``advantage_scale``:
+    divide by the batch RMS (``std``) or not."""
 
-    gamma: float = 1.0
-    kl_weight: float = 1.0
-    kl_reduction: str = "sum"
-    batch_size: int = 64
-    num_inference_steps: int = 50
-    eta: float = 1.0
     clip_range: float = 1e-4
     ppo_epochs: int = 1
     minibatch_size: int = 512
-    lr_embedding: float = 1e-3
-    lr_adapter: float = 1e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
     advantage_baseline: str = "per_label"
     advantage_scale: str = "std"
-    label_distribution: Sequence[float] | Mapping[str, Sequence[float]] | None = None
-    context_distribution: Sequence[float] | None = None
     max_staleness: int = 1
 
     def __post_init__(self):
-        if self.kl_reduction not in KL_REDUCTIONS:
-            raise InputError(
-                f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}"
-            )
+        super().__post_init__()
         if self.advantage_baseline not in ADVANTAGE_BASELINES:
             raise InputError(f"advantage_baseline must be one of {ADVANTAGE_BASELINES}, "
                              f"got {self.advantage_baseline!r}")
         if self.advantage_scale not in ADVANTAGE_SCALES:
             raise InputError(f"advantage_scale must be one of {ADVANTAGE_SCALES}, "
                              f"got {self.advantage_scale!r}")
-        for name in ("batch_size", "num_inference_steps", "ppo_epochs", "minibatch_size"):
+        for name in ("ppo_epochs", "minibatch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("kl_weight", "lr_embedding", "lr_adapter", "weight_decay", "max_staleness"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_staleness < 0:
+            raise InputError(f"max_staleness must be >= 0, got {self.max_staleness}")
         if not self.clip_range > 0:
             raise InputError(f"clip_range must be > 0, got {self.clip_range}")
-        if self.eta <= 0:
-            raise InputError(f"eta must be > 0 for log-probabilities and KL, got {self.eta}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise InputError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
 
 
 @dataclass
@@ -262,11 +241,6 @@ class RolloutBatch:
         values["contexts"] = None if self.contexts is None else move(self.contexts)
         return RolloutBatch(**{name: value if name in ("labels", "contexts") else move(value)
                                for name, value in values.items()})
-
-
-def make_optimizer(model: AugmentedModel, config: PPOConfig) -> torch.optim.AdamW:
-    """AdamW with one learning rate for the label embeddings and one for the adapters."""
-    return pathwise.make_optimizer(model, config)
 
 
 @torch.no_grad()

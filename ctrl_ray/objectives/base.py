@@ -1,0 +1,95 @@
+"""What every CTRL update rule shares: the objective's hyper-parameters and the optimizer.
+
+Every rule maximises the same J = E[gamma log p(y | x0, c)] - kl_weight KL(P_theta || P_pre);
+they differ only in how they estimate the step. A rule's config is a small subclass of
+``ObjectiveConfig`` that adds its own knobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ctrl_ray.errors import InputError
+from ctrl_ray.sampling.sampler import KL_REDUCTIONS, RolloutInputs
+
+
+@dataclass
+class ObjectiveConfig:
+    """The objective (gamma, kl_weight, how KL is reduced), the batch, the sampler and AdamW."""
+
+    gamma: float = 1.0
+    kl_weight: float = 1.0
+    kl_reduction: str = "sum"
+    batch_size: int = 64
+    num_inference_steps: int = 50
+    eta: float = 1.0
+    lr_embedding: float = 1e-3
+    lr_adapter: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    label_distribution: Sequence[float] | Mapping[str, Sequence[float]] | None = None
+    context_distribution: Sequence[float] | None = None
+
+    def __post_init__(self):
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise InputError(
+                f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}"
+            )
+        for name in ("batch_size", "num_inference_steps"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("kl_weight", "lr_embedding", "lr_adapter", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.eta <= 0:
+            raise InputError(f"eta must be > 0 for the per-step KL, got {self.eta}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise InputError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+
+    def tilt_exponent(self, sample_dims: int) -> float:
+        """gamma / alpha, the exponent of p(y | x) in the optimum, with alpha the KL weight per
+        path (``kl_reduction: mean`` divides the KL by the number of dimensions)."""
+        alpha = self.kl_weight if self.kl_reduction == "sum" else self.kl_weight / sample_dims
+        return self.gamma / alpha if alpha > 0 else float("inf")
+
+
+def draw_inputs(model, config: ObjectiveConfig, generator: torch.Generator | int) -> RolloutInputs:
+    """One training batch's randomness (labels, contexts, noise, truncation window), on CPU.
+
+    `model` needs `sample_shape`, `label_classes`, `num_contexts`.
+    """
+    return RolloutInputs.draw(
+        generator,
+        batch_size=config.batch_size,
+        num_steps=config.num_inference_steps,
+        sample_shape=model.sample_shape,
+        label_classes=model.label_classes,
+        label_distribution=config.label_distribution,
+        num_contexts=model.num_contexts,
+        context_distribution=config.context_distribution,
+        truncation=getattr(config, "truncation", None),
+    )
+
+
+def make_optimizer(model, config: ObjectiveConfig) -> torch.optim.AdamW:
+    """AdamW with one learning rate for the label embeddings and one for the adapters."""
+    groups = model.trainable_parameter_groups()
+    learning_rates = {"embedding": config.lr_embedding, "adapter": config.lr_adapter}
+    param_groups = [
+        {"params": groups[name], "lr": learning_rates[name], "name": name}
+        for name in ("embedding", "adapter")
+        if groups[name]
+    ]
+    return torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> float:
+    """Clip the gradients of the optimizer's parameters, step, and return the pre-clip norm."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = max_grad_norm if max_grad_norm is not None else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm).item()
+    optimizer.step()
+    return norm
