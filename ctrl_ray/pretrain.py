@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ctrl_ray import tracking
-from ctrl_ray.config import flatten, to_dict
-from ctrl_ray.data.digits import digit_prompts, ensure_digits
+from ctrl_ray.config import SEED, ConfigValueError, check_bounds, flatten, to_dict
+from ctrl_ray.data.digits import NUM_DIGITS, SIZES, digit_prompts, require_digits
 from ctrl_ray.models.loading import save_base_model
 from ctrl_ray.models.text_encoder import MINILM, load_named_encoder
 from ctrl_ray.models.text_to_image import TEXT_PIXEL
@@ -36,11 +36,17 @@ from ctrl_ray.models.unet import (
 
 @dataclass
 class DigitsDataConfig:
-    """Where the digits Parquet file lives; it is built there when missing."""
+    """Where the digits Parquet file lives (`ctrl-ray data build-digits` writes it; only the
+    demo builds it itself when missing) and the image size it must hold."""
 
     path: str = "data/digits16.parquet"
     size: int = 16
     seed: int = 0
+
+    def __post_init__(self):
+        check_bounds(self, size=SIZES, seed=SEED)
+        if not self.path:
+            raise ConfigValueError("path", self.path, "is empty: give a digits Parquet file")
 
 
 @dataclass
@@ -54,6 +60,11 @@ class PretrainTrainingConfig:
     seed: int = 0
     log_every: int = 50
 
+    def __post_init__(self):
+        check_bounds(self, steps="[1, 100000000]", batch_size="[1, 65536]", lr="(0, 10]",
+                     warmup_steps=">= 0", weight_decay="[0, 10]", ema_decay="[0, 1)", seed=SEED,
+                     log_every=">= 1")
+
 
 @dataclass
 class TextConditioningConfig:
@@ -63,6 +74,14 @@ class TextConditioningConfig:
     max_length: int = 16
     prompt_template: str = "a handwritten {}"
     prompt_dropout: float = 0.1
+
+    def __post_init__(self):
+        check_bounds(self, max_length="[1, 512]", prompt_dropout="[0, 1)")
+        try:
+            digit_prompts(self.prompt_template)
+        except (IndexError, KeyError, ValueError):
+            raise ConfigValueError("prompt_template", self.prompt_template,
+                                   "is not a template with one {} for the digit's name") from None
 
 
 @dataclass
@@ -77,6 +96,17 @@ class PretrainConfig:
     experiment: str = "ctrl-ray-pretrain"
     registered_model: str = "ctrl-base-digits"
 
+    def __post_init__(self):
+        if self.model.image_size != self.data.size:
+            raise ConfigValueError("model.image_size", self.model.image_size,
+                                   f"does not match data.size {self.data.size}")
+        if self.conditioning == "class" and self.model.num_contexts < NUM_DIGITS:
+            raise ConfigValueError("model.num_contexts", self.model.num_contexts,
+                                   f"is fewer than the {NUM_DIGITS} digits of the data")
+        for name in ("output_dir", "experiment"):
+            if not getattr(self, name):
+                raise ConfigValueError(name, getattr(self, name), "is empty")
+
 
 @dataclass
 class PretrainResult:
@@ -89,15 +119,10 @@ class PretrainResult:
 
 def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
     """Train with the DDPM noise-prediction loss, keep an EMA, save and register the model."""
-    dataset = ensure_digits(config.data.path, size=config.data.size, seed=config.data.seed)
+    dataset = require_digits(config.data.path, size=config.data.size, key="data.path")
     train = dataset.subset("train")
     images = torch.from_numpy(train.images)
     digits = torch.from_numpy(train.digits).long()
-    if tuple(images.shape[-2:]) != (config.model.image_size,) * 2:
-        from ctrl_ray.errors import InputError
-
-        raise InputError(f"model.image_size={config.model.image_size} does not match the "
-                         f"dataset images {tuple(images.shape[-2:])} in {config.data.path!r}")
 
     train_cfg = config.training
     torch.manual_seed(train_cfg.seed)
@@ -183,10 +208,6 @@ def _text_model(config: PretrainConfig, generator: torch.Generator):
     states, replaced by the empty prompt's with probability `prompt_dropout`.
     """
     text = config.text
-    if not 0 <= text.prompt_dropout < 1:
-        from ctrl_ray.errors import InputError
-
-        raise InputError(f"text.prompt_dropout must be in [0, 1), got {text.prompt_dropout}")
     encoder = load_named_encoder(text.encoder, text.max_length)
     prompts = digit_prompts(text.prompt_template)
     states = encoder.encode(prompts + [""])  # row len(prompts) is the empty prompt

@@ -22,6 +22,8 @@ class _AtomicDirectory:
         self.final = final
 
     def __enter__(self) -> Path:
+        if os.path.lexists(self.final) and not self.final.is_dir():
+            raise InputError(f"{str(self.final)!r} is a file, not a folder: not replacing it")
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=self.final.parent))
         return self.tmp
@@ -30,6 +32,9 @@ class _AtomicDirectory:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        if os.path.lexists(self.final) and not self.final.is_dir():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise InputError(f"{str(self.final)!r} is a file, not a folder: not replacing it")
         if self.final.exists():
             trash = self.final.with_name(f".{self.final.name}.old")
             shutil.rmtree(trash, ignore_errors=True)

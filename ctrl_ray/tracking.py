@@ -53,10 +53,19 @@ def run(experiment: str, run_name: str, params: dict[str, Any] | None = None,
         nested: bool = False) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run in `experiment` with `params` logged (flattened, stringified)."""
     use_experiment(experiment)
+    failed_on_input = False
     with mlflow.start_run(run_name=run_name, nested=nested) as active:
         if params:
             mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
-        yield active
+        try:
+            yield active
+        except InputError:
+            failed_on_input = True
+            raise
+        finally:
+            if failed_on_input:  # bad input found late: leave no FAILED run behind
+                mlflow.end_run("KILLED")
+                MlflowClient().delete_run(active.info.run_id)
 
 
 def log_model(artifacts: dict[str, str | Path], registered_name: str | None,
@@ -80,7 +89,32 @@ def log_model(artifacts: dict[str, str | Path], registered_name: str | None,
 
 def set_alias(name: str, version: int | str, alias: str) -> None:
     """Point `models:/name@alias` at `version`."""
+    check_alias(alias)
     MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+def check_name(name: str, key: str = "--name") -> None:
+    """A registered-model name MLflow accepts; InputError before anything is created."""
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except mlflow.exceptions.MlflowException as err:
+        raise InputError(f"{key}: {name!r} is not a valid model name ({err.message})") from None
+
+
+def check_alias(alias: str, key: str = "--alias") -> None:
+    """An alias MLflow accepts and does not reserve (`latest`, `v1`, `V2` ... are reserved)."""
+    from mlflow.utils.validation import (
+        _validate_model_alias_name,
+        _validate_model_alias_name_reserved,
+    )
+
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except mlflow.exceptions.MlflowException as err:
+        raise InputError(f"{key}: {alias!r} is not a usable alias ({err.message})") from None
 
 
 def latest_version(name: str) -> str | None:
@@ -134,9 +168,18 @@ def register_policy(policy_dir: str | Path, name: str = "ctrl-digits",
     Logs into the active MLflow run, or a new run in the "ctrl-ray-registry" experiment.
     """
     from ctrl_ray.checkpoint import read_policy_spec
+    from ctrl_ray.policy import load_any
 
+    check_name(name)
+    if alias:
+        check_alias(alias)
+    if not Path(policy_dir).is_dir():
+        raise InputError(f"--policy: folder not found: {str(policy_dir)!r}")
     configure()
     spec = read_policy_spec(policy_dir)
+    loaded = load_any(policy_dir)  # the whole policy must load before a version is created
+    if not loaded.fine_tuned:
+        raise InputError(f"--policy: {str(policy_dir)!r} holds a base model, not a CTRL policy")
     base = resolve_artifacts(spec["base_model"])
     base_dir = base.get("base_model") or base["model"]
     artifacts = {"base_model": base_dir, "adapter": Path(policy_dir)}
@@ -159,6 +202,11 @@ def register_base_model(model_dir: str | Path, name: str, alias: str | None = No
     pyfunc model and register it as a new version of `name`; returns `models:/name/version`."""
     from ctrl_ray.models.loading import load_base_model_dir
 
+    check_name(name)
+    if alias:
+        check_alias(alias)
+    if not Path(model_dir).is_dir():
+        raise InputError(f"--model: folder not found: {str(model_dir)!r}")
     base = load_base_model_dir(Path(model_dir))  # fails early on a directory that cannot load
     configure()
     use_experiment("ctrl-ray-registry")
@@ -189,6 +237,7 @@ def list_registered() -> list[dict[str, Any]]:
 
 def promote(name: str, version: int | str, alias: str) -> None:
     """Point `models:/name@alias` at an existing `version` (InputError if it does not exist)."""
+    check_alias(alias, "ALIAS")
     configure()
     try:
         MlflowClient().get_model_version(name, str(version))

@@ -336,12 +336,22 @@ def load_digits_dataset(path: str | os.PathLike) -> DigitsDataset:
 
 
 def ensure_digits(path: str | os.PathLike, size: int = 16, seed: int = 0) -> DigitsDataset:
-    """Load the digits table at `path`, building it first if the file does not exist."""
+    """Load the digits table at `path`, building it first if the file does not exist (the
+    demo's documented default; every other command requires the file, `require_digits`)."""
     if not Path(path).exists():
         build_digits(path, size=size, seed=seed)
+    return require_digits(path, size)
+
+
+def require_digits(path: str | os.PathLike, size: int, key: str = "dataset") -> DigitsDataset:
+    """Load the digits table at `path`; InputError naming `key` if it is missing or does not
+    hold `size` x `size` images. A missing file is never built here: a typo stays a typo."""
+    if not Path(path).is_file():
+        hint = " (write it with `ctrl-ray data build-digits`)" if not Path(path).exists() else ""
+        raise InputError(f"{key}: digits file not found: {str(path)!r}{hint}")
     dataset = load_digits_dataset(path)
     if dataset.image_shape[-1] != size:
-        raise InputError(f"dataset {str(path)!r} holds {dataset.image_shape[-1]}x"
+        raise InputError(f"{key}: {str(path)!r} holds {dataset.image_shape[-1]}x"
                          f"{dataset.image_shape[-1]} images, but size={size} was asked for")
     return dataset
 

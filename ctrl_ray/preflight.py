@@ -1,0 +1,437 @@
+"""Every check a command makes before its work: inputs, outputs and the cluster it will join.
+
+The config types check their own values (`ctrl_ray.config`); what needs the file system or
+the network is checked here, once, by one function per command, before Ray starts, an MLflow
+run opens or training begins. Each failure is an `InputError` naming the key or option and the
+value. Outputs follow one rule: a command never writes onto (or into, or around) one of its
+inputs, never puts a file where a folder goes or the other way round, and replaces an existing
+artifact only when asked (`--overwrite`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from ctrl_ray.errors import InputError
+
+SYSTEM_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
+NAME_MAX = 255
+PATH_MAX = 4096
+TEMP_NAME_EXTRA = 20  # the temporary sibling is ".NAME.XXXXXXXX" (+ ".old" when replacing)
+MAX_SAMPLES = 1024
+SEED_MAX = 2**32 - 1
+CONNECT_TIMEOUT_S = float(os.environ.get("CTRL_RAY_CONNECT_TIMEOUT", "10"))
+
+Inputs = Iterable[tuple[str, Any]]
+
+
+# ------------------------------------------------------------------ paths
+
+
+def check_output(path: str | os.PathLike, key: str, *, kind: Literal["file", "dir"],
+                 inputs: Inputs = (), overwrite: bool = False,
+                 suffixes: tuple[str, ...] = ()) -> Path:
+    """Check that `path` can be written as a `kind` artifact before any work starts.
+
+    Refuses: an empty path or too long a name, a place under /proc, /sys or /dev, a wrong
+    suffix, a path that is, holds or lies inside one of `inputs` ((key, path) pairs), a file
+    where a folder goes (or a folder where a file goes), an existing artifact without
+    `overwrite` (an empty folder is not an artifact), and a parent that is a file or cannot
+    be written.
+    """
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise InputError(f"{key}: the output path is empty")
+    absolute = Path(os.path.abspath(text))
+    for part in absolute.parts[1:]:
+        if len(os.fsencode(part)) + TEMP_NAME_EXTRA > NAME_MAX:
+            raise InputError(f"{key}: the name {part[:40]!r}... is {len(os.fsencode(part))} "
+                             f"bytes long; names here must stay under "
+                             f"{NAME_MAX - TEMP_NAME_EXTRA} bytes")
+    if len(os.fsencode(str(absolute))) + TEMP_NAME_EXTRA > PATH_MAX:
+        raise InputError(f"{key}: the path is longer than {PATH_MAX - TEMP_NAME_EXTRA} bytes")
+    resolved = absolute.resolve()
+    for root in SYSTEM_ROOTS:
+        if resolved == root or root in resolved.parents:
+            raise InputError(f"{key}: {text!r} lies under {root}, which holds no user files")
+    if suffixes and resolved.suffix.lower() not in suffixes:
+        raise InputError(f"{key}: {text!r} must end in {' or '.join(suffixes)}")
+    for input_key, input_path in inputs:
+        if input_path is None or not str(input_path) or is_uri(input_path):
+            continue
+        source = Path(os.path.abspath(input_path)).resolve()
+        if resolved == source:
+            raise InputError(f"{key}: {text!r} is the input {input_key}; a command never "
+                             f"writes onto its inputs")
+        if resolved in source.parents:
+            raise InputError(f"{key}: {text!r} holds the input {input_key} "
+                             f"({str(input_path)!r}); writing it could replace that input")
+        if source in resolved.parents:
+            raise InputError(f"{key}: {text!r} lies inside the input {input_key} "
+                             f"({str(input_path)!r})")
+    if os.path.lexists(resolved):
+        if kind == "dir" and not resolved.is_dir():
+            raise InputError(f"{key}: {text!r} is a file, not a folder")
+        if kind == "file" and resolved.is_dir():
+            raise InputError(f"{key}: {text!r} is a folder, not a file")
+        if not overwrite and not (kind == "dir" and not any(resolved.iterdir())):
+            raise InputError(f"{key}: {text!r} already exists; pass --overwrite to replace it")
+    ancestor = resolved.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{key}: {str(ancestor)!r} is a file, so {text!r} cannot be created")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"{key}: {str(ancestor)!r} is not writable")
+    return Path(text)
+
+
+def check_input_file(path: str | os.PathLike, key: str) -> Path:
+    """`path` must be an existing file (not a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{key}: {str(path)!r} is a folder, not a file")
+    if not path.is_file():
+        raise InputError(f"{key}: file not found: {str(path)!r}")
+    return path
+
+
+def check_input_dir(path: str | os.PathLike, key: str) -> Path:
+    """`path` must be an existing folder (not a file)."""
+    path = Path(path)
+    if path.is_file():
+        raise InputError(f"{key}: {str(path)!r} is a file, not a folder")
+    if not path.is_dir():
+        raise InputError(f"{key}: folder not found: {str(path)!r}")
+    return path
+
+
+def is_uri(value: Any) -> bool:
+    """A `models:/`, `runs:/` or other `scheme:/` reference rather than a local path."""
+    return ":/" in str(value)
+
+
+def check_model_ref(ref: str | os.PathLike, key: str) -> None:
+    """A local model folder that exists, or a registry URI whose model version exists."""
+    text = str(ref)
+    if not text:
+        raise InputError(f"{key}: no model given")
+    if not is_uri(text):
+        check_input_dir(text, key)
+        return
+    if not text.startswith("models:/"):
+        return  # runs:/ and remote URIs are resolved (and reported) by MLflow itself
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from ctrl_ray import tracking
+
+    tracking.configure()
+    name, _, which = text.removeprefix("models:/").partition("@")
+    client = MlflowClient()
+    try:
+        if which:
+            client.get_model_version_by_alias(name, which)
+        else:
+            name, _, version = name.partition("/")
+            if version and version != "latest":
+                client.get_model_version(name, version)
+            elif not client.search_model_versions(f"name = '{name}'"):
+                raise InputError(f"{key}: registered model {name!r} has no versions")
+    except mlflow.exceptions.MlflowException as err:
+        raise InputError(f"{key}: {text!r} is not in the registry ({err.message})") from None
+
+
+def check_range(value: Any, key: str, low: float, high: float = math.inf) -> None:
+    """A number given on the command line must lie in [low, high]."""
+    if value is None:
+        return
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+        bound = f">= {low:g}" if high == math.inf else f"{low:g}..{high:g}"
+        raise InputError(f"{key}: {value!r} is out of range (expected {bound})")
+
+
+# ------------------------------------------------------------------ the cluster
+
+
+def check_cluster_address(address: str | None, key: str,
+                          timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail within `timeout_s` when the Ray cluster at `address` (or RAY_ADDRESS) does not
+    answer, instead of letting `ray.init` wait for it forever."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
+        return
+    text = address.strip()
+    default_port = 6379
+    for scheme, port in (("ray://", 10001), ("http://", 8265), ("https://", 443)):
+        if text.startswith(scheme):
+            text, default_port = text[len(scheme):], port
+    host, sep, port_text = text.rstrip("/").rpartition(":")
+    if not sep:
+        host, port_text = text.rstrip("/"), str(default_port)
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise InputError(f"{key}: {address!r} is not a Ray address (host:port or "
+                         f"ray://host:port)")
+    try:
+        socket.create_connection((host, int(port_text)), timeout=timeout_s).close()
+    except OSError as err:
+        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise InputError(f"{key}: the Ray cluster at {address!r} does not answer "
+                         f"({reason} within {timeout_s:g} s)") from None
+
+
+# ------------------------------------------------------------------ per command
+
+
+def _keyed(key: str, call, *args):
+    """Run a loader, putting `key` in front of its InputError."""
+    try:
+        return call(*args)
+    except InputError as err:
+        message = str(err)
+        raise InputError(message if message.startswith(key) else f"{key}: {message}") from None
+
+
+def build_digits(out: str, seed: int, overwrite: bool) -> None:
+    check_range(seed, "--seed", 0, SEED_MAX)
+    check_output(out, "--out", kind="file", overwrite=overwrite)
+
+
+def pairs(dataset: str, label: str, n: int, seed: int, out: str, overwrite: bool) -> None:
+    from ctrl_ray.data.digits import load_digits_dataset
+
+    check_range(n, "--n", 1)
+    check_range(seed, "--seed", 0, SEED_MAX)
+    check_input_file(dataset, "--dataset")
+    check_output(out, "--out", kind="file", inputs=[("--dataset", dataset)], overwrite=overwrite)
+    loaded = _keyed("--dataset", load_digits_dataset, dataset)
+    if label not in loaded.label_info:
+        raise InputError(f"--label: unknown label {label!r}; {dataset} has "
+                         f"{', '.join(sorted(loaded.label_info))}")
+    train = int((loaded.split == "train").sum())
+    if n > train:
+        raise InputError(f"--n: {n} pairs asked for, but the train split of {dataset} has "
+                         f"{train} images")
+
+
+def _check_unet(model, key: str) -> None:
+    """What diffusers would reject only after the run started: group norm and down-sampling."""
+    for channels in model.block_out_channels:
+        if channels % model.norm_num_groups:
+            raise InputError(f"{key}.block_out_channels: {list(model.block_out_channels)} are "
+                             f"not all multiples of {key}.norm_num_groups "
+                             f"{model.norm_num_groups}")
+    factor = 2 ** (len(model.block_out_channels) - 1)
+    if model.image_size % factor:
+        raise InputError(f"{key}.image_size: {model.image_size} is not divisible by {factor} "
+                         f"({len(model.block_out_channels)} resolution levels)")
+
+
+def pretrain(config, overwrite: bool) -> None:
+    from ctrl_ray.data.digits import require_digits
+
+    require_digits(config.data.path, config.data.size, key="data.path")
+    _check_unet(config.model, "model")
+    check_output(config.output_dir, "output_dir", kind="dir",
+                 inputs=[("data.path", config.data.path)], overwrite=overwrite)
+
+
+def reward(config, overwrite: bool) -> None:
+    """`reward train`: the dataset, the pairs (read, or drawn to a new file), the output."""
+    from ctrl_ray.data.digits import require_digits
+    from ctrl_ray.data.pairs import load_pairs
+
+    dataset = require_digits(config.dataset, config.size, key="dataset")
+    inputs = [("dataset", config.dataset)]
+    if os.path.lexists(config.pairs):
+        check_input_file(config.pairs, "pairs")
+        loaded = _keyed("pairs", load_pairs, config.pairs)
+        if loaded.label_name != config.label:
+            raise InputError(f"label: {config.label!r}, but pairs {config.pairs!r} are "
+                             f"labelled {loaded.label_name!r}")
+        if loaded.image_shape[-1] != config.size:
+            raise InputError(f"size: {config.size}, but pairs {config.pairs!r} hold "
+                             f"{loaded.image_shape[-1]}x{loaded.image_shape[-1]} images")
+        inputs.append(("pairs", config.pairs))
+    else:
+        if config.label not in dataset.label_info:
+            raise InputError(f"label: unknown label {config.label!r}; {config.dataset} has "
+                             f"{', '.join(sorted(dataset.label_info))}")
+        train = int((dataset.split == "train").sum())
+        check_range(config.num_pairs, "num_pairs", 1, train)
+        check_output(config.pairs, "pairs", kind="file", inputs=inputs)
+    check_output(config.output_dir, "output_dir", kind="dir", inputs=inputs, overwrite=overwrite)
+
+
+def _check_rewards(specs, key: str):
+    from ctrl_ray.finetune import load_rewards
+
+    if not specs:
+        raise InputError(f"{key}: at least one reward classifier is needed")
+    for index, spec in enumerate(specs):
+        check_input_dir(spec.path, f"{key}[{index}].path")
+    return _keyed(key, load_rewards, specs)
+
+
+def _check_judge(path: str | None, key: str) -> None:
+    if not path:
+        return
+    from ctrl_ray.models.judge import DigitJudge
+
+    check_input_dir(path, key)
+    _keyed(key, DigitJudge.load, path)
+
+
+def finetune(config, overwrite: bool, resume: bool = False) -> None:
+    """`finetune`: the base model, rewards and judge exist and load, the batch splits over the
+    workers, the cluster answers, and the output folder is free (or resumed)."""
+    check_model_ref(config.base_model, "base_model")
+    _check_rewards(config.rewards, "rewards")
+    if config.evaluate:
+        _check_judge(config.judge, "judge")
+    workers = config.distributed.workers
+    objective = getattr(config, config.mode, None) if config.mode != "pathwise" else None
+    batch_size = getattr(objective or config.objective, "batch_size", None)
+    if workers and batch_size is not None and workers > batch_size:
+        raise InputError(f"distributed.workers: {workers} workers cannot share a batch of "
+                         f"{batch_size} (objective.batch_size)")
+    inputs = [("base_model", config.base_model), ("judge", config.judge),
+              *((f"rewards[{i}].path", r.path) for i, r in enumerate(config.rewards))]
+    check_output(config.output_dir, "output_dir", kind="dir", inputs=inputs,
+                 overwrite=overwrite or resume)
+    if workers:
+        check_cluster_address(config.distributed.address, "distributed.address")
+
+
+def evaluate(model: str, config, overwrite: bool) -> None:
+    check_model_ref(model, "--model")
+    _check_judge(config.judge, "judge")
+    check_output(Path(config.output_dir) / "evaluate_grid.png", "output_dir", kind="file",
+                 inputs=[("--model", model), ("judge", config.judge)], overwrite=overwrite)
+
+
+def sample(model: str, n: int, seed: int, y: int, guidance_scale: float | None, out: str,
+           overwrite: bool) -> None:
+    check_range(n, "--n", 1, MAX_SAMPLES)
+    check_range(seed, "--seed", 0, SEED_MAX)
+    check_range(y, "--y", -1)
+    check_range(guidance_scale, "--guidance-scale", 0, 1000)
+    check_model_ref(model, "--model")
+    check_output(out, "--out", kind="file", inputs=[("--model", model)], overwrite=overwrite,
+                 suffixes=(".png",))
+
+
+def baseline(kind: str, config, overwrite: bool) -> None:
+    check_model_ref(config.base_model, "base_model")
+    _check_judge(config.judge, "judge")
+    inputs = [("base_model", config.base_model), ("judge", config.judge)]
+    if kind == "dps":
+        _check_rewards(config.rewards, "rewards")
+        inputs += [(f"rewards[{i}].path", r.path) for i, r in enumerate(config.rewards)]
+    elif kind == "cfg" and config.model:
+        check_input_dir(config.model, "model")
+        inputs.append(("model", config.model))
+    elif kind == "cg" and config.classifiers:
+        for index, path in enumerate(config.classifiers):
+            check_input_dir(path, f"classifiers[{index}]")
+            inputs.append((f"classifiers[{index}]", path))
+    else:
+        inputs += _baseline_pairs(config)
+    check_output(config.output_dir, "output_dir", kind="dir", inputs=inputs, overwrite=overwrite)
+
+
+def _baseline_pairs(config) -> list[tuple[str, Any]]:
+    """The dataset and each pair set a CFG/CG baseline trains on (a missing set is drawn)."""
+    from ctrl_ray.data.digits import load_digits_dataset
+    from ctrl_ray.data.pairs import load_pairs
+
+    if not config.pairs:
+        raise InputError("pairs: at least one pair set is needed")
+    check_input_file(config.dataset, "dataset")
+    dataset = _keyed("dataset", load_digits_dataset, config.dataset)
+    inputs: list[tuple[str, Any]] = [("dataset", config.dataset)]
+    for index, spec in enumerate(config.pairs):
+        key = f"pairs[{index}]"
+        if os.path.lexists(spec.path):
+            check_input_file(spec.path, f"{key}.path")
+            loaded = _keyed(f"{key}.path", load_pairs, spec.path)
+            if loaded.label_name != spec.label:
+                raise InputError(f"{key}.label: {spec.label!r}, but {spec.path!r} holds "
+                                 f"{loaded.label_name!r} pairs")
+            inputs.append((f"{key}.path", spec.path))
+        else:
+            if spec.label not in dataset.label_info:
+                raise InputError(f"{key}.label: unknown label {spec.label!r}; "
+                                 f"{config.dataset} has {', '.join(sorted(dataset.label_info))}")
+            check_range(spec.num_pairs, f"{key}.num_pairs", 1,
+                        int((dataset.split == "train").sum()))
+            check_output(spec.path, f"{key}.path", kind="file", inputs=inputs)
+    return inputs
+
+
+def tune(config, overwrite: bool) -> None:
+    from ctrl_ray.tuning import _validate
+
+    _validate(config)
+    finetune_config = config.finetune
+    check_model_ref(finetune_config.base_model, "finetune.base_model")
+    _check_rewards(finetune_config.rewards, "finetune.rewards")
+    inputs = [("finetune.base_model", finetune_config.base_model),
+              ("finetune.judge", finetune_config.judge),
+              *((f"finetune.rewards[{i}].path", r.path)
+                for i, r in enumerate(finetune_config.rewards))]
+    check_output(config.output_dir, "output_dir", kind="dir", inputs=inputs, overwrite=overwrite)
+    if config.storage_path and not is_uri(config.storage_path):
+        check_output(config.storage_path, "storage_path", kind="dir", inputs=inputs,
+                     overwrite=True)
+    check_cluster_address(finetune_config.distributed.address, "finetune.distributed.address")
+
+
+def tiny_pipeline(out: str, overwrite: bool) -> None:
+    check_output(out, "--out", kind="dir", overwrite=overwrite)
+
+
+def demo(config, overwrite: bool) -> None:
+    """The demo builds what is missing at its documented defaults (data, judge, pairs, base
+    model) and always writes the reward, the CTRL run and its own output folder."""
+    from ctrl_ray.data.digits import require_digits
+
+    data = config.pretrain.data
+    if os.path.lexists(data.path):
+        require_digits(data.path, data.size, key="pretrain.data.path")
+    else:
+        check_output(data.path, "pretrain.data.path", kind="file")
+    if os.path.lexists(config.judge.path):
+        _check_judge(config.judge.path, "judge.path")
+    else:
+        check_output(config.judge.path, "judge.path", kind="dir")
+    _check_unet(config.pretrain.model, "pretrain.model")
+    name = config.pretrain.registered_model
+    if not (config.reuse_registered_base and name):
+        check_output(config.pretrain.output_dir, "pretrain.output_dir", kind="dir",
+                     inputs=[("pretrain.data.path", data.path)], overwrite=overwrite)
+    else:
+        from ctrl_ray import tracking
+
+        if tracking.latest_version(name) is None:
+            check_output(config.pretrain.output_dir, "pretrain.output_dir", kind="dir",
+                         inputs=[("pretrain.data.path", data.path)], overwrite=overwrite)
+    inputs = [("pretrain.data.path", data.path), ("judge.path", config.judge.path)]
+    if config.reward.dataset != data.path:
+        require_digits(config.reward.dataset, config.reward.size, key="reward.dataset")
+        inputs.append(("reward.dataset", config.reward.dataset))
+    if not os.path.lexists(config.reward.pairs):
+        check_output(config.reward.pairs, "reward.pairs", kind="file", inputs=inputs)
+    for key, path in (("reward.output_dir", config.reward.output_dir),
+                      ("finetune.output_dir", config.finetune.output_dir),
+                      ("output_dir", config.output_dir)):
+        check_output(path, key, kind="dir", inputs=inputs, overwrite=overwrite)
+    if config.finetune.distributed.workers:
+        check_cluster_address(config.finetune.distributed.address,
+                              "finetune.distributed.address")
