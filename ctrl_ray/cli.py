@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = _command(commands, "finetune", "CTRL fine-tuning of the base model", _finetune)
     _config_options(finetune)
     finetune.add_argument("--workers", type=int, help="Ray rollout workers (0: one process)")
-    finetune.add_argument("--mode", choices=("pathwise", "ppo"), help="update rule")
+    finetune.add_argument("--mode", choices=("adjoint", "pathwise", "ppo"), help="update rule")
     finetune.add_argument("--resume", action="store_true",
                           help="continue from the newest checkpoint in output_dir")
     finetune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
@@ -232,8 +232,18 @@ def _reward_train(args: argparse.Namespace) -> None:
     from ctrl_ray.reward_training import RewardJobConfig, train_reward_job
 
     result = train_reward_job(load_config(RewardJobConfig, args.config, args.overrides))
-    print(f"saved {result['output_dir']}: test accuracy {result['test_accuracy']:.3f}, "
-          f"temperature {result['temperature']:.2f}")
+    accuracy = "no test rows" if result["test_accuracy"] is None else \
+        f"test accuracy {result['test_accuracy']:.3f} on {result['test_on']}"
+    print(f"saved {result['output_dir']}: label {result['label']!r} classes "
+          f"{result['class_names']}; {accuracy}, temperature {result['temperature']:.2f}")
+    if "heldout_ece" in result:
+        print(f"  held-out calibration: NLL {result['heldout_nll']:.3f}, "
+              f"ECE {result['heldout_ece']:.3f}")
+    scorer = {"oracle": "its built-in oracle", "labeller": "your labeller",
+              "judge": f"the held-out judge (accuracy {result.get('judge_accuracy', 0):.3f} on "
+                       f"the reward's train rows)",
+              "none": "nothing yet (no held-out rows, no labeller)"}[result["scorer"]]
+    print(f"  samples of this label will be scored by {scorer}")
 
 
 def _finetune(args: argparse.Namespace) -> None:

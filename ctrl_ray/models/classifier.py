@@ -1,4 +1,5 @@
-"""A small calibrated CNN classifier for (B, 1, H, W) images in [-1, 1]: training and storage.
+"""A small calibrated CNN classifier for (B, C, H, W) images in [-1, 1] (C = 1 grayscale, the
+default, or 3 RGB): training and storage.
 
 It is the shared body of the CTRL reward model p(y | x0[, c]) and of the digit fidelity judge.
 Calibration is temperature scaling: a single scalar T > 0 fitted on a held-out slice, so that
@@ -34,6 +35,7 @@ FORMAT_VERSION = 1
 AUGMENTATIONS = ("shift", "hflip", "vflip")
 ECE_BINS = 10
 SELECTIONS = ("nll", "accuracy", "last")
+IMAGE_CHANNELS = (1, 3)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class ClassifierConfig:
     channels: tuple[int, ...] = (16, 32, 64)
     num_contexts: int | None = None
     dropout: float = 0.0
+    in_channels: int = 1
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(width) for width in self.channels)
@@ -58,6 +61,8 @@ class ClassifierConfig:
             raise InputError(f"num_contexts: need None or >= 1, got {self.num_contexts}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise InputError(f"dropout: need a value in [0, 1), got {self.dropout}")
+        if self.in_channels not in IMAGE_CHANNELS:
+            raise InputError(f"in_channels: need 1 or 3, got {self.in_channels!r}")
         self.num_classes = int(self.num_classes)
         self.image_size = int(self.image_size)
         self.num_contexts = None if self.num_contexts is None else int(self.num_contexts)
@@ -101,7 +106,7 @@ class ImageClassifier(nn.Module):
         super().__init__()
         self.config = config
         stages: list[nn.Module] = []
-        in_width = 1
+        in_width = config.in_channels
         for index, width in enumerate(config.channels):
             stages.append(_conv_block(in_width, width, stride=1 if index == 0 else 2))
             stages.append(_conv_block(width, width, stride=1))
@@ -130,10 +135,12 @@ class ImageClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor, contexts: torch.Tensor | None = None) -> torch.Tensor:
         """Uncalibrated logits (B, K)."""
-        size = self.config.image_size
-        if images.ndim != 4 or images.shape[1] != 1 or tuple(images.shape[2:]) != (size, size):
+        size, channels = self.config.image_size, self.config.in_channels
+        if images.ndim != 4 or images.shape[1] != channels or \
+                tuple(images.shape[2:]) != (size, size):
             raise InputError(
-                f"images: expected shape (B, 1, {size}, {size}), got {tuple(images.shape)}"
+                f"images: expected shape (B, {channels}, {size}, {size}), "
+                f"got {tuple(images.shape)}"
             )
         pooled = self.features(images).mean(dim=(2, 3))
         if self.context_embedding is not None:
@@ -157,7 +164,8 @@ class ImageClassifier(nn.Module):
 
 
 def check_images(images: Any, field_name: str = "images") -> torch.Tensor:
-    """Return `images` as a float32 tensor (N, 1, H, H), rejecting NaN and bad shapes."""
+    """Return `images` as a float32 tensor (N, C, H, H), C = 1 or 3, rejecting NaN and bad
+    shapes."""
     if isinstance(images, np.ndarray):
         if images.dtype.kind not in "fiu":
             raise InputError(f"{field_name}: expected a numeric array, got dtype {images.dtype}")
@@ -166,9 +174,11 @@ def check_images(images: Any, field_name: str = "images") -> torch.Tensor:
         raise InputError(
             f"{field_name}: expected a numpy array or torch tensor, got {type(images).__name__}"
         )
-    if images.ndim != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
+    if images.ndim != 4 or images.shape[1] not in IMAGE_CHANNELS or \
+            images.shape[2] != images.shape[3]:
         raise InputError(
-            f"{field_name}: expected shape (N, 1, H, H), got {tuple(images.shape)}"
+            f"{field_name}: expected shape (N, 1, H, H) or (N, 3, H, H), "
+            f"got {tuple(images.shape)}"
         )
     if images.shape[0] == 0:
         raise InputError(f"{field_name}: got an empty batch")
@@ -373,7 +383,7 @@ def train_classifier(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> tuple[ImageClassifier, TrainingReport]:
-    """Train a calibrated `ImageClassifier` on (N, 1, H, H) images in [-1, 1] and labels (N,).
+    """Train a calibrated `ImageClassifier` on (N, C, H, H) images in [-1, 1] and labels (N,).
 
     AdamW with a cosine learning rate; the epoch with the best held-out score (`selection`:
     lowest NLL, highest accuracy, or simply the last) is kept; then the temperature is fitted
@@ -409,6 +419,7 @@ def train_classifier(
     config = ClassifierConfig(
         num_classes=int(num_classes),
         image_size=images.shape[-1],
+        in_channels=images.shape[1],
         channels=tuple(channels),
         num_contexts=num_contexts,
         dropout=dropout,

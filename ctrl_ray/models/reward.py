@@ -27,9 +27,11 @@ from ctrl_ray.models.classifier import (
     save_classifier,
     train_classifier,
 )
+from ctrl_ray.models.judge import LabelJudgeConfig
 from ctrl_ray.storage import atomic_directory
 
 REWARD_KIND = "reward"
+JUDGE_DIR = "judge"  # inside a reward directory: the held-out judge of a label without an oracle
 MULTITASK_FILE = "multitask.json"
 MULTITASK_FORMAT = "ctrl_ray.multitask_reward"
 
@@ -121,6 +123,7 @@ class RewardModel(nn.Module):
         self.label_name = label_name
         self.edges = None if edges is None else [float(edge) for edge in edges]
         self.meta = dict(meta or {})
+        self.path: Path | None = None  # the directory it was loaded from
         self.classifier.requires_grad_(False)
         for parameter in self.classifier.parameters():
             parameter.grad = None  # left over from training; a frozen model carries none
@@ -144,6 +147,30 @@ class RewardModel(nn.Module):
     @property
     def temperature(self) -> float:
         return float(self.classifier.temperature)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The label's class names (stored at training time), else "0", "1", ..."""
+        names = self.meta.get("class_names")
+        if isinstance(names, list) and len(names) == self.classifier.num_classes:
+            return [str(name) for name in names]
+        return [str(k) for k in range(self.classifier.num_classes)]
+
+    def label_info(self) -> dict[str, Any]:
+        """What evaluation needs about this label: classes, names, edges and its scorer (the
+        user's labeller, the held-out judge saved with this reward, or the built-in oracle)."""
+        from ctrl_ray.data.oracles import ORACLES
+
+        info: dict[str, Any] = {"num_classes": self.classifier.num_classes, "edges": self.edges,
+                                "class_names": self.class_names}
+        judge = None if self.path is None else self.path / JUDGE_DIR
+        if self.meta.get("labeller"):
+            info["scorer"] = {"kind": "labeller", "function": str(self.meta["labeller"])}
+        elif judge is not None and judge.is_dir():
+            info["scorer"] = {"kind": "judge", "path": str(judge)}
+        elif self.label_name in ORACLES and self.edges:
+            info["scorer"] = {"kind": "oracle"}
+        return info
 
     def log_probs(self, x0: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """Calibrated log p(. | x0[, c]) over all classes, shape (B, K)."""
@@ -184,7 +211,9 @@ class RewardModel(nn.Module):
                 f"reward directory: {str(path_dir)!r} declares num_classes "
                 f"{meta.get('num_classes')!r} but its classifier has {classifier.num_classes}"
             )
-        return cls(classifier, meta["label_name"], meta.get("edges"), meta)
+        reward = cls(classifier, meta["label_name"], meta.get("edges"), meta)
+        reward.path = Path(path_dir).resolve()
+        return reward
 
 
 class MultiTaskReward(nn.Module):
@@ -321,16 +350,51 @@ def train_reward_from_pairs(
     out_dir: str | os.PathLike,
     config: RewardTrainingConfig | None = None,
     progress: bool = False,
+    *,
+    judge: LabelJudgeConfig | None = None,
+    labeller: str = "",
+    heldout_fraction: float = 0.2,
 ) -> tuple[RewardModel, TrainingReport]:
-    """Train the reward on a pair-set Parquet file and save it to `out_dir` (atomic directory)."""
+    """Train the reward on the train rows of a pair-set file; save it to `out_dir` (atomic).
+
+    The held-out rows (the file's split; for a label without a built-in oracle and a file
+    without a split, a stratified `heldout_fraction` drawn here) never reach the reward: its
+    accuracy, NLL and calibration error on them go to its meta (`heldout`), and for a label
+    without an oracle a `LabelJudge` trained on them alone is saved in `out_dir/judge` (unless
+    `judge.enabled` is false). `labeller` ("module:function" or "file.py:function") names the
+    label's exact labeller: it is checked against the pairs' labels and stored as the scorer.
+    """
+    from ctrl_ray.data.oracles import ORACLES
     from ctrl_ray.data.pairs import load_pairs
+    from ctrl_ray.scoring import label_images_for, parse_scorer
 
     pairs = load_pairs(pairs_path)
     config = config or RewardTrainingConfig()
+    judge = judge or LabelJudgeConfig()
+    built_in = pairs.label_name in ORACLES and bool(pairs.edges)
+    heldout_drawn = False
+    if pairs.heldout is None and not built_in:
+        from ctrl_ray.data.importing import stratified_heldout
+
+        pairs.heldout = stratified_heldout(pairs.labels, pairs.names, heldout_fraction,
+                                           config.seed)
+        heldout_drawn = True
+    train, heldout = pairs.subset("train"), pairs.subset("heldout")
+    info = {"num_classes": pairs.num_classes, "edges": pairs.edges,
+            "class_names": pairs.names}
+    agreement = None
+    if labeller:
+        entry = parse_scorer(labeller, pairs.label_name)
+        if entry["kind"] != "labeller":
+            raise InputError(f"labeller: expected module:function or file.py:function, "
+                             f"got {labeller!r}")
+        labeller = entry["function"]
+        found = label_images_for(pairs.images, pairs.label_name, info, override=labeller)
+        agreement = float((found == pairs.labels).mean())
     contexts = getattr(pairs, "contexts", None)
     reward, report = train_reward(
-        pairs.images,
-        pairs.labels,
+        train.images,
+        train.labels,
         num_classes=int(pairs.num_classes),
         label_name=pairs.label_name,
         edges=list(pairs.edges) if pairs.edges is not None else None,
@@ -339,6 +403,49 @@ def train_reward_from_pairs(
         num_contexts=getattr(pairs, "num_contexts", None) if contexts is not None else None,
         progress=progress,
     )
-    reward.meta.update(attribute=getattr(pairs, "attribute", None), pairs_path=str(pairs_path))
-    reward.save(out_dir)
+    reward.meta.update(attribute=getattr(pairs, "attribute", None), pairs_path=str(pairs_path),
+                       class_names=pairs.names, num_pairs_train=len(train),
+                       num_pairs_heldout=len(heldout), heldout_drawn=heldout_drawn)
+    if labeller:
+        reward.meta.update(labeller=labeller, labeller_agreement=agreement)
+    if len(heldout):
+        reward.meta["heldout"] = heldout_metrics(reward, heldout.images, heldout.labels)
+    label_judge = None
+    if not built_in and len(heldout) and judge.enabled:
+        from ctrl_ray.models.judge import train_label_judge
+
+        label_judge, _ = train_label_judge(heldout.images, heldout.labels,
+                                           label_name=pairs.label_name,
+                                           num_classes=pairs.num_classes,
+                                           class_names=pairs.names, config=judge,
+                                           progress=progress)
+        # The judge never saw the reward's train rows, so they measure it.
+        label_judge.meta.update(
+            pairs_path=str(pairs_path), num_rows=len(heldout),
+            train_rows_accuracy=float((label_judge.predict(train.images) == train.labels).mean()))
+        reward.meta["judge"] = {"train_rows_accuracy": label_judge.meta["train_rows_accuracy"],
+                                "num_rows": len(heldout)}
+    with atomic_directory(out_dir) as staging:
+        reward.save(staging)
+        if label_judge is not None:
+            label_judge.save(staging / JUDGE_DIR)
+    reward.path = Path(out_dir).resolve()
     return reward, report
+
+
+@torch.no_grad()
+def heldout_metrics(reward: RewardModel, images: Any, labels: Any) -> dict[str, float]:
+    """The calibrated reward on rows it never saw: accuracy, NLL and expected calibration
+    error (10 bins)."""
+    from ctrl_ray.models.classifier import check_images, expected_calibration_error
+
+    images = check_images(images)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    log_probs = torch.cat([reward.log_probs(images[i:i + 512])
+                           for i in range(0, len(images), 512)])
+    return {
+        "accuracy": float((log_probs.argmax(1) == labels).float().mean()),
+        "nll": float(torch.nn.functional.nll_loss(log_probs, labels)),
+        "ece": float(expected_calibration_error(log_probs, labels)),
+        "num_rows": int(len(labels)),
+    }
