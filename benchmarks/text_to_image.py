@@ -110,8 +110,8 @@ def run_one(size: str, mode: str, reward: Path, out: Path, threads: int) -> dict
         "backbone.gradient_checkpointing=true",
         f"objective.batch_size={batch}", f"objective.num_inference_steps={steps}",
         "objective.truncation.mode=fixed", "objective.truncation.k=3",
-        f"ppo.batch_size={batch}", f"ppo.num_inference_steps={steps}",
-        f"ppo.minibatch_size={batch * steps // 2}",
+        f"objective.batch_size={batch}", f"objective.num_inference_steps={steps}",
+        f"objective.minibatch_size={batch * steps // 2}",
     ])
     setup = build_setup(config)
     setup.model.to(device)

@@ -54,7 +54,7 @@ def main() -> None:
                 f"mode={mode}", f"iterations={args.iterations}", "evaluate=false",
                 "checkpoint_every=0", f"distributed.workers={workers}",
                 f"distributed.cpus_per_worker={threads}",
-                "ppo.batch_size=32", "ppo.num_inference_steps=20",
+                "objective.batch_size=32", "objective.num_inference_steps=20",
                 f"output_dir={args.out}/{mode}-{workers}", "experiment=ctrl-ray-throughput",
             ])
             result = train(config, progress=False)
@@ -96,7 +96,7 @@ def _summarise(name: str, mode: str, workers: int, config, run_id: str) -> dict:
         return [m.value for m in history][1:]  # drop the warm-up iteration
 
     seconds = statistics.mean(series("iteration_seconds"))
-    batch = config.objective.batch_size if mode == "pathwise" else config.ppo.batch_size
+    batch = config.objective.batch_size
     sync = [p + s for p, s in zip(series("publish_seconds"), series("sync_seconds"),
                                   strict=True)]
     return {"setting": name, "mode": mode, "workers": workers,

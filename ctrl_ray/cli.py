@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args)
     except InputError as err:
-        print(f"ctrl-ray: error: {err}", file=sys.stderr)
+        print(f"ctrl-ray: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ctrl-ray: interrupted", file=sys.stderr)
@@ -30,8 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line with exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ctrl-ray",
         description="Add new conditional controls to pre-trained diffusion models with RL (CTRL).",
     )
@@ -47,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--size", type=int, default=16, choices=(8, 16, 32))
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--out", required=True, help="output Parquet file")
+    _overwrite_option(build)
     pairs = _command(data_commands, "pairs", "draw N labelled (image, y) train pairs",
                      _data_pairs)
     pairs.add_argument("--dataset", required=True, help="digits Parquet file")
@@ -54,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--n", type=int, required=True, help="number of pairs")
     pairs.add_argument("--seed", type=int, default=0)
     pairs.add_argument("--out", required=True, help="output Parquet file")
+    _overwrite_option(pairs)
     imported = _command(data_commands, "import",
                         "import your own labelled images (folder + CSV, or Parquet) as pairs",
                         _data_import)
@@ -146,10 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance-scale", type=float,
                         help="classifier-free guidance on the prompt (text-to-image models; "
                              "default: the model's own)")
-    sample.add_argument("--y", type=int, default=-1, help="new label class (-1: unconditional)")
+    sample.add_argument("--y", default="-1",
+                        help="new label class: index or class name (-1: unconditional)")
     sample.add_argument("--n", type=int, default=16)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", required=True, help="PNG grid to write")
+    _overwrite_option(sample)
     return parser
 
 
@@ -163,6 +174,12 @@ def _config_options(parser: argparse.ArgumentParser, required: bool = True) -> N
     parser.add_argument("--config", required=required, help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config value (repeatable)")
+    _overwrite_option(parser)
+
+
+def _overwrite_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing output artifacts (default: refuse)")
 
 
 def _print_json(data: dict) -> None:
@@ -170,15 +187,20 @@ def _print_json(data: dict) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    from ctrl_ray import preflight
     from ctrl_ray.config import load_config
     from ctrl_ray.demo import DemoConfig, run_demo
 
-    run_demo(load_config(DemoConfig, args.config, args.overrides))
+    config = load_config(DemoConfig, args.config, args.overrides)
+    preflight.demo(config, args.overwrite)
+    run_demo(config)
 
 
 def _data_build_digits(args: argparse.Namespace) -> None:
+    from ctrl_ray import preflight
     from ctrl_ray.data.digits import build_digits, load_digits_dataset
 
+    preflight.build_digits(args.out, args.seed, args.overwrite)
     path = build_digits(args.out, size=args.size, seed=args.seed)
     dataset = load_digits_dataset(path)
     print(f"wrote {path}: {len(dataset)} images of shape {dataset.image_shape}")
@@ -187,8 +209,10 @@ def _data_build_digits(args: argparse.Namespace) -> None:
 
 
 def _data_pairs(args: argparse.Namespace) -> None:
+    from ctrl_ray import preflight
     from ctrl_ray.data.pairs import load_pairs, make_pairs
 
+    preflight.pairs(args.dataset, args.label, args.n, args.seed, args.out, args.overwrite)
     path = make_pairs(args.dataset, args.label, args.n, args.out, seed=args.seed)
     pairs = load_pairs(path)
     print(f"wrote {path}: {len(pairs)} pairs labelled {pairs.label_name!r} "
@@ -216,10 +240,13 @@ def _data_import(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
+    from ctrl_ray import preflight
     from ctrl_ray.config import load_config
     from ctrl_ray.pretrain import PretrainConfig, pretrain
 
-    result = pretrain(load_config(PretrainConfig, args.config, args.overrides))
+    config = load_config(PretrainConfig, args.config, args.overrides)
+    preflight.pretrain(config, args.overwrite)
+    result = pretrain(config)
     print(f"saved {result.model_dir} (final loss {result.final_loss:.4f}, "
           f"{result.steps_per_second:.2f} steps/s)")
     if result.model_uri:
@@ -228,10 +255,13 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _reward_train(args: argparse.Namespace) -> None:
+    from ctrl_ray import preflight
     from ctrl_ray.config import load_config
     from ctrl_ray.reward_training import RewardJobConfig, train_reward_job
 
-    result = train_reward_job(load_config(RewardJobConfig, args.config, args.overrides))
+    config = load_config(RewardJobConfig, args.config, args.overrides)
+    preflight.reward(config, args.overwrite)
+    result = train_reward_job(config)
     accuracy = "no test rows" if result["test_accuracy"] is None else \
         f"test accuracy {result['test_accuracy']:.3f} on {result['test_on']}"
     print(f"saved {result['output_dir']}: label {result['label']!r} classes "
@@ -255,43 +285,66 @@ def _finetune(args: argparse.Namespace) -> None:
                        ("distributed.address", args.address)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    result = finetune(load_config(FinetuneConfig, args.config, overrides), resume=args.resume)
+    from ctrl_ray import preflight
+
+    config = load_config(FinetuneConfig, args.config, overrides)
+    preflight.finetune(config, args.overwrite, resume=args.resume)
+    result = finetune(config, resume=args.resume)
     print(f"saved {result['policy_dir']} ({result['train_seconds']:.0f} s of training)")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from ctrl_ray import preflight
     from ctrl_ray.config import load_config
     from ctrl_ray.finetune import FinetuneConfig
     from ctrl_ray.policy import evaluate_model
 
     config = load_config(FinetuneConfig, args.config, args.overrides)
+    preflight.evaluate(args.model, config, args.overwrite)
     report = evaluate_model(args.model, config.evaluation, config.judge, config.output_dir)
     _print_json({k: v for k, v in report.items() if k != "labels"})
 
 
 def _sample(args: argparse.Namespace) -> None:
+    import os
+    from pathlib import Path
+
+    from ctrl_ray import preflight
     from ctrl_ray.policy import sample_grid
 
+    preflight.sample(args.model, args.n, args.seed, args.y, args.guidance_scale, args.out,
+                     args.overwrite)
     context = args.prompt if args.prompt is not None else args.c
-    path = sample_grid(args.model, context=context, label=args.y, count=args.n, seed=args.seed,
-                       out=args.out, guidance_scale=args.guidance_scale)
-    print(f"wrote {path}")
+    out = Path(args.out)
+    staging = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")  # moved into place at the end
+    try:
+        sample_grid(args.model, context=context, label=args.y, count=args.n, seed=args.seed,
+                    out=staging, guidance_scale=args.guidance_scale)
+        os.replace(staging, out)
+    finally:
+        staging.unlink(missing_ok=True)
+    print(f"wrote {out}")
 
 
 
 def _baseline(args: argparse.Namespace) -> None:
+    from ctrl_ray import preflight
     from ctrl_ray.baselines.run import load_baseline_config, run_baseline
 
-    result = run_baseline(args.kind, load_baseline_config(args.kind, args.config,
-                                                          args.overrides))
+    config = load_baseline_config(args.kind, args.config, args.overrides)
+    preflight.baseline(args.kind, config, args.overwrite)
+    result = run_baseline(args.kind, config)
     _print_json({k: v for k, v in result[args.kind].items() if k != "labels"})
 
 
 def _tune(args: argparse.Namespace) -> None:
+    from ctrl_ray import preflight
     from ctrl_ray.config import load_config
     from ctrl_ray.tuning import TuneConfig, run_sweep
 
-    result = run_sweep(load_config(TuneConfig, args.config, args.overrides))
+    config = load_config(TuneConfig, args.config, args.overrides)
+    preflight.tune(config, args.overwrite)
+    result = run_sweep(config)
     print(result.table_markdown.read_text())
     if result.model_uri:
         print(f"registered the best trial as {result.model_uri}")
@@ -323,11 +376,13 @@ def _registry_register_base(args: argparse.Namespace) -> None:
 
 
 def _text2image_tiny_pipeline(args: argparse.Namespace) -> None:
+    from ctrl_ray import preflight
     from ctrl_ray.config import load_config
     from ctrl_ray.models.tiny_pipeline import TinyPipelineConfig, build_tiny_pipeline
 
-    path = build_tiny_pipeline(load_config(TinyPipelineConfig, args.config, args.overrides),
-                               args.out)
+    config = load_config(TinyPipelineConfig, args.config, args.overrides)
+    preflight.tiny_pipeline(args.out, args.overwrite)
+    path = build_tiny_pipeline(config, args.out)
     print(f"wrote {path}")
 
 

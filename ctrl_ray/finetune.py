@@ -15,6 +15,7 @@ import mlflow
 import torch
 
 from ctrl_ray.checkpoint import policy_spec
+from ctrl_ray.config import from_dict
 from ctrl_ray.errors import InputError
 from ctrl_ray.evaluation import EvaluationConfig, evaluate, format_report
 from ctrl_ray.models.augmented import AugmentedModel
@@ -22,8 +23,8 @@ from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.models.loading import BaseModel, backbone_spec, build_backbone, load_base_model
 from ctrl_ray.models.reward import MultiTaskReward, RewardModel, load_reward
 from ctrl_ray.models.text_to_image import TextToImageOptions, decode_images, reward_view
-from ctrl_ray.objectives.pathwise import PathwiseConfig, make_optimizer
-from ctrl_ray.objectives.ppo import PPOConfig
+from ctrl_ray.objectives import DEFAULT_RULE, ObjectiveConfig, update_rule
+from ctrl_ray.objectives.base import make_optimizer
 
 
 @dataclass
@@ -66,9 +67,8 @@ class FinetuneConfig:
     backbone: TextToImageOptions = field(default_factory=TextToImageOptions)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    mode: Literal["pathwise", "ppo"] = "pathwise"
-    objective: PathwiseConfig = field(default_factory=PathwiseConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    mode: Literal["adjoint", "pathwise", "ppo"] = DEFAULT_RULE
+    objective: Any = field(default_factory=dict)   # the update rule's config: its type by `mode`
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     iterations: int = 100
     seed: int = 0
@@ -80,6 +80,15 @@ class FinetuneConfig:
     output_dir: str = "outputs/ctrl-digits-compress"
     experiment: str = "ctrl-ray-finetune"
 
+    def __post_init__(self):
+        # The one place the update rule is chosen: `objective` becomes the rule's own config.
+        rule_config = update_rule(self.mode).Config
+        if isinstance(self.objective, dict):
+            self.objective = from_dict(rule_config, self.objective, prefix="objective.")
+        elif type(self.objective) is not rule_config:
+            raise InputError(f"objective: a {type(self.objective).__name__} does not configure "
+                             f"mode {self.mode!r} (expected {rule_config.__name__})")
+
 
 @dataclass
 class Setup:
@@ -89,7 +98,7 @@ class Setup:
     model: AugmentedModel
     reward: RewardModel | MultiTaskReward
     optimizer: torch.optim.Optimizer
-    objective: PathwiseConfig | PPOConfig
+    objective: ObjectiveConfig
     spec: dict[str, Any]
 
     @property
@@ -101,7 +110,9 @@ class Setup:
         """log p(y | x0, c) of the decoded samples (a latent model's VAE decode is inside the
         graph, checkpointed), seen at the reward classifier's size and channels."""
         images = decode_images(self.model.backbone, x0)
-        images = reward_view(images, channels=1, image_size=reward_image_size(self.reward))
+        terms = self.reward.rewards if isinstance(self.reward, MultiTaskReward) else [self.reward]
+        images = reward_view(images, channels=terms[0].classifier.config.in_channels,
+                             image_size=reward_image_size(self.reward))
         return self.reward.log_likelihood(images, labels, contexts)
 
 
@@ -125,10 +136,10 @@ def reward_image_size(reward: RewardModel | MultiTaskReward) -> int:
 
 
 def reward_label_info(reward: RewardModel | MultiTaskReward) -> dict[str, dict]:
-    """Label name -> {num_classes, edges}: what the oracles need to judge the samples."""
+    """Label name -> {num_classes, edges, class_names, scorer}: what evaluation needs to label
+    the samples (the oracle, the user's labeller, or the judge saved with the reward)."""
     terms = reward.rewards if isinstance(reward, MultiTaskReward) else [reward]
-    return {term.label_name: {"num_classes": term.classifier.num_classes, "edges": term.edges}
-            for term in terms}
+    return {term.label_name: term.label_info() for term in terms}
 
 
 def build_setup(config: FinetuneConfig, base: BaseModel | None = None) -> Setup:
@@ -159,8 +170,8 @@ def build_setup(config: FinetuneConfig, base: BaseModel | None = None) -> Setup:
     spec = policy_spec(model, reward_label_info(reward), sampling, str(config.base_model),
                        adapter.rank, adapter.alpha, adapter.targets)
     spec["backbone"] = backbone_spec(backbone)
-    objective = config.ppo if config.mode == "ppo" else config.objective
-    return Setup(base, model, reward, make_optimizer(model, objective), objective, spec)
+    return Setup(base, model, reward, make_optimizer(model, config.objective), config.objective,
+                 spec)
 
 
 def finetune(config: FinetuneConfig, progress: bool = True, resume: bool = False) -> dict:

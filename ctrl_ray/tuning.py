@@ -304,7 +304,7 @@ def trial_config(base: FinetuneConfig, params: dict[str, float], output_dir: str
                  ) -> FinetuneConfig:
     """`base` with the trial's hyper-parameters set on the objective of its mode."""
     config = copy.deepcopy(base)
-    objective = config.ppo if config.mode == "ppo" else config.objective
+    objective = config.objective
     for name, value in params.items():
         if name not in SEARCHABLE:
             raise InputError(f"unknown search parameter {name!r}")
@@ -488,7 +488,7 @@ def _search_algorithm(config: TuneConfig):
 
 def _trial_rows(results, base: FinetuneConfig) -> list[TrialRow]:
     """One row per trial from Tune's results, with the effective hyper-parameters."""
-    objective = base.ppo if base.mode == "ppo" else base.objective
+    objective = base.objective
     rows = []
     for result in results:
         reported = result.metrics or {}

@@ -75,16 +75,18 @@ def tiny_judge(digits8, tmp_path_factory):
     return path
 
 
-def tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, out) -> list[str]:
+def tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, out,
+                            mode: str = "adjoint") -> list[str]:
     """A CTRL run small enough for a test: 8x8, batch 8, 4 DDIM steps, a few iterations."""
+    truncation = ["objective.truncation.mode=fixed", "objective.truncation.k=2"]
     return [
         f"base_model={tiny_base.model_dir}",
         f"rewards=[{{path: {tiny_reward}}}]",
         f"judge={tiny_judge}",
+        f"mode={mode}",
         "objective.batch_size=8",
         "objective.num_inference_steps=4",
-        "objective.truncation.mode=fixed",
-        "objective.truncation.k=2",
+        *(truncation if mode == "pathwise" else []),
         "adapter.min_timestep=100",  # the last of the 4 steps (t = 1) stays pre-trained
         "objective.lr_embedding=0.05",
         "objective.lr_adapter=0.005",

@@ -19,11 +19,12 @@ from ctrl_ray.sampling.sampler import RolloutInputs
 
 @pytest.fixture
 def make_config(tiny_base, tiny_reward, tiny_judge, tmp_path):
-    def make(name: str, *extra: str) -> FinetuneConfig:
-        overrides = tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, tmp_path / name)
+    def make(name: str, *extra: str, mode: str = "pathwise") -> FinetuneConfig:
+        overrides = tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, tmp_path / name,
+                                            mode)
+        window = ["objective.truncation.mode=random", "objective.truncation.k=3"]
         return load_config(FinetuneConfig, overrides=[
-            *overrides, "evaluate=false", "objective.truncation.mode=random",
-            "objective.truncation.k=3", *extra])
+            *overrides, "evaluate=false", *(window if mode == "pathwise" else []), *extra])
     return make
 
 
@@ -47,11 +48,11 @@ def test_two_ray_workers_with_half_batches_give_the_full_batch_gradient(make_con
     inputs = RolloutInputs.draw(0, batch_size=8, num_steps=4, sample_shape=(1, 8, 8),
                                 label_classes={"compress_class": 4}, num_contexts=10,
                                 truncation=config.objective.truncation)
-    full, _ = RolloutWorker(config).pathwise_gradients(version, [state], inputs, 8)
+    full, _ = RolloutWorker(config).work(version, [state], inputs, 8)
     workers = [ray_session.remote(RolloutWorker).remote(config) for _ in range(2)]
     reference = ray_session.put(state)
-    shards = ray_session.get([w.pathwise_gradients.remote(version, [reference],
-                                                          inputs.slice(4 * i, 4 * i + 4), 8)
+    shards = ray_session.get([w.work.remote(version, [reference],
+                                            inputs.slice(4 * i, 4 * i + 4), 8)
                               for i, w in enumerate(workers)])
     assert full.keys() == shards[0][0].keys()
     for name, gradient in full.items():
@@ -101,9 +102,10 @@ def test_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(make_config, 
 
 
 def test_ppo_mode_on_two_workers_logs_staleness_and_clipping(make_config, ray_session):
-    config = make_config("ppo", "mode=ppo", "iterations=2", "distributed.workers=2",
-                         "ppo.batch_size=8", "ppo.num_inference_steps=4", "ppo.ppo_epochs=2",
-                         "ppo.minibatch_size=16", "ppo.max_staleness=1")
+    config = make_config("ppo", "iterations=2", "distributed.workers=2",
+                         "objective.batch_size=8", "objective.num_inference_steps=4",
+                         "objective.ppo_epochs=2", "objective.minibatch_size=16",
+                         "objective.max_staleness=1", mode="ppo")
     result = train(config, progress=False)
     client = mlflow.MlflowClient()
     run_id = result["mlflow_run_id"]

@@ -157,7 +157,14 @@ def test_reward_view_turns_rgb_into_luma_and_resizes():
         reward_view(torch.zeros(1, 2, 8, 8), 1, 8)
 
 
-def _config(pipeline_dir, tiny_reward, out, *extra) -> FinetuneConfig:
+RULE_OVERRIDES = {
+    "pathwise": ["mode=pathwise", "objective.truncation.mode=fixed", "objective.truncation.k=2"],
+    "ppo": ["mode=ppo", "objective.minibatch_size=6"],
+    "adjoint": ["mode=adjoint"],
+}
+
+
+def _config(pipeline_dir, tiny_reward, out, *extra, mode: str = "pathwise") -> FinetuneConfig:
     return load_config(FinetuneConfig, overrides=[
         f"base_model={pipeline_dir}",
         f"rewards=[{{path: {tiny_reward}}}]",
@@ -168,13 +175,9 @@ def _config(pipeline_dir, tiny_reward, out, *extra) -> FinetuneConfig:
         "backbone.gradient_checkpointing=true",
         "objective.batch_size=4",
         "objective.num_inference_steps=3",
-        "objective.truncation.mode=fixed",
-        "objective.truncation.k=2",
         "objective.lr_embedding=0.05",
         "objective.lr_adapter=0.005",
-        "ppo.batch_size=4",
-        "ppo.num_inference_steps=3",
-        "ppo.minibatch_size=6",
+        *RULE_OVERRIDES[mode],
         "iterations=2",
         "checkpoint_every=2",
         "evaluate_base=false",
@@ -239,8 +242,8 @@ def test_finetune_on_ray_register_pull_and_sample_by_prompt(pipeline_uri, tiny_r
 
 
 def test_ppo_on_the_latent_backbone(pipeline_dir, tiny_reward, tmp_path):
-    config = _config(pipeline_dir, tiny_reward, tmp_path / "ppo", "mode=ppo", "iterations=1",
-                     "evaluate=false")
+    config = _config(pipeline_dir, tiny_reward, tmp_path / "ppo", "iterations=1",
+                     "evaluate=false", mode="ppo")
     result = finetune(config, progress=False)
     assert (Path(result["policy_dir"]) / "adapter.safetensors").is_file()
 

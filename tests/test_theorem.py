@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.gaussian_mixture import GaussianMixtureBackbone
 from ctrl_ray.models.unet import ScheduleConfig, build_scheduler
-from ctrl_ray.objectives.pathwise import PathwiseConfig, draw_inputs, make_optimizer, train_step
+from ctrl_ray.objectives import adjoint
+from ctrl_ray.objectives.adjoint import AdjointConfig
+from ctrl_ray.objectives.base import draw_inputs, make_optimizer
 from ctrl_ray.sampling import RolloutInputs, sample
 
 WEIGHTS = [0.45, 0.35, 0.2]
@@ -98,22 +100,25 @@ def test_augmented_mixture_is_the_analytic_mixture_at_init(adapter):
     assert (augmented - analytic).abs().max() <= 1e-6
 
 
-def fine_tune_and_measure(
-    seed: int, training_steps: int = 120, adapter: str = "full"
-) -> dict[str, float]:
+RULES = {
+    # name: (train_step, config, updates). Each runs to convergence: the last updates move the
+    # energy distances by far less than the margins asserted below.
+    "adjoint": (adjoint.train_step, AdjointConfig(
+        batch_size=256, num_inference_steps=STEPS, lr_embedding=3e-3, lr_adapter=3e-3,
+        max_grad_norm=None), 300),
+}
+
+
+def fine_tune_and_measure(seed: int, rule: str, adapter: str = "full") -> dict[str, float]:
     """Fine-tune CTRL on the mixture for both labels; energy distances to the exact posteriors."""
+    train_step, config, updates = RULES[rule]
     torch.manual_seed(seed)
     model = AugmentedModel(mixture_backbone(seed), {"y": 2}, adapter=adapter, lora_rank=4)
-    config = PathwiseConfig(
-        gamma=1.0, kl_weight=1.0, kl_reduction="sum", batch_size=256, num_inference_steps=STEPS,
-        eta=1.0, checkpoint=False, lr_embedding=5e-3, lr_adapter=5e-3, max_grad_norm=None,
-    )
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(training_steps):
+    for _ in range(updates):
         inputs = draw_inputs(model, config, generator)
         train_step(model, optimizer, classifier_log_likelihood, inputs, config)
-
     # Base samples from the same discretised sampler: weighted by p(y | x0) they are the posterior.
     pool_inputs = RolloutInputs.draw(1000 + seed, 8000, STEPS, (2,), {"y": 2})
     pool = sample(model, pool_inputs, from_reference=True).x0
@@ -135,12 +140,13 @@ def fine_tune_and_measure(
     return distances
 
 
-def test_ctrl_samples_the_true_posterior():
-    distances = fine_tune_and_measure(seed=0)
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_ctrl_samples_the_true_posterior(rule):
+    distances = fine_tune_and_measure(seed=0, rule=rule)
     for y in (0, 1):
-        fine_tuned = distances[f"fine_tuned_vs_posterior_y{y}"]
-        assert fine_tuned * 10 < distances[f"base_vs_posterior_y{y}"], distances
-    # For y = 1 (the label that moves the most mass) the fine-tuned model is also closer to
-    # p_pre p(y|x) than to p_pre p(y|x)^2 or p_pre p(y|x)^0.5.
-    assert distances["fine_tuned_vs_posterior_y1"] < distances["fine_tuned_vs_tempered2_y1"]
-    assert distances["fine_tuned_vs_posterior_y1"] < distances["fine_tuned_vs_tempered0.5_y1"]
+        posterior = distances[f"fine_tuned_vs_posterior_y{y}"]
+        assert posterior * 10 < distances[f"base_vs_posterior_y{y}"], distances
+        # Closer to p_pre p(y|x) than to p_pre p(y|x)^2 or p_pre p(y|x)^0.5 by a factor of 2
+        # (measured: about 3x), a margin no rounding difference between processors crosses.
+        assert posterior * 2 < distances[f"fine_tuned_vs_tempered2_y{y}"], distances
+        assert posterior * 2 < distances[f"fine_tuned_vs_tempered0.5_y{y}"], distances

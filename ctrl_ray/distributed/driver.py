@@ -28,7 +28,7 @@ from ctrl_ray.checkpoint import latest_checkpoint, read_checkpoint, save_checkpo
 from ctrl_ray.config import flatten, to_dict
 from ctrl_ray.distributed.roles import Learner, RolloutWorker
 from ctrl_ray.errors import InputError
-from ctrl_ray.objectives.pathwise import draw_inputs
+from ctrl_ray.objectives.base import draw_inputs
 from ctrl_ray.sampling.sampler import RolloutInputs
 
 
@@ -159,7 +159,6 @@ def train(config, progress: bool = True, resume: bool = False,
     out = Path(config.output_dir)
     roles = start_roles(config)
     info = roles.call(roles.learner, "describe")
-    objective = config.objective if config.mode == "pathwise" else config.ppo
     generator = torch.Generator().manual_seed(config.seed)
     start, run_id = 0, None
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
@@ -185,7 +184,7 @@ def train(config, progress: bool = True, resume: bool = False,
         bar = tqdm(range(start, config.iterations), desc=f"ctrl {config.mode}",
                    initial=start, total=config.iterations, disable=not progress)
         for iteration in bar:
-            metrics = _iteration(roles, config, objective, info, generator)
+            metrics = _iteration(roles, config, info, generator)
             mlflow.log_metrics(metrics, step=iteration + 1)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.2f}")
             done = iteration + 1
@@ -211,23 +210,20 @@ def train(config, progress: bool = True, resume: bool = False,
     return result
 
 
-def _iteration(roles: Roles, config, objective, info: dict, generator: torch.Generator) -> dict:
+def _iteration(roles: Roles, config, info: dict, generator: torch.Generator) -> dict:
     """One update: draw, publish, shard across workers, apply on the learner."""
     start = time.perf_counter()
-    inputs = draw_inputs(SimpleNamespace(**info), objective, generator)
+    inputs = draw_inputs(SimpleNamespace(**info), config.objective, generator)
     publish_start = time.perf_counter()
     version, published, sync_bytes = roles.call(roles.learner, "publish", roles.remote)
     publish_seconds = time.perf_counter() - publish_start
     shards = _split(inputs, len(roles.workers))
-    retries = config.distributed.max_restarts
-    if config.mode == "pathwise":
-        calls = [(version, [published], shard, inputs.batch_size) for shard in shards]
-        results = roles.on_workers("pathwise_gradients", calls, retries)
-        metrics = roles.call(roles.learner, "apply_gradients", results)
-    else:
-        results = roles.on_workers("rollouts", [(version, [published], s) for s in shards],
-                                   retries)
-        metrics = roles.call(roles.learner, "ppo_update", results, generator.get_state())
+    calls = [(version, [published], shard, inputs.batch_size) for shard in shards]
+    results = roles.on_workers("work", calls, config.distributed.max_restarts)
+    # The learner's randomness is a seed drawn from (so advancing) the driver's stream: it never
+    # replays the next iteration's labels and noise.
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    metrics = roles.call(roles.learner, "update", results, seed)
     seconds = time.perf_counter() - start
     metrics.update(sync_bytes=float(sync_bytes), publish_seconds=publish_seconds,
                    iteration_seconds=seconds,

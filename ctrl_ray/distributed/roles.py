@@ -14,7 +14,7 @@ import torch
 
 from ctrl_ray.checkpoint import optimizer_tensors, restore_optimizer
 from ctrl_ray.finetune import FinetuneConfig, build_setup
-from ctrl_ray.objectives.pathwise import clip_and_step, pathwise_loss
+from ctrl_ray.objectives import update_rule
 from ctrl_ray.sampling.sampler import RolloutInputs
 
 
@@ -25,6 +25,7 @@ class Learner:
         torch.set_num_threads(max(1, num_threads))
         self.config = config
         self.setup = _on_device(build_setup(config))
+        self.rule = update_rule(config.mode)
         self.version = 0
         self._published: tuple[int, Any] | None = None
 
@@ -53,34 +54,17 @@ class Learner:
             self._published = (self.version, state, nbytes)
         return self._published
 
-    def apply_gradients(self, shards: list[tuple[dict[str, torch.Tensor], dict]]) -> dict:
-        """Sum the workers' gradients (each already divided by the full batch size), step."""
-        model, optimizer = self.setup.model, self.setup.optimizer
-        optimizer.zero_grad(set_to_none=True)
-        parameters = dict(model.named_parameters())
-        for gradients, _ in shards:
-            for name, gradient in gradients.items():
-                parameter = parameters[name]
-                gradient = gradient.to(parameter.device)
-                parameter.grad = gradient if parameter.grad is None else parameter.grad + gradient
-        grad_norm = clip_and_step(optimizer, self.setup.objective.max_grad_norm)
-        self.version += 1
-        metrics = _weighted_mean([m for _, m in shards])
-        metrics.update(grad_norm=grad_norm, version=self.version)
-        return metrics
-
-    def ppo_update(self, shards: list[tuple], generator_state: torch.Tensor) -> dict:
-        """Clipped policy-gradient epochs on rollouts from the workers (the `ppo` mode)."""
-        from ctrl_ray.objectives.ppo import RolloutBatch, ppo_update
-
-        generator = torch.Generator().set_state(generator_state)
-        batch = RolloutBatch.cat([shard for shard, _ in shards])
-        metrics = ppo_update(self.setup.model, self.setup.optimizer, batch, self.config.ppo,
-                             generator, current_version=self.version)
+    def update(self, results: list[tuple[Any, dict]], seed: int) -> dict:
+        """Apply the update rule's learner step to the workers' (payload, metrics) results;
+        ``seed`` seeds the learner's own randomness (e.g. PPO's minibatch shuffling)."""
+        generator = torch.Generator().manual_seed(seed)
+        metrics = _weighted_mean([m for _, m in results])
+        metrics.update(self.rule.learner_step(self.setup.model, self.setup.optimizer,
+                                              [payload for payload, _ in results],
+                                              self.setup.objective, generator, self.version))
         if not metrics.get("skipped"):
             self.version += 1
-        metrics.update(version=self.version,
-                       sync_seconds=max(seconds for _, seconds in shards))
+        metrics["version"] = self.version
         return metrics
 
     def checkpoint_state(self) -> tuple[dict, tuple[dict, dict], int]:
@@ -101,6 +85,7 @@ class RolloutWorker:
         torch.set_num_threads(max(1, num_threads))
         self.config = config
         self.setup = _on_device(build_setup(config))
+        self.rule = update_rule(config.mode)
         self.version = -1
         self.last_sync_seconds = 0.0
 
@@ -119,29 +104,15 @@ class RolloutWorker:
         self.last_sync_seconds = time.perf_counter() - start
         return self.last_sync_seconds
 
-    def pathwise_gradients(self, version: int, published: list, inputs: RolloutInputs,
-                           normaliser: int) -> tuple[dict[str, torch.Tensor], dict]:
-        """Sample this shard with gradients; the adapter gradients of loss_shard / normaliser."""
+    def work(self, version: int, published: list, inputs: RolloutInputs,
+             normaliser: int) -> tuple[Any, dict]:
+        """Sync to ``version``, then the update rule's worker step on this shard of the batch
+        (``normaliser`` = the full batch size); returns its payload and metrics."""
         sync_seconds = self.sync(version, published)
-        model = self.setup.model
-        model.zero_grad(set_to_none=True)
-        loss, metrics = pathwise_loss(model, self.setup.reward_fn, inputs, self.setup.objective,
-                                      normaliser)
-        loss.backward()
-        gradients = {name: p.grad.detach().cpu() for name, p in model.named_parameters()
-                     if p.requires_grad and p.grad is not None}
+        payload, metrics = self.rule.worker_step(self.setup.model, self.setup.reward_fn, inputs,
+                                                 self.setup.objective, normaliser, self.version)
         metrics.update(sync_seconds=sync_seconds, policy_version=float(self.version))
-        return gradients, metrics
-
-    def rollouts(self, version: int, published: list, inputs: RolloutInputs) -> tuple:
-        """Sample this shard without gradients for the `ppo` mode, tagged with the version;
-        returns the batch and the seconds this call spent syncing weights."""
-        from ctrl_ray.objectives.ppo import collect_rollouts
-
-        sync_seconds = self.sync(version, published)
-        batch = collect_rollouts(self.setup.model, self.setup.reward_fn, inputs,
-                                 self.config.ppo, self.version)
-        return batch, sync_seconds
+        return payload, metrics
 
     def pid(self) -> int:
         import os
@@ -163,7 +134,8 @@ def _weighted_mean(shard_metrics: list[dict]) -> dict[str, float]:
     keys = {k for m in shard_metrics for k in m if k != "num_samples"}
     averaged = {k: sum(m.get(k, 0.0) * m.get("num_samples", 1.0) for m in shard_metrics) / total
                 for k in keys if k not in ("sync_seconds", "policy_version")}
-    averaged["loss"] = sum(m["loss"] for m in shard_metrics if "loss" in m)
+    if any("loss" in m for m in shard_metrics):
+        averaged["loss"] = sum(m["loss"] for m in shard_metrics if "loss" in m)
     averaged["sync_seconds"] = max((m.get("sync_seconds", 0.0) for m in shard_metrics),
                                    default=0.0)
     averaged["num_samples"] = total

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ctrl_ray.errors import InputError
-from ctrl_ray.objectives.base import ObjectiveConfig
+from ctrl_ray.objectives.base import ObjectiveConfig, apply_gradients, parameter_gradients
 from ctrl_ray.objectives.pathwise import RewardFn
 from ctrl_ray.sampling.sampler import (
     DenoisingSchedule,
@@ -151,3 +151,30 @@ def adjoint_matching_loss(model, reward_fn: RewardFn, inputs: RolloutInputs,
         "adjoint_norm_last": rollout.adjoint_norms[-1].item(),
         "num_samples": float(inputs.batch_size),
     }
+
+
+# -- the update rule's two halves (see ctrl_ray.objectives) ---------------------------------
+Config = AdjointConfig
+
+
+def worker_step(model, reward_fn: RewardFn, inputs: RolloutInputs, config: AdjointConfig,
+                normaliser: int, version: int) -> tuple[dict, dict]:
+    """Roll out a shard, run its adjoint pass; the regression gradients of loss_shard /
+    normaliser."""
+    model.zero_grad(set_to_none=True)
+    metrics = adjoint_matching_loss(model, reward_fn, inputs, config, normaliser)
+    return parameter_gradients(model), metrics
+
+
+def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
+                 config: AdjointConfig, generator: torch.Generator, version: int) -> dict:
+    """Sum the shards' gradients and step."""
+    return apply_gradients(model, optimizer, payloads, config.max_grad_norm)
+
+
+def train_step(model, optimizer: torch.optim.Optimizer, reward_fn: RewardFn,
+               inputs: RolloutInputs, config: AdjointConfig) -> dict[str, float]:
+    """One in-process adjoint-matching update on a full batch."""
+    gradients, metrics = worker_step(model, reward_fn, inputs, config, inputs.batch_size, 0)
+    metrics.update(learner_step(model, optimizer, [gradients], config, None, 0))
+    return metrics

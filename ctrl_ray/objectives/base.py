@@ -93,3 +93,22 @@ def clip_and_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None)
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm).item()
     optimizer.step()
     return norm
+
+
+def parameter_gradients(model) -> dict[str, torch.Tensor]:
+    """The trainable parameters' ``.grad`` on CPU, by name (what a worker ships to the learner)."""
+    return {name: p.grad.detach().cpu() for name, p in model.named_parameters()
+            if p.requires_grad and p.grad is not None}
+
+
+def apply_gradients(model, optimizer: torch.optim.Optimizer,
+                    shards: list[dict[str, torch.Tensor]], max_grad_norm: float | None) -> dict:
+    """Sum the shards' gradients (each already divided by the full batch size), clip, step."""
+    optimizer.zero_grad(set_to_none=True)
+    parameters = dict(model.named_parameters())
+    for gradients in shards:
+        for name, gradient in gradients.items():
+            parameter = parameters[name]
+            gradient = gradient.to(parameter.device)
+            parameter.grad = gradient if parameter.grad is None else parameter.grad + gradient
+    return {"grad_norm": clip_and_step(optimizer, max_grad_norm)}

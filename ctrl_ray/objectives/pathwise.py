@@ -18,7 +18,14 @@ from torch import Tensor
 
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.augmented import AugmentedModel
-from ctrl_ray.objectives.base import ObjectiveConfig, clip_and_step, draw_inputs, make_optimizer
+from ctrl_ray.objectives.base import (
+    ObjectiveConfig,
+    apply_gradients,
+    clip_and_step,
+    draw_inputs,
+    make_optimizer,
+    parameter_gradients,
+)
 from ctrl_ray.sampling.sampler import RolloutInputs, Truncation, sample
 
 __all__ = ["PathwiseConfig", "RewardFn", "clip_and_step", "draw_inputs", "make_optimizer",
@@ -96,3 +103,22 @@ def train_step(
     loss.backward()
     metrics["grad_norm"] = clip_and_step(optimizer, config.max_grad_norm)
     return metrics
+
+
+# -- the update rule's two halves (see ctrl_ray.objectives) ---------------------------------
+Config = PathwiseConfig
+
+
+def worker_step(model: AugmentedModel, reward_fn: RewardFn, inputs: RolloutInputs,
+                config: PathwiseConfig, normaliser: int, version: int) -> tuple[dict, dict]:
+    """Sample a shard with gradients; its adapter gradients (of loss_shard / normaliser)."""
+    model.zero_grad(set_to_none=True)
+    loss, metrics = pathwise_loss(model, reward_fn, inputs, config, normaliser)
+    loss.backward()
+    return parameter_gradients(model), metrics
+
+
+def learner_step(model: AugmentedModel, optimizer: torch.optim.Optimizer, payloads: list[dict],
+                 config: PathwiseConfig, generator: torch.Generator, version: int) -> dict:
+    """Sum the shards' gradients and step."""
+    return apply_gradients(model, optimizer, payloads, config.max_grad_norm)

@@ -536,3 +536,22 @@ def train_iteration(
     inputs = draw_inputs(model, config, generator)
     batch = collect_rollouts(model, reward_fn, inputs, config, version)
     return ppo_update(model, optimizer, batch, config, generator, current_version=version)
+
+
+# -- the update rule's two halves (see ctrl_ray.objectives) ---------------------------------
+Config = PPOConfig
+
+
+def worker_step(model: AugmentedModel, reward_fn: RewardFn, inputs: RolloutInputs,
+                config: PPOConfig, normaliser: int, version: int) -> tuple[RolloutBatch, dict]:
+    """Roll out a shard without gradients, tagged with the policy version that sampled it."""
+    batch = collect_rollouts(model, reward_fn, inputs, config, version)
+    return batch, {"num_samples": float(inputs.batch_size)}
+
+
+def learner_step(model: AugmentedModel, optimizer: torch.optim.Optimizer,
+                 payloads: list[RolloutBatch], config: PPOConfig, generator: torch.Generator,
+                 version: int) -> dict:
+    """Clipped policy-gradient epochs on the shards' rollouts (``skipped`` when all stale)."""
+    return ppo_update(model, optimizer, RolloutBatch.cat(payloads), config, generator,
+                      current_version=version)
