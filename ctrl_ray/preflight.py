@@ -243,28 +243,43 @@ def pretrain(config, overwrite: bool) -> None:
 
 
 def reward(config, overwrite: bool) -> None:
-    """`reward train`: the dataset, the pairs (read, or drawn to a new file), the output."""
-    from ctrl_ray.data.digits import require_digits
+    """`reward train`: the pairs (read, or drawn from the digits file to a new file), the
+    digits file wherever it is read, and the output folder. The pairs' label must be the
+    config's `label`: a reward is never saved under another label's name."""
+    from ctrl_ray.data.digits import load_digits_dataset, require_digits
+    from ctrl_ray.data.oracles import ORACLES
     from ctrl_ray.data.pairs import load_pairs
 
-    dataset = require_digits(config.dataset, config.size, key="dataset")
-    inputs = [("dataset", config.dataset)]
+    inputs: list[tuple[str, Any]] = []
     if os.path.lexists(config.pairs):
         check_input_file(config.pairs, "pairs")
         loaded = _keyed("pairs", load_pairs, config.pairs)
+        inputs.append(("pairs", config.pairs))
         if loaded.label_name != config.label:
             raise InputError(f"label: {config.label!r}, but pairs {config.pairs!r} are "
                              f"labelled {loaded.label_name!r}")
-        if loaded.image_shape[-1] != config.size:
-            raise InputError(f"size: {config.size}, but pairs {config.pairs!r} hold "
-                             f"{loaded.image_shape[-1]}x{loaded.image_shape[-1]} images")
-        inputs.append(("pairs", config.pairs))
+        if Path(config.dataset).is_file():  # the digits test split scores a built-in label
+            dataset = _keyed("dataset", load_digits_dataset, config.dataset)
+            inputs.append(("dataset", config.dataset))
+            if loaded.label_name in dataset.label_info:
+                size = loaded.image_shape[-1]
+                if size != config.size or dataset.image_shape[-1] != config.size:
+                    raise InputError(f"size: {config.size}, but pairs {config.pairs!r} hold "
+                                     f"{size}x{size} images and dataset {config.dataset!r} "
+                                     f"{dataset.image_shape[-1]}x{dataset.image_shape[-1]}")
     else:
+        if config.label not in ORACLES:
+            raise InputError(f"pairs: file not found: {config.pairs!r} (label "
+                             f"{config.label!r} is not a digits-testbed label; import your "
+                             f"own pairs with `ctrl-ray data import`)")
+        dataset = require_digits(config.dataset, config.size, key="dataset")
+        inputs.append(("dataset", config.dataset))
         if config.label not in dataset.label_info:
             raise InputError(f"label: unknown label {config.label!r}; {config.dataset} has "
                              f"{', '.join(sorted(dataset.label_info))}")
         train = int((dataset.split == "train").sum())
         check_range(config.num_pairs, "num_pairs", 1, train)
+        check_range(config.pairs_seed, "pairs_seed", 0, SEED_MAX)
         check_output(config.pairs, "pairs", kind="file", inputs=inputs)
     check_output(config.output_dir, "output_dir", kind="dir", inputs=inputs, overwrite=overwrite)
 
