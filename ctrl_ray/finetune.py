@@ -15,10 +15,10 @@ import mlflow
 import torch
 
 from ctrl_ray.checkpoint import policy_spec
-from ctrl_ray.config import from_dict
+from ctrl_ray.config import SEED, check_bounds, from_dict
 from ctrl_ray.errors import InputError
 from ctrl_ray.evaluation import EvaluationConfig, evaluate, format_report
-from ctrl_ray.models.augmented import AugmentedModel
+from ctrl_ray.models.augmented import ADAPTERS, AugmentedModel
 from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.models.loading import BaseModel, backbone_spec, build_backbone, load_base_model
 from ctrl_ray.models.reward import MultiTaskReward, RewardModel, load_reward
@@ -46,6 +46,9 @@ class AdapterConfig:
     targets: list[str] | None = None
     min_timestep: int = 0    # adapters and label embeddings act only at t >= min_timestep
 
+    def __post_init__(self):
+        check_bounds(self, kind=ADAPTERS, rank="[1, 4096]", alpha="> 0", min_timestep=">= 0")
+
 
 @dataclass
 class DistributedConfig:
@@ -59,6 +62,11 @@ class DistributedConfig:
     learner_cpus: float = 0.0
     learner_gpus: float = 0.0
     max_restarts: int = 3
+
+    def __post_init__(self):
+        check_bounds(self, workers="[0, 1024]", cpus_per_worker="[0, 1024]",
+                     gpus_per_worker="[0, 64]", learner_cpus="[0, 1024]", learner_gpus="[0, 64]",
+                     max_restarts="[0, 1000]")
 
 
 @dataclass
@@ -81,6 +89,7 @@ class FinetuneConfig:
     experiment: str = "ctrl-ray-finetune"
 
     def __post_init__(self):
+        check_bounds(self, iterations="[1, 100000000]", seed=SEED, checkpoint_every=">= 0")
         # The one place the update rule is chosen: `objective` becomes the rule's own config.
         rule_config = update_rule(self.mode).Config
         if isinstance(self.objective, dict):
