@@ -28,8 +28,9 @@ SEED = "[0, 4294967295]"
 """The range of every seed: what numpy's and torch's generators both accept."""
 
 BOUNDS: dict[str, dict[str, str | tuple]] = {
-    # Ranges of config types that declare none themselves, by "module.Class"; a rule is an
-    # interval ("[1, 512]", ">= 0", "(0, 1)") or a tuple of allowed values.
+    # Ranges of config types that declare none themselves, by "module.Class" (subclasses
+    # inherit them); a rule is an interval ("[1, 512]", ">= 0", "(0, 1)") or a tuple of
+    # allowed values.
     "ctrl_ray.models.unet.UNetConfig": {
         "image_size": "[4, 1024]", "in_channels": "[1, 64]", "num_contexts": "[1, 100000]",
         "block_out_channels": "[1, 4096]", "layers_per_block": "[1, 16]",
@@ -47,10 +48,7 @@ BOUNDS: dict[str, dict[str, str | tuple]] = {
     "ctrl_ray.models.reward.RewardTrainingConfig": {"seed": SEED},
     "ctrl_ray.baselines.cfg.CFGTrainingConfig": {"seed": SEED},
     "ctrl_ray.baselines.classifier_guidance.NoisyClassifierTrainingConfig": {"seed": SEED},
-    "ctrl_ray.objectives.pathwise.PathwiseConfig": {
-        "batch_size": "[1, 1000000]", "num_inference_steps": "[1, 10000]",
-    },
-    "ctrl_ray.objectives.ppo.PPOConfig": {
+    "ctrl_ray.objectives.base.ObjectiveConfig": {
         "batch_size": "[1, 1000000]", "num_inference_steps": "[1, 10000]",
     },
     "ctrl_ray.tuning.SearchConfig": {"seed": SEED},
@@ -60,12 +58,24 @@ BOUNDS: dict[str, dict[str, str | tuple]] = {
 class ConfigValueError(InputError):
     """A config value outside its range; `from_dict` re-raises it under the full dotted key."""
 
-    def __init__(self, key: str, value: Any, expected: str):
+    def __init__(self, key: str, value: Any, expected: str, *, detail: str | None = None):
         self.key, self.value, self.expected = key, value, expected
-        super().__init__(f"config key {key!r}: value {value!r} {expected}")
+        self.detail = f"value {_short(value)} {expected}" if detail is None else detail
+        super().__init__(f"config key {key!r}: {self.detail}")
 
     def under(self, prefix: str) -> ConfigValueError:
-        return ConfigValueError(prefix + self.key, self.value, self.expected)
+        return type(self)(prefix + self.key, self.value, self.expected, detail=self.detail)
+
+
+class UnknownKeyError(ConfigValueError):
+    """A key the config type does not have; `expected` lists the valid keys there."""
+
+    def __init__(self, key: str, value: Any, expected: str, *, detail: str | None = None):
+        super().__init__(key, value, expected, detail=detail)
+        self.args = (f"unknown config key {key!r} (valid keys here: {expected})",)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def check_bounds(config: Any, **rules: str | tuple) -> None:
@@ -217,33 +227,34 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(str(key) for key in set(data) - set(fields))
     if unknown:
-        raise InputError(f"unknown config key {prefix + unknown[0]!r} "
-                         f"(valid keys here: {', '.join(sorted(fields))})")
+        raise UnknownKeyError(prefix + unknown[0], data.get(unknown[0]),
+                              ", ".join(sorted(fields)))
     kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
     try:
         obj = cls(**kwargs)
-        rules = BOUNDS.get(f"{cls.__module__}.{cls.__qualname__}")
-        if rules:
-            check_bounds(obj, **rules)
+        for base in cls.__mro__:  # a subclass keeps its bases' rules
+            rules = BOUNDS.get(f"{base.__module__}.{base.__qualname__}")
+            if rules:
+                check_bounds(obj, **rules)
     except ConfigValueError as err:
         raise err.under(prefix) from None
     except (TypeError, ValueError) as err:
-        raise InputError(_keyed_message(str(err), fields, prefix)) from None
+        raise _keyed_error(str(err), fields, prefix) from None
     return obj
 
 
-def _keyed_message(message: str, fields: dict[str, Any], prefix: str) -> str:
+def _keyed_error(message: str, fields: dict[str, Any], prefix: str) -> InputError:
     """A config type's own error ("batch_size must be >= 1") under its full dotted key."""
     message = " ".join(message.split())
     if message.startswith(("config key", "unknown config key")):
-        return message
+        return InputError(message)
     match = re.match(r"([A-Za-z_][\w.]*)(:?\s*)(.*)", message)
     if match:
         leaf = match[1].rsplit(".", 1)[-1]
         if leaf in fields:
-            return f"config key {prefix + leaf!r}: {match[3]}"
+            return ConfigValueError(prefix + leaf, None, "", detail=match[3])
     section = prefix.rstrip(".")
-    return f"config section {section!r}: {message}" if section else message
+    return InputError(f"config section {section!r}: {message}" if section else message)
 
 
 def _short(value: Any, limit: int = 80) -> str:

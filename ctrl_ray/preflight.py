@@ -311,8 +311,7 @@ def finetune(config, overwrite: bool, resume: bool = False) -> None:
     if config.evaluate:
         _check_judge(config.judge, "judge")
     workers = config.distributed.workers
-    objective = getattr(config, config.mode, None) if config.mode != "pathwise" else None
-    batch_size = getattr(objective or config.objective, "batch_size", None)
+    batch_size = getattr(config.objective, "batch_size", None)
     if workers and batch_size is not None and workers > batch_size:
         raise InputError(f"distributed.workers: {workers} workers cannot share a batch of "
                          f"{batch_size} (objective.batch_size)")
