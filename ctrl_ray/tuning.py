@@ -52,23 +52,23 @@ class SearchSpace:
         given = [name for name in ("value", "grid", "choices", "loguniform", "uniform")
                  if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"set exactly one of value, grid, choices, loguniform, uniform "
+            raise InputError(f"set exactly one of value, grid, choices, loguniform, uniform "
                              f"(got {', '.join(given) or 'none'})")
         for name in ("grid", "choices"):
             if getattr(self, name) is not None and not getattr(self, name):
-                raise ValueError(f"{name} is empty")
+                raise InputError(f"{name} is empty")
         for name in ("loguniform", "uniform"):
             bounds = getattr(self, name)
             if bounds is None:
                 continue
             if len(bounds) != 2 or not bounds[0] < bounds[1]:
-                raise ValueError(f"{name} needs [low, high] with low < high, got {bounds}")
+                raise InputError(f"{name} needs [low, high] with low < high, got {bounds}")
             if name == "loguniform" and bounds[0] <= 0:
-                raise ValueError(f"loguniform needs low > 0, got {bounds}")
+                raise InputError(f"loguniform needs low > 0, got {bounds}")
         values = [self.value] if self.value is not None else \
             (self.grid or self.choices or self.loguniform or self.uniform)
         if any(v < 0 for v in values):
-            raise ValueError(f"values must be >= 0, got {values}")
+            raise InputError(f"values must be >= 0, got {values}")
 
     def to_tune(self) -> Any:
         from ray import tune
@@ -98,7 +98,7 @@ class SearchConfig:
 
     def __post_init__(self):
         if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+            raise InputError(f"num_samples must be >= 1, got {self.num_samples}")
 
     def spaces(self) -> dict[str, SearchSpace]:
         return {name: getattr(self, name) for name in SEARCHABLE
@@ -117,9 +117,9 @@ class AshaConfig:
 
     def __post_init__(self):
         if self.grace_period < 1:
-            raise ValueError(f"grace_period must be >= 1, got {self.grace_period}")
+            raise InputError(f"grace_period must be >= 1, got {self.grace_period}")
         if self.reduction_factor <= 1:
-            raise ValueError(f"reduction_factor must be > 1, got {self.reduction_factor}")
+            raise InputError(f"reduction_factor must be > 1, got {self.reduction_factor}")
 
 
 @dataclass
@@ -148,16 +148,16 @@ class TuneConfig:
 
     def __post_init__(self):
         if self.metric not in REPORTED_METRICS:
-            raise ValueError(f"metric {self.metric!r} is not one of {', '.join(REPORTED_METRICS)}")
+            raise InputError(f"metric {self.metric!r} is not one of {', '.join(REPORTED_METRICS)}")
         if self.kl_budget is not None and self.kl_budget < 0:
-            raise ValueError(f"kl_budget must be >= 0, got {self.kl_budget}")
+            raise InputError(f"kl_budget must be >= 0, got {self.kl_budget}")
         for name in ("report_every", "eval_samples_per_target"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.cpus_per_trial > 0:
-            raise ValueError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
+            raise InputError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
-            raise ValueError(f"max_concurrent_trials must be >= 1, got "
+            raise InputError(f"max_concurrent_trials must be >= 1, got "
                              f"{self.max_concurrent_trials}")
 
 
