@@ -92,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     reward_commands = reward.add_subparsers(title="reward commands", metavar="COMMAND")
     _config_options(_command(reward_commands, "train",
                              "train and calibrate the reward on N offline pairs", _reward_train))
+    audit = _command(reward_commands, "audit",
+                     "what the reward can buy: the exact optimum at each gamma/alpha, no training",
+                     _reward_audit)
+    _config_options(audit, required=False)
+    audit.add_argument("--base", help="base model directory or models:/ URI (base_model)")
+    audit.add_argument("--reward", action="append", help="reward directory (repeat: multi-task)")
+    audit.add_argument("--judge", help="digit judge directory ('' for none)")
+    audit.add_argument("--guidance-levels", help="gamma/alpha values, e.g. 1,3,10,30,100")
+    audit.add_argument("--samples", type=int, help="base samples per context")
+    audit.add_argument("--steps", type=int, help="sampler steps")
+    audit.add_argument("--out", help="output folder (output_dir)")
 
     finetune = _command(commands, "finetune", "CTRL fine-tuning of the base model", _finetune)
     _config_options(finetune)
@@ -276,6 +287,23 @@ def _reward_train(args: argparse.Namespace) -> None:
     print(f"  samples of this label will be scored by {scorer}")
 
 
+def _reward_audit(args: argparse.Namespace) -> None:
+    from ctrl_ray.audit import AuditConfig, run_audit
+    from ctrl_ray.config import load_config
+
+    overrides = list(args.overrides)
+    for key, value in (("base_model", args.base), ("judge", args.judge),
+                       ("optimum.samples_per_context", args.samples),
+                       ("optimum.num_inference_steps", args.steps), ("output_dir", args.out)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.reward:
+        overrides.append("rewards=[" + ", ".join(f"{{path: '{p}'}}" for p in args.reward) + "]")
+    if args.guidance_levels:
+        overrides.append(f"optimum.guidance_levels=[{args.guidance_levels}]")
+    run_audit(load_config(AuditConfig, args.config, overrides), overwrite=args.overwrite)
+
+
 def _finetune(args: argparse.Namespace) -> None:
     from ctrl_ray.config import load_config
     from ctrl_ray.finetune import FinetuneConfig, finetune
@@ -312,13 +340,16 @@ def _sample(args: argparse.Namespace) -> None:
     from ctrl_ray import preflight
     from ctrl_ray.policy import sample_grid
 
-    preflight.sample(args.model, args.n, args.seed, args.y, args.guidance_scale, args.out,
-                     args.overwrite)
+    text = args.y.strip()
+    label = int(text) if text.lstrip("+-").isdigit() else text  # a class index or name
+    # A class name is checked against the model's names in sample_grid.
+    preflight.sample(args.model, args.n, args.seed, label if isinstance(label, int) else -1,
+                     args.guidance_scale, args.out, args.overwrite)
     context = args.prompt if args.prompt is not None else args.c
     out = Path(args.out)
     staging = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")  # moved into place at the end
     try:
-        sample_grid(args.model, context=context, label=args.y, count=args.n, seed=args.seed,
+        sample_grid(args.model, context=context, label=label, count=args.n, seed=args.seed,
                     out=staging, guidance_scale=args.guidance_scale)
         os.replace(staging, out)
     finally:

@@ -7,11 +7,11 @@ one, and `ctrl_ray.distributed.driver.train` runs the loop, in-process or on Ray
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import mlflow
 import torch
 
 from ctrl_ray.checkpoint import policy_spec
@@ -25,6 +25,7 @@ from ctrl_ray.models.reward import MultiTaskReward, RewardModel, load_reward
 from ctrl_ray.models.text_to_image import TextToImageOptions, decode_images, reward_view
 from ctrl_ray.objectives import DEFAULT_RULE, ObjectiveConfig, update_rule
 from ctrl_ray.objectives.base import make_optimizer
+from ctrl_ray.optimum import OptimumConfig, exact_optimum, format_optimum
 
 
 @dataclass
@@ -85,11 +86,13 @@ class FinetuneConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     evaluate: bool = True
     evaluate_base: bool = True
+    optimum_samples_per_context: int = 100   # the exact optimum next to the run's numbers; 0: off
     output_dir: str = "outputs/ctrl-digits-compress"
     experiment: str = "ctrl-ray-finetune"
 
     def __post_init__(self):
-        check_bounds(self, iterations="[1, 100000000]", seed=SEED, checkpoint_every=">= 0")
+        check_bounds(self, iterations="[1, 100000000]", seed=SEED, checkpoint_every=">= 0",
+                     optimum_samples_per_context="[0, 100000]")
         # The one place the update rule is chosen: `objective` becomes the rule's own config.
         rule_config = update_rule(self.mode).Config
         if isinstance(self.objective, dict):
@@ -116,14 +119,21 @@ class Setup:
 
     def reward_fn(self, x0: torch.Tensor, labels: dict[str, torch.Tensor],
                   contexts: torch.Tensor | None) -> torch.Tensor:
-        """log p(y | x0, c) of the decoded samples (a latent model's VAE decode is inside the
-        graph, checkpointed), seen at the reward classifier's size and channels."""
-        images = decode_images(self.model.backbone, x0)
-        terms = self.reward.rewards if isinstance(self.reward, MultiTaskReward) else [self.reward]
-        images = reward_view(images, channels=terms[0].classifier.config.in_channels,
-                             image_size=reward_image_size(self.reward))
-        return self.reward.log_likelihood(images, labels, contexts)
+        """log p(y | x0, c) of the samples (a latent model's VAE decode is inside the graph,
+        checkpointed)."""
+        return self.image_log_likelihood(decode_images(self.model.backbone, x0), labels, contexts)
 
+    def image_log_likelihood(self, images: torch.Tensor, labels: dict[str, torch.Tensor],
+                             contexts: torch.Tensor | None) -> torch.Tensor:
+        """log p(y | x, c) of decoded images, seen at the reward classifier's size and
+        channels."""
+        device = next(self.reward.parameters()).device
+        terms = self.reward.rewards if isinstance(self.reward, MultiTaskReward) else [self.reward]
+        images = reward_view(images.to(device), channels=terms[0].classifier.config.in_channels,
+                             image_size=reward_image_size(self.reward))
+        labels = {name: values.to(device) for name, values in labels.items()}
+        contexts = None if contexts is None else contexts.to(device)
+        return self.reward.log_likelihood(images, labels, contexts)
 
 
 def load_rewards(specs: list[RewardSpec]) -> RewardModel | MultiTaskReward:
@@ -202,7 +212,15 @@ def evaluate_setup(setup: Setup, config: FinetuneConfig, out: Path) -> dict[str,
     results["ctrl"] = evaluate(setup.model, setup.label_info, judge, config.evaluation,
                                out / "ctrl_grid.png")
     print(format_report(results["ctrl"], "CTRL fine-tuned"))
-    for path in (out / "base_grid.png", out / "ctrl_grid.png"):
-        if path.exists():
-            mlflow.log_artifact(str(path))
+    if config.optimum_samples_per_context:
+        tilt = config.objective.tilt_exponent(math.prod(setup.model.sample_shape))
+        optimum = exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood, judge,
+                                OptimumConfig(
+                                    samples_per_context=config.optimum_samples_per_context,
+                                    contexts=config.evaluation.contexts, guidance_levels=[tilt],
+                                    num_inference_steps=config.evaluation.num_inference_steps,
+                                    eta=config.evaluation.eta,
+                                    scorers=dict(config.evaluation.scorers)))
+        print(format_optimum(optimum))
+        results["optimum"] = optimum["levels"][0]
     return results

@@ -95,9 +95,10 @@ def _wait_until_alive(actor: Any, timeout_s: float = 300.0) -> None:
 def start_roles(config) -> Roles:
     """Build the learner and workers: in this process, or as Ray actors (joining `address`)."""
     dist = config.distributed
-    if dist.workers == 0:
+    if dist.workers == 0:  # one process: the worker shares the learner's model and reward
         learner = Learner(config, num_threads=torch.get_num_threads())
-        return Roles(learner, [RolloutWorker(config, torch.get_num_threads())], remote=False)
+        worker = RolloutWorker(config, torch.get_num_threads(), setup=learner.setup)
+        return Roles(learner, [worker], remote=False)
     import ray
 
     _check_inputs(config)
@@ -154,8 +155,6 @@ def train(config, progress: bool = True, resume: bool = False,
     optimizer, policy version, the driver's RNG state and the MLflow run). `parent_run_id` makes
     the run a child of that MLflow run (a Ray Tune trial under its sweep).
     """
-    from ctrl_ray.finetune import build_setup, evaluate_setup
-
     out = Path(config.output_dir)
     roles = start_roles(config)
     info = roles.call(roles.learner, "describe")
@@ -200,11 +199,12 @@ def train(config, progress: bool = True, resume: bool = False,
         mlflow.log_artifacts(str(policy_dir), artifact_path="policy")
         result = {"policy_dir": str(policy_dir), "train_seconds": train_seconds,
                   "iterations": config.iterations, "mlflow_run_id": active.info.run_id}
-        if config.evaluate:
-            setup = build_setup(config)
-            setup.model.load_trainable_state_dict(final_state)
-            result.update(evaluate_setup(setup, config, out))
-        for name in ("base", "ctrl"):
+        if config.evaluate:  # on the learner, which holds the final policy (on its GPU if any)
+            result.update(roles.call(roles.learner, "evaluate", str(out.resolve())))
+            for report in (result.get("base", {}), result.get("ctrl", {})):
+                if report.get("grid") and Path(report["grid"]).exists():
+                    mlflow.log_artifact(report["grid"])
+        for name in ("base", "ctrl", "optimum"):
             if name in result:
                 mlflow.log_metrics(_scalar_metrics(result[name], f"eval_{name}_"))
     return result

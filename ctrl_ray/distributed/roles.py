@@ -8,12 +8,13 @@ embeddings) ever travels: the learner publishes it once per policy version and w
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ctrl_ray.checkpoint import optimizer_tensors, restore_optimizer
-from ctrl_ray.finetune import FinetuneConfig, build_setup
+from ctrl_ray.finetune import FinetuneConfig, Setup, build_setup, evaluate_setup
 from ctrl_ray.objectives import update_rule
 from ctrl_ray.sampling.sampler import RolloutInputs
 
@@ -67,6 +68,11 @@ class Learner:
         metrics["version"] = self.version
         return metrics
 
+    def evaluate(self, out: str) -> dict[str, Any]:
+        """The evaluation protocol on the current policy, the base model and the exact optimum
+        at the run's gamma / alpha (grids written under ``out``)."""
+        return evaluate_setup(self.setup, self.config, Path(out))
+
     def checkpoint_state(self) -> tuple[dict, tuple[dict, dict], int]:
         """Adapter tensors, optimizer (tensors, layout) and version, for the driver to save."""
         return self.trainable_state(), optimizer_tensors(self.setup.optimizer), self.version
@@ -81,10 +87,10 @@ class Learner:
 class RolloutWorker:
     """Holds the frozen backbone and a copy of the adapter; samples its share of each batch."""
 
-    def __init__(self, config: FinetuneConfig, num_threads: int = 1):
+    def __init__(self, config: FinetuneConfig, num_threads: int = 1, setup: Setup | None = None):
         torch.set_num_threads(max(1, num_threads))
         self.config = config
-        self.setup = _on_device(build_setup(config))
+        self.setup = setup or _on_device(build_setup(config))
         self.rule = update_rule(config.mode)
         self.version = -1
         self.last_sync_seconds = 0.0

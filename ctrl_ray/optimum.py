@@ -1,0 +1,225 @@
+"""The exact optimum of CTRL's objective, without training: the yardstick for every policy.
+
+The optimum of J = E[gamma log p(y | x0, c)] - alpha KL(P || P_pre) samples
+p_pre(x | c) p(y | x, c)^(gamma / alpha). Self-normalised importance weighting of M base
+samples per context c by p(y | x0, c)^(gamma / alpha) estimates it for every target y: the
+weighted sample's labels (oracle, labeller or held-out judge), fidelity and reward are the
+expectations a resample of it would give, its KL to the base is sum_i w_i log(M w_i) (the
+limit of log M - H(w)), and the effective sample size 1 / sum_i w_i^2 says whether to trust
+it. Base samples come from the same discretised sampler the policies use, so discretisation
+error cancels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+
+from ctrl_ray.errors import InputError
+from ctrl_ray.evaluation import class_names, generate, save_grid
+from ctrl_ray.models.text_to_image import reward_view
+from ctrl_ray.scoring import get_scorer
+
+# images (N, C, H, W), labels name -> (N,), contexts (N,) or None -> log p(y | x0, c), (N,)
+ImageLogLikelihood = Callable[[torch.Tensor, dict, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass
+class OptimumConfig:
+    """The importance-sampling estimate: M base samples per context (shared by every target
+    and guidance level), the sampler, and the ESS below which a level is flagged."""
+
+    samples_per_context: int = 300
+    contexts: list[int] | None = None
+    guidance_levels: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0, 30.0, 100.0])
+    num_inference_steps: int = 50
+    eta: float = 1.0
+    seed: int = 20_000
+    batch_size: int = 256
+    min_ess: float = 20.0
+    scorers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.samples_per_context < 1:
+            raise InputError(f"samples_per_context must be >= 1, got {self.samples_per_context}")
+        if not self.guidance_levels or any(not level >= 0 for level in self.guidance_levels):
+            raise InputError(f"guidance_levels must be gamma / alpha values >= 0, got "
+                             f"{self.guidance_levels}")
+        if self.min_ess < 1:
+            raise InputError(f"min_ess must be >= 1, got {self.min_ess}")
+
+
+@dataclass
+class BasePool:
+    """M base samples per context: images, their labels by each label's scorer, the judge's
+    digit and log p(y | x) for every target y (a tuple of classes, one per label)."""
+
+    contexts: list[int]
+    context_of_row: np.ndarray                   # (N,)
+    images: torch.Tensor                         # (N, C, H, W)
+    labels: dict[str, np.ndarray]                # name -> (N,)
+    judged_digits: np.ndarray | None             # (N,)
+    log_likelihood: dict[tuple, np.ndarray]      # target -> (N,)
+    scorers: dict[str, str]
+
+
+def base_pool(model, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood, judge,
+              config: OptimumConfig) -> BasePool:
+    """Sample the base model M times per context and score every sample for every target."""
+    names = list(model.label_classes)
+    scorers = {name: get_scorer(name, label_info[name], config.scorers.get(name))
+               for name in names}
+    contexts = list(config.contexts) if config.contexts is not None else \
+        list(range(model.num_contexts or 1))
+    rows = [c for c in contexts for _ in range(config.samples_per_context)]
+    context_tensor = torch.tensor(rows) if model.num_contexts else None
+    unused = {name: torch.zeros(len(rows), dtype=torch.long) for name in names}
+    images, _ = generate(model, context_tensor, unused,
+                         [config.seed + i for i in range(len(rows))],
+                         num_inference_steps=config.num_inference_steps, eta=config.eta,
+                         from_reference=True, batch_size=config.batch_size)
+    targets = itertools.product(*(range(model.label_classes[name]) for name in names))
+    scores = {}
+    with torch.no_grad():
+        for target in targets:
+            labels = {name: torch.full((len(rows),), k, dtype=torch.long)
+                      for name, k in zip(names, target, strict=True)}
+            scores[target] = torch.cat([
+                log_likelihood(images[i:i + config.batch_size],
+                               {n: v[i:i + config.batch_size] for n, v in labels.items()},
+                               None if context_tensor is None else
+                               context_tensor[i:i + config.batch_size]).double().cpu()
+                for i in range(0, len(rows), config.batch_size)]).numpy()
+    digits = None
+    if judge is not None and context_tensor is not None:
+        gray = reward_view(images, channels=1, image_size=images.shape[-1]).numpy()
+        digits = judge.predict(gray)
+    return BasePool(contexts, np.asarray(rows), images,
+                    {name: scorers[name].label(images) for name in names}, digits, scores,
+                    {name: scorers[name].description for name in names})
+
+
+def tilted_weights(log_likelihood: np.ndarray, tilt: float) -> np.ndarray:
+    """Self-normalised weights proportional to p(y | x)^tilt (computed in log space)."""
+    logits = tilt * log_likelihood
+    weights = np.exp(logits - logits.max())
+    return weights / weights.sum()
+
+
+def weights_kl_and_ess(weights: np.ndarray) -> tuple[float, float]:
+    """KL(weighted || uniform) = sum_i w_i log(M w_i), and the effective sample size."""
+    positive = weights[weights > 0]
+    kl = float((positive * np.log(len(weights) * positive)).sum())
+    return kl, float(1.0 / (weights**2).sum())
+
+
+def optimum_at(pool: BasePool, label_info: dict[str, dict], tilt: float) -> dict:
+    """The optimum's report at gamma / alpha = ``tilt``, in the evaluation protocol's terms."""
+    names = list(pool.labels)
+    y_true = {name: [] for name in names}
+    y_pred = {name: [] for name in names}
+    sample_weight, joint, fidelity, reward, kls, esses = [], [], [], [], [], []
+    for target, log_likelihood in pool.log_likelihood.items():
+        for c in pool.contexts:
+            rows = np.flatnonzero(pool.context_of_row == c)
+            weights = tilted_weights(log_likelihood[rows], tilt)
+            kl, ess = weights_kl_and_ess(weights)
+            kls.append(kl)
+            esses.append(ess)
+            sample_weight.append(weights)
+            correct = np.ones(len(rows), dtype=bool)
+            for name, k in zip(names, target, strict=True):
+                y_true[name].append(np.full(len(rows), k))
+                y_pred[name].append(pool.labels[name][rows])
+                correct &= pool.labels[name][rows] == k
+            joint.append(float(weights @ correct))
+            reward.append(float(weights @ log_likelihood[rows]))
+            if pool.judged_digits is not None:
+                fidelity.append(float(weights @ (pool.judged_digits[rows] == c)))
+    weight = np.concatenate(sample_weight)
+    report: dict = {"gamma_over_alpha": tilt, "labels": {}}
+    for name in names:
+        true, pred = np.concatenate(y_true[name]), np.concatenate(y_pred[name])
+        classes = list(range(int(label_info[name]["num_classes"])))
+        report["labels"][name] = {
+            "accuracy": float(accuracy_score(true, pred, sample_weight=weight)),
+            "macro_f1": float(f1_score(true, pred, labels=classes, average="macro",
+                                       sample_weight=weight, zero_division=0)),
+            "per_class_f1": f1_score(true, pred, labels=classes, average=None,
+                                     sample_weight=weight, zero_division=0).round(4).tolist(),
+            "class_names": class_names(label_info[name]),
+            "scorer": pool.scorers[name],
+        }
+    report.update(joint_accuracy=float(np.mean(joint)), expected_reward=float(np.mean(reward)),
+                  kl=float(np.mean(kls)), ess_min=float(np.min(esses)),
+                  ess_mean=float(np.mean(esses)))
+    if fidelity:
+        report["fidelity"] = float(np.mean(fidelity))
+    if len(names) == 1:
+        report.update({k: report["labels"][names[0]][k] for k in ("accuracy", "macro_f1")})
+    return report
+
+
+def exact_optimum(model, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood, judge,
+                  config: OptimumConfig, grid_path: str | Path | None = None) -> dict:
+    """The optimum at every guidance level (and the base model at level 0), with the ESS
+    warning, and optionally a grid (rows = targets, columns = contexts) drawn from the optimum
+    at the first level."""
+    pool = base_pool(model, label_info, log_likelihood, judge, config)
+    levels = [optimum_at(pool, label_info, tilt) for tilt in config.guidance_levels]
+    for level in levels:
+        level["trustworthy"] = level["ess_min"] >= config.min_ess
+    result = {"samples_per_context": config.samples_per_context, "contexts": pool.contexts,
+              "num_inference_steps": config.num_inference_steps, "min_ess": config.min_ess,
+              "base": optimum_at(pool, label_info, 0.0), "levels": levels}
+    if grid_path is not None:
+        result["grid"] = str(_optimum_grid(pool, config.guidance_levels[0], config.seed,
+                                           grid_path))
+    return result
+
+
+def _optimum_grid(pool: BasePool, tilt: float, seed: int, path: str | Path) -> Path:
+    """One sample per (target, context), resampled from the optimum at ``tilt``."""
+    generator = np.random.default_rng(seed)
+    picks = []
+    for log_likelihood in pool.log_likelihood.values():
+        for c in pool.contexts:
+            rows = np.flatnonzero(pool.context_of_row == c)
+            picks.append(rows[generator.choice(len(rows), p=tilted_weights(
+                log_likelihood[rows], tilt))])
+    return save_grid(pool.images[picks], rows=len(pool.log_likelihood), path=path)
+
+
+def optimum_for_run(levels: Sequence[dict], tilt: float) -> dict | None:
+    """The level of an `exact_optimum` result at ``tilt`` (None if it was not estimated)."""
+    return next((level for level in levels if math.isclose(level["gamma_over_alpha"], tilt)),
+                None)
+
+
+def format_optimum(result: dict) -> str:
+    """One line per guidance level: what the reward can buy and at what KL."""
+    names = list(result["base"]["labels"])
+    header = "  gamma/alpha  " + "  ".join(f"{name + ' F1':>16}" for name in names)
+    header += "  joint acc  fidelity  E[log p(y|x)]  KL (nats)  ESS min"
+    lines = [f"exact optimum (importance-weighted base samples: {result['samples_per_context']} "
+             f"per context, {result['num_inference_steps']} steps)", header]
+    warnings = []
+    for level in [result["base"], *result["levels"]]:
+        label = "base" if level is result["base"] else f"{level['gamma_over_alpha']:g}"
+        f1s = "  ".join(f"{level['labels'][name]['macro_f1']:>16.3f}" for name in names)
+        fidelity = f"{level['fidelity']:.3f}" if "fidelity" in level else "   -"
+        lines.append(f"  {label:>11}  {f1s}  {level['joint_accuracy']:>9.3f}  {fidelity:>8}  "
+                     f"{level['expected_reward']:>13.3f}  {level['kl']:>9.2f}  "
+                     f"{level['ess_min']:>7.1f}")
+        if level is not result["base"] and not level["trustworthy"]:
+            warnings.append(f"  warning: at gamma/alpha {label} the effective sample size falls "
+                            f"to {level['ess_min']:.1f} (< {result['min_ess']:g}): the estimate "
+                            f"is not trustworthy; raise samples_per_context")
+    return "\n".join(lines + warnings)

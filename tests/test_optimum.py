@@ -1,0 +1,98 @@
+"""The exact-optimum yardstick: importance weighting of base samples matches the closed-form
+tilted posterior on the analytic mixture, and `ctrl-ray reward audit` reports it end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_theorem import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, MEANS, WEIGHTS, mixture_backbone
+
+from ctrl_ray.cli import main
+from ctrl_ray.optimum import BasePool, optimum_at, tilted_weights, weights_kl_and_ess
+
+VARIANCE = 0.12
+
+
+def closed_form(y: int, tilt: float) -> dict[str, float]:
+    """P(x_1 > 0), E[x_1] and KL to p_pre of p_pre(x) p(y | x)^tilt / Z, by quadrature: the
+    classifier reads x_1 only, so the first coordinate's mixture marginal is all it takes."""
+    x = np.linspace(-6, 6, 200_001)
+    density = sum(w * np.exp(-(x - m[0]) ** 2 / (2 * VARIANCE)) / math.sqrt(2 * math.pi * VARIANCE)
+                  for w, m in zip(WEIGHTS, MEANS, strict=True))
+    logits = float(CLASSIFIER_WEIGHT[0]) * x + CLASSIFIER_BIAS
+    likelihood = 1 / (1 + np.exp(-logits if y == 1 else logits))
+    tilted = density * likelihood**tilt
+    z = np.trapezoid(tilted, x)
+    posterior = tilted / z
+    return {"p_positive": float(np.trapezoid(posterior * (x > 0), x)),
+            "mean": float(np.trapezoid(posterior * x, x)),
+            "kl": float(np.trapezoid(posterior * np.log(likelihood**tilt / z), x))}
+
+
+@pytest.fixture(scope="module")
+def mixture_pool() -> BasePool:
+    """20,000 exact samples of the mixture, labelled by the sign of x_1 (the 'oracle')."""
+    x = mixture_backbone().sample(20_000, generator=torch.Generator().manual_seed(0)).double()
+    logits = (x @ CLASSIFIER_WEIGHT.double() + CLASSIFIER_BIAS).numpy()
+    log_likelihood = {(0,): -np.logaddexp(0, logits), (1,): -np.logaddexp(0, -logits)}
+    return BasePool(contexts=[0], context_of_row=np.zeros(len(x), dtype=int),
+                    images=x, labels={"y": (x[:, 0] > 0).long().numpy()}, judged_digits=None,
+                    log_likelihood=log_likelihood, scorers={"y": "sign of x_1"}), x
+
+
+@pytest.mark.parametrize("tilt", [1.0, 3.0])
+def test_weighted_base_samples_match_the_closed_form_posterior(mixture_pool, tilt):
+    pool, x = mixture_pool
+    report = optimum_at(pool, {"y": {"num_classes": 2}}, tilt)
+    kls = []
+    for y in (0, 1):
+        exact = closed_form(y, tilt)
+        weights = tilted_weights(pool.log_likelihood[(y,)], tilt)
+        kl, ess = weights_kl_and_ess(weights)
+        assert ess > 2_000
+        assert abs(kl - exact["kl"]) < 0.03, (y, kl, exact)
+        assert abs(float(weights @ x[:, 0].numpy()) - exact["mean"]) < 0.03
+        kls.append(exact["kl"])
+    # The labels are x_1 > 0: for target y = 1 the optimum is "correct" with P(x_1 > 0 | y = 1),
+    # for y = 0 with P(x_1 <= 0 | y = 0); accuracy averages the two targets.
+    expected_accuracy = (closed_form(1, tilt)["p_positive"]
+                         + 1 - closed_form(0, tilt)["p_positive"]) / 2
+    assert abs(report["accuracy"] - expected_accuracy) < 0.02
+    assert abs(report["kl"] - np.mean(kls)) < 0.03
+    assert report["ess_min"] > 2_000
+
+
+def test_flat_weights_are_the_base_with_zero_kl(mixture_pool):
+    pool, _ = mixture_pool
+    report = optimum_at(pool, {"y": {"num_classes": 2}}, 0.0)
+    assert report["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert report["ess_min"] == pytest.approx(20_000)
+
+
+def test_reward_audit_cli_reports_the_optimum(tiny_base, tiny_reward, tiny_judge, tmp_path,
+                                              capsys):
+    out = tmp_path / "audit"
+    args = ["reward", "audit", "--base", str(tiny_base.model_dir), "--reward", str(tiny_reward),
+            "--judge", str(tiny_judge), "--guidance-levels", "1,10,1000", "--samples", "12",
+            "--steps", "4", "--out", str(out), "--set", "optimum.contexts=[0, 1]"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "exact optimum" in printed and "gamma/alpha" in printed
+    assert "warning: at gamma/alpha 1000" in printed  # 12 samples cannot carry that tilt
+    result = json.loads((out / "audit.json").read_text())
+    assert (out / "optimum_grid.png").is_file()
+    base, levels = result["base"], result["levels"]
+    assert base["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert [level["gamma_over_alpha"] for level in levels] == [1.0, 10.0, 1000.0]
+    assert 0 < levels[0]["kl"] < levels[1]["kl"] <= math.log(12) + 1e-9
+    assert levels[0]["expected_reward"] > base["expected_reward"]
+    assert levels[-1]["trustworthy"] is False and levels[0]["ess_min"] > levels[1]["ess_min"]
+    # An existing audit is not replaced unasked.
+    before = (out / "audit.json").read_bytes()
+    assert main(args) == 2
+    assert "output_dir" in capsys.readouterr().err
+    assert (out / "audit.json").read_bytes() == before
