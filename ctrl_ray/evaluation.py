@@ -1,10 +1,11 @@
-"""Evaluation of generated samples: oracle labels, fidelity, class histograms and sample grids."""
+"""Evaluation of generated samples: labels of y (by the oracle, the user's labeller or the
+held-out judge: `ctrl_ray.scoring`), fidelity, class histograms and sample grids."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,12 @@ import torch
 from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-from ctrl_ray.data.oracles import label_images
+from ctrl_ray.errors import InputError
 from ctrl_ray.models.text_to_image import reward_view
+from ctrl_ray.scoring import get_scorer, label_images_for
+
+__all__ = ["EvaluationConfig", "class_histogram", "evaluate", "format_report", "generate",
+           "image_grid", "label_images_for", "save_grid"]
 
 
 def image_grid(images: np.ndarray | torch.Tensor, rows: int, scale: int = 4) -> Image.Image:
@@ -87,7 +92,9 @@ def generate(model, contexts: torch.Tensor | None, labels: dict[str, torch.Tenso
 
 @dataclass
 class EvaluationConfig:
-    """The protocol of DESIGN section 4: M samples per target (y, c), oracle-labelled."""
+    """The protocol of DESIGN section 4: M samples per target (y, c), each labelled by its
+    label's scorer. `scorers` overrides it per label: "oracle", "module:function" (or
+    "file.py:function"), or a judge directory."""
 
     samples_per_target: int = 8
     contexts: list[int] | None = None
@@ -95,17 +102,27 @@ class EvaluationConfig:
     eta: float = 1.0
     seed: int = 10_000
     batch_size: int = 256
+    scorers: dict[str, str] = field(default_factory=dict)
 
 
 def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig,
              grid_path: str | Path | None = None, from_reference: bool = False) -> dict:
-    """Generate M samples for every (y, c), label them with the oracles and score them.
+    """Generate M samples for every (y, c), label them with each label's scorer (oracle,
+    labeller or held-out judge) and score them.
 
-    Returns per-label accuracy, macro-F1, per-class F1 and confusion matrix, the joint accuracy
-    over all labels, digit fidelity (judge vs c) and the mean path KL to the pre-trained model.
-    `from_reference=True` scores the pre-trained model on the same targets (the baseline).
+    Returns per-label accuracy, macro-F1, per-class F1 and confusion matrix (with the class
+    names and the scorer used), the joint accuracy over all labels, digit fidelity (judge vs c)
+    and the mean path KL to the pre-trained model. `from_reference=True` scores the
+    pre-trained model on the same targets (the baseline).
     """
     names = list(model.label_classes)
+    overrides = dict(getattr(config, "scorers", None) or {})
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise InputError(f"evaluation.scorers.{unknown[0]}: the model has no label "
+                         f"{unknown[0]!r} (labels: {names})")
+    # Resolve every scorer before sampling, so a missing judge fails before the work.
+    scorers = {name: get_scorer(name, label_info[name], overrides.get(name)) for name in names}
     contexts = list(config.contexts) if config.contexts is not None else \
         list(range(model.num_contexts or 1))
     targets = list(itertools.product(*(range(model.label_classes[n]) for n in names)))
@@ -119,15 +136,16 @@ def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig
                                num_inference_steps=config.num_inference_steps, eta=config.eta,
                                from_reference=from_reference, batch_size=config.batch_size,
                                compute_kl=not from_reference)
-    # The oracles label grayscale images: an RGB model's images are seen as their luma.
+    # The digit judge reads grayscale images: an RGB model's images are seen as their luma.
     array = reward_view(images, channels=1, image_size=images.shape[-1]).numpy()
 
-    report: dict = {"num_samples": len(rows), "labels": {}}
+    report: dict = {"num_samples": len(rows), "labels": {},
+                    "scorers": {name: scorer.description for name, scorer in scorers.items()}}
     correct_all = np.ones(len(rows), dtype=bool)
     for name in names:
         info = label_info[name]
         wanted = labels[name].numpy()
-        got = label_images(array, name, info["edges"])
+        got = scorers[name].label(images)
         classes = list(range(info["num_classes"]))
         correct_all &= got == wanted
         report["labels"][name] = {
@@ -138,6 +156,9 @@ def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig
                                      zero_division=0).round(4).tolist(),
             "confusion_matrix": confusion_matrix(wanted, got, labels=classes).tolist(),
             "histogram": class_histogram(got, info["num_classes"]),
+            "class_names": class_names(info),
+            "scorer": scorers[name].description,
+            "scorer_kind": scorers[name].kind,
         }
     report["joint_accuracy"] = float(correct_all.mean())
     if judge is not None and context_tensor is not None:
@@ -151,13 +172,25 @@ def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig
     return report
 
 
+def class_names(info: dict) -> list[str]:
+    """A label's class names from its `label_info` entry, else "0", "1", ..."""
+    names = info.get("class_names")
+    if isinstance(names, list) and len(names) == int(info["num_classes"]):
+        return [str(name) for name in names]
+    return [str(k) for k in range(int(info["num_classes"]))]
+
+
 def format_report(report: dict, title: str) -> str:
     """A few aligned lines: per label accuracy / macro-F1 / per-class F1, then fidelity and KL."""
     lines = [title]
     for name, scores in report["labels"].items():
-        per_class = " ".join(f"{f:.2f}" for f in scores["per_class_f1"])
+        names = scores.get("class_names") or [str(k) for k in range(len(scores["per_class_f1"]))]
+        per_class = ", ".join(f"{label} {f:.2f}" for label, f in
+                              zip(names, scores["per_class_f1"], strict=True))
         lines.append(f"  {name:<16} accuracy {scores['accuracy']:.3f}  macro-F1 "
                      f"{scores['macro_f1']:.3f}  per-class F1 [{per_class}]")
+        if "scorer" in scores:
+            lines.append(f"  {'':<16} scored by {scores['scorer']}")
     if "fidelity" in report:
         lines.append(f"  {'fidelity':<16} {report['fidelity']:.3f}")
     lines.append(f"  {'mean path KL':<16} {report['mean_kl']:.2f} nats")

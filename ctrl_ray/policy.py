@@ -88,11 +88,28 @@ def evaluate_model(uri: str | Path, config: EvaluationConfig, judge_path: str | 
     return report
 
 
-def sample_grid(uri: str | Path, context: int | str | None, label: int, count: int, seed: int,
-                out: str | Path, guidance_scale: float | None = None) -> Path:
+def class_index(label: int | str, name: str, num_classes: int, info: dict[str, Any]) -> int:
+    """A class given as an index (-1: unconditional) or by its name in `info["class_names"]`."""
+    names = [str(n) for n in info.get("class_names") or []]
+    if isinstance(label, str) and label.strip() in names:
+        return names.index(label.strip())
+    try:
+        index = int(label)
+    except (TypeError, ValueError):
+        index = None
+    if index is None or not -1 <= index < num_classes:
+        named = f" or one of {names}" if names else ""
+        raise InputError(f"y {label!r}: label {name!r} has classes 0..{num_classes - 1}"
+                         f"{named} (or -1 for unconditional)")
+    return index
+
+
+def sample_grid(uri: str | Path, context: int | str | None, label: int | str, count: int,
+                seed: int, out: str | Path, guidance_scale: float | None = None) -> Path:
     """`count` samples for context `context` (a digit, a prompt index, or a prompt string for a
-    text-to-image model) and class `label` (-1: unconditional) as a PNG row. `guidance_scale`
-    overrides a text model's classifier-free guidance (default: the one it was trained with)."""
+    text-to-image model) and class `label` (an index or class name; -1: unconditional) as a PNG
+    row. `guidance_scale` overrides a text model's classifier-free guidance (default: the one it
+    was trained with)."""
     loaded = load_any(uri)
     model = loaded.model
     if guidance_scale is not None:
@@ -110,10 +127,8 @@ def sample_grid(uri: str | Path, context: int | str | None, label: int, count: i
         raise InputError(f"--c/--prompt: {err}") from None
     labels = {}
     for name, num_classes in model.label_classes.items():
-        if not -1 <= label < num_classes:
-            raise InputError(f"--y {label}: label {name!r} has classes 0..{num_classes - 1} "
-                             f"(or -1 for unconditional)")
-        labels[name] = torch.full((count,), num_classes if label < 0 else label)
+        index = class_index(label, name, num_classes, loaded.label_info.get(name, {}))
+        labels[name] = torch.full((count,), num_classes if index < 0 else index)
     images, _ = generate(model, contexts, labels,
                          [seed + i for i in range(count)], from_reference=not loaded.fine_tuned,
                          **loaded.sampling)

@@ -4,8 +4,9 @@ Artifacts: `base_model` (a base-model directory, e.g. a Stable-Diffusion-format 
 for a fine-tuned model, `adapter` (a CTRL checkpoint directory, which records the backbone's
 kind, prompts and guidance scale). `predict` takes a DataFrame with columns `c` (context: a
 class id, or a prompt string or prompt index for a text-to-image model), `seed`
-and, for a fine-tuned model, one column per label (`y` works for a single label; -1 or a
-missing column means unconditional) and returns one image per row, deterministic per seed.
+and, for a fine-tuned model, one column per label (`y` works for a single label; a class
+index or class name; -1 or a missing column means unconditional) and returns one image per
+row, deterministic per seed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class CtrlDiffusionModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         from ctrl_ray.evaluation import generate
-        from ctrl_ray.policy import context_indices
+        from ctrl_ray.policy import class_index, context_indices
 
         frame = pd.DataFrame(model_input)
         if "c" not in frame.columns:
@@ -37,7 +38,10 @@ class CtrlDiffusionModel(mlflow.pyfunc.PythonModel):
         labels = {}
         for name, num_classes in self.policy.model.label_classes.items():
             column = name if name in frame.columns else "y"
-            values = frame[column].to_numpy() if column in frame.columns else -np.ones(len(frame))
+            info = self.policy.label_info.get(name, {})  # y may be a class name
+            values = np.asarray([class_index(value, name, num_classes, info)
+                                 for value in frame[column]] if column in frame.columns
+                                else -np.ones(len(frame)), dtype=np.int64)
             values = np.where(values < 0, num_classes, values)
             labels[name] = torch.tensor(values, dtype=torch.long)
         images, _ = generate(self.policy.model, contexts, labels, seeds,
