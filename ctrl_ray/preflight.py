@@ -159,10 +159,10 @@ def check_range(value: Any, key: str, low: float, high: float = math.inf) -> Non
 # ------------------------------------------------------------------ the cluster
 
 
-def check_cluster_address(address: str | None, key: str,
-                          timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Fail within `timeout_s` when the Ray cluster at `address` (or RAY_ADDRESS) does not
-    answer, instead of letting `ray.init` wait for it forever."""
+def check_cluster_address(address: str | None, key: str, timeout_s: float | None = None) -> None:
+    """Fail within `timeout_s` (default CTRL_RAY_CONNECT_TIMEOUT, 10 s) when the Ray cluster at
+    `address` (or RAY_ADDRESS) does not answer, instead of letting `ray.init` wait forever."""
+    timeout_s = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
     address = address or os.environ.get("RAY_ADDRESS")
     if not address or address in ("auto", "local"):
         return
@@ -181,9 +181,34 @@ def check_cluster_address(address: str | None, key: str,
     try:
         socket.create_connection((host, int(port_text)), timeout=timeout_s).close()
     except OSError as err:
-        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or str(err))
-        raise InputError(f"{key}: the Ray cluster at {address!r} does not answer "
-                         f"({reason} within {timeout_s:g} s)") from None
+        reason = f"no answer within {timeout_s:g} s" if isinstance(err, TimeoutError) else \
+            (err.strerror or str(err)).lower()
+        raise InputError(f"{key}: no Ray cluster answers at {address!r} ({reason})") from None
+    if default_port == 6379:  # a GCS address: ask it for the cluster id, as ray.init will
+        _probe_gcs(f"{host}:{port_text}", address, key, timeout_s)
+
+
+def _probe_gcs(target: str, address: str, key: str, timeout_s: float) -> None:
+    """Something accepted the connection: fail unless it answers as a Ray GCS (the stub of
+    the installed Ray, whose version the cluster must share) within `timeout_s`."""
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:
+        return
+    with grpc.insecure_channel(target) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+        except grpc.RpcError as err:
+            code = err.code()
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                return  # a Ray GCS that wants a token: ray.init will present it
+            reason = f"no answer within {timeout_s:g} s" \
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED else \
+                f"what listens there is not a Ray GCS: {code.name}"
+            raise InputError(f"{key}: no Ray cluster answers at {address!r} ({reason})") \
+                from None
 
 
 # ------------------------------------------------------------------ per command

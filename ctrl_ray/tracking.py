@@ -176,10 +176,10 @@ def register_policy(policy_dir: str | Path, name: str = "ctrl-digits",
     if not Path(policy_dir).is_dir():
         raise InputError(f"--policy: folder not found: {str(policy_dir)!r}")
     configure()
-    spec = read_policy_spec(policy_dir)
     loaded = load_any(policy_dir)  # the whole policy must load before a version is created
     if not loaded.fine_tuned:
         raise InputError(f"--policy: {str(policy_dir)!r} holds a base model, not a CTRL policy")
+    spec = read_policy_spec(policy_dir)
     base = resolve_artifacts(spec["base_model"])
     base_dir = base.get("base_model") or base["model"]
     artifacts = {"base_model": base_dir, "adapter": Path(policy_dir)}
