@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ctrl_ray import tracking
+from ctrl_ray.config import SEED, check_bounds
 from ctrl_ray.data.digits import DigitsDataset, ensure_digits
 from ctrl_ray.data.oracles import label_images
 from ctrl_ray.evaluation import class_histogram, generate, save_grid
@@ -31,6 +32,9 @@ class JudgeConfig:
     epochs: int = 20
     seed: int = 0
 
+    def __post_init__(self):
+        check_bounds(self, epochs="[1, 100000]", seed=SEED)
+
 
 @dataclass
 class DemoSamplingConfig:
@@ -38,6 +42,10 @@ class DemoSamplingConfig:
     num_inference_steps: int = 50
     eta: float = 1.0
     seed: int = 1234
+
+    def __post_init__(self):
+        check_bounds(self, samples_per_digit="[1, 10000]", num_inference_steps="[1, 10000]",
+                     eta="[0, 100]", seed=SEED)
 
 
 @dataclass

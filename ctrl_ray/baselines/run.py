@@ -28,7 +28,7 @@ from ctrl_ray.baselines.classifier_guidance import (
 from ctrl_ray.baselines.dps import DPSModel, reward_terms
 from ctrl_ray.checkpoint import load_policy, policy_spec, read_policy_spec, save_policy
 from ctrl_ray.config import flatten, load_config, to_dict
-from ctrl_ray.data.digits import ensure_digits
+from ctrl_ray.data.digits import require_digits
 from ctrl_ray.data.pairs import PairSet, load_pairs, make_pairs
 from ctrl_ray.errors import InputError
 from ctrl_ray.evaluation import EvaluationConfig, evaluate, format_report
@@ -49,7 +49,8 @@ BASELINE_KINDS = ("cfg", "cg", "dps")
 
 @dataclass
 class PairsConfig:
-    """One offline pair set; drawn from the dataset's train split when the file is missing."""
+    """One offline pair set; drawn from the dataset's train split when the file is missing
+    (the dataset itself must exist: `ctrl-ray data build-digits`)."""
 
     label: str = "compress_class"
     num_pairs: int = 1000
@@ -138,7 +139,7 @@ class BuiltBaseline:
 
 def ensure_pairs(spec: PairsConfig, dataset: str, size: int, field_name: str) -> PairSet:
     """Load the pair set at ``spec.path``, drawing it from ``dataset`` first if it is missing."""
-    ensure_digits(dataset, size=size)
+    require_digits(dataset, size=size, key="dataset")
     path = Path(spec.path)
     if not path.exists():
         make_pairs(dataset, spec.label, spec.num_pairs, path, seed=spec.seed)
@@ -169,7 +170,7 @@ def build_cfg(config: CFGBaselineConfig, base: BaseModel, out: Path,
         return BuiltBaseline(CFGModel(model, config.guidance_scale), spec["label_info"],
                              spec.get("cfg", {}).get("label_counts", {}),
                              {"loaded_from": config.model})
-    dataset = ensure_digits(config.dataset, size=base.image_shape[-1])
+    dataset = require_digits(config.dataset, size=base.image_shape[-1], key="dataset")
     pair_sets = _pair_sets(config, base)
     triplets = build_triplets(pair_sets, dataset)
     adapter = config.adapter
