@@ -99,6 +99,9 @@ def train_reward_job(config: RewardJobConfig, progress: bool = True) -> dict[str
         heldout = reward.meta.get("heldout")
         if heldout is not None:
             test_accuracy, test_on = heldout["accuracy"], "the pair set's held-out rows"
+            if reward.meta.get("heldout_drawn"):
+                test_on = (f"{heldout['num_rows']} rows held out here (stratified; the pair set "
+                           f"records no split)")
         else:
             test_accuracy, test_on = digits_test_accuracy(config, reward), "the digits test split"
         metrics = {"val_accuracy": report.val_accuracy or 0.0,
