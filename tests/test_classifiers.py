@@ -280,3 +280,36 @@ def test_loading_missing_or_corrupted_weights_raises_input_error(tmp_path):
     (mismatched / WEIGHTS_FILE).write_bytes((tmp_path / "other" / WEIGHTS_FILE).read_bytes())
     with pytest.raises(InputError, match="shape"):
         load_classifier(mismatched)
+
+
+def test_scorers_oracle_labeller_and_missing_judge(tmp_path):
+    """Every label's samples are labelled by its scorer; a bad labeller or a missing judge is
+    one clear InputError."""
+    from ctrl_ray.data.oracles import label_images
+    from ctrl_ray.scoring import get_scorer, label_images_for
+
+    images = np.random.default_rng(0).uniform(-1, 1, (6, 1, 8, 8)).astype(np.float32)
+    info = {"num_classes": 4, "edges": [0.4, 0.5, 0.6]}
+    expected = label_images(images, "ink_class", info["edges"])
+    assert get_scorer("ink_class", info).kind == "oracle"
+    np.testing.assert_array_equal(label_images_for(images, "ink_class", info), expected)
+    rgb = np.repeat(images, 3, axis=1)  # an RGB image is seen by the oracle as its luma
+    np.testing.assert_allclose(label_images_for(rgb, "ink_class", info), expected)
+
+    (tmp_path / "mine.py").write_text(
+        "import numpy as np\n"
+        "def names(x):\n    return np.where(x.mean(axis=(1, 2, 3)) > 0, 'b', 'a')\n"
+        "def wrong(x):\n    return np.full(len(x), 5)\n"
+        "def short(x):\n    return np.zeros(2, int)\n")
+    own = {"num_classes": 2, "edges": [], "class_names": ["a", "b"]}
+    got = label_images_for(images, "own", own, override=f"{tmp_path}/mine.py:names")
+    np.testing.assert_array_equal(got, (images.mean(axis=(1, 2, 3)) > 0).astype(int))
+    for function, message in (("wrong", "returned class 5"), ("short", r"returned shape \(2,\)"),
+                              ("absent", "has no function 'absent'")):
+        with pytest.raises(InputError, match=message):
+            label_images_for(images, "own", own, override=f"{tmp_path}/mine.py:{function}")
+    with pytest.raises(InputError, match="no built-in oracle and no judge or labeller"):
+        get_scorer("own", own)
+    gone = {**own, "scorer": {"kind": "judge", "path": str(tmp_path / "gone")}}
+    with pytest.raises(InputError, match="judge directory .* is missing"):
+        get_scorer("own", gone)

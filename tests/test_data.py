@@ -24,6 +24,7 @@ from ctrl_ray.data import (
     load_pairs,
     make_pairs,
     quartile_edges,
+    save_pairs,
     to_uint8,
     write_table,
 )
@@ -336,3 +337,25 @@ def test_pairset_from_arrays_validates():
     images[1, 2, 2] = np.nan
     with pytest.raises(InputError, match="images: image 1"):
         PairSet.from_arrays(images, [0, 1, 2], "x", num_classes=4)
+
+
+def test_pairset_class_names_and_heldout_split_round_trip(tmp_path):
+    images = np.linspace(-1, 1, 4 * 3 * 8 * 8, dtype=np.float32).reshape(4, 3, 8, 8)  # RGB
+    heldout = np.array([False, True, False, True])
+    pairs = PairSet.from_arrays(images, [0, 0, 1, 1], "shade", num_classes=2,
+                                class_names=["dark", "light"], heldout=heldout)
+    loaded = load_pairs(save_pairs(pairs, tmp_path / "pairs.parquet"))
+    assert loaded.image_shape == (3, 8, 8) and loaded.class_names == ["dark", "light"]
+    assert loaded.heldout.tolist() == heldout.tolist()
+    assert loaded.class_counts("heldout") == {"dark": 1, "light": 1}
+    np.testing.assert_array_equal(loaded.subset("train").images, images[~heldout])
+    with pytest.raises(InputError, match="class_names: names must be unique"):
+        PairSet.from_arrays(images, [0, 0, 1, 1], "shade", num_classes=2,
+                            class_names=["dark", "dark"])
+    with pytest.raises(InputError, match="class_names: 1 names for 2 classes"):
+        PairSet.from_arrays(images, [0, 0, 1, 1], "shade", num_classes=2, class_names=["a"])
+    table = pq.read_table(tmp_path / "pairs.parquet")
+    split = pa.array(["train", "test", "train", "heldout"])
+    path = rewrite(tmp_path / "bad.parquet", table.set_column(2, "split", split))
+    with pytest.raises(InputError, match="split: row 1 .* has 'test'"):
+        load_pairs(path)
