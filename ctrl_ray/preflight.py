@@ -131,6 +131,9 @@ def check_model_ref(ref: str | os.PathLike, key: str) -> None:
 
     from ctrl_ray import tracking
 
+    if not store_exists():
+        raise InputError(f"{key}: {text!r} is not in the registry (there is no MLflow store "
+                         f"at {tracking.tracking_uri()})")
     tracking.configure()
     name, _, which = text.removeprefix("models:/").partition("@")
     client = MlflowClient()
@@ -145,6 +148,15 @@ def check_model_ref(ref: str | os.PathLike, key: str) -> None:
                 raise InputError(f"{key}: registered model {name!r} has no versions")
     except mlflow.exceptions.MlflowException as err:
         raise InputError(f"{key}: {text!r} is not in the registry ({err.message})") from None
+
+
+def store_exists() -> bool:
+    """False for a local SQLite store that has not been created yet (reading it would create
+    it, a new file in the user's folder): it holds no runs and no models."""
+    from ctrl_ray import tracking
+
+    uri = tracking.tracking_uri()
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
 
 
 def check_range(value: Any, key: str, low: float, high: float = math.inf) -> None:
@@ -452,15 +464,12 @@ def demo(config, overwrite: bool) -> None:
         check_output(config.judge.path, "judge.path", kind="dir")
     _check_unet(config.pretrain.model, "pretrain.model")
     name = config.pretrain.registered_model
-    if not (config.reuse_registered_base and name):
+    from ctrl_ray import tracking
+
+    if not (config.reuse_registered_base and name and store_exists()
+            and tracking.latest_version(name) is not None):  # the demo pre-trains
         check_output(config.pretrain.output_dir, "pretrain.output_dir", kind="dir",
                      inputs=[("pretrain.data.path", data.path)], overwrite=overwrite)
-    else:
-        from ctrl_ray import tracking
-
-        if tracking.latest_version(name) is None:
-            check_output(config.pretrain.output_dir, "pretrain.output_dir", kind="dir",
-                         inputs=[("pretrain.data.path", data.path)], overwrite=overwrite)
     inputs = [("pretrain.data.path", data.path), ("judge.path", config.judge.path)]
     if config.reward.dataset != data.path:
         require_digits(config.reward.dataset, config.reward.size, key="reward.dataset")

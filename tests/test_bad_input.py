@@ -393,3 +393,19 @@ def test_output_checks_name_every_problem(tmp_path):
     ]:
         with pytest.raises(InputError, match=message):
             preflight.check_output(path, "out", kind=kind)
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--set", "output_dir=NOTES"],
+    ["sample", "--model", "models:/ctrl-digits@champion", "--c", "1", "--out", "s.png"],
+    ["registry", "promote", "ctrl-digits", "1", "latest"],
+], ids=["demo", "sample-uri", "promote"])
+def test_a_fresh_folder_gets_no_mlflow_store_from_bad_input(argv, tmp_path, capsys,
+                                                             monkeypatch):
+    """Without MLFLOW_TRACKING_URI the store is ./mlflow.db; bad input must not create it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    (tmp_path / "NOTES").write_text("notes\n")
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["NOTES"]
