@@ -196,7 +196,8 @@ def check_cluster_address(address: str | None, key: str, timeout_s: float | None
         reason = f"no answer within {timeout_s:g} s" if isinstance(err, TimeoutError) else \
             (err.strerror or str(err)).lower()
         raise InputError(f"{key}: no Ray cluster answers at {address!r} ({reason})") from None
-    if default_port == 6379:  # a GCS address: ask it for the cluster id, as ray.init will
+    tls = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
+    if default_port == 6379 and not tls:  # a GCS address: ask for the cluster id, as ray.init
         _probe_gcs(f"{host}:{port_text}", address, key, timeout_s)
 
 
