@@ -46,8 +46,19 @@ class _AtomicDirectory:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write `data` as indented, key-sorted JSON."""
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Write `data` as indented, key-sorted JSON: to a temporary sibling, then moved into place
+    (a failure, even while serialising, leaves the old file as it was)."""
+    path = Path(path)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would differ from a plainly written file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: Path, what: str) -> Any:
