@@ -50,3 +50,31 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- a list\n- not a mapping\n")
     with pytest.raises(InputError, match="expected a mapping"):
         load_config(PretrainConfig, bad)
+
+
+def test_exponent_floats_and_one_line_yaml_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  lr: 1e-3\n  weight_decay: 5E-4\n")
+    config = load_config(PretrainConfig, path, ["training.ema_decay=9e-1"])
+    assert (config.training.lr, config.training.weight_decay) == (1e-3, 5e-4)
+    assert config.training.ema_decay == 0.9
+    path.write_text("training:\n  steps: [1, 2\n  lr: 3\n")
+    with pytest.raises(InputError) as caught:
+        load_config(PretrainConfig, path)
+    assert "\n" not in str(caught.value) and "line 3, column" in str(caught.value)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("finetune.objective.batch_size=0", "'finetune.objective.batch_size'"),
+    ("finetune.distributed.workers=-1", "'finetune.distributed.workers'"),
+    ("finetune.objective.nope=1", "'finetune.objective.nope'"),
+    ("pretrain.training.steps=0", "'pretrain.training.steps'"),
+    ("reward.training.lr=0", "'reward.training.lr'"),
+    ("finetune.evaluation.samples_per_target=0", "'finetune.evaluation.samples_per_target'"),
+])
+def test_nested_errors_name_the_full_dotted_key(override, key):
+    from ctrl_ray.demo import DemoConfig
+
+    with pytest.raises(InputError) as caught:
+        load_config(DemoConfig, overrides=[override])
+    assert key in str(caught.value)
