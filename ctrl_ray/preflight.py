@@ -175,8 +175,11 @@ def check_cluster_address(address: str | None, key: str, timeout_s: float | None
     """Fail within `timeout_s` (default CTRL_RAY_CONNECT_TIMEOUT, 10 s) when the Ray cluster at
     `address` (or RAY_ADDRESS) does not answer, instead of letting `ray.init` wait forever."""
     timeout_s = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address or address in ("auto", "local"):
+    if os.environ.get("RAY_ADDRESS"):  # ray.init lets RAY_ADDRESS win over its argument
+        address, key = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if address == "auto":
+        address = _running_cluster(key)
+    if not address or address == "local":
         return
     text = address.strip()
     default_port = 6379
@@ -199,6 +202,19 @@ def check_cluster_address(address: str | None, key: str, timeout_s: float | None
     tls = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
     if default_port == 6379 and not tls:  # a GCS address: ask for the cluster id, as ray.init
         _probe_gcs(f"{host}:{port_text}", address, key, timeout_s)
+
+
+def _running_cluster(key: str) -> str | None:
+    """The address `ray.init(address="auto")` would join; InputError if there is none."""
+    try:
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:
+        return None
+    try:
+        return get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        raise InputError(f"{key}: 'auto' finds no running Ray cluster on this machine (start "
+                         f"one with `ray start --head`, or give its host:port)") from None
 
 
 def _probe_gcs(target: str, address: str, key: str, timeout_s: float) -> None:

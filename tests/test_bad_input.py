@@ -409,3 +409,15 @@ def test_a_fresh_folder_gets_no_mlflow_store_from_bad_input(argv, tmp_path, caps
     code, _, err = _run(argv, capsys)
     assert code == 2 and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["NOTES"]
+
+
+def test_ray_address_from_the_environment_is_probed_too(workspace, capsys, monkeypatch):
+    root, paths, watched = workspace
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    before = _snapshot(watched)
+    code, _, err = _run(["finetune", "--config", paths["finetune_yaml"], "--workers", "1"],
+                        capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "RAY_ADDRESS" in err and "127.0.0.1:1" in err
+    assert _snapshot(watched) == before
