@@ -30,6 +30,7 @@ SAMPLE = ["sample", "--model", "{policy}", "--c", "1", "--y", "0"]
 BASELINE = ["--config", "{baseline_yaml}"]
 TUNE = ["tune", "--config", "{tune_yaml}"]
 DEMO = ["demo", "--config", "{demo_yaml}"]
+AUDIT = ["reward", "audit", "--base", "{base}", "--reward", "{reward}", "--judge", "{judge}"]
 
 CASES = [
     # -- config files and --set overrides
@@ -110,6 +111,11 @@ CASES = [
     ("reward-epochs", [*REWARD, "--set", "training.epochs=0"], "training.epochs"),
     ("reward-out-is-pairs", [*REWARD, "--set", "output_dir=data/pairs8.parquet"], "output_dir"),
     ("reward-out-file", [*REWARD, "--set", "output_dir=NOTES"], "NOTES"),
+    ("audit-base-missing", [*AUDIT, "--base", "missing_base"], "missing_base"),
+    ("audit-reward-missing", ["reward", "audit", "--base", "{base}", "--reward",
+                              "missing_reward", "--judge", "{judge}"], "missing_reward"),
+    ("audit-out-file", [*AUDIT, "--out", "NOTES"], "NOTES"),
+    ("audit-out-is-reward", [*AUDIT, "--out", "{reward}"], "output_dir"),
     # -- finetune
     ("finetune-iterations", [*FINETUNE, "--set", "iterations=-3"], "iterations"),
     ("finetune-workers-neg", [*FINETUNE, "--workers", "-1"], "distributed.workers"),
@@ -242,7 +248,8 @@ def workspace(tmp_path_factory, digits8, tiny_base, tiny_reward, tiny_judge, tin
     (root / "malformed.yaml").write_text("training:\n  steps: [1, 2\n  lr: 3\n")
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "binary.yaml").write_bytes(b"\xff\xfe\x00bad")
-    paths = {"policy": str(policy), "base": str(tiny_base.model_dir), "reward": str(tiny_reward)}
+    paths = {"policy": str(policy), "base": str(tiny_base.model_dir), "reward": str(tiny_reward),
+             "judge": str(tiny_judge)}
     finetune = (f"base_model: {tiny_base.model_dir}\nrewards: [{{path: {tiny_reward}}}]\n"
                 f"judge: {tiny_judge}\nobjective: {{batch_size: 8, num_inference_steps: 4}}\n"
                 f"iterations: 2\noutput_dir: outputs/ctrl\n")
