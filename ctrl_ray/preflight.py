@@ -79,7 +79,7 @@ def check_output(path: str | os.PathLike, key: str, *, kind: Literal["file", "di
             raise InputError(f"{key}: {text!r} is a file, not a folder")
         if kind == "file" and resolved.is_dir():
             raise InputError(f"{key}: {text!r} is a folder, not a file")
-        if not overwrite and not (kind == "dir" and not any(resolved.iterdir())):
+        if not overwrite and not (kind == "dir" and _is_empty_dir(resolved)):
             raise InputError(f"{key}: {text!r} already exists; pass --overwrite to replace it")
     ancestor = resolved.parent
     while not ancestor.exists():
@@ -89,6 +89,13 @@ def check_output(path: str | os.PathLike, key: str, *, kind: Literal["file", "di
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise InputError(f"{key}: {str(ancestor)!r} is not writable")
     return Path(text)
+
+
+def _is_empty_dir(path: Path) -> bool:
+    try:
+        return not any(path.iterdir())
+    except OSError:
+        return False
 
 
 def check_input_file(path: str | os.PathLike, key: str) -> Path:
