@@ -226,7 +226,7 @@ def test_finetune_on_ray_register_pull_and_sample_by_prompt(pipeline_uri, tiny_r
                  "a handwritten seven", "--y", "0", "--n", "2", "--out", str(grid)]) == 0
     assert grid.is_file()
     assert main(["sample", "--model", "models:/ctrl-text-tiny@champion", "--c", "5",
-                 "--out", str(grid)]) == 2
+                 "--out", str(tmp_path / "other.png")]) == 2
     assert "contexts 0..1" in capsys.readouterr().err
 
     pulled_file = tmp_path / "pulled.npy"
