@@ -100,21 +100,20 @@ def _is_empty_dir(path: Path) -> bool:
 
 def check_input_file(path: str | os.PathLike, key: str) -> Path:
     """`path` must be an existing file (not a folder)."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{key}: {str(path)!r} is a folder, not a file")
-    if not path.is_file():
-        raise InputError(f"{key}: file not found: {str(path)!r}")
-    return path
+    return _check_input(Path(path), key, "file")
 
 
 def check_input_dir(path: str | os.PathLike, key: str) -> Path:
     """`path` must be an existing folder (not a file)."""
-    path = Path(path)
-    if path.is_file():
-        raise InputError(f"{key}: {str(path)!r} is a file, not a folder")
-    if not path.is_dir():
-        raise InputError(f"{key}: folder not found: {str(path)!r}")
+    return _check_input(Path(path), key, "folder")
+
+
+def _check_input(path: Path, key: str, kind: str) -> Path:
+    other = "folder" if kind == "file" else "file"
+    if path.is_file() if other == "file" else path.is_dir():
+        raise InputError(f"{key}: {str(path)!r} is a {other}, not a {kind}")
+    if not (path.is_file() if kind == "file" else path.is_dir()):
+        raise InputError(f"{key}: {kind} not found: {str(path)!r}")
     return path
 
 
