@@ -95,6 +95,7 @@ def tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, out,
         "evaluation.samples_per_target=1",
         "evaluation.contexts=[0, 1]",
         "evaluation.num_inference_steps=4",
+        "optimum_samples_per_context=16",
         f"output_dir={out}",
     ]
 

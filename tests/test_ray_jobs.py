@@ -125,7 +125,7 @@ def test_finetune_job_joins_the_cluster_and_logs_to_mlflow(ray_head, tiny_base, 
     out = tmp_path / "job-run"
     overrides = tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, out)
     entrypoint = shlex.join([
-        "python", "jobs/finetune.py", "--config", "configs/ctrl_digits_compress.yaml",
+        "python", "jobs/finetune.py", "--config", "configs/ctrl_digits_ink.yaml",
         *(arg for override in overrides for arg in ("--set", override)), "--workers", "1",
     ])
     runtime_env = {
