@@ -109,7 +109,7 @@ def run_demo(config: DemoConfig) -> dict:
         "judge_test_accuracy": judge_accuracy,
         "base_samples": report,
         "reward": reward,
-        "ctrl": {k: ctrl[k] for k in ("policy_dir", "train_seconds", "base", "ctrl")
+        "ctrl": {k: ctrl[k] for k in ("policy_dir", "train_seconds", "base", "ctrl", "optimum")
                  if k in ctrl},
         "registered_model": model_uri,
         "seconds": round(time.perf_counter() - start, 1),

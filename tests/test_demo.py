@@ -23,6 +23,7 @@ def test_demo_runs_every_stage_and_pulls_from_the_registry(digits8, tiny_base, r
         "finetune.iterations=2", "finetune.checkpoint_every=0",
         "finetune.evaluation.samples_per_target=1", "finetune.evaluation.contexts=[0]",
         "finetune.evaluation.num_inference_steps=4", "finetune.distributed.workers=2",
+        "finetune.optimum_samples_per_context=8",
         f"finetune.output_dir={out}/ctrl", "registered_model=ctrl-digits-demo",
         f"output_dir={out}",
     ]
@@ -35,4 +36,5 @@ def test_demo_runs_every_stage_and_pulls_from_the_registry(digits8, tiny_base, r
     report = json.loads((out / "report.json").read_text())
     assert report["registered_model"] == "models:/ctrl-digits-demo/1"
     assert 0.0 <= report["ctrl"]["ctrl"]["macro_f1"] <= 1.0
+    assert "exact optimum" in printed and report["ctrl"]["optimum"]["gamma_over_alpha"] == 1.0
     assert (out / "registry_sample_c3_y0.png").is_file() and (out / "base_grid.png").is_file()
