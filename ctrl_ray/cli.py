@@ -108,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_options(finetune)
     finetune.add_argument("--workers", type=int, help="Ray rollout workers (0: one process)")
     finetune.add_argument("--mode", choices=("adjoint", "pathwise", "ppo"), help="update rule")
-    finetune.add_argument("--resume", action="store_true",
-                          help="continue from the newest checkpoint in output_dir")
+    resume = finetune.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_const", const=True, default=False,
+                        help="continue from the newest checkpoint in output_dir (error if none)")
+    resume.add_argument("--resume-if-present", dest="resume", action="store_const",
+                        const="if-present",
+                        help="continue from the newest checkpoint if there is one, else start")
     finetune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
 
     evaluate = _command(commands, "evaluate", "score a fine-tuned policy by the protocol",

@@ -363,7 +363,7 @@ def _check_judge(path: str | None, key: str) -> None:
     _keyed(key, DigitJudge.load, path)
 
 
-def finetune(config, overwrite: bool, resume: bool = False) -> None:
+def finetune(config, overwrite: bool, resume: bool | str = False) -> None:
     """`finetune`: the base model, rewards and judge exist and load, the batch splits over the
     workers, the cluster answers, and the output folder is free (or resumed)."""
     check_model_ref(config.base_model, "base_model")
@@ -378,7 +378,13 @@ def finetune(config, overwrite: bool, resume: bool = False) -> None:
     inputs = [("base_model", config.base_model), ("judge", config.judge),
               *((f"rewards[{i}].path", r.path) for i, r in enumerate(config.rewards))]
     check_output(config.output_dir, "output_dir", kind="dir", inputs=inputs,
-                 overwrite=overwrite or resume)
+                 overwrite=overwrite or bool(resume))
+    from ctrl_ray.checkpoint import latest_checkpoint
+
+    if resume is True and latest_checkpoint(Path(config.output_dir) / "checkpoints") is None:
+        raise InputError(f"--resume: no checkpoint under "
+                         f"{str(Path(config.output_dir) / 'checkpoints')!r} to resume from "
+                         f"(--resume-if-present starts over when there is none)")
     if workers:
         check_cluster_address(config.distributed.address, "distributed.address")
 

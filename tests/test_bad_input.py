@@ -141,6 +141,8 @@ CASES = [
      "host:port"),
     ("finetune-out-exists", [*FINETUNE, "--set", "output_dir=existing_dir"], "existing_dir"),
     ("finetune-out-file", [*FINETUNE, "--set", "output_dir=NOTES"], "NOTES"),
+    ("finetune-resume-nothing", [*FINETUNE, "--resume", "--set", "output_dir=fresh_run"],
+     "--resume"),
     ("finetune-out-is-reward", [*FINETUNE, "--set", "output_dir={reward}"], "output_dir"),
     # -- evaluate and sample
     ("evaluate-model-missing", ["evaluate", "--model", "missing_policy", "--config",

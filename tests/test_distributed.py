@@ -125,3 +125,11 @@ def test_a_missing_input_fails_in_the_driver_with_one_clear_error(make_config, r
                                "base_model=/nonexistent/base")
     with pytest.raises(InputError, match="base_model"):
         train(missing_base, progress=False)
+
+
+def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start_over(make_config):
+    config = make_config("nothing-to-resume", "iterations=1")
+    with pytest.raises(InputError, match="no checkpoint"):
+        train(config, progress=False, resume=True)
+    result = train(config, progress=False, resume="if-present")
+    assert result["iterations"] == 1

@@ -151,7 +151,8 @@ def train(config, progress: bool = True, resume: bool = False,
           parent_run_id: str | None = None) -> dict[str, Any]:
     """Run CTRL for `config.iterations` updates; checkpoint, evaluate, log everything to MLflow.
 
-    `resume=True` continues from the newest checkpoint under `output_dir/checkpoints` (adapter,
+    `resume=True` continues from the newest checkpoint under `output_dir/checkpoints` (an
+    InputError if there is none; `resume="if-present"` then starts over) (adapter,
     optimizer, policy version, the driver's RNG state and the MLflow run). `parent_run_id` makes
     the run a child of that MLflow run (a Ray Tune trial under its sweep).
     """
@@ -162,6 +163,9 @@ def train(config, progress: bool = True, resume: bool = False,
     start, run_id = 0, None
     checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
     if resume and checkpoint is None:
+        if resume != "if-present":
+            raise InputError(f"--resume: no checkpoint under {str(out / 'checkpoints')!r} to "
+                             f"resume from (--resume-if-present starts over when there is none)")
         print(f"no checkpoint under {out / 'checkpoints'}: starting from scratch")
     if checkpoint is not None:
         adapter, optimizer_state, state = read_checkpoint(checkpoint)
