@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . -- python jobs/finetune.py \
         --config configs/ctrl_digits_compress.yaml [--set KEY=VALUE ...] \
-        [--workers N] [--mode pathwise|ppo] [--resume]
+        [--workers N] [--mode adjoint|pathwise|ppo] [--resume | --resume-if-present]
 
 Every argument goes to the CLI unchanged, so the job and `ctrl-ray finetune` cannot drift.
 Ray Jobs sets RAY_ADDRESS, so `ray.init()` joins the cluster the job runs on; MLflow logs to
