@@ -56,7 +56,7 @@ RULES = {
             "objective.minibatch_size=160", "objective.lr_embedding=0.01",
             "objective.lr_adapter=0.001"],
 }
-BASELINE_SCALES = {"dps": [3.0, 10.0, 30.0], "cg": [3.0, 10.0, 30.0], "cfg": [1.0, 3.0]}
+BASELINE_SCALES = {"dps": [3.0, 10.0, 30.0, 1.0], "cg": [3.0, 10.0, 30.0], "cfg": [1.0, 3.0]}
 
 
 def main() -> None:
@@ -67,8 +67,8 @@ def main() -> None:
     parser.add_argument("--dataset", default="data/digits16.parquet")
     parser.add_argument("--num-pairs", type=int, default=1000)
     parser.add_argument("--tasks", nargs="+", default=list(LABELS), choices=list(LABELS))
-    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
-    parser.add_argument("--baselines", nargs="+", default=["dps", "cg", "cfg"],
+    parser.add_argument("--rules", nargs="*", default=list(RULES), choices=list(RULES))
+    parser.add_argument("--baselines", nargs="*", default=["dps", "cg", "cfg"],
                         choices=["dps", "cg", "cfg"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--samples-per-target", type=int, default=8)
@@ -78,6 +78,8 @@ def main() -> None:
                         help="RULE:key=value for one rule (e.g. adjoint:iterations=300)")
     parser.add_argument("--out", default="outputs/bench-frontier")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "frontier.png"))
+    parser.add_argument("--scales", nargs="*", type=float,
+                        help="guidance scales of the baselines (default: each one's list)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -95,11 +97,17 @@ def main() -> None:
                 out / task / f"ctrl-{rule}.json",
                 lambda t=task, r=rewards, m=rule: _ctrl_run(t, r, m, args, out)))
         for kind in args.baselines:
-            for scale in BASELINE_SCALES[kind]:
+            for scale in args.scales or BASELINE_SCALES[kind]:
                 tasks[task]["runs"].append(_cached(
                     out / task / f"{kind}-{scale:g}.json",
                     lambda t=task, r=rewards, k=kind, s=scale: _baseline_run(t, r, k, s, args,
                                                                              out)))
+        # Runs an earlier invocation cached for this task (other rules, scales) count too.
+        done = {run["method"] for run in tasks[task]["runs"]}
+        for path in sorted((out / task).glob("*.json")):
+            run = json.loads(path.read_text())
+            if path.name != "optimum.json" and run["method"] not in done:
+                tasks[task]["runs"].append(run)
     data = {"machine": machine(), "seconds": time.perf_counter() - start, "args": vars(args),
             "rules": RULES, "tasks": tasks}
     frontier_plot(tasks, args.plot)
