@@ -77,9 +77,8 @@ QUICK = Budget(
     multitask_evaluation=["evaluation.samples_per_target=1", "evaluation.contexts=[0, 1, 2, 3]",
                           "evaluation.num_inference_steps=4"],
     ctrl=["objective.batch_size=16", "objective.num_inference_steps=4",
-          "objective.truncation.mode=fixed", "objective.truncation.k=2",
           "objective.lr_embedding=0.05", "objective.lr_adapter=0.005", "iterations=30",
-          "checkpoint_every=0"],
+          "checkpoint_every=0", "optimum_samples_per_context=8"],
     cfg=["training.steps=150", "training.batch_size=16", "training.lr_embedding=0.05",
          "training.lr_adapter=0.005", "guidance_scale=3.0"],
     cg=["training.steps=300", "training.batch_size=32", "guidance_scale=10.0"],
@@ -90,8 +89,8 @@ QUICK = Budget(
 )
 
 # Sized for 2 CPU cores (one process per seed, about 80 min each): every method is sampled with
-# the same 20-step sampler; CTRL keeps its config (50 training steps, random truncation k <= 5)
-# with 50 updates of 16 trajectories; CFG and the CG classifier train for 600 / 1500 steps.
+# the same 20-step sampler; CTRL keeps its config (configs/ctrl_digits_compress.yaml: adjoint
+# matching) with 50 updates; CFG and the CG classifier train for 600 / 1500 steps.
 FULL = Budget(
     size=16, n_values=[100, 300, 1000], seeds=[0, 1], ratios=[1.0, 10.0, 100.0],
     reward=[],
