@@ -135,7 +135,7 @@ def _cached(path: Path, compute):
 
 def _reward(label: str, args, out: Path) -> str:
     path = out / f"reward-{label}"
-    if not (path / "config.json").exists() and not path.exists():
+    if not path.exists():
         config = load_config(RewardJobConfig, "configs/reward_compress.yaml", [
             f"dataset={args.dataset}", f"label={label}", f"num_pairs={args.num_pairs}",
             f"pairs={out}/pairs-{label}-{args.num_pairs}.parquet", f"output_dir={path}"])

@@ -34,8 +34,9 @@ def closed_form(y: int, tilt: float) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def mixture_pool() -> BasePool:
-    """20,000 exact samples of the mixture, labelled by the sign of x_1 (the 'oracle')."""
+def mixture_pool() -> tuple[BasePool, torch.Tensor]:
+    """20,000 exact samples of the mixture, labelled by the sign of x_1 (the 'oracle'), and
+    the samples themselves."""
     x = mixture_backbone().sample(20_000, generator=torch.Generator().manual_seed(0)).double()
     logits = (x @ CLASSIFIER_WEIGHT.double() + CLASSIFIER_BIAS).numpy()
     log_likelihood = {(0,): -np.logaddexp(0, logits), (1,): -np.logaddexp(0, -logits)}
