@@ -23,8 +23,9 @@ def test_gradient_at_the_base_is_the_full_pathwise_reward_gradient():
     model = _model()
     config = AdjointConfig(batch_size=64, num_inference_steps=STEPS)
     inputs = draw_inputs(model, config, torch.Generator().manual_seed(1))
-    adjoint_grads, _ = adjoint.worker_step(model, classifier_log_likelihood, inputs, config,
-                                           inputs.batch_size, 0)
+    payload, _ = adjoint.worker_step(model, classifier_log_likelihood, inputs, config,
+                                     inputs.batch_size, 0)
+    adjoint_grads = payload["gradients"]
     pathwise_config = PathwiseConfig(batch_size=64, num_inference_steps=STEPS, checkpoint=False)
     pathwise_grads, _ = pathwise.worker_step(model, classifier_log_likelihood, inputs,
                                              pathwise_config, inputs.batch_size, 0)
@@ -61,9 +62,28 @@ def test_shards_add_up_to_the_full_batch_gradient():
     model.label_embeddings["y"].weight.data.normal_()  # off the base, so targets and shifts mix
     config = AdjointConfig(batch_size=16, num_inference_steps=STEPS)
     inputs = draw_inputs(model, config, torch.Generator().manual_seed(3))
-    full, _ = adjoint.worker_step(model, classifier_log_likelihood, inputs, config, 16, 0)
+    full = adjoint.worker_step(model, classifier_log_likelihood, inputs, config, 16, 0)[0]
+    full = full["gradients"]
     halves = [adjoint.worker_step(model, classifier_log_likelihood, inputs.slice(i, i + 8),
-                                  config, 16, 0)[0] for i in (0, 8)]
+                                  config, 16, 0)[0]["gradients"] for i in (0, 8)]
     for name, gradient in full.items():
         error = (halves[0][name] + halves[1][name] - gradient).abs().max()
         assert error <= 1e-5 * gradient.abs().max() + 1e-8, name
+
+
+def test_further_regression_steps_on_pooled_shards_match_one_full_batch():
+    # regression_steps > 1: the learner's extra steps on the workers' pooled batch give the
+    # parameters of the same steps taken in one process on the full batch.
+    config = AdjointConfig(batch_size=16, num_inference_steps=STEPS, regression_steps=3,
+                           lr_embedding=0.05, lr_adapter=0.05)
+    inputs = draw_inputs(_model("lora"), config, torch.Generator().manual_seed(4))
+    single, sharded = _model("lora"), _model("lora")
+    metrics = adjoint.train_step(single, make_optimizer(single, config),
+                                 classifier_log_likelihood, inputs, config)
+    payloads = [adjoint.worker_step(sharded, classifier_log_likelihood, inputs.slice(i, i + 8),
+                                    config, 16, 0)[0] for i in (0, 8)]
+    adjoint.learner_step(sharded, make_optimizer(sharded, config), payloads, config, None, 0)
+    assert metrics["loss_last"] < metrics["loss"]  # the extra steps fit the same targets better
+    for (name, a), (_, b) in zip(single.named_parameters(), sharded.named_parameters(),
+                                     strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name

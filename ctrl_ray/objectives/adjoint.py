@@ -26,7 +26,10 @@ regression as the policy moves. The loss is weighted in the KL's metric (1 / (2 
 so the residual is measured in nats, like the objective.
 
 A rollout worker runs the rollout, the adjoint pass and the regression gradient of its shard;
-the learner sums the shards' gradients and steps (the same learner step as ``pathwise``).
+the learner sums the shards' gradients and steps. The targets do not depend on theta, so with
+``regression_steps`` > 1 the workers also ship their regression batch and the learner takes the
+further steps on the pooled batch (the rollout is then slightly off-policy; each extra step
+costs a third of an update, since the rollout and the adjoint pass are not repeated).
 """
 
 from __future__ import annotations
@@ -37,7 +40,12 @@ import torch
 from torch import Tensor
 
 from ctrl_ray.errors import InputError
-from ctrl_ray.objectives.base import ObjectiveConfig, apply_gradients, parameter_gradients
+from ctrl_ray.objectives.base import (
+    ObjectiveConfig,
+    apply_gradients,
+    clip_and_step,
+    parameter_gradients,
+)
 from ctrl_ray.objectives.pathwise import RewardFn
 from ctrl_ray.sampling.sampler import (
     DenoisingSchedule,
@@ -55,9 +63,12 @@ class AdjointConfig(ObjectiveConfig):
 
     lr_embedding: float = 1e-2
     lr_adapter: float = 1e-3
+    regression_steps: int = 1   # optimizer steps per batch of rollouts (see the module doc)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.regression_steps < 1:
+            raise InputError(f"regression_steps must be >= 1, got {self.regression_steps}")
         if not self.kl_weight > 0:
             raise InputError(f"kl_weight must be > 0 for adjoint matching (the optimum tilts "
                              f"by gamma / kl_weight), got {self.kl_weight}")
@@ -117,32 +128,77 @@ def adjoint_rollout(model, reward_fn: RewardFn, inputs: RolloutInputs,
     )
 
 
+@dataclass
+class RegressionBatch:
+    """What the regression needs of a rollout (detached): the states x_T .. x_1, mu_pre(x_k),
+    the targets sigma_k^2 a_{k+1}, each (S, B, ...), and the batch's labels and contexts."""
+
+    states: Tensor
+    reference_means: Tensor
+    targets: Tensor
+    labels: dict[str, Tensor]
+    contexts: Tensor | None
+
+    @classmethod
+    def of(cls, rollout: AdjointRollout, inputs: RolloutInputs) -> RegressionBatch:
+        device = rollout.states.device
+        return cls(rollout.states[:-1], rollout.reference_means, rollout.targets,
+                   {name: values.to(device) for name, values in inputs.labels.items()},
+                   None if inputs.contexts is None else inputs.contexts.to(device))
+
+    @classmethod
+    def concatenate(cls, batches: list[RegressionBatch]) -> RegressionBatch:
+        contexts = [b.contexts for b in batches]
+        return cls(torch.cat([b.states for b in batches], 1),
+                   torch.cat([b.reference_means for b in batches], 1),
+                   torch.cat([b.targets for b in batches], 1),
+                   {name: torch.cat([b.labels[name] for b in batches])
+                    for name in batches[0].labels},
+                   None if contexts[0] is None else torch.cat(contexts))
+
+    def to(self, device: torch.device | str) -> RegressionBatch:
+        return RegressionBatch(
+            self.states.to(device), self.reference_means.to(device), self.targets.to(device),
+            {name: values.to(device) for name, values in self.labels.items()},
+            None if self.contexts is None else self.contexts.to(device))
+
+
+def regression_backward(model, batch: RegressionBatch, config: AdjointConfig,
+                        normaliser: int) -> float:
+    """Accumulate into ``.grad`` the gradient of the regression loss / ``normaliser`` (one
+    backward per step, so memory stays that of one network call); returns the loss."""
+    num_steps = batch.states.shape[0]
+    schedule = DenoisingSchedule.create(model.alphas_cumprod, num_steps, config.eta)
+    min_timestep = getattr(model, "min_timestep", 0)
+    total = 0.0
+    for step in range(num_steps):
+        if schedule.timesteps[step] < min_timestep:
+            continue  # the policy is the base here: nothing to fit
+        sigma = schedule.sigmas[step]
+        mean = step_mean(schedule, step,
+                         lambda x, t, c: model.predict_noise(x, t, c, batch.labels),
+                         batch.states[step], batch.contexts, model.clip_sample)
+        residual = mean - batch.reference_means[step] - batch.targets[step]
+        loss = (residual**2).flatten(1).sum(1).sum() / (2 * sigma**2) / normaliser
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def adjoint_matching_loss(model, reward_fn: RewardFn, inputs: RolloutInputs,
-                          config: AdjointConfig, normaliser: int) -> dict[str, float]:
-    """Accumulate into ``.grad`` the gradient of this shard's regression loss / ``normaliser``
-    (one backward per step, so memory stays that of one network call); returns the metrics.
+                          config: AdjointConfig, normaliser: int
+                          ) -> tuple[RegressionBatch, dict[str, float]]:
+    """Roll out, run the adjoint pass and accumulate this shard's regression gradient /
+    ``normaliser`` into ``.grad``; returns the regression batch and the metrics.
 
     With ``normaliser`` = the full batch size, the shards of a batch add up to the full batch.
     """
     rollout = adjoint_rollout(model, reward_fn, inputs, config)
-    schedule = DenoisingSchedule.create(model.alphas_cumprod, inputs.num_steps, config.eta)
-    labels = {name: values.to(rollout.states.device) for name, values in inputs.labels.items()}
-    contexts = None if inputs.contexts is None else inputs.contexts.to(rollout.states.device)
-    min_timestep = getattr(model, "min_timestep", 0)
-    total = 0.0
-    for step in range(inputs.num_steps):
-        if schedule.timesteps[step] < min_timestep:
-            continue  # the policy is the base here: nothing to fit
-        sigma = schedule.sigmas[step]
-        mean = step_mean(schedule, step, lambda x, t, c: model.predict_noise(x, t, c, labels),
-                         rollout.states[step], contexts, model.clip_sample)
-        residual = mean - rollout.reference_means[step] - rollout.targets[step]
-        loss = (residual**2).flatten(1).sum(1).sum() / (2 * sigma**2) / normaliser
-        loss.backward()
-        total += loss.item()
+    batch = RegressionBatch.of(rollout, inputs)
+    loss = regression_backward(model, batch, config, normaliser)
     path_kl = rollout.kl.sum(0)
-    return {
-        "loss": total,
+    return batch, {
+        "loss": loss,
         "reward": rollout.log_likelihood.mean().item(),
         "kl": path_kl.mean().item(),
         "objective": (config.gamma * rollout.log_likelihood
@@ -159,22 +215,36 @@ Config = AdjointConfig
 
 def worker_step(model, reward_fn: RewardFn, inputs: RolloutInputs, config: AdjointConfig,
                 normaliser: int, version: int) -> tuple[dict, dict]:
-    """Roll out a shard, run its adjoint pass; the regression gradients of loss_shard /
-    normaliser."""
+    """Roll out a shard and run its adjoint pass; the payload holds the regression gradients of
+    loss_shard / normaliser and, for ``regression_steps`` > 1, the regression batch (on CPU)."""
     model.zero_grad(set_to_none=True)
-    metrics = adjoint_matching_loss(model, reward_fn, inputs, config, normaliser)
-    return parameter_gradients(model), metrics
+    batch, metrics = adjoint_matching_loss(model, reward_fn, inputs, config, normaliser)
+    payload = {"gradients": parameter_gradients(model)}
+    if config.regression_steps > 1:
+        payload["batch"] = batch.to("cpu")
+    return payload, metrics
 
 
 def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
                  config: AdjointConfig, generator: torch.Generator, version: int) -> dict:
-    """Sum the shards' gradients and step."""
-    return apply_gradients(model, optimizer, payloads, config.max_grad_norm)
+    """Sum the shards' gradients and step; then the further regression steps on the pooled
+    batch."""
+    metrics = apply_gradients(model, optimizer, [p["gradients"] for p in payloads],
+                              config.max_grad_norm)
+    if config.regression_steps > 1:
+        device = next(model.parameters()).device
+        batch = RegressionBatch.concatenate([p["batch"] for p in payloads]).to(device)
+        size = batch.states.shape[1]
+        for _ in range(config.regression_steps - 1):
+            optimizer.zero_grad(set_to_none=True)
+            metrics["loss_last"] = regression_backward(model, batch, config, size)
+            clip_and_step(optimizer, config.max_grad_norm)
+    return metrics
 
 
 def train_step(model, optimizer: torch.optim.Optimizer, reward_fn: RewardFn,
                inputs: RolloutInputs, config: AdjointConfig) -> dict[str, float]:
     """One in-process adjoint-matching update on a full batch."""
-    gradients, metrics = worker_step(model, reward_fn, inputs, config, inputs.batch_size, 0)
-    metrics.update(learner_step(model, optimizer, [gradients], config, None, 0))
+    payload, metrics = worker_step(model, reward_fn, inputs, config, inputs.batch_size, 0)
+    metrics.update(learner_step(model, optimizer, [payload], config, None, 0))
     return metrics
