@@ -64,8 +64,8 @@ def generate(model, contexts: torch.Tensor | None, labels: dict[str, torch.Tenso
     """Sample one image per row of (contexts, labels, seeds); each row depends only on its own
     seed, so a sample is reproducible alone or in any batch.
 
-    Returns the images (N, C, H, W) (a latent model's samples decoded by its VAE) and, when
-    `compute_kl`, each path's KL to the reference.
+    Returns the images (N, C, H, W) (`model.decode` of the samples: a latent model's VAE decode,
+    identity for pixel models) and, when `compute_kl`, each path's KL to the reference.
     """
     from ctrl_ray.sampling.sampler import RolloutInputs, sample
 
@@ -77,14 +77,12 @@ def generate(model, contexts: torch.Tensor | None, labels: dict[str, torch.Tenso
         steps.append(torch.randn((num_inference_steps, *shape), generator=generator))
     inputs = RolloutInputs(labels=dict(labels), contexts=contexts,
                            initial_noise=torch.stack(initial), step_noise=torch.stack(steps, 1))
-    decode = getattr(model, "decode", None)  # guided baselines sample pixels only
     images, kls = [], []
     for start in range(0, len(initial), batch_size):
         trajectory = sample(model, inputs.slice(start, start + batch_size), eta=eta,
                             compute_kl=compute_kl, from_reference=from_reference)
         with torch.no_grad():
-            x0 = trajectory.x0 if decode is None else decode(trajectory.x0)
-        images.append(x0.cpu())
+            images.append(model.decode(trajectory.x0).cpu())
         if compute_kl:
             kls.append(trajectory.path_kl.cpu())
     return torch.cat(images), (torch.cat(kls) if compute_kl else None)

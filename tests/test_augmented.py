@@ -231,3 +231,20 @@ def test_min_timestep_gates_the_new_parameters_per_row():
                                    contexts[:2])).abs().max() <= 1e-6
     with pytest.raises(InputError, match="min_timestep"):
         AugmentedModel(UNetBackbone(tiny_unet(), tiny_scheduler()), LABELS, min_timestep=-1)
+
+
+def test_a_backbone_leaves_no_hook_on_its_unet():
+    """Two backbones built on one UNet (a discarded one included) do not stack hooks: the
+    extra embedding is added only during a call that carries one, by the backbone making it."""
+    unet = tiny_unet()
+    discarded = UNetBackbone(unet, tiny_scheduler())
+    backbone = UNetBackbone(unet, tiny_scheduler())
+    x_t, t, contexts, _ = batch()
+    extra = torch.randn(BATCH, backbone.embedding_dim)
+    with torch.no_grad():
+        plain = backbone.predict_noise(x_t, t, contexts)
+        shifted = backbone.predict_noise(x_t, t, contexts, extra)
+        assert (discarded.predict_noise(x_t, t, contexts, extra) - shifted).abs().max() == 0
+        assert (plain - pretrained_noise(unet, x_t, t, contexts)).abs().max() == 0
+    assert (shifted - plain).abs().max() > 1e-3
+    assert len(unet.time_embedding._forward_hooks) == 0

@@ -133,3 +133,19 @@ def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start_over(make
         train(config, progress=False, resume=True)
     result = train(config, progress=False, resume="if-present")
     assert result["iterations"] == 1
+
+
+def test_a_learner_without_cpus_of_its_own_updates_on_the_workers_threads(make_config,
+                                                                          ray_session):
+    """The workers wait while the learner updates (PPO's epochs run there), so a learner with
+    `learner_cpus: 0` must not be held to one thread."""
+    from ctrl_ray.distributed.driver import start_roles
+
+    roles = start_roles(make_config("threads", "distributed.workers=2"))
+    try:
+        threads = ray_session.get(roles.learner.__ray_call__.remote(
+            lambda learner: torch.get_num_threads()))
+    finally:
+        for actor in (roles.learner, *roles.workers):
+            ray_session.kill(actor)
+    assert threads == 2

@@ -4,6 +4,7 @@ the MiniLM text-conditioned pixel model on the digits."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -269,3 +270,35 @@ def test_minilm_pixel_model_pretrains_and_samples_a_handwritten_seven(digits8, t
     images = mlflow.pyfunc.load_model(result.model_uri).predict(frame)
     assert images.shape == (2, 1, 8, 8)
     np.testing.assert_array_equal(images[0], images[1])  # the prompt is context 7
+
+
+def test_a_guided_baseline_on_the_latent_model_is_scored_on_decoded_images(pipeline_dir):
+    from ctrl_ray.baselines.cfg import CFGModel
+
+    model = _policy(pipeline_dir).eval()
+    contexts, labels = torch.tensor([0, 1]), {"compress_class": torch.tensor([0, 3])}
+    guided, _ = generate(CFGModel(model, 1.0), contexts, labels, [3, 4], num_inference_steps=2)
+    policy, _ = generate(model, contexts, labels, [3, 4], num_inference_steps=2)
+    assert guided.shape == policy.shape == (2, 3, 8, 8)
+    np.testing.assert_allclose(guided.numpy(), policy.numpy(), atol=1e-4, rtol=0)
+
+
+def test_baselines_on_the_latent_model_run_dps_and_refuse_cg_in_one_line(
+        pipeline_dir, tiny_reward, digits8, tmp_path, capsys):
+    common = ["--set", f"base_model={pipeline_dir}", "--set", "judge=", "--set",
+              "evaluate_base=false", "--set", "evaluation.samples_per_target=1", "--set",
+              "evaluation.contexts=[0, 1]", "--set", "evaluation.num_inference_steps=2"]
+    configs = Path(__file__).parent.parent / "configs"
+    assert main(["baseline", "dps", "--config", str(configs / "baseline_dps.yaml"), *common,
+                 "--set", f"rewards=[{{path: {tiny_reward}}}]",
+                 "--set", f"output_dir={tmp_path / 'dps'}"]) == 0
+    report = json.loads((tmp_path / "dps" / "report.json").read_text())
+    assert report["dps"]["num_samples"] == 4 * 2 and report["dps"]["mean_kl"] > 0.0
+    capsys.readouterr()
+    pairs = (f"pairs=[{{label: compress_class, num_pairs: 300, "
+             f"path: {tiny_reward.parent}/pairs.parquet}}]")
+    assert main(["baseline", "cg", "--config", str(configs / "baseline_cg.yaml"), *common,
+                 "--set", f"dataset={digits8}", "--set", pairs,
+                 "--set", f"output_dir={tmp_path / 'cg'}"]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(error) == 1 and "baseline cg" in error[0] and "text-to-image" in error[0]

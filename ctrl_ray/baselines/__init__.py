@@ -56,6 +56,10 @@ class GuidedModel:
     def num_contexts(self) -> int | None:
         return self.model.num_contexts
 
+    def decode(self, samples: Tensor) -> Tensor:
+        """Images from samples: the backbone's own decode (a latent model's VAE), as for CTRL."""
+        return self.model.decode(samples)
+
     def validate_labels(self, labels: Mapping[str, Tensor], batch_size: int) -> None:
         # The check only reads self.label_classes, so AugmentedModel's own applies as is.
         AugmentedModel.validate_labels(self, labels, batch_size)

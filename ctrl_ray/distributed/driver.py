@@ -105,9 +105,12 @@ def start_roles(config) -> Roles:
     if not ray.is_initialized():
         ray.init(address=dist.address, include_dashboard=False, runtime_env=_actor_env())
     config = _with_absolute_paths(config)
+    # The loop is synchronous: while the learner updates, the workers wait, so a learner that
+    # reserves no CPUs of its own (learner_cpus: 0) computes on as many threads as they hold.
+    learner_threads = int(dist.learner_cpus or dist.workers * dist.cpus_per_worker)
     learner = ray.remote(Learner).options(
         num_cpus=dist.learner_cpus, num_gpus=dist.learner_gpus,
-    ).remote(config, max(1, int(dist.learner_cpus)))
+    ).remote(config, max(1, learner_threads))
     workers = [
         ray.remote(RolloutWorker).options(
             num_cpus=dist.cpus_per_worker, num_gpus=dist.gpus_per_worker,

@@ -4,7 +4,8 @@ A backbone answers ``predict_noise(x_t, t, context, extra_embedding)`` and expos
 sampler and the augmented model need: ``sample_shape``, ``alphas_cumprod`` (the forward
 process), ``embedding_dim`` (the size of the vector added to the timestep embedding),
 ``clip_sample``, ``num_contexts`` and ``network`` (the module adapters are injected into).
-A latent backbone also turns samples into images with ``decode`` (identity for pixel models).
+Every backbone says whether its samples are latents (``is_latent``) and turns them into images
+with ``decode`` (a VAE decoder for latent backbones, identity for pixel ones).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     @property
+    def is_latent(self) -> bool:
+        """Whether samples are latents that ``decode`` maps to images (False: they are pixels)."""
+        return False
+
+    @property
     def image_shape(self) -> tuple[int, ...]:
         """Shape of one decoded image; a pixel backbone's samples are its images."""
         return tuple(self.sample_shape)
@@ -59,8 +65,8 @@ class UNetBackbone(Backbone):
     ``context`` is the class-label tensor (B,) long for a ``UNet2DModel`` with class
     embeddings, or the encoder hidden states (B, L, D) for a ``UNet2DConditionModel``.
     The extra embedding is added to the output of ``unet.time_embedding`` by a forward hook
-    that is active only while ``predict_noise`` runs with an embedding, so the UNet code is
-    used unchanged.
+    registered for one ``predict_noise`` call and removed after it, so the UNet code is used
+    unchanged and the UNet never keeps a hook (two backbones on one UNet do not interfere).
     """
 
     def __init__(self, unet: UNet2DModel | UNet2DConditionModel, scheduler: DDPMScheduler):
@@ -82,21 +88,23 @@ class UNetBackbone(Backbone):
         self.is_cross_attention = isinstance(unet, UNet2DConditionModel)
         self.num_contexts = None if self.is_cross_attention else unet.config.num_class_embeds
         self.default_lora_targets = ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"]
-        self._extra_embedding: Tensor | None = None
-        unet.time_embedding.register_forward_hook(self._add_extra_embedding)
-
-    def _add_extra_embedding(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-        if self._extra_embedding is None:
-            return output
-        return output + self._extra_embedding.to(output.dtype)
 
     def predict_noise(
         self, x_t: Tensor, t: Tensor, context: Tensor | None, extra_embedding: Tensor | None = None
     ) -> Tensor:
-        self._extra_embedding = extra_embedding
+        if extra_embedding is None:
+            return self._run_unet(x_t, t, context)
+
+        def add_extra_embedding(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+            return output + extra_embedding.to(output.dtype)
+
+        handle = self.network.time_embedding.register_forward_hook(add_extra_embedding)
         try:
-            if self.is_cross_attention:
-                return self.network(x_t, t, encoder_hidden_states=context).sample
-            return self.network(x_t, t, class_labels=context).sample
+            return self._run_unet(x_t, t, context)
         finally:
-            self._extra_embedding = None
+            handle.remove()
+
+    def _run_unet(self, x_t: Tensor, t: Tensor, context: Tensor | None) -> Tensor:
+        if self.is_cross_attention:
+            return self.network(x_t, t, encoder_hidden_states=context).sample
+        return self.network(x_t, t, class_labels=context).sample

@@ -191,6 +191,10 @@ class TextToImageBackbone(UNetBackbone):
 
     # -- latents to images -------------------------------------------------------------------
     @property
+    def is_latent(self) -> bool:
+        return self.vae is not None
+
+    @property
     def image_shape(self) -> tuple[int, ...]:
         return self._image_shape
 
@@ -205,7 +209,7 @@ class TextToImageBackbone(UNetBackbone):
 def decode_images(backbone, samples: Tensor) -> Tensor:
     """``backbone.decode(samples)``; when gradients flow (pathwise) the decoder's activations are
     recomputed in backward instead of stored (``torch.utils.checkpoint``)."""
-    if getattr(backbone, "vae", None) is None:
+    if not backbone.is_latent:
         return backbone.decode(samples)
     if torch.is_grad_enabled() and samples.requires_grad:
         return activation_checkpoint(backbone.decode, samples, use_reentrant=False)
