@@ -178,9 +178,8 @@ class Bench:
         from ctrl_ray.evaluation import evaluate
         from ctrl_ray.finetune import FinetuneConfig
         from ctrl_ray.models.augmented import AugmentedModel
-        from ctrl_ray.models.backbone import UNetBackbone
         from ctrl_ray.models.judge import DigitJudge
-        from ctrl_ray.models.loading import load_base_model
+        from ctrl_ray.models.loading import build_backbone, load_base_model
 
         if (done := finished(out / "base_report.json")) is not None:
             return done
@@ -188,7 +187,7 @@ class Bench:
                                  self.eval_overrides(seed, multitask)).evaluation
         base = load_base_model(self.base_model)
         classes = {name: info["num_classes"] for name, info in label_info.items()}
-        model = AugmentedModel(UNetBackbone(base.unet, base.scheduler), classes, "none").eval()
+        model = AugmentedModel(build_backbone(base), classes, "none").eval()
         start = time.perf_counter()
         report = evaluate(model, label_info, DigitJudge.load(self.judge), evaluation,
                           out / "base_grid.png", from_reference=True)
@@ -221,14 +220,11 @@ def trim(report: dict, wall: float, train: float) -> dict:
 
 
 def label_info_of(reward_dirs: list[Path]) -> dict:
-    from ctrl_ray.models.reward import RewardModel
+    """Label name -> {num_classes, edges} of the rewards in `reward_dirs`."""
+    from ctrl_ray.models.reward import load_reward
 
-    info = {}
-    for path in reward_dirs:
-        reward = RewardModel.load(path)
-        info[reward.label_name] = {"num_classes": reward.classifier.num_classes,
-                                   "edges": reward.edges}
-    return info
+    return {name: {"num_classes": info["num_classes"], "edges": info["edges"]}
+            for path in reward_dirs for name, info in load_reward(path).label_info().items()}
 
 
 def single_task(bench: Bench) -> dict:

@@ -45,7 +45,7 @@ BOUNDS: dict[str, dict[str, str | tuple]] = {
         "num_inference_steps": "[1, 10000]", "eta": "[0, 100]", "seed": SEED,
         "batch_size": "[1, 100000]",
     },
-    "ctrl_ray.models.reward.RewardTrainingConfig": {"seed": SEED},
+    "ctrl_ray.reward_training.RewardTrainingConfig": {"seed": SEED},
     "ctrl_ray.baselines.cfg.CFGTrainingConfig": {"seed": SEED},
     "ctrl_ray.baselines.classifier_guidance.NoisyClassifierTrainingConfig": {"seed": SEED},
     "ctrl_ray.objectives.base.ObjectiveConfig": {

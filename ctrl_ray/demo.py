@@ -10,13 +10,14 @@ import numpy as np
 import torch
 
 from ctrl_ray import tracking
+from ctrl_ray.classifier_training import train_digit_judge
 from ctrl_ray.config import SEED, check_bounds
 from ctrl_ray.data.digits import DigitsDataset, ensure_digits
 from ctrl_ray.data.oracles import label_images
 from ctrl_ray.evaluation import class_histogram, generate, save_grid
 from ctrl_ray.finetune import FinetuneConfig, finetune
 from ctrl_ray.models.augmented import AugmentedModel
-from ctrl_ray.models.judge import DigitJudge, train_digit_judge
+from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.models.loading import BaseModel, build_backbone, load_base_model
 from ctrl_ray.policy import sample_grid
 from ctrl_ray.pretrain import PretrainConfig, pretrain

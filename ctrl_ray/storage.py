@@ -1,4 +1,9 @@
-"""Atomic directories and small JSON/safetensors helpers for checkpoints and saved models."""
+"""Atomic directories and small JSON/safetensors helpers for checkpoints and saved models.
+
+`save_artifact` / `load_artifact` are the one save format of ctrl-ray's own artifacts
+(classifiers, rewards, judges, noisy classifiers): a folder with an index JSON that names its
+format and a `model.safetensors` of its tensors, written atomically.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,15 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ctrl_ray.errors import InputError
+
+WEIGHTS_FILE = "model.safetensors"
 
 
 def atomic_directory(final: str | Path) -> _AtomicDirectory:
@@ -70,3 +80,67 @@ def read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{what} {str(path)!r} is not valid JSON: {err}") from None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def save_artifact(directory: str | os.PathLike, fmt: str, document: Mapping[str, Any],
+                  tensors: Mapping[str, Any] | None = None, *, index: str = "config.json",
+                  write: Callable[[Path], Any] | None = None) -> Path:
+    """Write an artifact folder atomically: `index` holds {"format": fmt, **document}, the
+    tensors (if any) go to `model.safetensors`, and `write(staging)` adds sub-folders."""
+    try:
+        text = json.dumps({"format": fmt, **document}, indent=2, default=_json_default,
+                          allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{fmt}: metadata is not JSON-serialisable ({error})") from error
+    with atomic_directory(directory) as staging:
+        if tensors is not None:
+            from safetensors.torch import save_file
+
+            save_file({name: tensor.detach().cpu().contiguous()
+                       for name, tensor in tensors.items()},
+                      str(staging / WEIGHTS_FILE), metadata={"format": fmt})
+        (staging / index).write_text(text)
+        if write is not None:
+            write(staging)
+    return Path(directory)
+
+
+def load_artifact(directory: str | os.PathLike, fmt: str, what: str, *,
+                  index: str = "config.json", tensors: bool = True) -> tuple[dict, dict | None]:
+    """(document, tensors) of a folder `save_artifact` wrote in format `fmt`; an InputError
+    naming `what` when the folder, its index or its weights are missing, malformed or of
+    another format. `tensors=False` reads the index only."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"{what} directory: {str(directory)!r} does not exist")
+    index_path = directory / index
+    if not index_path.is_file():
+        raise InputError(f"{what} directory: {str(index_path)!r} is missing")
+    try:
+        document = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{str(index_path)!r}: not valid JSON ({error})") from error
+    if not isinstance(document, dict) or document.get("format") != fmt:
+        raise InputError(f"{str(index_path)!r}: format is not {fmt!r}: not a {what}")
+    if not tensors:
+        return document, None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise InputError(f"{what} weights: {str(weights_path)!r} is missing")
+    try:
+        return document, load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise InputError(f"{what} weights: {str(weights_path)!r} is corrupted ({error})") from error

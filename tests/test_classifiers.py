@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
+from ctrl_ray.classifier_training import train_classifier, train_digit_judge
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.classifier import (
     CONFIG_FILE,
@@ -16,16 +17,10 @@ from ctrl_ray.models.classifier import (
     ImageClassifier,
     load_classifier,
     save_classifier,
-    train_classifier,
 )
-from ctrl_ray.models.judge import DigitJudge, train_digit_judge
-from ctrl_ray.models.reward import (
-    MultiTaskReward,
-    RewardModel,
-    RewardTrainingConfig,
-    load_reward,
-    train_reward,
-)
+from ctrl_ray.models.judge import DigitJudge
+from ctrl_ray.models.reward import Reward, RewardTerm, load_reward
+from ctrl_ray.reward_training import RewardTrainingConfig, train_reward
 
 SIZE = 8
 
@@ -43,7 +38,7 @@ def quadrant_task(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def quadrant_reward() -> tuple[RewardModel, object]:
+def quadrant_reward() -> tuple[RewardTerm, object]:
     images, labels = quadrant_task(400, seed=0)
     config = RewardTrainingConfig(epochs=12, batch_size=32, lr=3e-3, channels=(8, 16), seed=0)
     return train_reward(
@@ -51,11 +46,11 @@ def quadrant_reward() -> tuple[RewardModel, object]:
     )
 
 
-def random_reward(label_name: str, num_classes: int, seed: int, temperature: float) -> RewardModel:
+def random_reward(label_name: str, num_classes: int, seed: int, temperature: float) -> RewardTerm:
     torch.manual_seed(seed)
     classifier = ImageClassifier(ClassifierConfig(num_classes, SIZE, channels=(8, 16)))
     classifier.set_temperature(temperature)
-    return RewardModel(classifier, label_name)
+    return RewardTerm(classifier, label_name)
 
 
 def test_reward_learns_quadrants_and_calibration_does_not_hurt(quadrant_reward):
@@ -91,9 +86,9 @@ def test_training_is_deterministic_given_the_seed():
 
 
 def test_log_likelihood_is_differentiable_in_x0_only(quadrant_reward):
-    reward, _ = quadrant_reward
+    reward = Reward([(quadrant_reward[0], 1.0)])  # one label: a reward with one term
     reward.train()
-    assert not reward.training and not reward.classifier.training
+    assert not reward.training and not reward.terms[0].classifier.training
     assert all(not parameter.requires_grad for parameter in reward.parameters())
 
     images, labels = quadrant_task(6, seed=2)
@@ -107,14 +102,14 @@ def test_log_likelihood_is_differentiable_in_x0_only(quadrant_reward):
     assert all(parameter.grad is None for parameter in reward.parameters())
 
     with torch.no_grad():
-        expected = reward.log_probs(x0)[torch.arange(6), y]
+        expected = reward.terms[0].log_probs(x0)[torch.arange(6), y]
         assert torch.allclose(reward.log_likelihood(x0, {"quadrant": y}), expected)
         assert torch.allclose(reward.log_likelihood(x0, y, c=torch.zeros(6, dtype=torch.long)),
                               expected)
 
 
 def test_reward_rejects_bad_labels(quadrant_reward):
-    reward, _ = quadrant_reward
+    reward = Reward([(quadrant_reward[0], 1.0)])
     x0 = torch.zeros(2, 1, SIZE, SIZE)
     with pytest.raises(InputError, match="outside the classes 0..3"):
         reward.log_likelihood(x0, torch.tensor([0, 4]))
@@ -146,17 +141,22 @@ def test_save_load_round_trip_gives_identical_log_probs(quadrant_reward, tmp_pat
     reward.save(target)
     reward.save(target)  # overwriting an existing directory is atomic too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reward"]
-    loaded = RewardModel.load(target)
+    loaded = RewardTerm.load(target)
     assert loaded.label_name == "quadrant"
     assert loaded.edges == [0.5, 1.5, 2.5]
-    assert loaded.num_classes == {"quadrant": 4}
+    assert loaded.num_classes == 4
     assert loaded.temperature == pytest.approx(report.temperature)
     assert loaded.meta["report"]["val_accuracy"] == pytest.approx(report.val_accuracy)
     assert not any(parameter.requires_grad for parameter in loaded.parameters())
     x0 = torch.from_numpy(quadrant_task(16, seed=5)[0])
     with torch.no_grad():
         assert torch.equal(reward.log_probs(x0), loaded.log_probs(x0))
-    assert isinstance(load_reward(target), RewardModel)
+    # The one reward type reads a single-label directory as a reward with one term.
+    single = load_reward(target)
+    assert isinstance(single, Reward) and single.weights == [1.0]
+    assert single.num_classes == {"quadrant": 4} and single.label_info()["quadrant"]["edges"]
+    single.save(tmp_path / "again")
+    assert RewardTerm.load(tmp_path / "again").label_name == "quadrant"
 
 
 def test_context_conditional_classifier_round_trip(tmp_path):
@@ -184,7 +184,7 @@ def test_context_conditional_classifier_round_trip(tmp_path):
 def test_multitask_reward_is_the_weighted_sum(tmp_path):
     compress = random_reward("compress_class", 4, seed=0, temperature=1.3)
     ink = random_reward("ink_class", 3, seed=1, temperature=0.8)
-    multi = MultiTaskReward([(compress, 1.0), (ink, 0.5)])
+    multi = Reward([(compress, 1.0), (ink, 0.5)])
     assert multi.label_names == ["compress_class", "ink_class"]
     assert multi.num_classes == {"compress_class": 4, "ink_class": 3}
 
@@ -197,16 +197,20 @@ def test_multitask_reward_is_the_weighted_sum(tmp_path):
     expected = (compress.log_likelihood(x0, ys["compress_class"])
                 + 0.5 * ink.log_likelihood(x0, ys["ink_class"]))
     assert torch.allclose(total, expected, atol=1e-6)
+    # Decoded RGB images at twice the size: every term reads their luma at its own size.
+    rgb = x0.detach().repeat(1, 3, 2, 2)
+    assert multi.image_log_likelihood(rgb, ys).shape == (5,)
+    assert torch.equal(multi.image_log_likelihood(x0, ys), total)
     total.sum().backward()
     assert torch.isfinite(x0.grad).all()
     with pytest.raises(InputError, match="missing"):
         multi.log_likelihood(x0, {"compress_class": ys["compress_class"]})
     with pytest.raises(InputError, match="unique"):
-        MultiTaskReward([(compress, 1.0), (compress, 1.0)])
+        Reward([(compress, 1.0), (compress, 1.0)])
 
     multi.save(tmp_path / "multi")
     loaded = load_reward(tmp_path / "multi")
-    assert isinstance(loaded, MultiTaskReward) and loaded.weights == [1.0, 0.5]
+    assert isinstance(loaded, Reward) and loaded.weights == [1.0, 0.5]
     with torch.no_grad():
         assert torch.equal(loaded.log_likelihood(x0, ys), multi.log_likelihood(x0, ys))
 
@@ -243,7 +247,7 @@ def test_digit_judge_on_real_digits(tmp_path):
     with pytest.raises(InputError, match="target_digits: value 10"):
         judge.fidelity(test_images[:2], [3, 10])
     with pytest.raises(InputError, match="not a reward model"):
-        RewardModel.load(tmp_path / "judge")
+        RewardTerm.load(tmp_path / "judge")
 
 
 def test_loading_missing_or_corrupted_weights_raises_input_error(tmp_path):
@@ -256,13 +260,13 @@ def test_loading_missing_or_corrupted_weights_raises_input_error(tmp_path):
     missing = reward.save(tmp_path / "missing")
     (missing / WEIGHTS_FILE).unlink()
     with pytest.raises(InputError, match="is missing"):
-        RewardModel.load(missing)
+        RewardTerm.load(missing)
 
     corrupted = reward.save(tmp_path / "corrupted")
     raw = (good / WEIGHTS_FILE).read_bytes()
     (corrupted / WEIGHTS_FILE).write_bytes(raw[: len(raw) // 2])
     with pytest.raises(InputError, match="corrupted"):
-        RewardModel.load(corrupted)
+        RewardTerm.load(corrupted)
 
     garbage = reward.save(tmp_path / "garbage")
     (garbage / WEIGHTS_FILE).write_bytes(b"\x00not a safetensors file at all")

@@ -189,8 +189,8 @@ def test_bad_parquet_image_cells(tmp_path, capsys):
 
 def test_rgb_import_trains_a_three_channel_reward_and_judge(tmp_path):
     """Colour images stay RGB; the reward, its held-out judge and the scorer read 3 channels."""
-    from ctrl_ray.models.judge import LabelJudgeConfig
-    from ctrl_ray.models.reward import RewardTrainingConfig, train_reward_from_pairs
+    from ctrl_ray.classifier_training import LabelJudgeConfig
+    from ctrl_ray.reward_training import RewardTrainingConfig, train_reward_from_pairs
     from ctrl_ray.scoring import label_images_for
 
     rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ctrl_ray.cli import main
 from ctrl_ray.data.pairs import load_pairs
-from ctrl_ray.models.reward import RewardModel
+from ctrl_ray.models.reward import RewardTerm
 
 SIZE = 8
 PER_CLASS = 40
@@ -106,7 +106,7 @@ def test_import_keeps_class_names_and_a_stratified_heldout_split(orientation, ca
     assert pairs.class_counts("train") == {"horizontal": 32, "vertical": 32}
     assert pairs.images.min() >= -1 and pairs.images.max() == 1.0
 
-    reward = RewardModel.load(orientation[1])
+    reward = RewardTerm.load(orientation[1])
     assert reward.class_names == ["horizontal", "vertical"]
     assert reward.meta["num_pairs_train"] == 64 and reward.meta["heldout"]["num_rows"] == 16
     assert {"accuracy", "nll", "ece"} <= set(reward.meta["heldout"])

@@ -20,17 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ctrl_ray.baselines import GuidedModel
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.classifier import ClassifierConfig, ImageClassifier, check_indices
-from ctrl_ray.storage import atomic_directory, read_json, write_json
+from ctrl_ray.storage import load_artifact, save_artifact
 
-WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "noisy_classifier.json"
 FORMAT_NAME = "ctrl_ray.noisy_classifier"
 
@@ -85,21 +82,15 @@ class NoisyClassifier(nn.Module):
         return F.log_softmax(self(x_t, t), dim=-1)
 
     def save(self, path_dir: str | Path) -> Path:
-        """Atomic directory: safetensors weights + JSON spec."""
-        with atomic_directory(path_dir) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                      tmp / WEIGHTS_FILE)
-            spec = asdict(self.spec)
-            spec["channels"] = list(self.spec.channels)
-            write_json(tmp / CONFIG_FILE, {"format": FORMAT_NAME, "spec": spec})
-        return Path(path_dir)
+        """Atomic directory: safetensors weights + JSON spec (`save_artifact`)."""
+        return save_artifact(path_dir, FORMAT_NAME, {"spec": asdict(self.spec)},
+                             self.state_dict(), index=CONFIG_FILE)
 
     @classmethod
     def load(cls, path_dir: str | Path) -> NoisyClassifier:
         directory = Path(path_dir)
-        document = read_json(directory / CONFIG_FILE, "noisy classifier config")
-        if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
-            raise InputError(f"{str(directory)!r} does not hold a noisy classifier")
+        document, tensors = load_artifact(directory, FORMAT_NAME, "noisy classifier",
+                                          index=CONFIG_FILE)
         try:
             spec = NoisyClassifierSpec(**document["spec"])
             spec.channels = tuple(int(width) for width in spec.channels)
@@ -107,11 +98,10 @@ class NoisyClassifier(nn.Module):
         except (KeyError, TypeError, ValueError) as error:
             raise InputError(f"{str(directory / CONFIG_FILE)!r}: bad spec ({error})") from None
         try:
-            tensors = load_file(directory / WEIGHTS_FILE)
             model.load_state_dict(tensors)
-        except (SafetensorError, OSError, RuntimeError) as error:
-            raise InputError(f"noisy classifier weights in {str(directory)!r} could not be "
-                             f"loaded: {error}") from None
+        except RuntimeError as error:
+            raise InputError(f"noisy classifier weights in {str(directory)!r} do not match its "
+                             f"spec: {error}") from None
         return model.eval().requires_grad_(False)
 
 

@@ -14,7 +14,8 @@ gradient by s times a positive step-dependent factor, so the two differ only in 
 schedule (ignoring x0 clipping), and the score form keeps each reverse step Gaussian with the
 sampler's sigma_t, so the per-step KL to the base model stays closed-form.
 x0_hat is not clipped before the classifier (clipping would zero the gradient of saturated
-pixels); the sampler still clips it in the mean as usual.
+pixels); the sampler still clips it in the mean as usual. For a latent (text-to-image) model
+the reward reads the VAE decode of x0_hat at its own size and channels, as in CTRL's reward.
 """
 
 from __future__ import annotations
@@ -24,24 +25,17 @@ from torch import Tensor
 
 from ctrl_ray.baselines import GuidedModel
 from ctrl_ray.models.augmented import AugmentedModel
-from ctrl_ray.models.reward import MultiTaskReward, RewardModel
-
-
-def reward_terms(reward: RewardModel | MultiTaskReward) -> list[tuple[RewardModel, float]]:
-    """The (single-label reward, weight) pairs whose weighted log-likelihoods add up."""
-    if isinstance(reward, MultiTaskReward):
-        return list(zip(reward.rewards, reward.weights, strict=True))
-    return [(reward, 1.0)]
+from ctrl_ray.models.reward import Reward
+from ctrl_ray.models.text_to_image import decode_images
 
 
 class DPSModel(GuidedModel):
     """The frozen pre-trained model steered by the reward's gradient at x0_hat(x_t)."""
 
-    def __init__(self, model: AugmentedModel, reward: RewardModel | MultiTaskReward,
-                 guidance_scale: float):
+    def __init__(self, model: AugmentedModel, reward: Reward, guidance_scale: float):
         super().__init__(model, reward.num_classes, guidance_scale)
         self.reward = reward.to(model.alphas_cumprod.device)
-        self.terms = reward_terms(reward)
+        self.weights = dict(zip(reward.label_names, reward.weights, strict=True))
 
     def guided_noise(self, x_t: Tensor, t: Tensor, context: Tensor | None,
                      labels: dict[str, Tensor]) -> Tensor:
@@ -55,12 +49,11 @@ class DPSModel(GuidedModel):
             x = x_t.detach().requires_grad_(True)
             eps = self.model.reference_noise(x, t, context)
             x0_hat = (x - sigma * eps) / root_alpha
-            total = x.new_zeros(())
-            for term, weight in self.terms:
-                if term.label_name in active:
-                    target, mask = active[term.label_name]
-                    log_p = term.log_likelihood(x0_hat, target, context)
-                    total = total + weight * (log_p * mask).sum()
+            images = decode_images(self.model.backbone, x0_hat)
+            targets = {name: target for name, (target, _) in active.items()}
+            log_p = self.reward.term_log_likelihoods(images, targets, context)
+            total = sum(self.weights[name] * (log_p[name] * active[name][1]).sum()
+                        for name in log_p)
             (gradient,) = torch.autograd.grad(total, x)
         eps = eps.detach()
         self.remember_reference(x_t, t, context, eps)

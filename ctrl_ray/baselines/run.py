@@ -25,7 +25,7 @@ from ctrl_ray.baselines.classifier_guidance import (
     NoisyClassifierTrainingConfig,
     train_noisy_classifier,
 )
-from ctrl_ray.baselines.dps import DPSModel, reward_terms
+from ctrl_ray.baselines.dps import DPSModel
 from ctrl_ray.checkpoint import load_policy, policy_spec, read_policy_spec, save_policy
 from ctrl_ray.config import flatten, load_config, to_dict
 from ctrl_ray.data.digits import require_digits
@@ -36,15 +36,19 @@ from ctrl_ray.finetune import (
     AdapterConfig,
     RewardSpec,
     load_rewards,
-    reward_label_info,
 )
 from ctrl_ray.models.augmented import AugmentedModel
-from ctrl_ray.models.backbone import UNetBackbone
 from ctrl_ray.models.judge import DigitJudge
-from ctrl_ray.models.loading import BaseModel, load_base_model
+from ctrl_ray.models.loading import BaseModel, build_backbone, load_base_model
 from ctrl_ray.storage import write_json
 
 BASELINE_KINDS = ("cfg", "cg", "dps")
+
+# Why a baseline needs a class-conditional pixel model (DPS runs on text-to-image ones too).
+CLASS_MODEL_ONLY = {
+    "cfg": "it trains on digits triplets (x, digit c, y) of a class-conditional model",
+    "cg": "its noisy classifiers read the digits pixels x_t of a class-conditional model",
+}
 
 
 @dataclass
@@ -176,7 +180,7 @@ def build_cfg(config: CFGBaselineConfig, base: BaseModel, out: Path,
     adapter = config.adapter
     with torch.random.fork_rng(devices=[]):  # LoRA down-projections are random: seed them
         torch.manual_seed(config.training.seed)
-        model = AugmentedModel(UNetBackbone(base.unet, base.scheduler), triplets.label_classes,
+        model = AugmentedModel(build_backbone(base), triplets.label_classes,
                                adapter=adapter.kind, lora_rank=adapter.rank,
                                lora_alpha=adapter.alpha, lora_targets=adapter.targets)
     training = train_cfg(model, triplets, config.training, progress=progress,
@@ -198,7 +202,7 @@ def build_cfg(config: CFGBaselineConfig, base: BaseModel, out: Path,
 def build_cg(config: CGBaselineConfig, base: BaseModel, out: Path,
              progress: bool) -> BuiltBaseline:
     """Train one noisy classifier per pair set (or load them) and guide the frozen base."""
-    backbone = UNetBackbone(base.unet, base.scheduler)
+    backbone = build_backbone(base)
     training: dict[str, Any] = {}
     if config.classifiers:
         classifiers = [NoisyClassifier.load(path) for path in config.classifiers]
@@ -236,15 +240,17 @@ def build_dps(config: DPSBaselineConfig, base: BaseModel, out: Path,
               progress: bool) -> BuiltBaseline:
     """Load CTRL's reward classifier(s) and guide the frozen base through x0_hat (no training)."""
     reward = load_rewards(config.rewards)
-    for term, _ in reward_terms(reward):
-        if term.classifier.config.image_size != base.image_shape[-1]:
+    for term in reward.terms:
+        # A text-to-image model's images are resized to the reward's size (`reward_view`).
+        if term.classifier.config.image_size != base.image_shape[-1] and \
+                not base.is_text_to_image:
             raise InputError(f"reward {term.label_name!r} was trained on "
                              f"{term.classifier.config.image_size}px images, the base model "
                              f"makes {base.image_shape[-1]}px images")
-    counts = {"y": {term.label_name: _reward_pairs(term.meta) for term, _ in reward_terms(reward)}}
-    model = AugmentedModel(UNetBackbone(base.unet, base.scheduler), {}, adapter="none").eval()
+    counts = {"y": {term.label_name: _reward_pairs(term.meta) for term in reward.terms}}
+    model = AugmentedModel(build_backbone(base), {}, adapter="none").eval()
     guided = DPSModel(model, reward, config.guidance_scale)
-    return BuiltBaseline(guided, reward_label_info(reward), counts,
+    return BuiltBaseline(guided, reward.label_info(), counts,
                          {"rewards": [spec.path for spec in config.rewards]})
 
 
@@ -271,6 +277,9 @@ BUILDERS = {"cfg": build_cfg, "cg": build_cg, "dps": build_dps}
 def run_baseline(kind: str, config: BaselineConfig, progress: bool = True) -> dict[str, Any]:
     """Train (or load) baseline ``kind``, score it and the base model by the evaluation protocol,
     write grids and ``report.json`` under ``config.output_dir`` and log everything to MLflow.
+    if kind in CLASS_MODEL_ONLY and base.is_text_to_image:
+        raise InputError(f"baseline {kind}: {CLASS_MODEL_ONLY[kind]}; {str(base.path)!r} is a "
+                         f"text-to-image model ({base.metadata.get('kind')}): use DPS")
 
     Returns {kind, guidance_scale, <kind>: report, base: report (if evaluate_base),
     train_seconds, sample_seconds, label_counts, training, output_dir, mlflow_run_id}.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,10 @@ import torch
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.classifier import (
     ImageClassifier,
-    TrainingReport,
     check_images,
     check_indices,
     load_classifier,
     save_classifier,
-    train_classifier,
 )
 
 JUDGE_KIND = "digit_judge"
@@ -82,65 +79,11 @@ class DigitJudge:
 
     @classmethod
     def load(cls, path_dir: str | os.PathLike) -> DigitJudge:
-        classifier, meta = load_classifier(path_dir)
-        if meta.get("kind") != JUDGE_KIND or classifier.num_classes != NUM_DIGITS:
-            raise InputError(
-                f"judge directory: {str(path_dir)!r} holds a classifier of kind "
-                f"{meta.get('kind')!r} with {classifier.num_classes} classes, not a digit judge"
-            )
+        classifier, meta = load_classifier(path_dir, kind=JUDGE_KIND, what="digit judge")
+        if classifier.num_classes != NUM_DIGITS:
+            raise InputError(f"digit judge directory: {str(path_dir)!r} holds a classifier with "
+                             f"{classifier.num_classes} classes, not {NUM_DIGITS} digits")
         return cls(classifier, meta)
-
-
-def train_digit_judge(
-    images: Any,
-    digits: Any,
-    *,
-    seed: int = 0,
-    epochs: int = 20,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    weight_decay: float = 1e-4,
-    val_fraction: float = 0.15,
-    channels: Sequence[int] = (16, 32, 64),
-    augment: bool = True,
-    progress: bool = False,
-) -> tuple[DigitJudge, TrainingReport]:
-    """Train the judge on real digits with random 1-pixel shifts (flips would change digits)."""
-    classifier, report = train_classifier(
-        images,
-        digits,
-        num_classes=NUM_DIGITS,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        seed=seed,
-        val_fraction=val_fraction,
-        augment=("shift",) if augment else (),
-        channels=channels,
-        progress=progress,
-    )
-    return DigitJudge(classifier, {"report": report.to_dict()}), report
-
-
-@dataclass
-class LabelJudgeConfig:
-    """How the judge of a label without an oracle is trained on the held-out pairs."""
-
-    enabled: bool = True
-    epochs: int = 40
-    channels: tuple[int, ...] = (16, 32)
-    lr: float = 3e-3
-    val_fraction: float = 0.2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.channels = tuple(int(width) for width in self.channels)
-        if int(self.epochs) < 1:
-            raise InputError(f"judge.epochs: need an integer >= 1, got {self.epochs}")
-        if not 0.0 < float(self.val_fraction) < 1.0:
-            raise InputError(f"judge.val_fraction: need a value in (0, 1), got "
-                             f"{self.val_fraction}")
 
 
 class LabelJudge:
@@ -186,31 +129,7 @@ class LabelJudge:
 
     @classmethod
     def load(cls, path_dir: str | os.PathLike) -> LabelJudge:
-        classifier, meta = load_classifier(path_dir)
-        if meta.get("kind") != LABEL_JUDGE_KIND or not isinstance(meta.get("label_name"), str):
-            raise InputError(f"judge directory: {str(path_dir)!r} holds a classifier of kind "
-                             f"{meta.get('kind')!r}, not a label judge")
+        classifier, meta = load_classifier(path_dir, kind=LABEL_JUDGE_KIND, what="label judge")
+        if not isinstance(meta.get("label_name"), str):
+            raise InputError(f"label judge directory: {str(path_dir)!r} names no label")
         return cls(classifier, meta["label_name"], meta.get("class_names"), meta)
-
-
-def train_label_judge(images: Any, labels: Any, *, label_name: str, num_classes: int,
-                      class_names: Sequence[str] | None = None,
-                      config: LabelJudgeConfig | None = None,
-                      progress: bool = False) -> tuple[LabelJudge, TrainingReport]:
-    """Train the judge of a label without an oracle on held-out pairs (no augmentation: which
-    transforms keep a user's label is unknown)."""
-    config = config or LabelJudgeConfig()
-    labels = np.asarray(labels)
-    counts = np.bincount(labels, minlength=num_classes)
-    if (counts == 0).any():
-        missing = int(np.argmin(counts))
-        name = class_names[missing] if class_names else str(missing)
-        raise InputError(f"judge: the held-out rows have no image of class {name!r}; a judge "
-                         f"needs every class (import with a larger --heldout)")
-    classifier, report = train_classifier(
-        images, labels, num_classes=num_classes, epochs=config.epochs,
-        lr=config.lr, seed=config.seed, val_fraction=config.val_fraction, augment=False,
-        channels=config.channels, selection="accuracy", progress=progress,
-    )
-    judge = LabelJudge(classifier, label_name, class_names, {"report": report.to_dict()})
-    return judge, report

@@ -1,17 +1,15 @@
-"""The CTRL reward: calibrated log p(y | x0[, c]) from a frozen classifier, differentiable in x0.
+"""The CTRL reward: calibrated log p(y | x0[, c]) from frozen classifiers, differentiable in x0.
 
-`RewardModel` wraps one classifier for one new label y; `MultiTaskReward` sums weighted
-log-likelihoods of several labels that are conditionally independent given x. Both take the
-labels as a dict {label_name: (B,) long}, so callers treat single- and multi-task alike.
+`Reward` is the one reward type: weighted log-likelihoods of one or more labels, conditionally
+independent given x, each label a `RewardTerm` (one calibrated classifier). It takes the labels
+as a dict {label_name: (B,) long}, so a single label is simply a reward with one term.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,71 +19,17 @@ from torch import nn
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.classifier import (
     ImageClassifier,
-    TrainingReport,
     check_indices,
     load_classifier,
     save_classifier,
-    train_classifier,
 )
-from ctrl_ray.models.judge import LabelJudgeConfig
-from ctrl_ray.storage import atomic_directory
+from ctrl_ray.models.text_to_image import reward_view
+from ctrl_ray.storage import load_artifact, save_artifact
 
 REWARD_KIND = "reward"
 JUDGE_DIR = "judge"  # inside a reward directory: the held-out judge of a label without an oracle
 MULTITASK_FILE = "multitask.json"
 MULTITASK_FORMAT = "ctrl_ray.multitask_reward"
-
-
-@dataclass
-class RewardTrainingConfig:
-    """How the reward classifier is trained from N offline pairs.
-
-    No augmentation by default: shifts and noise change JPEG compressibility, so a transform
-    belongs in `augment` only when it is known to keep the label.
-    """
-
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    val_fraction: float = 0.2
-    seed: int = 0
-    # Two stages measured best for JPEG compressibility at 16x16 (accuracy 0.53 vs 0.47 for three).
-    channels: tuple[int, ...] = (16, 32)
-    dropout: float = 0.0
-    use_context: bool = False
-    augment: tuple[str, ...] = ()
-    temperature_prior_std: float = 0.25
-
-    def __post_init__(self) -> None:
-        self.channels = tuple(int(width) for width in self.channels)
-        self.augment = (self.augment,) if isinstance(self.augment, str) else tuple(self.augment)
-        for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"reward.{name}: need an integer >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
-            raise InputError(f"reward.lr: need a finite value > 0, got {self.lr}")
-        if not (math.isfinite(float(self.weight_decay)) and float(self.weight_decay) >= 0):
-            raise InputError(
-                f"reward.weight_decay: need a finite value >= 0, got {self.weight_decay}"
-            )
-        if not (math.isfinite(float(self.temperature_prior_std))
-                and float(self.temperature_prior_std) > 0):
-            raise InputError(
-                f"reward.temperature_prior_std: need a finite value > 0, "
-                f"got {self.temperature_prior_std}"
-            )
-        if not 0.0 < float(self.val_fraction) < 1.0:
-            raise InputError(
-                f"reward.val_fraction: need a value in (0, 1) for calibration, "
-                f"got {self.val_fraction}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["channels"] = list(self.channels)
-        data["augment"] = list(self.augment)
-        return data
 
 
 def _labels_for(ys: Any, label_names: Sequence[str]) -> dict[str, Any]:
@@ -107,11 +51,13 @@ def _labels_for(ys: Any, label_names: Sequence[str]) -> dict[str, Any]:
     return {label_names[0]: ys}
 
 
-class RewardModel(nn.Module):
-    """Frozen calibrated classifier for one label: `log_likelihood(x0, y, c) = log p(y | x0[, c])`.
+class RewardTerm(nn.Module):
+    """One label's frozen calibrated classifier: `log_likelihood(x0, y, c) = log p(y | x0[, c])`.
 
-    Parameters never require grad and the module stays in eval mode (`train()` is a no-op), so
-    gradients reach x0 only. A classifier without context input ignores `c`.
+    A term of a `Reward`, and what reward training makes and saves (the classifier format, with
+    the label's name, classes and edges in its meta). Parameters never require grad and the
+    module stays in eval mode (`train()` is a no-op), so gradients reach x0 only. A classifier
+    without context input ignores `c`.
     """
 
     def __init__(self, classifier: ImageClassifier, label_name: str,
@@ -129,16 +75,12 @@ class RewardModel(nn.Module):
             parameter.grad = None  # left over from training; a frozen model carries none
         super().train(False)
 
-    def train(self, mode: bool = True) -> RewardModel:
+    def train(self, mode: bool = True) -> RewardTerm:
         return super().train(False)
 
     @property
-    def label_names(self) -> list[str]:
-        return [self.label_name]
-
-    @property
-    def num_classes(self) -> dict[str, int]:
-        return {self.label_name: self.classifier.num_classes}
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
 
     @property
     def uses_context(self) -> bool:
@@ -178,14 +120,15 @@ class RewardModel(nn.Module):
 
     def log_likelihood(self, x0: torch.Tensor, y: Any,
                        c: torch.Tensor | None = None) -> torch.Tensor:
-        """Calibrated log p(y | x0[, c]), shape (B,); `y` is (B,) long or {label_name: (B,)}."""
-        labels = _labels_for(y, self.label_names)[self.label_name]
-        labels = check_indices(labels, self.classifier.num_classes, f"ys[{self.label_name!r}]",
+        """Calibrated log p(y | x0[, c]), shape (B,); `y` is (B,) long class indices."""
+        labels = check_indices(y, self.classifier.num_classes, f"ys[{self.label_name!r}]",
                                x0.shape[0]).to(x0.device)
         return self.log_probs(x0, c).gather(1, labels[:, None]).squeeze(1)
 
-    def forward(self, x0: torch.Tensor, y: Any, c: torch.Tensor | None = None) -> torch.Tensor:
-        return self.log_likelihood(x0, y, c)
+    def view(self, images: torch.Tensor) -> torch.Tensor:
+        """Decoded images as this classifier reads them (its size and channels)."""
+        config = self.classifier.config
+        return reward_view(images, channels=config.in_channels, image_size=config.image_size)
 
     def save(self, path_dir: str | os.PathLike) -> Path:
         """Atomic directory in the classifier format, with label name, classes and edges in meta."""
@@ -199,13 +142,10 @@ class RewardModel(nn.Module):
         return save_classifier(self.classifier, None, path_dir, meta)
 
     @classmethod
-    def load(cls, path_dir: str | os.PathLike) -> RewardModel:
-        classifier, meta = load_classifier(path_dir)
-        if meta.get("kind") != REWARD_KIND or not isinstance(meta.get("label_name"), str):
-            raise InputError(
-                f"reward directory: {str(path_dir)!r} holds a classifier of kind "
-                f"{meta.get('kind')!r}, not a reward model"
-            )
+    def load(cls, path_dir: str | os.PathLike) -> RewardTerm:
+        classifier, meta = load_classifier(path_dir, kind=REWARD_KIND, what="reward model")
+        if not isinstance(meta.get("label_name"), str):
+            raise InputError(f"reward directory: {str(path_dir)!r} names no label")
         if meta.get("num_classes") != classifier.num_classes:
             raise InputError(
                 f"reward directory: {str(path_dir)!r} declares num_classes "
@@ -216,236 +156,113 @@ class RewardModel(nn.Module):
         return reward
 
 
-class MultiTaskReward(nn.Module):
-    """Weighted sum of single-label rewards: sum_i w_i log p(y_i | x0[, c]).
+class Reward(nn.Module):
+    """The CTRL reward: sum_i w_i log p(y_i | x0[, c]) over one or more labels.
 
-    Correct as a joint log-likelihood when the labels are conditionally independent given x
-    (and all weights are 1); other weights trade the labels off against each other.
+    A single label is a reward with one term of weight 1. Correct as a joint log-likelihood
+    when the labels are conditionally independent given x (and all weights are 1); other
+    weights trade the labels off against each other.
     """
 
-    def __init__(self, terms: Sequence[tuple[RewardModel, float]]) -> None:
+    def __init__(self, terms: Sequence[tuple[RewardTerm, float]]) -> None:
         super().__init__()
         if not terms:
-            raise InputError("terms: a multi-task reward needs at least one (reward, weight)")
-        names = [reward.label_name for reward, _ in terms]
+            raise InputError("terms: a reward needs at least one (reward term, weight)")
+        names = [term.label_name for term, _ in terms]
         if len(set(names)) != len(names):
             raise InputError(f"terms: label names must be unique, got {names}")
         for name, (_, weight) in zip(names, terms, strict=True):
             if not math.isfinite(float(weight)):
                 raise InputError(f"weight of {name!r}: need a finite number, got {weight}")
-        self.rewards = nn.ModuleList([reward for reward, _ in terms])
+        self.terms = nn.ModuleList([term for term, _ in terms])
         self.weights = [float(weight) for _, weight in terms]
         super().train(False)
 
-    def train(self, mode: bool = True) -> MultiTaskReward:
+    def train(self, mode: bool = True) -> Reward:
         return super().train(False)
 
     @property
     def label_names(self) -> list[str]:
-        return [reward.label_name for reward in self.rewards]
+        return [term.label_name for term in self.terms]
 
     @property
     def num_classes(self) -> dict[str, int]:
-        return {reward.label_name: reward.classifier.num_classes for reward in self.rewards}
+        return {term.label_name: term.num_classes for term in self.terms}
 
     @property
     def uses_context(self) -> bool:
-        return any(reward.uses_context for reward in self.rewards)
+        return any(term.uses_context for term in self.terms)
+
+    def weighted_terms(self) -> list[tuple[RewardTerm, float]]:
+        return list(zip(self.terms, self.weights, strict=True))
+
+    def label_info(self) -> dict[str, dict[str, Any]]:
+        """Label name -> {num_classes, edges, class_names, scorer}: what evaluation needs to
+        label the samples (the oracle, the user's labeller, or the judge saved with the term)."""
+        return {term.label_name: term.label_info() for term in self.terms}
 
     def log_likelihood(self, x0: torch.Tensor, ys: Any,
                        c: torch.Tensor | None = None) -> torch.Tensor:
-        """Weighted sum over labels of log p(y_i | x0[, c]), shape (B,)."""
+        """Weighted sum over labels of log p(y_i | x0[, c]), shape (B,); `ys` is
+        {label_name: (B,) long} (a bare tensor for a one-label reward)."""
         labels = _labels_for(ys, self.label_names)
         total = None
-        for reward, weight in zip(self.rewards, self.weights, strict=True):
-            term = weight * reward.log_likelihood(x0, labels[reward.label_name], c)
-            total = term if total is None else total + term
+        for term, weight in self.weighted_terms():
+            part = weight * term.log_likelihood(x0, labels[term.label_name], c)
+            total = part if total is None else total + part
         return total
 
     def forward(self, x0: torch.Tensor, ys: Any, c: torch.Tensor | None = None) -> torch.Tensor:
         return self.log_likelihood(x0, ys, c)
 
+    def term_log_likelihoods(self, images: torch.Tensor, ys: Mapping[str, torch.Tensor],
+                             c: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Unweighted log p(y_i | x[, c]) (B,) of decoded images, for each label given in `ys`,
+        every term reading the images at its own size and channels (`reward_view`)."""
+        unknown = sorted(set(ys) - set(self.label_names))
+        if unknown:
+            raise InputError(f"ys: unknown label key(s) {unknown}; known: {self.label_names}")
+        return {term.label_name: term.log_likelihood(term.view(images), ys[term.label_name], c)
+                for term in self.terms if term.label_name in ys}
+
+    def image_log_likelihood(self, images: torch.Tensor, ys: Any,
+                             c: torch.Tensor | None = None) -> torch.Tensor:
+        """`log_likelihood` of decoded images, each term seeing them at its size and channels."""
+        parts = self.term_log_likelihoods(images, _labels_for(ys, self.label_names), c)
+        return sum(weight * parts[term.label_name] for term, weight in self.weighted_terms())
+
     def save(self, path_dir: str | os.PathLike) -> Path:
-        """Atomic directory: one reward directory per label plus `multitask.json` with weights."""
-        with atomic_directory(path_dir) as staging:
-            entries = []
-            for index, (reward, weight) in enumerate(zip(self.rewards, self.weights, strict=True)):
-                subdir = f"label_{index}"
-                reward.save(staging / subdir)
-                entries.append({"label_name": reward.label_name, "weight": weight, "dir": subdir})
-            (staging / MULTITASK_FILE).write_text(
-                json.dumps({"format": MULTITASK_FORMAT, "terms": entries}, indent=2)
-            )
-        return Path(path_dir)
+        """Atomic directory: a one-label reward of weight 1 in its term's own format, else one
+        directory per label plus `multitask.json` with the weights."""
+        if len(self.terms) == 1 and self.weights == [1.0]:
+            return self.terms[0].save(path_dir)
+        entries = [{"label_name": term.label_name, "weight": weight, "dir": f"label_{index}"}
+                   for index, (term, weight) in enumerate(self.weighted_terms())]
+
+        def write_terms(staging: Path) -> None:
+            for term, entry in zip(self.terms, entries, strict=True):
+                term.save(staging / entry["dir"])
+
+        return save_artifact(path_dir, MULTITASK_FORMAT, {"terms": entries},
+                             index=MULTITASK_FILE, write=write_terms)
 
     @classmethod
-    def load(cls, path_dir: str | os.PathLike) -> MultiTaskReward:
+    def load(cls, path_dir: str | os.PathLike) -> Reward:
+        """Either layout: a single reward directory (one term, weight 1) or a multi-task one."""
         directory = Path(path_dir)
-        index_path = directory / MULTITASK_FILE
-        if not index_path.is_file():
-            raise InputError(f"multi-task reward: {str(index_path)!r} is missing")
+        if not (directory / MULTITASK_FILE).is_file():
+            return cls([(RewardTerm.load(directory), 1.0)])
+        document, _ = load_artifact(directory, MULTITASK_FORMAT, "multi-task reward",
+                                    index=MULTITASK_FILE, tensors=False)
         try:
-            document = json.loads(index_path.read_text())
-            terms = [
-                (RewardModel.load(directory / entry["dir"]), float(entry["weight"]))
-                for entry in document["terms"]
-            ]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-            raise InputError(f"{str(index_path)!r}: malformed ({error!r})") from error
+            terms = [(RewardTerm.load(directory / entry["dir"]), float(entry["weight"]))
+                     for entry in document["terms"]]
+        except (KeyError, TypeError, ValueError) as error:
+            raise InputError(f"{str(directory / MULTITASK_FILE)!r}: malformed ({error!r})") \
+                from error
         return cls(terms)
 
 
-def load_reward(path_dir: str | os.PathLike) -> RewardModel | MultiTaskReward:
-    """Load either a single reward directory or a multi-task one, whichever `path_dir` holds."""
-    directory = Path(path_dir)
-    if (directory / MULTITASK_FILE).is_file():
-        return MultiTaskReward.load(directory)
-    return RewardModel.load(directory)
-
-
-def train_reward(
-    images: Any,
-    labels: Any,
-    *,
-    num_classes: int,
-    label_name: str,
-    edges: Sequence[float] | None = None,
-    config: RewardTrainingConfig | None = None,
-    contexts: Any = None,
-    num_contexts: int | None = None,
-    progress: bool = False,
-) -> tuple[RewardModel, TrainingReport]:
-    """Fit and calibrate the reward classifier p(y | x0[, c]) on N offline pairs."""
-    config = config or RewardTrainingConfig()
-    if config.use_context and contexts is None:
-        raise InputError("reward.use_context: true, but the training data has no contexts")
-    if not config.use_context:
-        contexts, num_contexts = None, None
-    elif num_contexts is None:
-        raise InputError("num_contexts: required when reward.use_context is true")
-    classifier, report = train_classifier(
-        images,
-        labels,
-        num_classes=num_classes,
-        contexts=contexts,
-        num_contexts=num_contexts,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        seed=config.seed,
-        val_fraction=config.val_fraction,
-        augment=config.augment,
-        temperature_prior_std=config.temperature_prior_std,
-        channels=config.channels,
-        dropout=config.dropout,
-        progress=progress,
-    )
-    meta = {"report": report.to_dict(), "training_config": config.to_dict()}
-    return RewardModel(classifier, label_name, edges, meta), report
-
-
-def train_reward_from_pairs(
-    pairs_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    config: RewardTrainingConfig | None = None,
-    progress: bool = False,
-    *,
-    judge: LabelJudgeConfig | None = None,
-    labeller: str = "",
-    heldout_fraction: float = 0.2,
-) -> tuple[RewardModel, TrainingReport]:
-    """Train the reward on the train rows of a pair-set file; save it to `out_dir` (atomic).
-
-    The held-out rows (the file's split; for a label without a built-in oracle and a file
-    without a split, a stratified `heldout_fraction` drawn here) never reach the reward: its
-    accuracy, NLL and calibration error on them go to its meta (`heldout`), and for a label
-    without an oracle a `LabelJudge` trained on them alone is saved in `out_dir/judge` (unless
-    `judge.enabled` is false). `labeller` ("module:function" or "file.py:function") names the
-    label's exact labeller: it is checked against the pairs' labels and stored as the scorer.
-    """
-    from ctrl_ray.data.oracles import ORACLES
-    from ctrl_ray.data.pairs import load_pairs
-    from ctrl_ray.scoring import label_images_for, parse_scorer
-
-    pairs = load_pairs(pairs_path)
-    config = config or RewardTrainingConfig()
-    judge = judge or LabelJudgeConfig()
-    built_in = pairs.label_name in ORACLES and bool(pairs.edges)
-    heldout_drawn = False
-    if pairs.heldout is None and not built_in:
-        from ctrl_ray.data.importing import stratified_heldout
-
-        pairs.heldout = stratified_heldout(pairs.labels, pairs.names, heldout_fraction,
-                                           config.seed)
-        heldout_drawn = True
-    train, heldout = pairs.subset("train"), pairs.subset("heldout")
-    info = {"num_classes": pairs.num_classes, "edges": pairs.edges,
-            "class_names": pairs.names}
-    agreement = None
-    if labeller:
-        entry = parse_scorer(labeller, pairs.label_name)
-        if entry["kind"] != "labeller":
-            raise InputError(f"labeller: expected module:function or file.py:function, "
-                             f"got {labeller!r}")
-        labeller = entry["function"]
-        found = label_images_for(pairs.images, pairs.label_name, info, override=labeller)
-        agreement = float((found == pairs.labels).mean())
-    contexts = getattr(pairs, "contexts", None)
-    reward, report = train_reward(
-        train.images,
-        train.labels,
-        num_classes=int(pairs.num_classes),
-        label_name=pairs.label_name,
-        edges=list(pairs.edges) if pairs.edges is not None else None,
-        config=config,
-        contexts=contexts,
-        num_contexts=getattr(pairs, "num_contexts", None) if contexts is not None else None,
-        progress=progress,
-    )
-    reward.meta.update(attribute=getattr(pairs, "attribute", None), pairs_path=str(pairs_path),
-                       class_names=pairs.names, num_pairs_train=len(train),
-                       num_pairs_heldout=len(heldout), heldout_drawn=heldout_drawn)
-    if labeller:
-        reward.meta.update(labeller=labeller, labeller_agreement=agreement)
-    if len(heldout):
-        reward.meta["heldout"] = heldout_metrics(reward, heldout.images, heldout.labels)
-    label_judge = None
-    if not built_in and len(heldout) and judge.enabled:
-        from ctrl_ray.models.judge import train_label_judge
-
-        label_judge, _ = train_label_judge(heldout.images, heldout.labels,
-                                           label_name=pairs.label_name,
-                                           num_classes=pairs.num_classes,
-                                           class_names=pairs.names, config=judge,
-                                           progress=progress)
-        # The judge never saw the reward's train rows, so they measure it.
-        label_judge.meta.update(
-            pairs_path=str(pairs_path), num_rows=len(heldout),
-            train_rows_accuracy=float((label_judge.predict(train.images) == train.labels).mean()))
-        reward.meta["judge"] = {"train_rows_accuracy": label_judge.meta["train_rows_accuracy"],
-                                "num_rows": len(heldout)}
-    with atomic_directory(out_dir) as staging:
-        reward.save(staging)
-        if label_judge is not None:
-            label_judge.save(staging / JUDGE_DIR)
-    reward.path = Path(out_dir).resolve()
-    return reward, report
-
-
-@torch.no_grad()
-def heldout_metrics(reward: RewardModel, images: Any, labels: Any) -> dict[str, float]:
-    """The calibrated reward on rows it never saw: accuracy, NLL and expected calibration
-    error (10 bins)."""
-    from ctrl_ray.models.classifier import check_images, expected_calibration_error
-
-    images = check_images(images)
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    log_probs = torch.cat([reward.log_probs(images[i:i + 512])
-                           for i in range(0, len(images), 512)])
-    return {
-        "accuracy": float((log_probs.argmax(1) == labels).float().mean()),
-        "nll": float(torch.nn.functional.nll_loss(log_probs, labels)),
-        "ece": float(expected_calibration_error(log_probs, labels)),
-        "num_rows": int(len(labels)),
-    }
+def load_reward(path_dir: str | os.PathLike) -> Reward:
+    """The reward saved in `path_dir` (a single-label or a multi-task directory)."""
+    return Reward.load(path_dir)
