@@ -19,8 +19,8 @@ from common import machine, write_results  # noqa: E402
 from ctrl_ray.config import load_config, to_dict  # noqa: E402
 from ctrl_ray.data.digits import ensure_digits  # noqa: E402
 from ctrl_ray.demo import DemoSamplingConfig, JudgeConfig, ensure_judge, sample_report  # noqa: E402
-from ctrl_ray.models.loading import load_base_model  # noqa: E402
 from ctrl_ray.pretrain import PretrainConfig, pretrain  # noqa: E402
+from ctrl_ray.registry import load_base_model  # noqa: E402
 
 
 def main() -> None:

@@ -179,7 +179,8 @@ class Bench:
         from ctrl_ray.finetune import FinetuneConfig
         from ctrl_ray.models.augmented import AugmentedModel
         from ctrl_ray.models.judge import DigitJudge
-        from ctrl_ray.models.loading import build_backbone, load_base_model
+        from ctrl_ray.models.loading import build_backbone
+        from ctrl_ray.registry import load_base_model
 
         if (done := finished(out / "base_report.json")) is not None:
             return done

@@ -25,9 +25,10 @@ from ctrl_ray.data.digits import digit_prompts, ensure_digits  # noqa: E402
 from ctrl_ray.demo import JudgeConfig, ensure_judge  # noqa: E402
 from ctrl_ray.evaluation import generate, save_grid  # noqa: E402
 from ctrl_ray.models.augmented import AugmentedModel  # noqa: E402
-from ctrl_ray.models.loading import build_backbone, load_base_model  # noqa: E402
+from ctrl_ray.models.loading import build_backbone  # noqa: E402
 from ctrl_ray.models.text_to_image import TextToImageOptions  # noqa: E402
 from ctrl_ray.pretrain import PretrainConfig, pretrain  # noqa: E402
+from ctrl_ray.registry import load_base_model  # noqa: E402
 
 PARAPHRASES = {"the digit seven": 7, "a hand-drawn number 3": 3, "zero": 0, "a written one": 1}
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctrl_ray import preflight
-from ctrl_ray.finetune import FinetuneConfig, RewardSpec, build_setup
+from ctrl_ray.finetune_setup import FinetuneConfig, RewardSpec, build_setup
 from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.models.text_to_image import TextToImageOptions
 from ctrl_ray.optimum import OptimumConfig, exact_optimum, format_optimum

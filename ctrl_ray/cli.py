@@ -309,26 +309,21 @@ def _reward_audit(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from ctrl_ray.config import load_config
-    from ctrl_ray.finetune import FinetuneConfig, finetune
+    from ctrl_ray import finetune
 
     overrides = list(args.overrides)
     for key, value in (("distributed.workers", args.workers), ("mode", args.mode),
                        ("distributed.address", args.address)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    from ctrl_ray import preflight
-
-    config = load_config(FinetuneConfig, args.config, overrides)
-    preflight.finetune(config, args.overwrite, resume=args.resume)
-    result = finetune(config, resume=args.resume)
+    result = finetune.run(args.config, overrides, args.overwrite, resume=args.resume)
     print(f"saved {result['policy_dir']} ({result['train_seconds']:.0f} s of training)")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from ctrl_ray import preflight
     from ctrl_ray.config import load_config
-    from ctrl_ray.finetune import FinetuneConfig
+    from ctrl_ray.finetune_setup import FinetuneConfig
     from ctrl_ray.policy import evaluate_model
 
     config = load_config(FinetuneConfig, args.config, args.overrides)
@@ -386,7 +381,7 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _registry_list(args: argparse.Namespace) -> None:
-    from ctrl_ray.tracking import list_registered
+    from ctrl_ray.registry import list_registered
 
     rows = list_registered()
     if not rows:
@@ -397,14 +392,14 @@ def _registry_list(args: argparse.Namespace) -> None:
 
 
 def _registry_promote(args: argparse.Namespace) -> None:
-    from ctrl_ray.tracking import promote
+    from ctrl_ray.registry import promote
 
     promote(args.name, args.version, args.alias)
     print(f"models:/{args.name}@{args.alias} -> version {args.version}")
 
 
 def _registry_register_base(args: argparse.Namespace) -> None:
-    from ctrl_ray.tracking import register_base_model
+    from ctrl_ray.registry import register_base_model
 
     uri = register_base_model(args.model, args.name, args.alias)
     print(f"registered {uri}" + (f" (alias {args.alias})" if args.alias else ""))
@@ -422,7 +417,7 @@ def _text2image_tiny_pipeline(args: argparse.Namespace) -> None:
 
 
 def _registry_register(args: argparse.Namespace) -> None:
-    from ctrl_ray.tracking import register_policy
+    from ctrl_ray.registry import register_policy
 
     uri = register_policy(args.policy, args.name, args.alias)
     print(f"registered {uri} (alias {args.alias})")

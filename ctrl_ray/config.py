@@ -51,7 +51,7 @@ BOUNDS: dict[str, dict[str, str | tuple]] = {
     "ctrl_ray.objectives.base.ObjectiveConfig": {
         "batch_size": "[1, 1000000]", "num_inference_steps": "[1, 10000]",
     },
-    "ctrl_ray.tuning.SearchConfig": {"seed": SEED},
+    "ctrl_ray.tuning.configs.SearchConfig": {"seed": SEED},
 }
 
 
@@ -282,6 +282,18 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def scalar_metrics(report: dict[str, Any], prefix: str = "", per_label: bool = True
+                   ) -> dict[str, float]:
+    """The numbers of an evaluation report as MLflow metrics: every scalar entry and (with
+    `per_label`) each label's accuracy and macro-F1 as `{prefix}{label}_{score}`."""
+    metrics = {f"{prefix}{key}": float(value) for key, value in report.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    for name, scores in report.get("labels", {}).items() if per_label else ():
+        for key in ("accuracy", "macro_f1"):
+            metrics[f"{prefix}{name}_{key}"] = float(scores[key])
+    return metrics
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

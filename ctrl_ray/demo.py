@@ -9,18 +9,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctrl_ray import tracking
+from ctrl_ray import registry
 from ctrl_ray.classifier_training import train_digit_judge
 from ctrl_ray.config import SEED, check_bounds
 from ctrl_ray.data.digits import DigitsDataset, ensure_digits
 from ctrl_ray.data.oracles import label_images
 from ctrl_ray.evaluation import class_histogram, generate, save_grid
-from ctrl_ray.finetune import FinetuneConfig, finetune
+from ctrl_ray.finetune import finetune
+from ctrl_ray.finetune_setup import FinetuneConfig
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.judge import DigitJudge
-from ctrl_ray.models.loading import BaseModel, build_backbone, load_base_model
+from ctrl_ray.models.loading import BaseModel, build_backbone
 from ctrl_ray.policy import sample_grid
 from ctrl_ray.pretrain import PretrainConfig, pretrain
+from ctrl_ray.registry import load_base_model
 from ctrl_ray.reward_training import RewardJobConfig, train_reward_job
 from ctrl_ray.storage import write_json
 
@@ -100,7 +102,7 @@ def run_demo(config: DemoConfig) -> dict:
     finetune_cfg.base_model = base_uri
     ctrl = finetune(finetune_cfg)
 
-    model_uri = tracking.register_policy(ctrl["policy_dir"], config.registered_model, "champion")
+    model_uri = registry.register_policy(ctrl["policy_dir"], config.registered_model, "champion")
     pulled = sample_grid(f"models:/{config.registered_model}@champion", context=3, label=0,
                          count=8, seed=0, out=out / "registry_sample_c3_y0.png")
     print(f"registered {model_uri} as @champion; pulled 8 samples (c=3, y=0) -> {pulled}")
@@ -141,7 +143,7 @@ def ensure_base_model(config: DemoConfig) -> tuple[BaseModel, str]:
     """
     name = config.pretrain.registered_model
     if config.reuse_registered_base and name:
-        version = tracking.latest_version(name)
+        version = registry.latest_version(name)
         if version is not None:
             uri = f"models:/{name}/{version}"
             base = load_base_model(uri)

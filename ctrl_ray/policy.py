@@ -13,8 +13,8 @@ from ctrl_ray.errors import InputError
 from ctrl_ray.evaluation import EvaluationConfig, evaluate, format_report, generate, save_grid
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.judge import DigitJudge
-from ctrl_ray.models.loading import build_backbone, load_base_model, load_base_model_dir
-from ctrl_ray.tracking import resolve_artifacts
+from ctrl_ray.models.loading import build_backbone, load_base_model_dir
+from ctrl_ray.registry import load_base_model, resolve_artifacts
 
 
 @dataclass

@@ -62,6 +62,8 @@ def check_output(path: str | os.PathLike, key: str, *, kind: Literal["file", "di
     if suffixes and resolved.suffix.lower() not in suffixes:
         raise InputError(f"{key}: {text!r} must end in {' or '.join(suffixes)}")
     for input_key, input_path in inputs:
+        from ctrl_ray.registry import is_uri  # only with inputs: it loads MLflow and torch
+
         if input_path is None or not str(input_path) or is_uri(input_path):
             continue
         source = Path(os.path.abspath(input_path)).resolve()
@@ -117,13 +119,10 @@ def _check_input(path: Path, key: str, kind: str) -> Path:
     return path
 
 
-def is_uri(value: Any) -> bool:
-    """A `models:/`, `runs:/` or other `scheme:/` reference rather than a local path."""
-    return ":/" in str(value)
-
-
 def check_model_ref(ref: str | os.PathLike, key: str) -> None:
     """A local model folder that exists, or a registry URI whose model version exists."""
+    from ctrl_ray.registry import is_uri
+
     text = str(ref)
     if not text:
         raise InputError(f"{key}: no model given")
@@ -345,7 +344,7 @@ def reward(config, overwrite: bool) -> None:
 
 
 def _check_rewards(specs, key: str):
-    from ctrl_ray.finetune import load_rewards
+    from ctrl_ray.finetune_setup import load_rewards
 
     if not specs:
         raise InputError(f"{key}: at least one reward classifier is needed")
@@ -456,9 +455,10 @@ def _baseline_pairs(config) -> list[tuple[str, Any]]:
 
 
 def tune(config, overwrite: bool) -> None:
-    from ctrl_ray.tuning import _validate
+    from ctrl_ray.registry import is_uri
+    from ctrl_ray.tuning import check_inputs
 
-    _validate(config)
+    check_inputs(config)
     finetune_config = config.finetune
     check_model_ref(finetune_config.base_model, "finetune.base_model")
     _check_rewards(finetune_config.rewards, "finetune.rewards")
@@ -493,10 +493,10 @@ def demo(config, overwrite: bool) -> None:
         check_output(config.judge.path, "judge.path", kind="dir")
     _check_unet(config.pretrain.model, "pretrain.model")
     name = config.pretrain.registered_model
-    from ctrl_ray import tracking
+    from ctrl_ray import registry
 
     if not (config.reuse_registered_base and name and store_exists()
-            and tracking.latest_version(name) is not None):  # the demo pre-trains
+            and registry.latest_version(name) is not None):  # the demo pre-trains
         check_output(config.pretrain.output_dir, "pretrain.output_dir", kind="dir",
                      inputs=[("pretrain.data.path", data.path)], overwrite=overwrite)
     inputs = [("pretrain.data.path", data.path), ("judge.path", config.judge.path)]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ctrl_ray import tracking
+from ctrl_ray import registry, tracking
 from ctrl_ray.config import SEED, ConfigValueError, check_bounds, flatten, to_dict
 from ctrl_ray.data.digits import NUM_DIGITS, SIZES, digit_prompts, require_digits
 from ctrl_ray.models.loading import save_base_model
@@ -195,7 +195,8 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
                             "steps_per_second": train_cfg.steps / seconds})
         model_uri = None
         if config.registered_model:
-            model_uri = tracking.log_model({"base_model": model_dir}, config.registered_model,
+            model_uri = registry.log_model({"base_model": model_dir}, config.registered_model,
+                                           base_metadata=metadata,
                                            metadata={"ctrl_ray": metadata})
     return PretrainResult(model_dir=model_dir, model_uri=model_uri, final_loss=mean_loss,
                           seconds=seconds, steps_per_second=train_cfg.steps / seconds)

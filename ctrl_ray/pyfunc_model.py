@@ -6,7 +6,8 @@ kind, prompts and guidance scale). `predict` takes a DataFrame with columns `c` 
 class id, or a prompt string or prompt index for a text-to-image model), `seed`
 and, for a fine-tuned model, one column per label (`y` works for a single label; a class
 index or class name; -1 or a missing column means unconditional) and returns one image per
-row, deterministic per seed.
+row, deterministic per seed. `ctrl_ray.registry` logs it with that signature and a one-row
+input example.
 """
 
 from __future__ import annotations

@@ -205,6 +205,8 @@ CASES = [
     ("tune-base-missing", [*TUNE, "--set", "finetune.base_model=missing_base"],
      "missing_base"),
     ("tune-out-file", [*TUNE, "--set", "output_dir=NOTES"], "NOTES"),
+    ("tune-alias", [*TUNE, "--set", "alias=latest"], "alias"),
+    ("tune-register-name", [*TUNE, "--set", "register_name=a/b"], "register_name"),
     ("tune-address", [*TUNE, "--set", "finetune.distributed.address=127.0.0.1:1"],
      "127.0.0.1:1"),
     # -- demo and text2image

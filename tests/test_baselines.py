@@ -36,8 +36,8 @@ from ctrl_ray.errors import InputError
 from ctrl_ray.evaluation import generate
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.backbone import UNetBackbone
-from ctrl_ray.models.loading import load_base_model
 from ctrl_ray.policy import load_any
+from ctrl_ray.registry import load_base_model
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

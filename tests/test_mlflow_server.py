@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import tiny_finetune_overrides
 
-from ctrl_ray import tracking
+from ctrl_ray import registry
 from ctrl_ray.config import load_config
 from ctrl_ray.finetune import FinetuneConfig, finetune
 
@@ -65,7 +65,7 @@ def test_finetune_registers_and_pulls_through_a_tracking_server(
     artifacts = [a.path for a in client.list_artifacts(result["mlflow_run_id"], "policy")]
     assert "policy/adapter.safetensors" in artifacts
 
-    uri = tracking.register_policy(result["policy_dir"], "ctrl-digits-remote", "champion")
+    uri = registry.register_policy(result["policy_dir"], "ctrl-digits-remote", "champion")
     assert uri == "models:/ctrl-digits-remote/1"
     pulled_file = tmp_path / "pulled.npy"
     subprocess.run([sys.executable, "-c", PULL, str(pulled_file)], check=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ctrl_ray.models.loading import load_base_model
+from ctrl_ray.registry import load_base_model
 
 
 def _noise_predictions(base):

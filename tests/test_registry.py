@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import warnings
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 
-from ctrl_ray import tracking
+from ctrl_ray import registry
 from ctrl_ray.cli import main
 from ctrl_ray.evaluation import generate
 from ctrl_ray.policy import load_any
@@ -25,7 +28,7 @@ np.save(sys.argv[1], model.predict(frame))
 @pytest.fixture(scope="module")
 def registered(tiny_run):
     out, _ = tiny_run
-    return tracking.register_policy(out / "policy", "ctrl-digits", "champion")
+    return registry.register_policy(out / "policy", "ctrl-digits", "champion")
 
 
 def test_registered_policy_pulled_in_a_fresh_process_equals_in_process_sample(
@@ -57,3 +60,37 @@ def test_registry_cli_list_promote_sample_and_evaluate(registered, tiny_run, tin
                  "--set", f"judge={tiny_judge}", "--set", "evaluation.samples_per_target=1",
                  "--set", "evaluation.contexts=[0]", "--set", "evaluation.num_inference_steps=4",
                  "--set", f"output_dir={tmp_path}"]) == 0
+
+
+class _Messages(logging.Handler):
+    """Collects what MLflow logs at WARNING and above (its loggers do not propagate)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_registration_logs_a_signature_and_an_input_example_without_warnings(tiny_run):
+    """`mlflow models serve` needs both; MLflow warns at registration when either is missing,
+    and warns too when the input example fails to predict (it runs it once while logging)."""
+    handler = _Messages()
+    logging.getLogger("mlflow").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            uri = registry.register_policy(tiny_run[0] / "policy", "ctrl-digits-signed", None)
+    finally:
+        logging.getLogger("mlflow").removeHandler(handler)
+    said = handler.messages + [str(warning.message) for warning in caught]
+    assert not [m for m in said if "signature" in m.lower() or "input example" in m.lower()]
+
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature is not None
+    assert [column.name for column in info.signature.inputs.inputs] == [
+        "c", "seed", "compress_class", "y"]
+    assert info.signature.inputs.required_input_names() == ["c"]
+    assert info.saved_input_example_info is not None
+

@@ -16,14 +16,14 @@ import pytest
 import torch
 from conftest import TINY_PRETRAIN
 
-from ctrl_ray import tracking
+from ctrl_ray import registry
 from ctrl_ray.cli import main
 from ctrl_ray.config import load_config
 from ctrl_ray.errors import InputError
 from ctrl_ray.evaluation import generate
 from ctrl_ray.finetune import FinetuneConfig, build_setup, finetune
 from ctrl_ray.models.augmented import AugmentedModel
-from ctrl_ray.models.loading import build_backbone, load_base_model
+from ctrl_ray.models.loading import build_backbone
 from ctrl_ray.models.text_to_image import (
     TextToImageBackbone,
     TextToImageOptions,
@@ -31,6 +31,7 @@ from ctrl_ray.models.text_to_image import (
 )
 from ctrl_ray.models.tiny_pipeline import TinyPipelineConfig, build_tiny_pipeline
 from ctrl_ray.policy import load_any
+from ctrl_ray.registry import load_base_model
 from ctrl_ray.sampling.sampler import RolloutInputs, sample
 
 PROMPTS = ["a handwritten seven", "a handwritten one"]
@@ -54,7 +55,7 @@ def pipeline_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipeline_uri(pipeline_dir):
     """The same pipeline registered as a base model: `models:/tiny-sd/1`."""
-    return tracking.register_base_model(pipeline_dir, "tiny-sd")
+    return registry.register_base_model(pipeline_dir, "tiny-sd")
 
 
 def test_cli_writes_a_pipeline_that_registers_and_loads_from_models_uri(tmp_path, capsys):
@@ -217,7 +218,7 @@ def test_finetune_on_ray_register_pull_and_sample_by_prompt(pipeline_uri, tiny_r
     policy_dir = result["policy_dir"]
     assert result["ctrl"]["num_samples"] == 4  # 4 classes x 1 prompt x 1 sample, evaluated
 
-    uri = tracking.register_policy(policy_dir, "ctrl-text-tiny", "champion")
+    uri = registry.register_policy(policy_dir, "ctrl-text-tiny", "champion")
     info = mlflow.models.get_model_info(uri).metadata["ctrl_ray"]
     assert info["backbone"]["kind"] == "stable-diffusion"
     assert info["backbone"]["prompts"] == PROMPTS and info["backbone"]["guidance_scale"] == 2.0

@@ -27,19 +27,20 @@ from ctrl_ray.baselines.classifier_guidance import (
 )
 from ctrl_ray.baselines.dps import DPSModel
 from ctrl_ray.checkpoint import load_policy, policy_spec, read_policy_spec, save_policy
-from ctrl_ray.config import flatten, load_config, to_dict
+from ctrl_ray.config import flatten, load_config, scalar_metrics, to_dict
 from ctrl_ray.data.digits import require_digits
 from ctrl_ray.data.pairs import PairSet, load_pairs, make_pairs
 from ctrl_ray.errors import InputError
 from ctrl_ray.evaluation import EvaluationConfig, evaluate, format_report
-from ctrl_ray.finetune import (
+from ctrl_ray.finetune_setup import (
     AdapterConfig,
     RewardSpec,
     load_rewards,
 )
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.judge import DigitJudge
-from ctrl_ray.models.loading import BaseModel, build_backbone, load_base_model
+from ctrl_ray.models.loading import BaseModel, build_backbone
+from ctrl_ray.registry import load_base_model
 from ctrl_ray.storage import write_json
 
 BASELINE_KINDS = ("cfg", "cg", "dps")
@@ -261,25 +262,12 @@ def _reward_pairs(meta: dict) -> int | None:
     return None
 
 
-def report_metrics(report: dict, prefix: str) -> dict[str, float]:
-    """The scalar entries of an evaluation report (and each label's accuracy and macro-F1)."""
-    metrics = {f"{prefix}{key}": float(value) for key, value in report.items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool)}
-    for name, scores in report.get("labels", {}).items():
-        for key in ("accuracy", "macro_f1"):
-            metrics[f"{prefix}{name}_{key}"] = float(scores[key])
-    return metrics
-
-
 BUILDERS = {"cfg": build_cfg, "cg": build_cg, "dps": build_dps}
 
 
 def run_baseline(kind: str, config: BaselineConfig, progress: bool = True) -> dict[str, Any]:
     """Train (or load) baseline ``kind``, score it and the base model by the evaluation protocol,
     write grids and ``report.json`` under ``config.output_dir`` and log everything to MLflow.
-    if kind in CLASS_MODEL_ONLY and base.is_text_to_image:
-        raise InputError(f"baseline {kind}: {CLASS_MODEL_ONLY[kind]}; {str(base.path)!r} is a "
-                         f"text-to-image model ({base.metadata.get('kind')}): use DPS")
 
     Returns {kind, guidance_scale, <kind>: report, base: report (if evaluate_base),
     train_seconds, sample_seconds, label_counts, training, output_dir, mlflow_run_id}.
@@ -289,6 +277,9 @@ def run_baseline(kind: str, config: BaselineConfig, progress: bool = True) -> di
         raise InputError(f"baseline {kind!r} needs a {expected.__name__}, "
                          f"got {type(config).__name__}")
     base = load_base_model(config.base_model)
+    if kind in CLASS_MODEL_ONLY and base.is_text_to_image:
+        raise InputError(f"baseline {kind}: {CLASS_MODEL_ONLY[kind]}; {str(base.path)!r} is a "
+                         f"text-to-image model ({base.metadata.get('kind')}): use DPS")
     out = Path(config.output_dir)
     params = {**flatten(to_dict(config)), "kind": kind}
     with tracking.run(config.experiment, f"baseline-{kind}", params) as active:
@@ -314,7 +305,7 @@ def run_baseline(kind: str, config: BaselineConfig, progress: bool = True) -> di
         metrics = {"train_seconds": train_seconds, "sample_seconds": result["sample_seconds"]}
         for name in ("base", kind):
             if name in result:
-                metrics.update(report_metrics(result[name], f"eval_{name}_"))
+                metrics.update(scalar_metrics(result[name], f"eval_{name}_"))
         mlflow.log_metrics(metrics)
         write_json(out / "report.json", result)
         mlflow.log_artifacts(str(out), artifact_path="baseline")

@@ -10,8 +10,6 @@ restarted by Ray (`max_restarts`), its shard is redone, and it re-syncs on its n
 from __future__ import annotations
 
 import copy
-import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,10 +23,12 @@ from tqdm.auto import tqdm
 
 from ctrl_ray import tracking
 from ctrl_ray.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
-from ctrl_ray.config import flatten, to_dict
+from ctrl_ray.config import flatten, scalar_metrics, to_dict
 from ctrl_ray.distributed.roles import Learner, RolloutWorker
 from ctrl_ray.errors import InputError
+from ctrl_ray.finetune_setup import FinetuneConfig, load_rewards
 from ctrl_ray.objectives.base import draw_inputs
+from ctrl_ray.registry import is_uri
 from ctrl_ray.sampling.sampler import RolloutInputs
 
 
@@ -92,7 +92,7 @@ def _wait_until_alive(actor: Any, timeout_s: float = 300.0) -> None:
             time.sleep(1.0)
 
 
-def start_roles(config) -> Roles:
+def start_roles(config: FinetuneConfig) -> Roles:
     """Build the learner and workers: in this process, or as Ray actors (joining `address`)."""
     dist = config.distributed
     if dist.workers == 0:  # one process: the worker shares the learner's model and reward
@@ -103,7 +103,7 @@ def start_roles(config) -> Roles:
 
     _check_inputs(config)
     if not ray.is_initialized():
-        ray.init(address=dist.address, include_dashboard=False, runtime_env=_actor_env())
+        ray.init(address=dist.address, include_dashboard=False, runtime_env=tracking.actor_env())
     config = _with_absolute_paths(config)
     # The loop is synchronous: while the learner updates, the workers wait, so a learner that
     # reserves no CPUs of its own (learner_cpus: 0) computes on as many threads as they hold.
@@ -121,25 +121,14 @@ def start_roles(config) -> Roles:
     return Roles(learner, workers, remote=True)
 
 
-def _check_inputs(config) -> None:
+def _check_inputs(config: FinetuneConfig) -> None:
     """Fail in the driver, with one clear line, on inputs every actor would fail on."""
-    from ctrl_ray.finetune import load_rewards
-
     load_rewards(config.rewards)
-    if ":/" not in str(config.base_model) and not Path(config.base_model).exists():
+    if not is_uri(config.base_model) and not Path(config.base_model).exists():
         raise InputError(f"base_model: {str(config.base_model)!r} does not exist")
 
 
-def _actor_env() -> dict | None:
-    """MLFLOW_TRACKING_URI for the actors, unless a Ray job's runtime_env already sets it (Ray
-    refuses to merge a driver env var whose key the job's runtime_env also has)."""
-    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
-    if "MLFLOW_TRACKING_URI" in ((job_config.get("runtime_env") or {}).get("env_vars") or {}):
-        return None
-    return {"env_vars": {"MLFLOW_TRACKING_URI": tracking.tracking_uri()}}
-
-
-def _with_absolute_paths(config):
+def _with_absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
     """A copy of `config` whose local paths are absolute, so actors find them from any cwd."""
     config = copy.deepcopy(config)
     if Path(config.base_model).exists():
@@ -149,7 +138,7 @@ def _with_absolute_paths(config):
     return config
 
 
-def train(config, progress: bool = True, resume: bool = False,
+def train(config: FinetuneConfig, progress: bool = True, resume: bool | str = False,
           on_iteration: Callable[[int, Roles], None] | None = None,
           parent_run_id: str | None = None) -> dict[str, Any]:
     """Run CTRL for `config.iterations` updates; checkpoint, evaluate, log everything to MLflow.
@@ -213,11 +202,12 @@ def train(config, progress: bool = True, resume: bool = False,
                     mlflow.log_artifact(report["grid"])
         for name in ("base", "ctrl", "optimum"):
             if name in result:
-                mlflow.log_metrics(_scalar_metrics(result[name], f"eval_{name}_"))
+                mlflow.log_metrics(scalar_metrics(result[name], f"eval_{name}_"))
     return result
 
 
-def _iteration(roles: Roles, config, info: dict, generator: torch.Generator) -> dict:
+def _iteration(roles: Roles, config: FinetuneConfig, info: dict,
+               generator: torch.Generator) -> dict:
     """One update: draw, publish, shard across workers, apply on the learner."""
     start = time.perf_counter()
     inputs = draw_inputs(SimpleNamespace(**info), config.objective, generator)
@@ -254,12 +244,3 @@ def _save_training_checkpoint(roles: Roles, info: dict, path: Path, iteration: i
              "generator_state": generator.get_state().tolist()}
     save_checkpoint(path, adapter, info["spec"], state, optimizer_state)
     mlflow.log_artifacts(str(path), artifact_path=f"checkpoints/{path.name}")
-
-
-def _scalar_metrics(report: dict, prefix: str) -> dict[str, float]:
-    metrics = {f"{prefix}{k}": float(v) for k, v in report.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for name, scores in report.get("labels", {}).items():
-        for key in ("accuracy", "macro_f1"):
-            metrics[f"{prefix}{name}_{key}"] = float(scores[key])
-    return metrics

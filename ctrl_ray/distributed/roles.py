@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ctrl_ray.checkpoint import optimizer_tensors, restore_optimizer
-from ctrl_ray.finetune import FinetuneConfig, Setup, build_setup, evaluate_setup
+from ctrl_ray.finetune_setup import FinetuneConfig, Setup, build_setup, evaluate_setup
 from ctrl_ray.objectives import update_rule
 from ctrl_ray.sampling.sampler import RolloutInputs
 

@@ -1,4 +1,5 @@
-"""Save and load a pre-trained base model: a diffusers directory from a local path or `models:/`.
+"""Save and load a pre-trained base model: a local diffusers directory (a `models:/` URI is
+resolved to one by `ctrl_ray.registry`).
 
 Three kinds of directory load: ctrl-ray's own (`unet/`, `scheduler/`, `ctrl_ray.json`) with a
 class-conditional UNet, the same with a text-conditioned UNet whose metadata names its text
@@ -20,7 +21,6 @@ from ctrl_ray.models.backbone import Backbone, UNetBackbone
 from ctrl_ray.models.text_encoder import PromptEncoder
 from ctrl_ray.models.text_to_image import TextToImageBackbone, TextToImageOptions
 from ctrl_ray.storage import atomic_directory, read_json, write_json
-from ctrl_ray.tracking import resolve_artifacts
 
 METADATA_FILE = "ctrl_ray.json"
 
@@ -60,18 +60,11 @@ def save_base_model(unet: UNet2DModel, scheduler: DDPMScheduler, out_dir: str | 
     return out_dir
 
 
-def load_base_model(uri: str | Path) -> BaseModel:
-    """Load a base model from a directory written by `save_base_model` or a `models:/` URI."""
-    artifacts = resolve_artifacts(uri)
-    path = artifacts.get("base_model") or artifacts.get("model")
-    if path is None:
-        raise InputError(f"model {str(uri)!r} carries no base model")
-    return load_base_model_dir(path)
-
-
 def load_base_model_dir(path: Path) -> BaseModel:
-    """Load the diffusers UNet and scheduler from a base-model directory, offline."""
+    """Load the diffusers UNet and scheduler from a local base-model directory, offline."""
     path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"model directory not found: {str(path)!r}")
     if (path / "model_index.json").is_file():
         parts = text_to_image.load_stable_diffusion_dir(path)
         return BaseModel(path=path, **parts)
