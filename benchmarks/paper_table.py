@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).parent))
+import plots  # noqa: E402
 from common import RESULTS, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,8 +47,6 @@ CONFIGS = ROOT / "configs"
 METHODS = ("base", "ctrl", "cfg", "cg", "dps")
 NAMES = {"base": "base model", "ctrl": "CTRL", "cfg": "CFG", "cg": "classifier guidance",
          "dps": "DPS"}
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
-          (140, 86, 75), (227, 119, 194)]
 
 
 @dataclass
@@ -345,100 +343,6 @@ def per_class_accuracy(report: dict, label: str) -> list[float]:
     return (np.diag(matrix) / np.maximum(matrix.sum(1), 1)).tolist()
 
 
-# ----------------------------------------------------------------------------- plots (Pillow)
-
-
-def font(size: int = 14) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: fixed bitmap font
-        return ImageFont.load_default()
-
-
-def line_plot(path: Path, series: list[tuple[str, list[float], list[float], list[float]]],
-              xlabel: str, ylabel: str, title: str, log_x: bool = False,
-              y_range: tuple[float, float] = (0.0, 1.0), x_ticks: list[float] | None = None,
-              ) -> Path:
-    """Lines with points and +-spread error bars, axes, ticks, labels and a legend."""
-    width, height = 720, 460
-    left, right, top, bottom = 70, 200, 40, 60
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    xs_all = [x for _, xs, _, _ in series for x in xs]
-    x_ticks = x_ticks or sorted(set(xs_all))
-    transform = (lambda v: math.log10(v)) if log_x else (lambda v: v)
-    x_low, x_high = transform(min(x_ticks)), transform(max(x_ticks))
-    pad = 0.08 * ((x_high - x_low) or 1.0)
-    x_low, x_high = x_low - pad, x_high + pad
-    highest = max((y + e for _, _, ys, es in series for y, e in zip(ys, es, strict=True)
-                   if not math.isnan(y)), default=1.0)
-    y_low, y_high = 0.0, min(1.0, max(0.2, math.ceil(highest * 10 + 0.5) / 10))
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        px = left + (transform(x) - x_low) / (x_high - x_low) * (width - left - right)
-        py = height - bottom - (y - y_low) / (y_high - y_low) * (height - top - bottom)
-        return px, py
-
-    small, normal = font(12), font(15)
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for index in range(6):
-        y = y_low + (y_high - y_low) * index / 5
-        _, py = to_px(x_ticks[0], y)
-        draw.line([left - 4, py, left, py], fill="black")
-        draw.line([left + 1, py, width - right - 1, py], fill=(230, 230, 230))
-        draw.text((left - 8, py), f"{y:.2f}", fill="black", font=small, anchor="rm")
-    for x in x_ticks:
-        px, _ = to_px(x, y_low)
-        draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
-        draw.text((px, height - bottom + 8), f"{x:g}", fill="black", font=small, anchor="mt")
-    draw.text(((left + width - right) / 2, height - 18), xlabel, fill="black", font=normal,
-              anchor="ms")
-    draw.text(((left + width - right) / 2, 12), title, fill="black", font=normal, anchor="mt")
-    label_image = Image.new("RGB", (height - top - bottom, 22), "white")
-    ImageDraw.Draw(label_image).text((label_image.width / 2, 11), ylabel, fill="black",
-                                     font=normal, anchor="mm")
-    image.paste(label_image.rotate(90, expand=True), (6, top))
-    for index, (name, xs, ys, errors) in enumerate(series):
-        color = COLORS[index % len(COLORS)]
-        points = [to_px(x, min(max(y, y_low), y_high)) for x, y in zip(xs, ys, strict=True)]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=2)
-        for (px, py), x, y, error in zip(points, xs, ys, errors, strict=True):
-            if error > 0:
-                _, low = to_px(x, max(y - error, y_low))
-                _, high = to_px(x, min(y + error, y_high))
-                draw.line([px, low, px, high], fill=color, width=1)
-                draw.line([px - 4, low, px + 4, low], fill=color)
-                draw.line([px - 4, high, px + 4, high], fill=color)
-            draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=color)
-        legend_y = top + 10 + 22 * index
-        draw.line([width - right + 14, legend_y, width - right + 40, legend_y], fill=color,
-                  width=3)
-        draw.text((width - right + 46, legend_y), name, fill="black", font=small, anchor="lm")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
-
-
-def grid_montage(path: Path, grids: list[tuple[str, str | None]]) -> Path | None:
-    """Each method's sample grid (rows = y, columns = c) side by side under its name."""
-    tiles = [(name, Image.open(grid).convert("L")) for name, grid in grids
-             if grid and Path(grid).is_file()]
-    if not tiles:
-        return None
-    gap, caption = 16, 26
-    width = sum(tile.width for _, tile in tiles) + gap * (len(tiles) + 1)
-    height = max(tile.height for _, tile in tiles) + caption + gap
-    canvas = Image.new("RGB", (width, height), "white")
-    draw, x = ImageDraw.Draw(canvas), gap
-    for name, tile in tiles:
-        draw.text((x + tile.width / 2, 8), name, fill="black", font=font(14), anchor="mt")
-        canvas.paste(tile.convert("RGB"), (x, caption))
-        x += tile.width + gap
-    canvas.save(path)
-    return path
-
-
 # ----------------------------------------------------------------------------- the document
 
 
@@ -471,145 +375,134 @@ def goal_check(single: dict, n_values: list[int]) -> list[str]:
     return lines
 
 
+QUICK_NOTE = (
+    "**Quick mode**: a tiny 8x8 base model pre-trained for a few hundred steps, 4 sampler steps, "
+    "short training for every method. The numbers only show that the pipeline runs end to end; "
+    "they say nothing about the methods.")
+PROTOCOL = (
+    "Every method uses the same base model, the same N labelled pairs (or the reward classifier "
+    "trained on them), the same sampler (DDIM, eta = 1) and the same evaluation seeds; samples "
+    "are labelled by the exact oracle (JPEG size quartile), fidelity is the digit judge's "
+    "accuracy against the requested digit c, mean KL is the path KL to the pre-trained model in "
+    "nats (sum over steps of ||mu - mu_pre||^2 / (2 sigma_t^2), summed over pixels; for the "
+    "guided samplers mu is the guided step mean). Wall time is the whole call on this machine: "
+    "training (CTRL, CFG, CG) plus sampling the evaluation set (DPS needs a backward pass "
+    "through the network at every step). Values are mean ± sample sd over seeds {seeds}.\n\n"
+    "- **CTRL**: reward classifier on the N pairs, augmented model (label embedding + LoRA) "
+    "fine-tuned by pathwise RL, gamma = kl_weight = 1.\n"
+    "- **CFG**: the same augmented model trained with the DDPM loss on triplets (x, c, y) (c "
+    "looked up in the dataset), label dropout, eps_u + w (eps_c - eps_u).\n"
+    "- **classifier guidance**: time-dependent classifier p(y | x_t, t) on noised pairs; "
+    "eps - s sqrt(1 - a_t) grad log p(y | x_t, t).\n"
+    "- **DPS**: CTRL's reward on the Tweedie estimate x0_hat(x_t), gradient through the "
+    "network; eps - s sqrt(1 - a_t) grad log p(y | x0_hat(x_t)).")
+MULTITASK = (
+    "Two separate pair sets of N = {n} each (different images, one label each). CTRL sums the "
+    "log-likelihoods of the two reward classifiers; CFG trains one network on the union of the "
+    "two sets as triplets, the missing label null, and is sampled with both labels set. Joint "
+    "accuracy: both oracle labels right.")
+GUIDANCE = (
+    "N = {n}; gamma = 1 and kl_weight = 1 / ratio, so the target is p_pre(x | c) p(y | x)^ratio: "
+    "ratio 1 is the true conditional, larger ratios sharpen it.")
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+
+
+def cells(reports: list[dict], *keys: str, digits: int = 3) -> list[str]:
+    """`pm` of each key over the reports."""
+    return [pm([r[key] for r in reports], digits) for key in keys]
+
+
+def series(name: str, xs: list, samples: list[list[float]]) -> tuple:
+    """One plotted line: (name, xs, means, sds), samples[i] holding the seeds' values at xs[i]."""
+    stats = [stat(values) for values in samples]
+    return name, xs, [mean for mean, _ in stats], [spread for _, spread in stats]
+
+
+def labels_used(method: str, counts: dict) -> str:
+    """How many labelled y (and digits c) a multi-task method was given."""
+    if method == "base":
+        return "none (ignores y)"
+    used = ", ".join(f"{v} {k.split('_')[0]} y" for k, v in counts.get("y", {}).items())
+    return used + (f", {counts['c']} digit c" if counts.get("c") else ", no c")
+
+
 def write_docs(results: dict, docs: Path, quick: bool, notes: str | None = None) -> Path:
+    """results.md with the three experiments' tables, its figures and the sample grids."""
     docs.mkdir(parents=True, exist_ok=True)
     single, multi, guidance = results["single"], results["multitask"], results["guidance"]
     n_values, seeds = results["budget"]["n_values"], results["budget"]["seeds"]
-    n_max = max(n_values)
-    figure = line_plot(
+    n_max, ratios, budget = max(n_values), sorted(guidance), QUICK if quick else FULL
+    f1_plot = plots.line_plot(
         docs / "macro_f1_vs_n.png",
-        [(NAMES[m], n_values, [stat([r["macro_f1"] for r in single[m][n]])[0] for n in n_values],
-          [stat([r["macro_f1"] for r in single[m][n]])[1] for n in n_values]) for m in METHODS],
+        [series(NAMES[m], n_values, [[r["macro_f1"] for r in single[m][n]] for n in n_values])
+         for m in METHODS],
         "N labelled pairs", "macro-F1 (compressibility)",
         f"macro-F1 vs N (mean ± sd over {len(seeds)} seeds)", log_x=True)
-    grids = grid_montage(docs / "samples.png",
-                         [(NAMES[m], single[m][n_max][0].get("grid")) for m in METHODS])
-    ratios = sorted(guidance)
+    grids = plots.image_row(docs / "samples.png",
+                            [(NAMES[m], single[m][n_max][0].get("grid")) for m in METHODS])
     classes = list(range(len(guidance[ratios[0]][0]["labels"]["compress_class"]
                              ["per_class_f1"])))
-    per_class_plot = line_plot(
+    class_plot = plots.line_plot(
         docs / "guidance_per_class.png",
-        [(f"gamma/alpha = {ratio:g}", classes,
-          [stat([per_class_accuracy(r, "compress_class")[k] for r in guidance[ratio]])[0]
-           for k in classes],
-          [stat([per_class_accuracy(r, "compress_class")[k] for r in guidance[ratio]])[1]
-           for k in classes]) for ratio in ratios],
+        [series(f"gamma/alpha = {ratio:g}", classes,
+                [[per_class_accuracy(r, "compress_class")[k] for r in guidance[ratio]]
+                 for k in classes]) for ratio in ratios],
         "requested compressibility class y", "accuracy on class y",
         f"CTRL per-class accuracy by guidance level (N = {n_max})", x_ticks=classes)
-
+    machine_info, inputs = results["machine"], results["inputs"]
+    scales = ", ".join(f"{NAMES[kind]} {guidance_scale(kind, value)}"
+                       for kind, value in results["scales"].items())
+    overrides = "; ".join(f"{part} `{' '.join(getattr(budget, part))}`"
+                          for part in ("ctrl", "cfg", "cg", "dps", "evaluation")
+                          if getattr(budget, part))
     lines = [
-        "# Results: CTRL against the baselines on the digits testbed",
-        "",
+        "# Results: CTRL against the baselines on the digits testbed", "",
         f"Generated by `benchmarks/paper_table.py{' --quick' if quick else ''}` on "
-        f"{results['machine']['date']} ({results['machine']['platform']}, torch "
-        f"{results['machine']['torch']}, {results['machine']['cpu_count']} threads); "
-        f"total {results['seconds'] / 60:.1f} min. Base model `{results['inputs']['base_model']}`"
-        f", judge `{results['inputs']['judge']}`, dataset `{results['inputs']['dataset']}`.",
-        "",
+        f"{machine_info['date']} ({machine_info['platform']}, torch {machine_info['torch']}, "
+        f"{machine_info['cpu_count']} threads); total {results['seconds'] / 60:.1f} min. Base "
+        f"model `{inputs['base_model']}`, judge `{inputs['judge']}`, dataset "
+        f"`{inputs['dataset']}`.", "",
+        *([QUICK_NOTE, ""] if quick else []),
+        PROTOCOL.format(seeds=seeds), "",
+        f"Guidance scales: {scales}. Config overrides of this mode on top of configs/*.yaml: "
+        f"{overrides}.", "",
+        "## 1. Single task: compressibility", "",
+        *table(["N", "method", "accuracy", "macro-F1", "per-class F1 (y = 0/1/2/3)", "fidelity",
+                "mean KL (nats)", "wall time (s)"],
+               [[n, NAMES[m], *cells(single[m][n], "accuracy", "macro_f1"),
+                 per_class(single[m][n], "compress_class"), *cells(single[m][n], "fidelity"),
+                 *cells(single[m][n], "mean_kl", "wall_seconds", digits=1)]
+                for n in n_values for m in METHODS]),
+        "", f"![macro-F1 vs N]({f1_plot.name})", "", *goal_check(single, n_values), "",
+        *([f"Samples at N = {n_max}, seed {seeds[0]} (rows = requested class y, columns = "
+           f"digit c):", "", f"![samples]({grids.name})", ""] if grids else []),
+        "## 2. Multi-task: compressibility x ink", "", MULTITASK.format(n=n_max), "",
+        *table(["method", "compress acc.", "compress macro-F1", "ink acc.", "ink macro-F1",
+                "joint accuracy", "fidelity", "mean KL (nats)", "labels used", "wall time (s)"],
+               [[NAMES[method],
+                 *(pm([r["labels"][name][key] for r in reports])
+                   for name in ("compress_class", "ink_class") for key in ("accuracy", "macro_f1")),
+                 *cells(reports, "joint_accuracy", "fidelity"),
+                 *cells(reports, "mean_kl", digits=1),
+                 labels_used(method, reports[0].get("label_counts") or {}),
+                 *cells(reports, "wall_seconds", digits=1)]
+                for method, reports in multi.items()]),
+        "", "## 3. Guidance level (CTRL)", "", GUIDANCE.format(n=n_max), "",
+        *table(["gamma / kl_weight", "accuracy", "macro-F1", "per-class accuracy (y = 0/1/2/3)",
+                "fidelity", "mean KL (nats)"],
+               [[f"{ratio:g}", *cells(guidance[ratio], "accuracy", "macro_f1"),
+                 " / ".join(f"{v:.2f}" for v in np.mean(
+                     [per_class_accuracy(r, "compress_class") for r in guidance[ratio]], 0)),
+                 *cells(guidance[ratio], "fidelity"),
+                 *cells(guidance[ratio], "mean_kl", digits=1)] for ratio in ratios]),
+        "", f"![per-class accuracy by guidance level]({class_plot.name})", "",
+        *([Path(notes).read_text().rstrip(), ""] if notes is not None else []),
     ]
-    if quick:
-        lines += ["**Quick mode**: a tiny 8x8 base model pre-trained for a few hundred steps, "
-                  "4 sampler steps, short training for every method. The numbers only show that "
-                  "the pipeline runs end to end; they say nothing about the methods.", ""]
-    lines += [
-        "Every method uses the same base model, the same N labelled pairs (or the reward "
-        "classifier trained on them), the same sampler (DDIM, eta = 1) and the same evaluation "
-        "seeds; samples are labelled by the exact oracle (JPEG size quartile), fidelity is the "
-        "digit judge's accuracy against the requested digit c, mean KL is the path KL to the "
-        "pre-trained model in nats (sum over steps of ||mu - mu_pre||^2 / (2 sigma_t^2), summed "
-        "over pixels; for the guided samplers mu is the guided step mean). Wall time is the "
-        "whole call on this machine: training (CTRL, CFG, CG) plus sampling the evaluation set "
-        "(DPS needs a backward pass through the network at every step). "
-        f"Values are mean ± sample sd over seeds {seeds}.",
-        "",
-        "- **CTRL**: reward classifier on the N pairs, augmented model (label embedding + LoRA) "
-        "fine-tuned by pathwise RL, gamma = kl_weight = 1.",
-        "- **CFG**: the same augmented model trained with the DDPM loss on triplets (x, c, y) "
-        "(c looked up in the dataset), label dropout, eps_u + w (eps_c - eps_u).",
-        "- **classifier guidance**: time-dependent classifier p(y | x_t, t) on noised pairs; "
-        "eps - s sqrt(1 - a_t) grad log p(y | x_t, t).",
-        "- **DPS**: CTRL's reward on the Tweedie estimate x0_hat(x_t), gradient through the "
-        "network; eps - s sqrt(1 - a_t) grad log p(y | x0_hat(x_t)).",
-        "",
-        "Guidance scales: " + ", ".join(
-            f"{NAMES[kind]} {guidance_scale(kind, value)}"
-            for kind, value in results["scales"].items())
-        + ". Config overrides of this mode on top of configs/*.yaml: " + "; ".join(
-            f"{part} `{' '.join(getattr(QUICK if quick else FULL, part))}`"
-            for part in ("ctrl", "cfg", "cg", "dps", "evaluation")
-            if getattr(QUICK if quick else FULL, part)) + ".",
-        "",
-        "## 1. Single task: compressibility",
-        "",
-        "| N | method | accuracy | macro-F1 | per-class F1 (y = 0/1/2/3) | fidelity | "
-        "mean KL (nats) | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for n in n_values:
-        for method in METHODS:
-            reports = single[method][n]
-            lines.append(
-                f"| {n} | {NAMES[method]} | {pm([r['accuracy'] for r in reports])} | "
-                f"{pm([r['macro_f1'] for r in reports])} | "
-                f"{per_class(reports, 'compress_class')} | "
-                f"{pm([r['fidelity'] for r in reports])} | "
-                f"{pm([r['mean_kl'] for r in reports], 1)} | "
-                f"{pm([r['wall_seconds'] for r in reports], 1)} |")
-    lines += ["", f"![macro-F1 vs N]({figure.name})", "", *goal_check(single, n_values), ""]
-    if grids:
-        lines += [f"Samples at N = {n_max}, seed {seeds[0]} (rows = requested class y, "
-                  f"columns = digit c):", "", f"![samples]({grids.name})", ""]
-
-    lines += [
-        "## 2. Multi-task: compressibility x ink",
-        "",
-        f"Two separate pair sets of N = {n_max} each (different images, one label each). CTRL "
-        "sums the log-likelihoods of the two reward classifiers; CFG trains one network on "
-        "the union of the two sets as triplets, the missing label null, and is sampled with "
-        "both labels set. Joint accuracy: both oracle labels right.",
-        "",
-        "| method | compress acc. | compress macro-F1 | ink acc. | ink macro-F1 | "
-        "joint accuracy | fidelity | mean KL (nats) | labels used | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for method, reports in multi.items():
-        counts = reports[0].get("label_counts") or {}
-        used = "none (ignores y)" if method == "base" else (
-            ", ".join(f"{v} {k.split('_')[0]} y" for k, v in counts.get("y", {}).items())
-            + (f", {counts['c']} digit c" if counts.get("c") else ", no c"))
-        cell = {name: (pm([r["labels"][name]["accuracy"] for r in reports]),
-                       pm([r["labels"][name]["macro_f1"] for r in reports]))
-                for name in ("compress_class", "ink_class")}
-        lines.append(
-            f"| {NAMES[method]} | {cell['compress_class'][0]} | {cell['compress_class'][1]} | "
-            f"{cell['ink_class'][0]} | {cell['ink_class'][1]} | "
-            f"{pm([r['joint_accuracy'] for r in reports])} | "
-            f"{pm([r['fidelity'] for r in reports])} | "
-            f"{pm([r['mean_kl'] for r in reports], 1)} | {used} | "
-            f"{pm([r['wall_seconds'] for r in reports], 1)} |")
-
-    lines += [
-        "",
-        "## 3. Guidance level (CTRL)",
-        "",
-        f"N = {n_max}; gamma = 1 and kl_weight = 1 / ratio, so the target is "
-        "p_pre(x | c) p(y | x)^ratio: ratio 1 is the true conditional, larger ratios sharpen it.",
-        "",
-        "| gamma / kl_weight | accuracy | macro-F1 | per-class accuracy (y = 0/1/2/3) | "
-        "fidelity | mean KL (nats) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for ratio in ratios:
-        reports = guidance[ratio]
-        accuracy = np.mean([per_class_accuracy(r, "compress_class") for r in reports], 0)
-        lines.append(
-            f"| {ratio:g} | {pm([r['accuracy'] for r in reports])} | "
-            f"{pm([r['macro_f1'] for r in reports])} | "
-            f"{' / '.join(f'{v:.2f}' for v in accuracy)} | "
-            f"{pm([r['fidelity'] for r in reports])} | {pm([r['mean_kl'] for r in reports], 1)} |")
-    lines += ["", f"![per-class accuracy by guidance level]({per_class_plot.name})", ""]
-    if notes is not None:
-        lines += [Path(notes).read_text().rstrip(), ""]
     path = docs / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
