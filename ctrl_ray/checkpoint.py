@@ -1,9 +1,9 @@
 """CTRL checkpoints: the trainable state (adapters + label embeddings) as safetensors plus JSON.
 
 A checkpoint directory holds `adapter.safetensors` and `policy.json` (how to rebuild the
-augmented model around the base model, the label metadata and the sampler settings). Training
-checkpoints add `optimizer.safetensors` and `state.json` (iteration, policy version, RNG states).
-Every directory is written atomically.
+augmented model around the base model, the label metadata and the sampler settings), in the
+artifact format of `ctrl_ray.storage`. Training checkpoints add `optimizer.safetensors` and
+`state.json` (iteration, policy version, RNG states). Every directory is written atomically.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.loading import BaseModel, build_backbone
-from ctrl_ray.storage import atomic_directory, read_json, write_json
+from ctrl_ray.storage import load_artifact, read_json, save_artifact, write_json
 
+POLICY_FORMAT = "ctrl_ray.policy"
 ADAPTER_FILE = "adapter.safetensors"
 POLICY_FILE = "policy.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -56,17 +57,18 @@ def save_checkpoint(out_dir: str | Path, adapter: dict[str, torch.Tensor], spec:
                     training_state: dict[str, Any] | None = None,
                     optimizer_state: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
     """Atomically write a checkpoint directory from tensors (what a remote learner returns)."""
-    with atomic_directory(out_dir) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()},
-                  tmp / ADAPTER_FILE)
-        write_json(tmp / POLICY_FILE, spec)
+
+    def write_training_state(staging: Path) -> None:
+        state = training_state
         if optimizer_state is not None:
             tensors, layout = optimizer_state
-            save_file(tensors, tmp / OPTIMIZER_FILE)
-            training_state = {**(training_state or {}), "optimizer_layout": layout}
-        if training_state is not None:
-            write_json(tmp / STATE_FILE, training_state)
-    return Path(out_dir)
+            save_file(tensors, staging / OPTIMIZER_FILE)
+            state = {**(state or {}), "optimizer_layout": layout}
+        if state is not None:
+            write_json(staging / STATE_FILE, state)
+
+    return save_artifact(out_dir, POLICY_FORMAT, spec, adapter, index=POLICY_FILE,
+                         weights=ADAPTER_FILE, write=write_training_state)
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
@@ -89,7 +91,15 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
 
 
 def read_policy_spec(path: str | Path) -> dict[str, Any]:
-    return read_json(Path(path) / POLICY_FILE, "policy spec")
+    """The spec (`policy.json`) of a policy checkpoint."""
+    spec, _ = _load_policy_artifact(path, tensors=False)
+    return spec
+
+
+def _load_policy_artifact(path: str | Path, tensors: bool) -> tuple[dict, dict | None]:
+    # Policies saved before the format was named have a policy.json without a format key.
+    return load_artifact(path, POLICY_FORMAT, "policy", index=POLICY_FILE, weights=ADAPTER_FILE,
+                         tensors=tensors, unnamed_ok=True)
 
 
 def build_policy(base: BaseModel, spec: dict[str, Any]) -> AugmentedModel:
@@ -108,10 +118,9 @@ def build_policy(base: BaseModel, spec: dict[str, Any]) -> AugmentedModel:
 
 def load_policy(base: BaseModel, path: str | Path) -> tuple[AugmentedModel, dict[str, Any]]:
     """Rebuild the fine-tuned policy from a checkpoint; returns it and its sampler settings."""
-    path = Path(path)
-    spec = read_policy_spec(path)
+    spec, adapter = _load_policy_artifact(path, tensors=True)
     model = build_policy(base, spec)
-    model.load_trainable_state_dict(read_tensors(path / ADAPTER_FILE, "adapter weights"))
+    model.load_trainable_state_dict(adapter)
     return model.eval(), dict(spec.get("sampling", {}))
 
 

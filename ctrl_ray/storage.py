@@ -1,8 +1,10 @@
 """Atomic directories and small JSON/safetensors helpers for checkpoints and saved models.
 
 `save_artifact` / `load_artifact` are the one save format of ctrl-ray's own artifacts
-(classifiers, rewards, judges, noisy classifiers): a folder with an index JSON that names its
-format and a `model.safetensors` of its tensors, written atomically.
+(classifiers, rewards, judges, noisy classifiers, policies, base models): a folder with an
+index JSON that names its format, a safetensors file of its tensors (if any) and whatever else
+the kind needs (a base model's diffusers folders, a training checkpoint's optimizer state),
+written atomically.
 """
 
 from __future__ import annotations
@@ -94,9 +96,10 @@ def _json_default(value: Any) -> Any:
 
 def save_artifact(directory: str | os.PathLike, fmt: str, document: Mapping[str, Any],
                   tensors: Mapping[str, Any] | None = None, *, index: str = "config.json",
+                  weights: str = WEIGHTS_FILE,
                   write: Callable[[Path], Any] | None = None) -> Path:
     """Write an artifact folder atomically: `index` holds {"format": fmt, **document}, the
-    tensors (if any) go to `model.safetensors`, and `write(staging)` adds sub-folders."""
+    tensors (if any) go to `weights`, and `write(staging)` adds the kind's other files."""
     try:
         text = json.dumps({"format": fmt, **document}, indent=2, default=_json_default,
                           allow_nan=False)
@@ -108,7 +111,7 @@ def save_artifact(directory: str | os.PathLike, fmt: str, document: Mapping[str,
 
             save_file({name: tensor.detach().cpu().contiguous()
                        for name, tensor in tensors.items()},
-                      str(staging / WEIGHTS_FILE), metadata={"format": fmt})
+                      str(staging / weights), metadata={"format": fmt})
         (staging / index).write_text(text)
         if write is not None:
             write(staging)
@@ -116,10 +119,12 @@ def save_artifact(directory: str | os.PathLike, fmt: str, document: Mapping[str,
 
 
 def load_artifact(directory: str | os.PathLike, fmt: str, what: str, *,
-                  index: str = "config.json", tensors: bool = True) -> tuple[dict, dict | None]:
-    """(document, tensors) of a folder `save_artifact` wrote in format `fmt`; an InputError
-    naming `what` when the folder, its index or its weights are missing, malformed or of
-    another format. `tensors=False` reads the index only."""
+                  index: str = "config.json", weights: str = WEIGHTS_FILE, tensors: bool = True,
+                  unnamed_ok: bool = False) -> tuple[dict, dict | None]:
+    """(document without its format key, tensors) of a folder `save_artifact` wrote in format
+    `fmt`; an InputError naming `what` when the folder, its index or its weights are missing,
+    malformed or of another format. `tensors=False` reads the index only; `unnamed_ok` accepts
+    an index without a format key (written before the kind's format was named)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"{what} directory: {str(directory)!r} does not exist")
@@ -130,14 +135,16 @@ def load_artifact(directory: str | os.PathLike, fmt: str, what: str, *,
         document = json.loads(index_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"{str(index_path)!r}: not valid JSON ({error})") from error
-    if not isinstance(document, dict) or document.get("format") != fmt:
+    if not isinstance(document, dict) or not (
+            document.get("format") == fmt or (unnamed_ok and "format" not in document)):
         raise InputError(f"{str(index_path)!r}: format is not {fmt!r}: not a {what}")
+    document = {key: value for key, value in document.items() if key != "format"}
     if not tensors:
         return document, None
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    weights_path = directory / WEIGHTS_FILE
+    weights_path = directory / weights
     if not weights_path.is_file():
         raise InputError(f"{what} weights: {str(weights_path)!r} is missing")
     try:

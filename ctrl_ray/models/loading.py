@@ -20,9 +20,10 @@ from ctrl_ray.models import text_to_image
 from ctrl_ray.models.backbone import Backbone, UNetBackbone
 from ctrl_ray.models.text_encoder import PromptEncoder
 from ctrl_ray.models.text_to_image import TextToImageBackbone, TextToImageOptions
-from ctrl_ray.storage import atomic_directory, read_json, write_json
+from ctrl_ray.storage import load_artifact, save_artifact
 
 METADATA_FILE = "ctrl_ray.json"
+BASE_FORMAT = "ctrl_ray.base_model"
 
 
 @dataclass
@@ -52,12 +53,13 @@ class BaseModel:
 def save_base_model(unet: UNet2DModel, scheduler: DDPMScheduler, out_dir: str | Path,
                     metadata: dict[str, Any]) -> Path:
     """Write `unet/`, `scheduler/` (diffusers `save_pretrained`) and `ctrl_ray.json`, atomically."""
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
-        unet.save_pretrained(tmp / "unet")
-        scheduler.save_pretrained(tmp / "scheduler")
-        write_json(tmp / METADATA_FILE, metadata)
-    return out_dir
+
+    def write_diffusers(staging: Path) -> None:
+        unet.save_pretrained(staging / "unet")
+        scheduler.save_pretrained(staging / "scheduler")
+
+    return save_artifact(out_dir, BASE_FORMAT, metadata, index=METADATA_FILE,
+                         write=write_diffusers)
 
 
 def load_base_model_dir(path: Path) -> BaseModel:
@@ -68,7 +70,8 @@ def load_base_model_dir(path: Path) -> BaseModel:
     if (path / "model_index.json").is_file():
         parts = text_to_image.load_stable_diffusion_dir(path)
         return BaseModel(path=path, **parts)
-    metadata = read_json(path / METADATA_FILE, "base model metadata")
+    metadata, _ = load_artifact(path, BASE_FORMAT, "base model", index=METADATA_FILE,
+                                tensors=False, unnamed_ok=True)
     text = metadata.get("kind") == text_to_image.TEXT_PIXEL
     for part in ("unet", "scheduler"):
         if not (path / part).is_dir():
