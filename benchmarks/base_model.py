@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_results  # noqa: E402
+from common import machine, publish  # noqa: E402
 
 from ctrl_ray.config import load_config, to_dict  # noqa: E402
 from ctrl_ray.data.digits import ensure_digits  # noqa: E402
@@ -83,9 +83,7 @@ def main() -> None:
         lines.append(f"| {name} histogram, samples / real | {hist} / "
                      f"{report['real_histograms'][name]} |")
     lines += ["", "Goal: fidelity at least 0.9 at 16x16."]
-    json_path, md_path = write_results("base_model", data, "\n".join(lines))
-    print("\n".join(lines))
-    print(f"\nwrote {json_path} and {md_path}")
+    publish("base_model", data, lines)
 
 
 if __name__ == "__main__":

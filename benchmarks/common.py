@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -11,6 +12,20 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).with_name("results")
+# The digits testbed's artifacts, as the demo and the README commands build them.
+TESTBED = {"base": "outputs/base-digits16", "judge": "outputs/judge-digits16",
+           "dataset": "data/digits16.parquet", "reward": "outputs/reward-compress",
+           "config": "configs/ctrl_digits_compress.yaml"}
+
+
+def testbed_parser(doc: str | None, *inputs: str, **defaults: str) -> argparse.ArgumentParser:
+    """A parser with the testbed inputs named (``--base``, ``--judge`` ...) at their defaults
+    (``TESTBED``, or as given)."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in inputs:
+        parser.add_argument(f"--{name}", default=defaults.get(name, TESTBED.get(name)))
+    return parser
 
 
 def machine() -> dict:
@@ -33,3 +48,10 @@ def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     md_path.write_text(markdown.rstrip() + "\n")
     return json_path, md_path
+
+
+def publish(name: str, data: dict, lines: list[str]) -> None:
+    """Write `results/NAME.json` and `.md` and print the Markdown."""
+    json_path, md_path = write_results(name, data, "\n".join(lines))
+    print("\n".join(lines))
+    print(f"\nwrote {json_path} and {md_path}")

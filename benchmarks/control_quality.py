@@ -10,14 +10,13 @@ fidelity, mean path KL), plus the training curve. Writes benchmarks/results/cont
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import mlflow
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_results  # noqa: E402
+from common import machine, publish, testbed_parser  # noqa: E402
 
 from ctrl_ray.config import load_config, to_dict  # noqa: E402
 from ctrl_ray.finetune import FinetuneConfig, finetune  # noqa: E402
@@ -25,12 +24,7 @@ from ctrl_ray.reward_training import RewardJobConfig, train_reward_job  # noqa: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="outputs/base-digits16")
-    parser.add_argument("--judge", default="outputs/judge-digits16")
-    parser.add_argument("--dataset", default="data/digits16.parquet")
-    parser.add_argument("--config", default="configs/ctrl_digits_compress.yaml")
+    parser = testbed_parser(__doc__, "base", "judge", "dataset", "config")
     parser.add_argument("--num-pairs", type=int, default=1000)
     parser.add_argument("--gammas", type=float, nargs="+", default=[1.0, 10.0],
                         help="gamma values at kl_weight = 1 (the guidance level)")
@@ -79,9 +73,7 @@ def main() -> None:
         lines.append(f"- gamma {run['gamma']:g}: reward "
                      f"{run['curve']['reward'][::10]}, KL {run['curve']['kl'][::10]}")
     lines += ["", "Goal: macro-F1 at least 0.7 (chance 0.25) with fidelity at least 0.85."]
-    json_path, md_path = write_results("control_quality", data, "\n".join(lines))
-    print("\n".join(lines))
-    print(f"\nwrote {json_path} and {md_path}")
+    publish("control_quality", data, lines)
 
 
 def _row(name: str, level: str, report: dict, label: str, seconds: str) -> str:

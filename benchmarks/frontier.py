@@ -16,7 +16,6 @@ benchmark resumes where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,7 +25,7 @@ import mlflow
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_results  # noqa: E402
+from common import machine, testbed_parser, write_results  # noqa: E402
 from plots import frontier_plot  # noqa: E402
 
 from ctrl_ray import tracking  # noqa: E402
@@ -60,11 +59,7 @@ BASELINE_SCALES = {"dps": [3.0, 10.0, 30.0, 1.0], "cg": [3.0, 10.0, 30.0], "cfg"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="outputs/base-digits16")
-    parser.add_argument("--judge", default="outputs/judge-digits16")
-    parser.add_argument("--dataset", default="data/digits16.parquet")
+    parser = testbed_parser(__doc__, "base", "judge", "dataset")
     parser.add_argument("--num-pairs", type=int, default=1000)
     parser.add_argument("--tasks", nargs="+", default=list(LABELS), choices=list(LABELS))
     parser.add_argument("--rules", nargs="*", default=list(RULES), choices=list(RULES))

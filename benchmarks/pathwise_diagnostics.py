@@ -14,7 +14,6 @@ Writes benchmarks/results/pathwise_diagnostics.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_results  # noqa: E402
+from common import machine, testbed_parser, write_results  # noqa: E402
 
 from ctrl_ray.config import load_config  # noqa: E402
 from ctrl_ray.finetune import FinetuneConfig, build_setup  # noqa: E402
@@ -56,10 +55,7 @@ def per_step_gradients(setup, rollout, inputs, schedule, clip: bool) -> list[dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="outputs/base-digits16")
-    parser.add_argument("--reward", default="outputs/reward-ink")
+    parser = testbed_parser(__doc__, "base", "reward", reward="outputs/reward-ink")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--gamma", type=float, default=1.0)

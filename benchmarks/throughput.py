@@ -9,7 +9,6 @@ Writes benchmarks/results/throughput.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_results  # noqa: E402
+from common import machine, publish, testbed_parser  # noqa: E402
 
 from ctrl_ray import tracking  # noqa: E402
 from ctrl_ray.config import load_config  # noqa: E402
@@ -34,11 +33,7 @@ SETTINGS = [  # (name, Ray workers, threads per worker): 2 threads in total for 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="outputs/base-digits16")
-    parser.add_argument("--reward", default="outputs/reward-compress")
-    parser.add_argument("--config", default="configs/ctrl_digits_compress.yaml")
+    parser = testbed_parser(__doc__, "base", "reward", "config")
     parser.add_argument("--iterations", type=int, default=6)
     parser.add_argument("--out", default="outputs/bench-throughput")
     args = parser.parse_args()
@@ -83,9 +78,7 @@ def main() -> None:
             f"{100 * row['sync_fraction']:.2f}% |")
     lines += ["", "Goals: Ray with 1 worker at least 0.85x the single-process throughput; "
               "sync at most 5% of an iteration."]
-    json_path, md_path = write_results("throughput", data, "\n".join(lines))
-    print("\n".join(lines))
-    print(f"\nwrote {json_path} and {md_path}")
+    publish("throughput", data, lines)
 
 
 def _summarise(name: str, mode: str, workers: int, config, run_id: str) -> dict:
