@@ -101,22 +101,28 @@ def test_augmented_mixture_is_the_analytic_mixture_at_init(adapter):
 
 
 RULES = {
-    # name: (train_step, config, updates). Each runs to convergence: the last updates move the
-    # energy distances by far less than the margins asserted below.
+    # name: (train_step, config, updates, updates at a tenth of the learning rate). The final
+    # low-rate updates converge the policy: without them Adam's noise at the full rate leaves it
+    # wherever the last batches pushed it, which differs between processors (on an AMD EPYC
+    # the y = 0 policy ended 0.0062 from the posterior and 0.0098 from p^0.5; with them
+    # 0.0039 vs 0.024, and 0.0024 vs 0.024 for another seed).
     "adjoint": (adjoint.train_step, AdjointConfig(
         batch_size=256, num_inference_steps=STEPS, lr_embedding=3e-3, lr_adapter=3e-3,
-        max_grad_norm=None), 300),
+        max_grad_norm=None), 300, 100),
 }
 
 
 def fine_tune_and_measure(seed: int, rule: str, adapter: str = "full") -> dict[str, float]:
     """Fine-tune CTRL on the mixture for both labels; energy distances to the exact posteriors."""
-    train_step, config, updates = RULES[rule]
+    train_step, config, updates, final_updates = RULES[rule]
     torch.manual_seed(seed)
     model = AugmentedModel(mixture_backbone(seed), {"y": 2}, adapter=adapter, lora_rank=4)
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(updates):
+    for update in range(updates + final_updates):
+        if update == updates:
+            for group in optimizer.param_groups:
+                group["lr"] /= 10
         inputs = draw_inputs(model, config, generator)
         train_step(model, optimizer, classifier_log_likelihood, inputs, config)
     # Base samples from the same discretised sampler: weighted by p(y | x0) they are the posterior.
@@ -147,6 +153,7 @@ def test_ctrl_samples_the_true_posterior(rule):
         posterior = distances[f"fine_tuned_vs_posterior_y{y}"]
         assert posterior * 10 < distances[f"base_vs_posterior_y{y}"], distances
         # Closer to p_pre p(y|x) than to p_pre p(y|x)^2 or p_pre p(y|x)^0.5 by a factor of 2
-        # (measured: about 3x), a margin no rounding difference between processors crosses.
+        # (measured on two seeds: 3.3-10x), a margin no rounding difference between processors
+        # crosses once the policy has converged.
         assert posterior * 2 < distances[f"fine_tuned_vs_tempered2_y{y}"], distances
         assert posterior * 2 < distances[f"fine_tuned_vs_tempered0.5_y{y}"], distances
