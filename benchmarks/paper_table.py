@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/paper_table.py             # full: 16x16, N in {100, 300, 1000}
         [--base-model outputs/base-digits16] [--judge outputs/judge-digits16]
         [--dataset data/digits16.parquet] [--seeds 0 1] [--n 100 300 1000]
+        [--experiments single multitask guidance] [--ratios 1 10 100]
         [--set cfg:training.steps=1000 --set ctrl:iterations=200 ...]
 
 Every method uses the same base model, the same N labelled pairs (or the reward trained on
@@ -17,6 +18,9 @@ them), the same sampler and the same evaluation seeds (`ctrl_ray.evaluation.eval
    log-likelihoods of two rewards, CFG trained on the two sets as triplets (the other label
    null); per-label and joint accuracy, and how many labels each method used.
 3. guidance level: CTRL for several gamma / kl_weight ratios; per-class accuracy and KL.
+
+Every CTRL row also carries the exact optimum of its objective at its gamma / kl_weight
+(`ctrl_ray.optimum`, importance-weighted base samples): the yardstick it is measured against.
 
 The full mode writes docs/results.md, docs/*.png and benchmarks/results/paper_table.json; the
 quick mode builds its own 8x8 testbed and tiny base model under --out and writes everything
@@ -37,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import plots  # noqa: E402
@@ -45,6 +50,7 @@ from common import RESULTS, machine  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 METHODS = ("base", "ctrl", "cfg", "cg", "dps")
+EXPERIMENTS = ("single", "multitask", "guidance")
 NAMES = {"base": "base model", "ctrl": "CTRL", "cfg": "CFG", "cg": "classifier guidance",
          "dps": "DPS"}
 
@@ -86,15 +92,17 @@ QUICK = Budget(
               "registered_model="],
 )
 
-# Sized for 2 CPU cores (one process per seed, about 80 min each): every method is sampled with
-# the same 20-step sampler; CTRL keeps its config (configs/ctrl_digits_compress.yaml: adjoint
-# matching) with 50 updates; CFG and the CG classifier train for 600 / 1500 steps.
+# Sized for 2 CPU cores (one process per seed): every method is sampled with the same 20-step
+# sampler; CTRL keeps its config (configs/ctrl_digits_compress.yaml: adjoint matching,
+# gamma / kl_weight = 10) with 30 updates of 32; CFG and the CG classifier train for 600 / 1500
+# steps.
 FULL = Budget(
-    size=16, n_values=[100, 300, 1000], seeds=[0, 1], ratios=[1.0, 10.0, 100.0],
+    size=16, n_values=[100, 300, 1000], seeds=[0, 1], ratios=[1.0, 10.0],
     reward=[],
     evaluation=["evaluation.samples_per_target=4", "evaluation.num_inference_steps=20"],
     multitask_evaluation=["evaluation.samples_per_target=2", "evaluation.num_inference_steps=20"],
-    ctrl=["checkpoint_every=0", "iterations=50"], cfg=["training.steps=600"],
+    ctrl=["checkpoint_every=0", "iterations=30", "optimum_samples_per_context=100"],
+    cfg=["training.steps=600"],
     cg=["training.steps=1500"], dps=[],
 )
 
@@ -144,6 +152,8 @@ class Bench:
         start = time.perf_counter()
         result = finetune(config, progress=False)
         report = trim(result["ctrl"], time.perf_counter() - start, result["train_seconds"])
+        if result.get("optimum"):
+            report["optimum"] = trim_optimum(result["optimum"])
         return keep(out / "report.json", {**report, "grid": result["ctrl"].get("grid")})
 
     def baseline(self, kind: str, out: Path, seed: int, pair_sets: list[tuple[str, int, Path]],
@@ -218,6 +228,15 @@ def trim(report: dict, wall: float, train: float) -> dict:
     }
 
 
+def trim_optimum(level: dict) -> dict:
+    """The exact optimum at the run's gamma / alpha (``ctrl_ray.optimum``): the yardstick
+    (per label, its macro-F1)."""
+    kept = {key: level.get(key) for key in ("gamma_over_alpha", "accuracy", "macro_f1",
+                                             "joint_accuracy", "fidelity", "kl", "ess_min")}
+    kept["labels"] = {name: scores["macro_f1"] for name, scores in level["labels"].items()}
+    return kept
+
+
 def label_info_of(reward_dirs: list[Path]) -> dict:
     """Label name -> {num_classes, edges} of the rewards in `reward_dirs`."""
     from ctrl_ray.models.reward import load_reward
@@ -281,7 +300,7 @@ def guidance_level(bench: Bench, single: dict) -> dict:
     for seed in bench.budget.seeds:
         _, reward = bench.pairs_and_reward("compress_class", n, seed)
         for ratio in bench.budget.ratios:
-            if ratio == 1.0:  # the single-task CTRL run is this one (gamma = kl_weight = 1)
+            if math.isclose(ratio, config_ratio()):  # the single-task CTRL run is this one
                 report = single["ctrl"][n][bench.budget.seeds.index(seed)]
             else:
                 print(f"\n=== guidance level: gamma / kl_weight = {ratio:g}, seed {seed}")
@@ -290,6 +309,12 @@ def guidance_level(bench: Bench, single: dict) -> dict:
                                                           f"objective.kl_weight={1.0 / ratio}"])
             results.setdefault(ratio, []).append(report)
     return results
+
+
+def config_ratio() -> float:
+    """gamma / kl_weight of configs/ctrl_digits_compress.yaml (the single-task CTRL runs)."""
+    objective = yaml.safe_load((CONFIGS / "ctrl_digits_compress.yaml").read_text())["objective"]
+    return objective["gamma"] / objective["kl_weight"]
 
 
 def combine(runs: list[dict]) -> dict:
@@ -348,8 +373,6 @@ def per_class_accuracy(report: dict, label: str) -> list[float]:
 
 def guidance_scale(kind: str, override: str | None) -> str:
     """The scale a baseline ran with: the override, else its config file's value."""
-    import yaml
-
     if override is not None:
         return str(override)
     return str(yaml.safe_load((CONFIGS / f"baseline_{kind}.yaml").read_text())["guidance_scale"])
@@ -366,7 +389,10 @@ def goal_check(single: dict, n_values: list[int]) -> list[str]:
                   if f1(m, n) > f1("ctrl", n)]
         verdict = "matches or beats every baseline" if not behind else \
             "is behind " + ", ".join(behind)
-        lines.append(f"- N = {n}: CTRL {f1('ctrl', n):.3f} {verdict}.")
+        optimum = stat([r["optimum"]["macro_f1"] for r in single["ctrl"][n] if r.get("optimum")])[0]
+        yardstick = "" if math.isnan(optimum) else \
+            f" ({f1('ctrl', n) / optimum:.2f}x the exact optimum's {optimum:.3f})"
+        lines.append(f"- N = {n}: CTRL {f1('ctrl', n):.3f}{yardstick} {verdict}.")
     if 300 in n_values and 1000 in n_values:
         reached = f1("ctrl", 300) >= f1("cfg", 1000)
         lines.append(f"- Sample efficiency: CTRL at N = 300 ({f1('ctrl', 300):.3f}) "
@@ -389,7 +415,10 @@ PROTOCOL = (
     "training (CTRL, CFG, CG) plus sampling the evaluation set (DPS needs a backward pass "
     "through the network at every step). Values are mean ± sample sd over seeds {seeds}.\n\n"
     "- **CTRL**: reward classifier on the N pairs, augmented model (label embedding + LoRA) "
-    "fine-tuned by pathwise RL, gamma = kl_weight = 1.\n"
+    "fine-tuned by adjoint matching (`configs/ctrl_digits_compress.yaml`: gamma / kl_weight "
+    "= 10). The **exact optimum** row is that objective's optimum, p_pre(x | c) "
+    "p(y | x)^(gamma / kl_weight), by importance-weighted base samples (the weights' KL; its "
+    "per-class F1 is not kept).\n"
     "- **CFG**: the same augmented model trained with the DDPM loss on triplets (x, c, y) (c "
     "looked up in the dataset), label dropout, eps_u + w (eps_c - eps_u).\n"
     "- **classifier guidance**: time-dependent classifier p(y | x_t, t) on noised pairs; "
@@ -403,7 +432,8 @@ MULTITASK = (
     "accuracy: both oracle labels right.")
 GUIDANCE = (
     "N = {n}; gamma = 1 and kl_weight = 1 / ratio, so the target is p_pre(x | c) p(y | x)^ratio: "
-    "ratio 1 is the true conditional, larger ratios sharpen it.")
+    "ratio 1 is the true conditional, larger ratios sharpen it (the row at the CTRL config's own "
+    "ratio is its single-task run).")
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -436,24 +466,21 @@ def write_docs(results: dict, docs: Path, quick: bool, notes: str | None = None)
     docs.mkdir(parents=True, exist_ok=True)
     single, multi, guidance = results["single"], results["multitask"], results["guidance"]
     n_values, seeds = results["budget"]["n_values"], results["budget"]["seeds"]
-    n_max, ratios, budget = max(n_values), sorted(guidance), QUICK if quick else FULL
+    n_max, budget = max(n_values), QUICK if quick else FULL
+    optimum = {n: [r["optimum"] for r in single["ctrl"][n] if r.get("optimum")]
+               for n in n_values}
     f1_plot = plots.line_plot(
         docs / "macro_f1_vs_n.png",
         [series(NAMES[m], n_values, [[r["macro_f1"] for r in single[m][n]] for n in n_values])
-         for m in METHODS],
+         for m in METHODS]
+        + ([series("exact optimum of CTRL's objective", n_values,
+                   [[o["macro_f1"] for o in optimum[n]] for n in n_values])]
+           if any(optimum.values()) else []),
         "N labelled pairs", "macro-F1 (compressibility)",
         f"macro-F1 vs N (mean ± sd over {len(seeds)} seeds)", log_x=True)
     grids = plots.image_row(docs / "samples.png",
                             [(NAMES[m], single[m][n_max][0].get("grid")) for m in METHODS])
-    classes = list(range(len(guidance[ratios[0]][0]["labels"]["compress_class"]
-                             ["per_class_f1"])))
-    class_plot = plots.line_plot(
-        docs / "guidance_per_class.png",
-        [series(f"gamma/alpha = {ratio:g}", classes,
-                [[per_class_accuracy(r, "compress_class")[k] for r in guidance[ratio]]
-                 for k in classes]) for ratio in ratios],
-        "requested compressibility class y", "accuracy on class y",
-        f"CTRL per-class accuracy by guidance level (N = {n_max})", x_ticks=classes)
+    class_plot = guidance_plot(docs, guidance, n_max) if guidance else None
     machine_info, inputs = results["machine"], results["inputs"]
     scales = ", ".join(f"{NAMES[kind]} {guidance_scale(kind, value)}"
                        for kind, value in results["scales"].items())
@@ -474,38 +501,79 @@ def write_docs(results: dict, docs: Path, quick: bool, notes: str | None = None)
         "## 1. Single task: compressibility", "",
         *table(["N", "method", "accuracy", "macro-F1", "per-class F1 (y = 0/1/2/3)", "fidelity",
                 "mean KL (nats)", "wall time (s)"],
-               [[n, NAMES[m], *cells(single[m][n], "accuracy", "macro_f1"),
-                 per_class(single[m][n], "compress_class"), *cells(single[m][n], "fidelity"),
-                 *cells(single[m][n], "mean_kl", "wall_seconds", digits=1)]
-                for n in n_values for m in METHODS]),
+               [row for n in n_values for row in [
+                   *([[n, f"**exact optimum** (gamma/alpha {optimum[n][0]['gamma_over_alpha']:g})",
+                       *cells(optimum[n], "accuracy", "macro_f1"), "",
+                       *cells(optimum[n], "fidelity"), *cells(optimum[n], "kl", digits=1), ""]]
+                     if optimum[n] else []),
+                   *([n, NAMES[m], *cells(single[m][n], "accuracy", "macro_f1"),
+                      per_class(single[m][n], "compress_class"), *cells(single[m][n], "fidelity"),
+                      *cells(single[m][n], "mean_kl", "wall_seconds", digits=1)]
+                     for m in METHODS)]]),
         "", f"![macro-F1 vs N]({f1_plot.name})", "", *goal_check(single, n_values), "",
         *([f"Samples at N = {n_max}, seed {seeds[0]} (rows = requested class y, columns = "
            f"digit c):", "", f"![samples]({grids.name})", ""] if grids else []),
-        "## 2. Multi-task: compressibility x ink", "", MULTITASK.format(n=n_max), "",
-        *table(["method", "compress acc.", "compress macro-F1", "ink acc.", "ink macro-F1",
-                "joint accuracy", "fidelity", "mean KL (nats)", "labels used", "wall time (s)"],
-               [[NAMES[method],
-                 *(pm([r["labels"][name][key] for r in reports])
-                   for name in ("compress_class", "ink_class") for key in ("accuracy", "macro_f1")),
-                 *cells(reports, "joint_accuracy", "fidelity"),
-                 *cells(reports, "mean_kl", digits=1),
-                 labels_used(method, reports[0].get("label_counts") or {}),
-                 *cells(reports, "wall_seconds", digits=1)]
-                for method, reports in multi.items()]),
-        "", "## 3. Guidance level (CTRL)", "", GUIDANCE.format(n=n_max), "",
-        *table(["gamma / kl_weight", "accuracy", "macro-F1", "per-class accuracy (y = 0/1/2/3)",
-                "fidelity", "mean KL (nats)"],
-               [[f"{ratio:g}", *cells(guidance[ratio], "accuracy", "macro_f1"),
-                 " / ".join(f"{v:.2f}" for v in np.mean(
-                     [per_class_accuracy(r, "compress_class") for r in guidance[ratio]], 0)),
-                 *cells(guidance[ratio], "fidelity"),
-                 *cells(guidance[ratio], "mean_kl", digits=1)] for ratio in ratios]),
-        "", f"![per-class accuracy by guidance level]({class_plot.name})", "",
+        *(multitask_section(multi, n_max) if multi else []),
+        *(guidance_section(guidance, n_max, class_plot) if guidance else []),
         *([Path(notes).read_text().rstrip(), ""] if notes is not None else []),
     ]
     path = docs / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def guidance_plot(docs: Path, guidance: dict, n_max: int) -> Path:
+    """CTRL's per-class accuracy at each guidance level."""
+    ratios = sorted(guidance)
+    classes = list(range(len(guidance[ratios[0]][0]["labels"]["compress_class"]
+                             ["per_class_f1"])))
+    return plots.line_plot(
+        docs / "guidance_per_class.png",
+        [series(f"gamma/alpha = {ratio:g}", classes,
+                [[per_class_accuracy(r, "compress_class")[k] for r in guidance[ratio]]
+                 for k in classes]) for ratio in ratios],
+        "requested compressibility class y", "accuracy on class y",
+        f"CTRL per-class accuracy by guidance level (N = {n_max})", x_ticks=classes)
+
+
+def multitask_section(multi: dict, n_max: int) -> list[str]:
+    names = ("compress_class", "ink_class")
+    optimum = [r["optimum"] for r in multi["ctrl"] if r.get("optimum")]
+    optimum_row = [[f"**exact optimum** (gamma/alpha {optimum[0]['gamma_over_alpha']:g})",
+                    *(cell for name in names
+                      for cell in ("", pm([o["labels"][name] for o in optimum]))),
+                    *cells(optimum, "joint_accuracy", "fidelity"), *cells(optimum, "kl", digits=1),
+                    "", ""]] if optimum else []
+    return [
+        "## 2. Multi-task: compressibility x ink", "", MULTITASK.format(n=n_max), "",
+        *table(["method", "compress acc.", "compress macro-F1", "ink acc.", "ink macro-F1",
+                "joint accuracy", "fidelity", "mean KL (nats)", "labels used", "wall time (s)"],
+               optimum_row + [[NAMES[method],
+                 *(pm([r["labels"][name][key] for r in reports])
+                   for name in names for key in ("accuracy", "macro_f1")),
+                 *cells(reports, "joint_accuracy", "fidelity"),
+                 *cells(reports, "mean_kl", digits=1),
+                 labels_used(method, reports[0].get("label_counts") or {}),
+                 *cells(reports, "wall_seconds", digits=1)]
+                for method, reports in multi.items()]), ""]
+
+
+def guidance_section(guidance: dict, n_max: int, class_plot: Path) -> list[str]:
+    ratios = sorted(guidance)
+    optima = {ratio: [r.get("optimum") or {"macro_f1": None, "kl": None} for r in reports]
+              for ratio, reports in guidance.items()}
+    return [
+        "## 3. Guidance level (CTRL)", "", GUIDANCE.format(n=n_max), "",
+        *table(["gamma / kl_weight", "accuracy", "macro-F1", "per-class accuracy (y = 0/1/2/3)",
+                "fidelity", "mean KL (nats)", "exact optimum: macro-F1", "its KL (nats)"],
+               [[f"{ratio:g}", *cells(guidance[ratio], "accuracy", "macro_f1"),
+                 " / ".join(f"{v:.2f}" for v in np.mean(
+                     [per_class_accuracy(r, "compress_class") for r in guidance[ratio]], 0)),
+                 *cells(guidance[ratio], "fidelity"),
+                 *cells(guidance[ratio], "mean_kl", digits=1),
+                 *cells(optima[ratio], "macro_f1"), *cells(optima[ratio], "kl", digits=1)]
+                for ratio in ratios]),
+        "", f"![per-class accuracy by guidance level]({class_plot.name})", ""]
 
 
 # ----------------------------------------------------------------------------- main
@@ -541,6 +609,10 @@ def main() -> None:
     parser.add_argument("--dataset", default=None, help="default data/digits16.parquet")
     parser.add_argument("--n", type=int, nargs="+", default=None, help="values of N")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--ratios", type=float, nargs="+", default=None,
+                        help="gamma / kl_weight ratios of the guidance-level experiment")
+    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS),
+                        choices=EXPERIMENTS, help="which experiments to run (default all)")
     parser.add_argument("--out", default=None, help="working directory for runs")
     parser.add_argument("--docs", default=None, help="where results.md and the PNGs go")
     parser.add_argument("--json", default=None,
@@ -577,6 +649,8 @@ def main() -> None:
         budget.n_values = sorted(args.n)
     if args.seeds:
         budget.seeds = list(args.seeds)
+    if args.ratios:
+        budget.ratios = sorted(args.ratios)
     args.out = args.out or ("outputs/paper-table-quick" if args.quick else "outputs/paper-table")
     out = Path(args.out)
     docs = Path(args.docs or (out / "docs" if args.quick else ROOT / "docs"))
@@ -598,8 +672,8 @@ def main() -> None:
     start = time.perf_counter()
     bench = Bench(args, budget)
     single = single_task(bench)
-    multi = multi_task(bench)
-    guidance = guidance_level(bench, single)
+    multi = multi_task(bench) if "multitask" in args.experiments else {}
+    guidance = guidance_level(bench, single) if "guidance" in args.experiments else {}
     scales = {kind: next((o.split("=")[1] for o in getattr(budget, kind)
                           if o.startswith("guidance_scale=")), None)
               for kind in ("cfg", "cg", "dps")}

@@ -49,7 +49,8 @@ def test_quick_runs_per_seed_and_combines(tiny_base, tiny_judge, digits8, tmp_pa
     page = (docs / "results.md").read_text()
     for heading in ("## 1. Single task", "## 2. Multi-task", "## 3. Guidance level"):
         assert heading in page
-    assert page.count("| 100 |") == 5
+    assert page.count("| 100 |") == 6  # the five methods and the exact optimum of CTRL's objective
+    assert "**exact optimum** (gamma/alpha 10)" in page
     assert "seeds [0, 1]" in page
     for figure in ("macro_f1_vs_n.png", "guidance_per_class.png"):
         assert (docs / figure).stat().st_size > 0
