@@ -14,7 +14,9 @@ from typing import Any
 import torch
 
 from ctrl_ray.checkpoint import optimizer_tensors, restore_optimizer
+from ctrl_ray.evaluation import evaluate
 from ctrl_ray.finetune_setup import FinetuneConfig, Setup, build_setup, evaluate_setup
+from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.objectives import update_rule
 from ctrl_ray.sampling.sampler import RolloutInputs
 
@@ -29,6 +31,7 @@ class Learner:
         self.rule = update_rule(config.mode)
         self.version = 0
         self._published: tuple[int, Any] | None = None
+        self._judge = None
 
     def describe(self) -> dict[str, Any]:
         """What the driver needs to draw batches and write checkpoints."""
@@ -72,6 +75,15 @@ class Learner:
         """The evaluation protocol on the current policy, the base model and the exact optimum
         at the run's gamma / alpha (grids written under ``out``)."""
         return evaluate_setup(self.setup, self.config, Path(out))
+
+    def score(self, evaluation) -> dict[str, Any]:
+        """The evaluation protocol ``evaluation`` on the current policy alone (no base model,
+        no optimum, no grid): a sweep's intermediate scores, without a second copy of the
+        model."""
+        if self._judge is None and self.config.judge:
+            self._judge = DigitJudge.load(self.config.judge)
+        self.setup.model.eval()
+        return evaluate(self.setup.model, self.setup.label_info, self._judge, evaluation)
 
     def checkpoint_state(self) -> tuple[dict, tuple[dict, dict], int]:
         """Adapter tensors, optimizer (tensors, layout) and version, for the driver to save."""

@@ -18,9 +18,8 @@ from ctrl_ray.checkpoint import save_checkpoint
 from ctrl_ray.config import scalar_metrics
 from ctrl_ray.distributed.driver import train
 from ctrl_ray.errors import InputError
-from ctrl_ray.evaluation import EvaluationConfig, evaluate
-from ctrl_ray.finetune_setup import FinetuneConfig, build_setup
-from ctrl_ray.models.judge import DigitJudge
+from ctrl_ray.evaluation import EvaluationConfig
+from ctrl_ray.finetune_setup import FinetuneConfig
 from ctrl_ray.registry import is_uri
 from ctrl_ray.tuning.configs import SEARCHABLE, TuneConfig
 
@@ -103,8 +102,7 @@ class _Reporter:
 
     def __init__(self, config: FinetuneConfig, context: TrialContext, trial_id: str):
         self.config, self.context, self.trial_id = config, context, trial_id
-        self.setup = None
-        self.judge = None
+        self.spec = None
         self.final: dict[str, Any] | None = None
 
     def __call__(self, iteration: int, roles) -> None:
@@ -112,17 +110,12 @@ class _Reporter:
 
         if iteration % self.context.report_every and iteration != self.config.iterations:
             return
-        if self.setup is None:  # a scoring copy of the policy, built once per trial
-            self.setup = build_setup(self.config)
-            self.judge = DigitJudge.load(self.config.judge) if self.config.judge else None
+        if self.spec is None:
             self.spec = roles.call(roles.learner, "describe")["spec"]
             mlflow.set_tags({"mlflow.runName": f"trial-{self.trial_id}",
                              "ray.tune.trial_id": self.trial_id})
         state = roles.call(roles.learner, "trainable_state")
-        self.setup.model.load_trainable_state_dict(state)
-        self.setup.model.eval()
-        report = evaluate(self.setup.model, self.setup.label_info, self.judge,
-                          self.context.evaluation)
+        report = roles.call(roles.learner, "score", self.context.evaluation)
         scores = report_metrics(report)
         mlflow.log_metrics({f"tune_{k}": v for k, v in scores.items()}, step=iteration)
         metrics = {**scores, "iteration": iteration,
