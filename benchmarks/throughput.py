@@ -1,10 +1,10 @@
 """Benchmark training throughput: the single-process loop against Ray with 1 and 2 rollout
-workers (same total threads), in pathwise and ppo modes; weight-sync bytes and time.
+workers (same total threads), for each update rule; weight-sync bytes and time.
 
-Writes benchmarks/results/throughput.{json,md}.
+Writes benchmarks/results/throughput.{json,md} (throughput-MODES.* for a subset of --modes).
 
     .venv/bin/python benchmarks/throughput.py --base outputs/base-digits16 \
-        --reward outputs/reward-compress [--iterations 6]
+        --reward outputs/reward-compress [--iterations 6] [--modes adjoint pathwise ppo]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ctrl_ray.config import load_config  # noqa: E402
 from ctrl_ray.distributed.driver import train  # noqa: E402
 from ctrl_ray.finetune import FinetuneConfig  # noqa: E402
 
+MODES = ("adjoint", "pathwise", "ppo")
 SETTINGS = [  # (name, Ray workers, threads per worker): 2 threads in total for each
     ("single process", 0, 2),
     ("Ray, 1 worker", 1, 2),
@@ -36,12 +37,13 @@ def main() -> None:
     parser = testbed_parser(__doc__, "base", "reward", "config")
     parser.add_argument("--iterations", type=int, default=6)
     parser.add_argument("--out", default="outputs/bench-throughput")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args()
 
     ray.init(num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking.tracking_uri()}})
     rows = []
-    for mode in ("pathwise", "ppo"):
+    for mode in args.modes:
         for name, workers, threads in SETTINGS:
             torch.set_num_threads(threads if workers == 0 else 1)
             config = load_config(FinetuneConfig, args.config, [
@@ -64,8 +66,8 @@ def main() -> None:
     data = {"machine": machine(), "iterations": args.iterations, "rows": rows}
     lines = ["# Training throughput", "",
              f"`python benchmarks/throughput.py` on {data['machine']['date']}: 16x16 digits, "
-             "LoRA rank 4; pathwise: batch and steps of the config (16, 50 DDIM steps), ppo: "
-             "batch 32, 20 steps; 2 CPU threads in total per setting; the first iteration "
+             "LoRA rank 4; every rule: batch 32, 20 DDPM steps (`--config`'s other keys); "
+             "2 CPU threads in total per setting; the first iteration "
              "(actor start-up, warm-up) is excluded.", "",
              "| mode | setting | trajectories/s | updates/s | vs single process | "
              "sync bytes | sync time / iteration | sync share |",
@@ -78,7 +80,8 @@ def main() -> None:
             f"{100 * row['sync_fraction']:.2f}% |")
     lines += ["", "Goals: Ray with 1 worker at least 0.85x the single-process throughput; "
               "sync at most 5% of an iteration."]
-    publish("throughput", data, lines)
+    publish("throughput" if set(args.modes) == set(MODES) else
+            "throughput-" + "-".join(args.modes), data, lines)
 
 
 def _summarise(name: str, mode: str, workers: int, config, run_id: str) -> dict:
