@@ -300,7 +300,7 @@ def guidance_level(bench: Bench, single: dict) -> dict:
     for seed in bench.budget.seeds:
         _, reward = bench.pairs_and_reward("compress_class", n, seed)
         for ratio in bench.budget.ratios:
-            if math.isclose(ratio, config_ratio()):  # the single-task CTRL run is this one
+            if math.isclose(ratio, single_task_ratio(bench.budget)):  # that run is this one
                 report = single["ctrl"][n][bench.budget.seeds.index(seed)]
             else:
                 print(f"\n=== guidance level: gamma / kl_weight = {ratio:g}, seed {seed}")
@@ -311,10 +311,15 @@ def guidance_level(bench: Bench, single: dict) -> dict:
     return results
 
 
-def config_ratio() -> float:
-    """gamma / kl_weight of configs/ctrl_digits_compress.yaml (the single-task CTRL runs)."""
-    objective = yaml.safe_load((CONFIGS / "ctrl_digits_compress.yaml").read_text())["objective"]
-    return objective["gamma"] / objective["kl_weight"]
+def single_task_ratio(budget: Budget) -> float:
+    """gamma / kl_weight of the single-task CTRL runs: their config with the budget's
+    overrides (``--set ctrl:objective.gamma=...`` included)."""
+    from ctrl_ray.config import load_config
+    from ctrl_ray.finetune import FinetuneConfig
+
+    objective = load_config(FinetuneConfig, CONFIGS / "ctrl_digits_compress.yaml",
+                            budget.ctrl).objective
+    return objective.gamma / objective.kl_weight
 
 
 def combine(runs: list[dict]) -> dict:
