@@ -90,6 +90,7 @@ def tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, out,
         "adapter.min_timestep=100",  # the last of the 4 steps (t = 1) stays pre-trained
         "objective.lr_embedding=0.05",
         "objective.lr_adapter=0.005",
+        "objective.lr_schedule=cosine",
         "iterations=4",
         "checkpoint_every=2",
         "evaluation.samples_per_target=1",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import mlflow
+import pytest
 import torch
 
 from ctrl_ray.checkpoint import ADAPTER_FILE, OPTIMIZER_FILE, POLICY_FILE
@@ -23,6 +24,8 @@ def test_finetune_writes_policy_checkpoints_and_mlflow_run(tiny_run):
     run = mlflow.get_run(result["mlflow_run_id"])
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "reward")
     assert [m.step for m in history] == [1, 2, 3, 4]
+    factors = mlflow.MlflowClient().get_metric_history(run.info.run_id, "lr_factor")
+    assert [m.value for m in factors] == pytest.approx([1.0, 0.868, 0.55, 0.232], abs=1e-3)
     assert "eval_ctrl_fidelity" in run.data.metrics
     ctrl = result["ctrl"]["labels"]["compress_class"]
     assert len(ctrl["per_class_f1"]) == 4 and sum(map(sum, ctrl["confusion_matrix"])) == 8

@@ -18,6 +18,7 @@ from ctrl_ray.evaluation import evaluate
 from ctrl_ray.finetune_setup import FinetuneConfig, Setup, build_setup, evaluate_setup
 from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.objectives import update_rule
+from ctrl_ray.objectives.base import schedule_learning_rates
 from ctrl_ray.sampling.sampler import RolloutInputs
 
 
@@ -63,6 +64,9 @@ class Learner:
         ``seed`` seeds the learner's own randomness (e.g. PPO's minibatch shuffling)."""
         generator = torch.Generator().manual_seed(seed)
         metrics = _weighted_mean([m for _, m in results])
+        progress = self.version / max(1, self.config.iterations)
+        metrics["lr_factor"] = schedule_learning_rates(self.setup.optimizer,
+                                                       self.setup.objective, progress)
         metrics.update(self.rule.learner_step(self.setup.model, self.setup.optimizer,
                                               [payload for payload, _ in results],
                                               self.setup.objective, generator, self.version))

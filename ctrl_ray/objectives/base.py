@@ -7,6 +7,7 @@ they differ only in how they estimate the step. A rule's config is a small subcl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ import torch
 
 from ctrl_ray.errors import InputError
 from ctrl_ray.sampling.sampler import KL_REDUCTIONS, RolloutInputs
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -28,6 +31,8 @@ class ObjectiveConfig:
     eta: float = 1.0
     lr_embedding: float = 1e-3
     lr_adapter: float = 1e-4
+    lr_schedule: str = "constant"   # or "cosine": anneal both rates to lr_final_fraction
+    lr_final_fraction: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     label_distribution: Sequence[float] | Mapping[str, Sequence[float]] | None = None
@@ -44,6 +49,10 @@ class ObjectiveConfig:
         for name in ("kl_weight", "lr_embedding", "lr_adapter", "weight_decay"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0 <= self.lr_final_fraction <= 1:
+            raise InputError(f"lr_final_fraction must be in [0, 1], got {self.lr_final_fraction}")
         if self.eta <= 0:
             raise InputError(f"eta must be > 0 for the per-step KL, got {self.eta}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
@@ -84,6 +93,20 @@ def make_optimizer(model, config: ObjectiveConfig) -> torch.optim.AdamW:
         if groups[name]
     ]
     return torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
+
+
+def schedule_learning_rates(optimizer: torch.optim.Optimizer, config: ObjectiveConfig,
+                            progress: float) -> float:
+    """Set each group's rate for a run ``progress`` (0..1) of the way through; returns the
+    factor. Stateless (a function of progress), so a resumed run continues the same schedule."""
+    factor = 1.0
+    if config.lr_schedule == "cosine":
+        cosine = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+        factor = config.lr_final_fraction + (1 - config.lr_final_fraction) * cosine
+    rates = {"embedding": config.lr_embedding, "adapter": config.lr_adapter}
+    for group in optimizer.param_groups:
+        group["lr"] = rates[group["name"]] * factor
+    return factor
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> float:
