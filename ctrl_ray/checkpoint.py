@@ -39,6 +39,7 @@ def policy_spec(model: AugmentedModel, label_info: dict[str, dict], sampling: di
         "lora_alpha": lora_alpha,
         "lora_targets": lora_targets,
         "min_timestep": model.min_timestep,
+        "time_buckets": model.time_buckets,
         "sampling": sampling,
         "base_model": base_model,
     }
@@ -113,6 +114,7 @@ def build_policy(base: BaseModel, spec: dict[str, Any]) -> AugmentedModel:
         lora_alpha=spec["lora_alpha"],
         lora_targets=spec["lora_targets"],
         min_timestep=int(spec.get("min_timestep", 0)),
+        time_buckets=int(spec.get("time_buckets", 1)),
     )
 
 

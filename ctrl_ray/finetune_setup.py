@@ -48,9 +48,11 @@ class AdapterConfig:
     alpha: float | None = None
     targets: list[str] | None = None
     min_timestep: int = 0    # adapters and label embeddings act only at t >= min_timestep
+    time_buckets: int = 1    # a label embedding per class and band of timesteps
 
     def __post_init__(self):
-        check_bounds(self, kind=ADAPTERS, rank="[1, 4096]", alpha="> 0", min_timestep=">= 0")
+        check_bounds(self, kind=ADAPTERS, rank="[1, 4096]", alpha="> 0", min_timestep=">= 0",
+                     time_buckets="[1, 1000]")
 
 
 @dataclass
@@ -168,7 +170,8 @@ def build_setup(config: FinetuneConfig, base: BaseModel | None = None) -> Setup:
         model = AugmentedModel(backbone, reward.num_classes,
                                adapter=adapter.kind, lora_rank=adapter.rank,
                                lora_alpha=adapter.alpha, lora_targets=adapter.targets,
-                               min_timestep=adapter.min_timestep)
+                               min_timestep=adapter.min_timestep,
+                               time_buckets=adapter.time_buckets)
     sampling = {"num_inference_steps": config.evaluation.num_inference_steps,
                 "eta": config.evaluation.eta}
     spec = policy_spec(model, reward.label_info(), sampling, str(config.base_model),

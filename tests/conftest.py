@@ -88,9 +88,9 @@ def tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, out,
         "objective.num_inference_steps=4",
         *(truncation if mode == "pathwise" else []),
         "adapter.min_timestep=100",  # the last of the 4 steps (t = 1) stays pre-trained
+        "adapter.time_buckets=2",
         "objective.lr_embedding=0.05",
         "objective.lr_adapter=0.005",
-        "objective.lr_schedule=cosine",
         "iterations=4",
         "checkpoint_every=2",
         "evaluation.samples_per_target=1",
@@ -121,6 +121,6 @@ def tiny_run(tiny_base, tiny_reward, tiny_judge, tmp_path_factory):
     from ctrl_ray.finetune import FinetuneConfig, finetune
 
     out = tmp_path_factory.mktemp("ctrl") / "run"
-    config = load_config(FinetuneConfig, overrides=tiny_finetune_overrides(
-        tiny_base, tiny_reward, tiny_judge, out))
+    config = load_config(FinetuneConfig, overrides=[*tiny_finetune_overrides(
+        tiny_base, tiny_reward, tiny_judge, out), "objective.lr_schedule=cosine"])
     return out, finetune(config, progress=False)

@@ -233,6 +233,27 @@ def test_min_timestep_gates_the_new_parameters_per_row():
         AugmentedModel(UNetBackbone(tiny_unet(), tiny_scheduler()), LABELS, min_timestep=-1)
 
 
+def test_time_buckets_give_each_band_of_timesteps_its_own_label_vector():
+    # 100 training timesteps in 4 buckets: t in [0, 25), [25, 50), [50, 75), [75, 100).
+    model = AugmentedModel(UNetBackbone(tiny_unet(), tiny_scheduler()), LABELS, adapter="none",
+                           time_buckets=4)
+    x_t, _, contexts, labels = batch()
+    t = torch.tensor([10, 30, 60, 99])
+    before = model.predict_noise(x_t, t, contexts, labels).detach()
+    assert (before - pretrained_noise(tiny_unet(), x_t, t, contexts)).abs().max() <= 1e-6
+    with torch.no_grad():  # move class vectors of the third bucket only
+        for embedding in model.label_embeddings.values():
+            dim = embedding.weight.shape[1] // 4
+            embedding.weight[:-1, 2 * dim:3 * dim] += 1.0
+    after = model.predict_noise(x_t, t, contexts, labels).detach()
+    changed = (after - before).abs().flatten(1).amax(1)
+    assert changed[2] > 1e-3 and changed[[0, 1, 3]].max() <= 1e-6
+    state = model.trainable_state_dict()
+    assert state["label_embeddings.ink_class.weight"].shape[1] == 4 * dim
+    with pytest.raises(InputError, match="time_buckets"):
+        AugmentedModel(UNetBackbone(tiny_unet(), tiny_scheduler()), LABELS, time_buckets=0)
+
+
 def test_a_backbone_leaves_no_hook_on_its_unet():
     """Two backbones built on one UNet (a discarded one included) do not stack hooks: the
     extra embedding is added only during a call that carries one, by the backbone making it."""

@@ -54,6 +54,10 @@ class AugmentedModel(nn.Module):
             policy *is* the pre-trained model. The nearly noise-free last steps have tiny
             variances, so any change there costs many nats of KL while barely moving x0;
             gating them keeps the KL exact and the optimisation well-conditioned.
+        time_buckets: each label class gets its own embedding vector in each of this many
+            equal bands of timesteps (1: one vector for all t). The control the optimum needs
+            differs in size along the sampler; one shared vector makes every step take the same
+            compromise (`docs/update_rules.md`, section 5).
     """
 
     def __init__(
@@ -65,11 +69,15 @@ class AugmentedModel(nn.Module):
         lora_alpha: float | None = None,
         lora_targets: list[str] | None = None,
         min_timestep: int = 0,
+        time_buckets: int = 1,
     ):
         super().__init__()
         if min_timestep < 0:
             raise InputError(f"min_timestep must be >= 0, got {min_timestep}")
+        if time_buckets < 1:
+            raise InputError(f"time_buckets must be >= 1, got {time_buckets}")
         self.min_timestep = int(min_timestep)
+        self.time_buckets = int(time_buckets)
         if adapter not in ADAPTERS:
             raise InputError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
         for name, num_classes in label_classes.items():
@@ -84,8 +92,11 @@ class AugmentedModel(nn.Module):
         self.label_classes = dict(label_classes)
         self.label_embeddings = nn.ModuleDict()
         for name, num_classes in self.label_classes.items():
+            # Row y holds class y's vectors for all time buckets side by side; the last row
+            # (null) stays zero.
             embedding = nn.Embedding(
-                num_classes + 1, backbone.embedding_dim, padding_idx=num_classes
+                num_classes + 1, backbone.embedding_dim * self.time_buckets,
+                padding_idx=num_classes,
             )
             nn.init.zeros_(embedding.weight)
             self.label_embeddings[name] = embedding
@@ -146,8 +157,10 @@ class AugmentedModel(nn.Module):
         return self.backbone.decode(samples)
 
     # -- forward ---------------------------------------------------------------------------
-    def embed_labels(self, labels: Mapping[str, Tensor] | None) -> Tensor | None:
-        """Sum of the label embeddings (B, d); a label that is absent counts as null (zero)."""
+    def embed_labels(self, labels: Mapping[str, Tensor] | None,
+                     t: Tensor | int | None = None) -> Tensor | None:
+        """Sum of the label embeddings (B, d) at timestep ``t`` (needed with time buckets); a
+        label that is absent counts as null (zero)."""
         if not labels:
             return None
         unknown = set(labels) - set(self.label_classes)
@@ -155,7 +168,14 @@ class AugmentedModel(nn.Module):
             raise InputError(
                 f"labels has unknown names {sorted(unknown)}; known: {sorted(self.label_classes)}"
             )
-        return sum(self.label_embeddings[name](values) for name, values in labels.items())
+        total = sum(self.label_embeddings[name](values) for name, values in labels.items())
+        if self.time_buckets == 1:
+            return total
+        num_timesteps = self.alphas_cumprod.shape[0]
+        t = torch.as_tensor(t, device=total.device).expand(total.shape[0])
+        bucket = (t * self.time_buckets // num_timesteps).clamp(0, self.time_buckets - 1)
+        rows = total.view(total.shape[0], self.time_buckets, -1)
+        return rows[torch.arange(total.shape[0], device=total.device), bucket.long()]
 
     def predict_noise(
         self,
@@ -168,14 +188,14 @@ class AugmentedModel(nn.Module):
         pre-trained one."""
         if not self._reference_mode:
             if self.min_timestep == 0:
-                return self.backbone(x_t, t, context, self.embed_labels(labels))
+                return self.backbone(x_t, t, context, self.embed_labels(labels, t))
             adapted = torch.as_tensor(t >= self.min_timestep).expand(x_t.shape[0])
             if adapted.all():
-                return self.backbone(x_t, t, context, self.embed_labels(labels))
+                return self.backbone(x_t, t, context, self.embed_labels(labels, t))
             reference = self.reference_noise(x_t, t, context)
             if not adapted.any():
                 return reference
-            policy = self.backbone(x_t, t, context, self.embed_labels(labels))
+            policy = self.backbone(x_t, t, context, self.embed_labels(labels, t))
             return torch.where(adapted.view(-1, *[1] * (x_t.dim() - 1)), policy, reference)
         if self.reference_weights is not None:
             weights = self.reference_weights.as_dict()
