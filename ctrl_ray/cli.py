@@ -208,7 +208,7 @@ def _demo(args: argparse.Namespace) -> None:
 
     config = load_config(DemoConfig, args.config, args.overrides)
     preflight.demo(config, args.overwrite)
-    run_demo(config)
+    run_demo(config, overwrite=args.overwrite)
 
 
 def _data_build_digits(args: argparse.Namespace) -> None:

@@ -63,7 +63,7 @@ class DemoConfig:
     output_dir: str = "outputs/demo"
 
 
-def run_demo(config: DemoConfig) -> dict:
+def run_demo(config: DemoConfig, overwrite: bool = False) -> dict:
     """Data -> judge -> base model -> its samples -> N pairs -> reward -> CTRL -> evaluation."""
     start = time.perf_counter()
     out = Path(config.output_dir)
@@ -100,7 +100,7 @@ def run_demo(config: DemoConfig) -> dict:
     print(f"[6/6] CTRL fine-tuning ({finetune_cfg.mode}, "
           f"{f'{workers} Ray rollout workers' if workers else 'one process'})")
     finetune_cfg.base_model = base_uri
-    ctrl = finetune(finetune_cfg)
+    ctrl = finetune(finetune_cfg, overwrite=overwrite)
 
     model_uri = registry.register_policy(ctrl["policy_dir"], config.registered_model, "champion")
     pulled = sample_grid(f"models:/{config.registered_model}@champion", context=3, label=0,

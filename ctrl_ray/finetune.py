@@ -17,9 +17,11 @@ from ctrl_ray.finetune_setup import FinetuneConfig, build_setup
 __all__ = ["FinetuneConfig", "build_setup", "finetune", "run"]
 
 
-def finetune(config: FinetuneConfig, progress: bool = True, resume: bool | str = False) -> dict:
-    """Run CTRL: in this process (`distributed.workers: 0`) or with Ray rollout workers."""
-    return train(config, progress=progress, resume=resume)
+def finetune(config: FinetuneConfig, progress: bool = True, resume: bool | str = False,
+             overwrite: bool = False) -> dict:
+    """Run CTRL: in this process (`distributed.workers: 0`) or with Ray rollout workers;
+    `overwrite` lets a fresh run replace an earlier run's checkpoints in `output_dir`."""
+    return train(config, progress=progress, resume=resume, overwrite=overwrite)
 
 
 def run(config_path: str | Path | None, overrides: list[str], overwrite: bool = False,
@@ -27,4 +29,4 @@ def run(config_path: str | Path | None, overrides: list[str], overwrite: bool = 
     """Load the config file with `--set` overrides, check it before any work, run CTRL."""
     config = load_config(FinetuneConfig, config_path, overrides)
     preflight.finetune(config, overwrite, resume=resume)
-    return finetune(config, progress=progress, resume=resume)
+    return finetune(config, progress=progress, resume=resume, overwrite=overwrite)

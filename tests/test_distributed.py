@@ -101,6 +101,16 @@ def test_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(make_config, 
     assert sorted(m.step for m in steps) == [1, 2, 3, 4]  # one MLflow run, continued
 
 
+def test_a_fresh_start_over_an_earlier_runs_checkpoints_needs_overwrite(make_config, tmp_path):
+    train(make_config("earlier", "iterations=4"), progress=False)  # checkpoints 2 and 4
+    again = make_config("earlier", "iterations=2")
+    with pytest.raises(InputError, match="earlier run's checkpoints"):
+        train(again, progress=False)
+    train(again, progress=False, overwrite=True)
+    # Only the new run's checkpoint is left: a later --resume cannot pick up the old 000004.
+    assert [p.name for p in (tmp_path / "earlier" / "checkpoints").iterdir()] == ["000002"]
+
+
 def test_ppo_mode_on_two_workers_logs_staleness_and_clipping(make_config, ray_session):
     config = make_config("ppo", "iterations=2", "distributed.workers=2",
                          "objective.batch_size=8", "objective.num_inference_steps=4",

@@ -10,6 +10,7 @@ restarted by Ray (`max_restarts`), its shard is redone, and it re-syncs on its n
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,15 +141,18 @@ def _with_absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
 
 def train(config: FinetuneConfig, progress: bool = True, resume: bool | str = False,
           on_iteration: Callable[[int, Roles], None] | None = None,
-          parent_run_id: str | None = None) -> dict[str, Any]:
+          parent_run_id: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run CTRL for `config.iterations` updates; checkpoint, evaluate, log everything to MLflow.
 
     `resume=True` continues from the newest checkpoint under `output_dir/checkpoints` (an
     InputError if there is none; `resume="if-present"` then starts over) (adapter,
-    optimizer, policy version, the driver's RNG state and the MLflow run). `parent_run_id` makes
-    the run a child of that MLflow run (a Ray Tune trial under its sweep).
+    optimizer, policy version, the driver's RNG state and the MLflow run). A fresh start over
+    an earlier run's checkpoints is refused unless `overwrite` (then they are removed, so a
+    later resume cannot pick one up). `parent_run_id` makes the run a child of that MLflow run
+    (a Ray Tune trial under its sweep).
     """
     out = Path(config.output_dir)
+    _clear_earlier_checkpoints(out / "checkpoints", resume, overwrite)
     roles = start_roles(config)
     info = roles.call(roles.learner, "describe")
     generator = torch.Generator().manual_seed(config.seed)
@@ -204,6 +208,18 @@ def train(config: FinetuneConfig, progress: bool = True, resume: bool | str = Fa
             if name in result:
                 mlflow.log_metrics(scalar_metrics(result[name], f"eval_{name}_"))
     return result
+
+
+def _clear_earlier_checkpoints(directory: Path, resume: bool | str, overwrite: bool) -> None:
+    """Before a fresh start: refuse, or with `overwrite` remove, an earlier run's checkpoints."""
+    if resume or latest_checkpoint(directory) is None:
+        return  # a resume continues from them; "if-present" with none starts over
+    if not overwrite:
+        raise InputError(f"output_dir: {str(directory)!r} holds an earlier run's checkpoints; "
+                         f"resume it (--resume), choose another output_dir, or pass "
+                         f"--overwrite to start over")
+    print(f"removing the earlier run's checkpoints under {directory} (--overwrite)")
+    shutil.rmtree(directory)
 
 
 def _iteration(roles: Roles, config: FinetuneConfig, info: dict,

@@ -84,8 +84,9 @@ def run_trial(params: dict[str, float], context: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(context.finetune, params, Path(context.output_dir) / trial_id)
     reporter = _Reporter(config, context, trial_id)
+    # A trial Tune restarts after a failure continues from its own last checkpoint.
     result = train(config, progress=False, on_iteration=reporter,
-                   parent_run_id=context.parent_run_id)
+                   parent_run_id=context.parent_run_id, resume="if-present")
     if reporter.final is not None:  # reported once the run is complete: see _Reporter
         tune.report(reporter.final,
                     checkpoint=tune.Checkpoint.from_directory(result["policy_dir"]))
