@@ -28,7 +28,7 @@ from ctrl_ray.models.classifier import (
 )
 from ctrl_ray.models.judge import NUM_DIGITS, DigitJudge, LabelJudge
 
-AUGMENTATIONS = ("shift", "hflip", "vflip")
+AUGMENTATIONS = ("shift", "hflip", "vflip", "noise")
 ECE_BINS = 10
 SELECTIONS = ("nll", "accuracy", "last")
 
@@ -100,7 +100,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor,
 
 def _augment_batch(images: torch.Tensor, augment: Sequence[str],
                    generator: torch.Generator) -> torch.Tensor:
-    """Random label-preserving transforms; `shift` moves each image by up to 1 pixel (fill -1)."""
+    """Random label-preserving transforms; `shift` moves each image by up to 1 pixel (fill -1);
+    `noise` adds Gaussian pixel noise of a per-image scale drawn from U(0, 0.3), so the
+    classifier's gradient follows the data rather than non-robust pixel patterns."""
     batch = images.shape[0]
     if "hflip" in augment:
         flip = torch.rand(batch, generator=generator) < 0.5
@@ -119,6 +121,10 @@ def _augment_batch(images: torch.Tensor, augment: Sequence[str],
                 if members.any():
                     shifted[members] = padded[members, :, dy:dy + size, dx:dx + size]
         images = shifted
+    if "noise" in augment:
+        scale = 0.3 * torch.rand(batch, 1, 1, 1, generator=generator)
+        noise = scale * torch.randn(images.shape, generator=generator)
+        images = images + noise.to(images.device)
     return images
 
 

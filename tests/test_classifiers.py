@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from ctrl_ray.classifier_training import train_classifier, train_digit_judge
+from ctrl_ray.classifier_training import _augment_batch, train_classifier, train_digit_judge
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.classifier import (
     CONFIG_FILE,
@@ -132,7 +132,16 @@ def test_training_rejects_bad_input():
     with pytest.raises(InputError, match="labels: expected shape"):
         train_classifier(images, labels[:-1], num_classes=4, epochs=1)
     with pytest.raises(InputError, match="augment"):
-        train_classifier(images, labels, num_classes=4, epochs=1, augment=["noise"])
+        train_classifier(images, labels, num_classes=4, epochs=1, augment=["blur"])
+
+
+def test_noise_augmentation_adds_zero_mean_noise_of_at_most_scale_0_3():
+    images = torch.zeros(2000, 1, 4, 4)
+    noisy = _augment_batch(images, ("noise",), torch.Generator().manual_seed(0))
+    per_image_std = noisy.flatten(1).std(dim=1)
+    assert abs(noisy.mean().item()) < 0.01
+    assert per_image_std.max() < 0.3 * 2 and per_image_std.min() < 0.02  # scales span U(0, 0.3)
+    assert abs(noisy.std().item() - 0.3 / 3**0.5) < 0.02  # E[scale^2] = 0.09 / 3
 
 
 def test_save_load_round_trip_gives_identical_log_probs(quadrant_reward, tmp_path):
