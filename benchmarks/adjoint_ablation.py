@@ -44,6 +44,9 @@ VARIANTS = {
     "gate300": ("policy = base below t = 300 (not 200)", ["adapter.min_timestep=300"]),
     "buckets10": ("a label vector per band of 100 timesteps",
                   ["adapter.time_buckets=10"]),
+    "reward-noise": ("a reward trained with pixel-noise augmentation (`training.augment: "
+                     "[noise]`, outputs/reward-ink-noise)",
+                     ["rewards=[{path: outputs/reward-ink-noise}]"]),
     "bs128k4": ("batch 128, 4 regression steps per rollout, 15 updates",
                 ["objective.batch_size=128", "objective.regression_steps=4", "iterations=15",
                  "checkpoint_every=5"]),
