@@ -83,10 +83,15 @@ def draw_inputs(model, config: ObjectiveConfig, generator: torch.Generator | int
     )
 
 
+def _learning_rates(config: ObjectiveConfig) -> dict[str, float]:
+    """The configured rate of each parameter group (the optimizer's group names)."""
+    return {"embedding": config.lr_embedding, "adapter": config.lr_adapter}
+
+
 def make_optimizer(model, config: ObjectiveConfig) -> torch.optim.AdamW:
     """AdamW with one learning rate for the label embeddings and one for the adapters."""
     groups = model.trainable_parameter_groups()
-    learning_rates = {"embedding": config.lr_embedding, "adapter": config.lr_adapter}
+    learning_rates = _learning_rates(config)
     param_groups = [
         {"params": groups[name], "lr": learning_rates[name], "name": name}
         for name in ("embedding", "adapter")
@@ -103,7 +108,7 @@ def schedule_learning_rates(optimizer: torch.optim.Optimizer, config: ObjectiveC
     if config.lr_schedule == "cosine":
         cosine = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
         factor = config.lr_final_fraction + (1 - config.lr_final_fraction) * cosine
-    rates = {"embedding": config.lr_embedding, "adapter": config.lr_adapter}
+    rates = _learning_rates(config)
     for group in optimizer.param_groups:
         group["lr"] = rates[group["name"]] * factor
     return factor
