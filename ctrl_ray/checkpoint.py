@@ -40,6 +40,10 @@ def policy_spec(model: AugmentedModel, label_info: dict[str, dict], sampling: di
         "lora_targets": lora_targets,
         "min_timestep": model.min_timestep,
         "time_buckets": model.time_buckets,
+        "value_head": None if model.value_head is None else {
+            "channels": list(model.value_head.spec.channels),
+            "hidden_dim": model.value_head.spec.hidden_dim,
+            "time_embedding_dim": model.value_head.spec.time_embedding_dim},
         "sampling": sampling,
         "base_model": base_model,
     }
@@ -115,6 +119,7 @@ def build_policy(base: BaseModel, spec: dict[str, Any]) -> AugmentedModel:
         lora_targets=spec["lora_targets"],
         min_timestep=int(spec.get("min_timestep", 0)),
         time_buckets=int(spec.get("time_buckets", 1)),
+        value_head=spec.get("value_head"),
     )
 
 

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = _command(commands, "finetune", "CTRL fine-tuning of the base model", _finetune)
     _config_options(finetune)
     finetune.add_argument("--workers", type=int, help="Ray rollout workers (0: one process)")
-    finetune.add_argument("--mode", choices=("adjoint", "pathwise", "ppo"), help="update rule")
+    finetune.add_argument("--mode", choices=("adjoint", "pathwise", "ppo", "value"),
+                          help="update rule")
     resume = finetune.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_const", const=True, default=False,
                         help="continue from the newest checkpoint in output_dir (error if none)")

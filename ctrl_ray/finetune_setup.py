@@ -41,9 +41,10 @@ class RewardSpec:
 @dataclass
 class AdapterConfig:
     """Trainable parameters added to the frozen base: LoRA (zero-initialised up-projections),
-    full fine-tuning, or label embeddings only."""
+    full fine-tuning, label embeddings only, or a value head (mode value). ``kind: null`` takes
+    the update rule's own: value for mode value, lora otherwise."""
 
-    kind: str = "lora"
+    kind: str | None = None
     rank: int = 4
     alpha: float | None = None
     targets: list[str] | None = None
@@ -83,7 +84,7 @@ class FinetuneConfig:
     backbone: TextToImageOptions = field(default_factory=TextToImageOptions)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    mode: Literal["adjoint", "pathwise", "ppo"] = DEFAULT_RULE
+    mode: Literal["adjoint", "pathwise", "ppo", "value"] = DEFAULT_RULE
     objective: Any = field(default_factory=dict)   # the update rule's config: its type by `mode`
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     iterations: int = 100
@@ -102,6 +103,12 @@ class FinetuneConfig:
                      optimum_samples_per_context="[0, 100000]")
         # The one place the update rule is chosen: `objective` becomes the rule's own config.
         rule_config = update_rule(self.mode).Config
+        if self.adapter.kind is None:
+            self.adapter.kind = "value" if self.mode == "value" else "lora"
+        if (self.mode == "value") != (self.adapter.kind == "value"):
+            raise InputError(f"mode {self.mode!r} with adapter.kind {self.adapter.kind!r}: the "
+                             f"value rule trains exactly the value head (mode value with "
+                             f"adapter.kind value)")
         if isinstance(self.objective, dict):
             self.objective = from_dict(rule_config, self.objective, prefix="objective.")
         elif type(self.objective) is not rule_config:

@@ -159,3 +159,15 @@ def test_a_learner_without_cpus_of_its_own_updates_on_the_workers_threads(make_c
         for actor in (roles.learner, *roles.workers):
             ray_session.kill(actor)
     assert threads == 2
+
+
+def test_the_value_rule_on_two_workers_updates_like_one_process(make_config, ray_session):
+    value = ("adapter.kind=value", "objective.regression_steps=4",
+             "objective.regression_batch_size=16", "iterations=2")
+    local = train(make_config("value-local", *value, mode="value"), progress=False)
+    sharded = train(make_config("value-ray", *value, "distributed.workers=2", mode="value"),
+                    progress=False)
+    # The learner pools the shards' base rollouts in order and draws the same minibatches.
+    _assert_same_adapter(_adapter(local), _adapter(sharded), atol=1e-4)
+    assert _adapter(sharded)["value_head.head.weight"].abs().sum() > 0   # it did learn
+    assert all(name.startswith("value_head.") for name in _adapter(sharded))

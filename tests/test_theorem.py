@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.gaussian_mixture import GaussianMixtureBackbone
 from ctrl_ray.models.unet import ScheduleConfig, build_scheduler
-from ctrl_ray.objectives import adjoint
+from ctrl_ray.objectives import adjoint, value
 from ctrl_ray.objectives.adjoint import AdjointConfig
-from ctrl_ray.objectives.base import draw_inputs, make_optimizer
+from ctrl_ray.objectives.base import draw_inputs, make_optimizer, schedule_learning_rates
+from ctrl_ray.objectives.value import ValueConfig
 from ctrl_ray.sampling import RolloutInputs, sample
 
 WEIGHTS = [0.45, 0.35, 0.2]
@@ -101,20 +102,25 @@ def test_augmented_mixture_is_the_analytic_mixture_at_init(adapter):
 
 
 RULES = {
-    # name: (train_step, config, updates, updates at a tenth of the learning rate). The final
-    # low-rate updates converge the policy: without them Adam's noise at the full rate leaves it
-    # wherever the last batches pushed it, which differs between processors (on an AMD EPYC
-    # the y = 0 policy ended 0.0062 from the posterior and 0.0098 from p^0.5; with them
-    # 0.0039 vs 0.024, and 0.0024 vs 0.024 for another seed).
+    # name: (train_step, config, updates, updates at a tenth of the learning rate, adapter).
+    # The final low-rate updates converge the policy: without them Adam's noise at the full
+    # rate leaves it wherever the last batches pushed it, which differs between processors (on
+    # an AMD EPYC the y = 0 policy ended 0.0062 from the posterior and 0.0098 from p^0.5; with
+    # them 0.0039 vs 0.024, and 0.0024 vs 0.024 for another seed).
     "adjoint": (adjoint.train_step, AdjointConfig(
         batch_size=256, num_inference_steps=STEPS, lr_embedding=3e-3, lr_adapter=3e-3,
-        max_grad_norm=None), 300, 100),
+        max_grad_norm=None), 300, 100, "full"),
+    # The value head regresses exact targets on fresh base rollouts; its cosine schedule
+    # converges it (seeds 0 and 1: 0.0006-0.0009 from the posterior, 0.010-0.045 from p^2 and
+    # p^0.5, a 14-50x margin).
+    "value": (value.train_step, ValueConfig(
+        batch_size=256, num_inference_steps=STEPS, lr_adapter=3e-3), 150, 0, "value"),
 }
 
 
-def fine_tune_and_measure(seed: int, rule: str, adapter: str = "full") -> dict[str, float]:
+def fine_tune_and_measure(seed: int, rule: str) -> dict[str, float]:
     """Fine-tune CTRL on the mixture for both labels; energy distances to the exact posteriors."""
-    train_step, config, updates, final_updates = RULES[rule]
+    train_step, config, updates, final_updates, adapter = RULES[rule]
     torch.manual_seed(seed)
     model = AugmentedModel(mixture_backbone(seed), {"y": 2}, adapter=adapter, lora_rank=4)
     optimizer = make_optimizer(model, config)
@@ -123,6 +129,8 @@ def fine_tune_and_measure(seed: int, rule: str, adapter: str = "full") -> dict[s
         if update == updates:
             for group in optimizer.param_groups:
                 group["lr"] /= 10
+        if config.lr_schedule == "cosine":
+            schedule_learning_rates(optimizer, config, update / updates)
         inputs = draw_inputs(model, config, generator)
         train_step(model, optimizer, classifier_log_likelihood, inputs, config)
     # Base samples from the same discretised sampler: weighted by p(y | x0) they are the posterior.

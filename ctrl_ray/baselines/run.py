@@ -93,6 +93,13 @@ class CFGBaselineConfig(BaselineConfig):
     model: str | None = None  # a saved CFG model directory: load it instead of training
     output_dir: str = "outputs/baseline-cfg"
 
+    def __post_init__(self):
+        super().__post_init__()
+        self.adapter.kind = self.adapter.kind or "lora"
+        if self.adapter.kind == "value":
+            raise InputError("adapter.kind: CFG trains a conditional network (lora, full or "
+                             "none); the value head is CTRL's (mode value)")
+
 
 @dataclass
 class CGBaselineConfig(BaselineConfig):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -22,8 +23,9 @@ from torch.func import functional_call
 
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.backbone import Backbone
+from ctrl_ray.models.soft_value import SoftValueNet, SoftValueSpec
 
-ADAPTERS = ("lora", "full", "none")
+ADAPTERS = ("lora", "full", "none", "value")
 
 
 class FrozenWeights(nn.Module):
@@ -46,7 +48,9 @@ class AugmentedModel(nn.Module):
         backbone: the frozen pre-trained noise predictor.
         label_classes: number of classes K per new label, e.g. ``{"compress_class": 4}``.
         adapter: ``"lora"`` (peft LoRA on ``backbone.network``), ``"full"`` (all weights of
-            ``backbone.network`` trainable) or ``"none"`` (label embeddings only).
+            ``backbone.network`` trainable), ``"none"`` (label embeddings only) or ``"value"``
+            (the backbone stays the base; a soft value head log h_t(x; y, c) steers each reverse
+            step's mean by sigma^2 grad log h, see `mean_shift`; trained by mode ``value``).
         lora_rank, lora_alpha: LoRA rank and scale numerator (``lora_alpha=None`` means rank,
             i.e. scale 1).
         lora_targets: module-name suffixes that get LoRA; default ``backbone.default_lora_targets``.
@@ -58,6 +62,8 @@ class AugmentedModel(nn.Module):
             equal bands of timesteps (1: one vector for all t). The control the optimum needs
             differs in size along the sampler; one shared vector makes every step take the same
             compromise (`docs/update_rules.md`, section 5).
+        value_head: widths of the value head (`SoftValueSpec` fields ``channels``,
+            ``hidden_dim``, ``time_embedding_dim``), for ``adapter="value"``.
     """
 
     def __init__(
@@ -70,6 +76,7 @@ class AugmentedModel(nn.Module):
         lora_targets: list[str] | None = None,
         min_timestep: int = 0,
         time_buckets: int = 1,
+        value_head: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if min_timestep < 0:
@@ -127,12 +134,24 @@ class AugmentedModel(nn.Module):
             self.reference_weights = FrozenWeights(
                 {f"network.{name}": p for name, p in backbone.network.named_parameters()}
             )
+        self.value_head: SoftValueNet | None = None
+        if adapter == "value":
+            try:
+                spec = SoftValueSpec(list(backbone.sample_shape), self.label_classes,
+                                     backbone.num_contexts, **dict(value_head or {}))
+            except TypeError as error:
+                raise InputError(f"value_head: {error}") from None
+            self.value_head = SoftValueNet(spec)
+            self.label_embeddings.requires_grad_(False)
         self._adapter_names = [
             name
             for name, _ in self.named_parameters()
-            if name.startswith("backbone.") and (adapter == "full" or ".lora_" in name)
+            if (name.startswith("backbone.") and (adapter == "full" or ".lora_" in name))
+            or name.startswith("value_head.")
         ]
-        self._embedding_names = [f"label_embeddings.{name}.weight" for name in self.label_classes]
+        # With a value head the labels act through h alone; the embeddings stay zero and fixed.
+        self._embedding_names = [] if adapter == "value" else [
+            f"label_embeddings.{name}.weight" for name in self.label_classes]
         self._reference_mode = False
 
     # -- what the sampler reads ------------------------------------------------------------
@@ -185,8 +204,9 @@ class AugmentedModel(nn.Module):
         labels: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """The policy's noise prediction; inside ``reference()`` (or at t < min_timestep) the
-        pre-trained one."""
-        if not self._reference_mode:
+        pre-trained one. With a value head it is the pre-trained one too: the head shifts the
+        step's mean instead (`mean_shift`)."""
+        if not self._reference_mode and self.value_head is None:
             if self.min_timestep == 0:
                 return self.backbone(x_t, t, context, self.embed_labels(labels, t))
             adapted = torch.as_tensor(t >= self.min_timestep).expand(x_t.shape[0])
@@ -201,6 +221,15 @@ class AugmentedModel(nn.Module):
             weights = self.reference_weights.as_dict()
             return functional_call(self.backbone, weights, (x_t, t, context))
         return self.backbone(x_t, t, context)
+
+    def mean_shift(self, mean: Tensor, sigma: Tensor, t: Tensor, next_t: Tensor,
+                   context: Tensor | None, labels: Mapping[str, Tensor]) -> Tensor | None:
+        """The value head's control of the reverse step t -> next_t whose base mean is ``mean``:
+        sigma^2 grad log h_{next_t}(mean; y, c), the first-order optimal Gaussian step of the
+        tilted chain (None without a head, in reference mode, or at t < min_timestep)."""
+        if self.value_head is None or self._reference_mode or int(t) < self.min_timestep:
+            return None
+        return sigma**2 * self.value_head.grad_log_value(mean, next_t, context, labels)
 
     def reference_noise(self, x_t: Tensor, t: Tensor, context: Tensor | None) -> Tensor:
         """The pre-trained model's noise prediction (frozen weights; differentiable in x_t)."""
@@ -269,7 +298,7 @@ class AugmentedModel(nn.Module):
                     f"trainable state dict entry {name!r} has shape {tuple(value.shape)}, "
                     f"expected {tuple(parameters[name].shape)}"
                 )
-        for label in self.label_classes:
+        for label in self.label_classes if self._embedding_names else ():
             null_row = state_dict[f"label_embeddings.{label}.weight"][-1]
             if torch.any(null_row != 0):
                 raise InputError(f"the null-label row of embedding {label!r} must be zero")

@@ -324,6 +324,9 @@ def sample(
     else:
         policy_noise = partial(model.predict_noise, labels=inputs.labels)
 
+    # A value head (`AugmentedModel.mean_shift`) keeps the base network and shifts its mean.
+    mean_shift = None if from_reference else getattr(model, "mean_shift", None)
+    next_timesteps = torch.cat([schedule.timesteps[1:], schedule.timesteps.new_zeros(1)])
     x = inputs.initial_noise
     states, means, log_probs, kls = [x], [], [], []
     for step in range(num_steps):
@@ -332,10 +335,19 @@ def sample(
         with torch.set_grad_enabled(in_window):
             mean = step_mean(schedule, step, policy_noise, x, inputs.contexts, clip_sample,
                              checkpoint=in_window and checkpoint)
+            shift = None if mean_shift is None or step not in adapted else mean_shift(
+                mean, sigma, schedule.timesteps[step], next_timesteps[step], inputs.contexts,
+                inputs.labels)
             if compute_kl:
-                mean_reference = mean if step not in adapted else step_mean(
-                    schedule, step, model.reference_noise, x, inputs.contexts, clip_sample,
-                    checkpoint=in_window and checkpoint)
+                if shift is not None or step not in adapted:
+                    mean_reference = mean   # the policy's network is the base's here
+                else:
+                    mean_reference = step_mean(
+                        schedule, step, model.reference_noise, x, inputs.contexts, clip_sample,
+                        checkpoint=in_window and checkpoint)
+            if shift is not None:
+                mean = mean + shift
+            if compute_kl:
                 kls.append(gaussian_kl(mean, mean_reference, sigma, kl_reduction))
             x = mean + sigma * inputs.step_noise[step]
         if eta > 0:

@@ -1,0 +1,127 @@
+"""The soft value head: log h_t(x; y, c), whose gradient is the policy's control (adapter
+``value`` of `AugmentedModel`; trained by `ctrl_ray.objectives.value`).
+
+For the tilt lambda = gamma / kl_weight the optimum of CTRL's objective is the base chain
+tilted by h_t(x; y, c) = E_pre[p(y | x0, c)^lambda | x_t = x, c]. The network outputs log h for
+every target y (a tuple of classes, one per label) as log-softmax + log-mass,
+
+    log h_t(x; y) = log q_t(y | x) + log m_t(x),
+
+so that q can be fit by cross-entropy on the normalised targets p(y | x0)^lambda / m and m by
+a Poisson loss on m = sum_y p(y | x0)^lambda: both then estimate exact conditional means, for
+any lambda (`value_loss`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import get_timestep_embedding
+from torch import Tensor, nn
+
+from ctrl_ray.models.classifier import ClassifierConfig, ImageClassifier
+
+
+@dataclass
+class SoftValueSpec:
+    """The head's input shape, labels, contexts and widths (stored in the policy spec)."""
+
+    sample_shape: list[int]
+    label_classes: dict[str, int]
+    num_contexts: int | None
+    channels: list[int] = field(default_factory=lambda: [16, 32])   # conv widths (images)
+    hidden_dim: int = 128                                            # MLP width (vectors)
+    time_embedding_dim: int = 64
+
+    @property
+    def targets(self) -> list[tuple[int, ...]]:
+        """Every target y: one class per label, in `itertools.product` order."""
+        return list(itertools.product(*(range(k) for k in self.label_classes.values())))
+
+
+class SoftValueNet(nn.Module):
+    """log h_t(x; y, c) for every target y: conv stages (images) or an MLP (vectors), shifted
+    after every block by an embedding of t and of the context c."""
+
+    def __init__(self, spec: SoftValueSpec):
+        super().__init__()
+        self.spec = spec
+        outputs = len(spec.targets) + 1   # the logits of q, then log m
+        dim = spec.time_embedding_dim
+        self.is_image = len(spec.sample_shape) == 3
+        if self.is_image:
+            body = ImageClassifier(ClassifierConfig(
+                num_classes=outputs, image_size=spec.sample_shape[-1],
+                channels=tuple(spec.channels), in_channels=spec.sample_shape[0]))
+            self.blocks, self.head = body.features, body.head
+            widths = [block[0].out_channels for block in body.features]
+        else:
+            inputs = math.prod(spec.sample_shape)
+            self.blocks = nn.ModuleList([
+                nn.Sequential(nn.Linear(inputs, spec.hidden_dim), nn.SiLU()),
+                nn.Sequential(nn.Linear(spec.hidden_dim, spec.hidden_dim), nn.SiLU())])
+            self.head = nn.Linear(spec.hidden_dim, outputs)
+            widths = [spec.hidden_dim, spec.hidden_dim]
+        # Zero-started output: h is constant, so the policy starts as the base model exactly.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.context_embedding = None
+        if spec.num_contexts:
+            # Zero-started: an N(0, 1) embedding swamps the timestep's and the head learns
+            # nothing online (measured: the loss stays at the prior's).
+            self.context_embedding = nn.Embedding(spec.num_contexts, dim)
+            nn.init.zeros_(self.context_embedding.weight)
+        self.shifts = nn.ModuleList(nn.Linear(dim, width) for width in widths)
+
+    def forward(self, x: Tensor, t: Tensor, contexts: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(log q (B, J) over the targets, log m (B,)) at states x (B, *shape), timesteps t."""
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        embedding = get_timestep_embedding(t.float(), self.spec.time_embedding_dim)
+        embedding = self.time_mlp(embedding.to(x.dtype))
+        if self.context_embedding is not None:
+            embedding = embedding + self.context_embedding(contexts.long())
+        hidden = x if self.is_image else x.flatten(1)
+        for block, shift in zip(self.blocks, self.shifts, strict=True):
+            shift = shift(embedding)
+            hidden = block(hidden) + (shift[:, :, None, None] if self.is_image else shift)
+        if self.is_image:
+            hidden = hidden.mean(dim=(2, 3))
+        out = self.head(hidden)
+        return F.log_softmax(out[:, :-1], dim=-1), out[:, -1]
+
+    def grad_log_value(self, x: Tensor, t: Tensor, contexts: Tensor | None,
+                       labels: Mapping[str, Tensor]) -> Tensor:
+        """grad_x log h_t(x; y, c) of each row's own target (detached). A null label (value K)
+        is marginalised (log-sum-exp over its classes, exact for lambda = 1); a row whose
+        labels are all null gets no control (it is the base model)."""
+        names = list(self.spec.label_classes)
+        targets = torch.tensor(self.spec.targets, device=x.device)           # (J, L)
+        rows = torch.stack([labels[name].long() for name in names], 1)      # (B, L)
+        null = rows == torch.tensor([self.spec.label_classes[n] for n in names],
+                                    device=x.device)
+        consistent = ((targets[None] == rows[:, None]) | null[:, None]).all(-1)   # (B, J)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            log_q, log_m = self(x, t, contexts)
+            log_value = torch.logsumexp(log_q.masked_fill(~consistent, float("-inf")), 1) + log_m
+            (gradient,) = torch.autograd.grad(log_value.sum(), x)
+        active = ~null.all(1)
+        return gradient * active.view(-1, *[1] * (x.dim() - 1)).to(gradient.dtype)
+
+
+def value_loss(network: SoftValueNet, x: Tensor, t: Tensor, contexts: Tensor | None,
+               log_targets: Tensor) -> Tensor:
+    """Mean over rows of m * cross-entropy(s, q) + Poisson(m, log m), where the targets are
+    log_targets (B, J) = lambda log p(y | x0) for every y: minimised by q = E[m s] / E[m] and
+    m = E[m] given (x, t, c), i.e. by log h."""
+    log_mass = torch.logsumexp(log_targets, dim=1)
+    normalised, mass = (log_targets - log_mass[:, None]).exp(), log_mass.exp()
+    log_q, log_m = network(x, t, contexts)
+    cross_entropy = -(normalised * log_q).sum(1)
+    return (mass * cross_entropy + log_m.exp() - mass * log_m).mean()

@@ -1,0 +1,83 @@
+"""The value head (adapter ``value``) and its loss: exact conditional means, null labels, a policy
+that starts as the base model and that its trainable state rebuilds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_theorem import mixture_backbone
+
+from ctrl_ray.config import load_config
+from ctrl_ray.errors import InputError
+from ctrl_ray.finetune import FinetuneConfig
+from ctrl_ray.models.augmented import AugmentedModel
+from ctrl_ray.models.soft_value import SoftValueNet, SoftValueSpec, value_loss
+from ctrl_ray.sampling import RolloutInputs, sample
+
+
+def test_value_loss_is_minimised_by_log_of_the_conditional_mean():
+    """At one state, the fitted log h_y is log E[p(y | x0)^lambda] for a tilt lambda != 1."""
+    torch.manual_seed(0)
+    net = SoftValueNet(SoftValueSpec([2], {"a": 2, "b": 3}, None, hidden_dim=16))
+    probabilities_a = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.3, 0.7]])
+    probabilities_b = torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4],
+                                    [0.2, 0.5, 0.3]])
+    tilt = 2.0
+    joint = probabilities_a[:, :, None] * probabilities_b[:, None, :]   # (4, 2, 3), a-major
+    log_targets = tilt * joint.flatten(1).log()
+    x, t = torch.zeros(4, 2), torch.full((4,), 500)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(1500):
+        optimizer.zero_grad()
+        value_loss(net, x, t, None, log_targets).backward()
+        optimizer.step()
+    log_q, log_m = net(x[:1], t[:1], None)
+    expected = (joint**tilt).mean(0).flatten().log()
+    assert torch.allclose(log_q[0] + log_m[0], expected, atol=2e-3), (log_q + log_m, expected)
+
+
+def test_null_labels_are_marginalised_and_all_null_rows_get_no_control():
+    torch.manual_seed(0)
+    net = SoftValueNet(SoftValueSpec([2], {"a": 2, "b": 3}, None, hidden_dim=16))
+    for parameter in net.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)
+    x, t = torch.randn(3, 2), torch.full((3,), 300)
+    labels = {"a": torch.tensor([1, 2, 2]), "b": torch.tensor([3, 0, 3])}   # 2, 3 = null
+    gradient = net.grad_log_value(x, t, None, labels)
+
+    def log_h(rows, columns):
+        log_q, log_m = net(rows, t[:1], None)
+        return torch.logsumexp(log_q[:, columns], 1) + log_m
+
+    a_is_1 = [3, 4, 5]      # targets (1, 0), (1, 1), (1, 2) in a-major order
+    b_is_0 = [0, 3]         # targets (0, 0), (1, 0)
+    for row, columns in ((0, a_is_1), (1, b_is_0)):
+        point = x[row:row + 1].clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad(log_h(point, columns).sum(), point)
+        assert torch.allclose(gradient[row], expected[0], atol=1e-6)
+    assert gradient[1].abs().sum() > 0
+    assert torch.all(gradient[2] == 0)
+
+
+def test_a_value_policy_starts_as_the_base_and_its_trainable_state_rebuilds_it():
+    torch.manual_seed(0)
+    model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value")
+    inputs = RolloutInputs.draw(0, 64, 8, (2,), {"y": 2})
+    start = sample(model, inputs)
+    assert torch.equal(start.x0, sample(model, inputs, from_reference=True).x0)
+    assert start.path_kl.abs().max() == 0
+    assert set(model.trainable_state_dict()) == {
+        name for name, _ in model.named_parameters() if name.startswith("value_head.")}
+    for parameter in model.value_head.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    trained = sample(model, inputs)
+    assert trained.path_kl.mean() > 1e-3
+    rebuilt = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value")
+    rebuilt.load_trainable_state_dict(model.trainable_state_dict())
+    assert torch.allclose(sample(rebuilt, inputs).x0, trained.x0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, kind", [("value", "lora"), ("adjoint", "value")])
+def test_the_value_rule_and_the_value_head_go_together(mode, kind):
+    with pytest.raises(InputError, match="value head"):
+        load_config(FinetuneConfig, overrides=[f"mode={mode}", f"adapter.kind={kind}"])
