@@ -28,7 +28,10 @@ from ctrl_ray.config import load_config  # noqa: E402
 from ctrl_ray.finetune import FinetuneConfig, finetune  # noqa: E402
 
 CONFIG = "configs/ctrl_digits_ink.yaml"
-BUDGET = ["iterations=60", "checkpoint_every=20", "evaluation.samples_per_target=4",
+# The config's default rule is now the value rule: these are the adjoint settings it had.
+ADJOINT = ["mode=adjoint", "adapter.kind=lora", "adapter.rank=4", "adapter.min_timestep=200",
+           "objective.lr_embedding=0.03", "objective.lr_adapter=0.003"]
+BUDGET = [*ADJOINT, "iterations=60", "checkpoint_every=20", "evaluation.samples_per_target=4",
           "optimum_samples_per_context=100", "distributed.workers=0"]
 # name -> (what changes, overrides); "demo" is the demo's own CTRL step (2 Ray workers, the
 # same updates as one process).
@@ -64,16 +67,18 @@ def output_dir(name: str) -> str:
 
 def variant_run(name: str) -> dict | None:
     for directory in [output_dir(name), *ALSO_READ.get(name, [])]:
-        run = finished_run(directory)
+        run = finished_run(directory, "adjoint")
         if run is not None:
             return run
     return None
 
 
-def finished_run(directory: str) -> dict | None:
-    """The metrics and params of the newest finished, evaluated run that wrote ``directory``."""
+def finished_run(directory: str, mode: str) -> dict | None:
+    """The metrics and params of the newest finished, evaluated run of update rule ``mode``
+    that wrote ``directory``."""
     runs = mlflow.search_runs(search_all_experiments=True, order_by=["start_time DESC"],
                               filter_string=f"params.output_dir = '{directory}' "
+                                            f"and params.mode = '{mode}' "
                                             "and attributes.status = 'FINISHED'")
     runs = runs[runs["metrics.eval_ctrl_mean_kl"].notna()] if len(runs) else runs
     return None if not len(runs) else runs.iloc[0].to_dict()
@@ -92,21 +97,26 @@ def row(name: str, run: dict) -> dict:
             "optimum_kl": run["metrics.eval_optimum_kl"]}
 
 
-def main() -> None:
+def chosen_variants(doc: str, variants: dict) -> list[str]:
+    """The --variants of an ablation script's command line (all by default)."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    args = parser.parse_args()
+    parser.add_argument("--variants", nargs="+", default=list(variants), choices=list(variants))
+    return parser.parse_args().variants
+
+
+def main() -> None:
+    names = chosen_variants(__doc__, VARIANTS)
     tracking.configure()
     rows = []
-    for name in args.variants:
+    for name in names:
         run = variant_run(name)
         if run is None:
             overrides = [*BUDGET, *VARIANTS[name][1], f"output_dir={output_dir(name)}"]
             finetune(load_config(FinetuneConfig, CONFIG, overrides), progress=False)
-            run = finished_run(output_dir(name))
+            run = finished_run(output_dir(name), "adjoint")
         rows.append(row(name, run))
     first = rows[0]
     optimum_rate = (first["optimum_macro_f1"] - first["base_macro_f1"]) / first["optimum_kl"]

@@ -13,6 +13,8 @@ pay for.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/adjoint_step_profile.py \
         --policy lora4=outputs/demo/ctrl --policy embedding=outputs/probe/none:adapter.kind=none
 
+(outputs/demo/ctrl held the demo's Adjoint Matching policy when the committed results were
+measured; the demo now trains a value policy there.)
 Writes benchmarks/results/adjoint_step_profile.{json,md}.
 """
 

@@ -7,7 +7,7 @@ at the task's gamma / alpha, runs DPS, classifier guidance and CFG from the same
 scores everything with the same evaluation protocol (oracle labels, digit judge, path KL).
 
     .venv/bin/python benchmarks/frontier.py [--tasks ink compress multi] \
-        [--rules adjoint pathwise ppo] [--baselines dps cg cfg] [--set adjoint:iterations=300]
+        [--rules value adjoint pathwise ppo] [--baselines dps cg cfg] [--set adjoint:iterations=300]
 
 Writes benchmarks/results/frontier.{json,md}, docs/frontier.png, and logs all of it to MLflow
 (experiment ctrl-ray-frontier). Each run's result is cached under --out, so an interrupted
@@ -45,6 +45,9 @@ GUIDANCE_LEVELS = [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 
 # Every rule at the same sampler (20 DDPM steps); budgets sized for a 2-core CPU.
 RULES = {
+    "value": ["mode=value", "adapter.kind=value", "adapter.min_timestep=0",
+              "objective.batch_size=32", "iterations=100", "objective.regression_steps=60",
+              "objective.lr_adapter=0.003", "objective.replay_rollouts=0"],
     "adjoint": ["mode=adjoint", "objective.batch_size=32", "iterations=120",
                 "objective.lr_embedding=0.03", "objective.lr_adapter=0.003",
                 "adapter.min_timestep=200"],

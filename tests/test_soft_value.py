@@ -81,3 +81,23 @@ def test_a_value_policy_starts_as_the_base_and_its_trainable_state_rebuilds_it()
 def test_the_value_rule_and_the_value_head_go_together(mode, kind):
     with pytest.raises(InputError, match="value head"):
         load_config(FinetuneConfig, overrides=[f"mode={mode}", f"adapter.kind={kind}"])
+
+
+def test_the_replay_keeps_the_newest_base_rollouts_in_order():
+    from ctrl_ray.objectives.value import Replay
+
+    def payload(first, rows):
+        ids = torch.arange(first, first + rows, dtype=torch.float32)
+        return {"states": ids.view(1, rows, 1).expand(3, rows, 1), "contexts": ids.long(),
+                "log_targets": ids.view(rows, 1).expand(rows, 2)}
+
+    replay = Replay(5)
+    replay.add([payload(0, 3)])
+    replay.add([payload(3, 2), payload(5, 2)])
+    assert replay.contexts.tolist() == [2, 3, 4, 5, 6]
+    assert replay.states[2, :, 0].tolist() == [2, 3, 4, 5, 6]
+    assert replay.log_targets[:, 1].tolist() == [2, 3, 4, 5, 6]
+    replay = Replay(0)   # 0: only the latest batch, however large
+    replay.add([payload(0, 3)])
+    replay.add([payload(3, 4)])
+    assert replay.contexts.tolist() == [3, 4, 5, 6]

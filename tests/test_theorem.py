@@ -111,10 +111,11 @@ RULES = {
         batch_size=256, num_inference_steps=STEPS, lr_embedding=3e-3, lr_adapter=3e-3,
         max_grad_norm=None), 300, 100, "full"),
     # The value head regresses exact targets on fresh base rollouts; its cosine schedule
-    # converges it (seeds 0 and 1: 0.0006-0.0009 from the posterior, 0.010-0.045 from p^2 and
+    # converges it (seeds 0 and 1: 0.0006-0.0010 from the posterior, 0.010-0.045 from p^2 and
     # p^0.5, a 14-50x margin).
     "value": (value.train_step, ValueConfig(
-        batch_size=256, num_inference_steps=STEPS, lr_adapter=3e-3), 150, 0, "value"),
+        batch_size=256, num_inference_steps=STEPS, lr_adapter=3e-3, regression_steps=30),
+        150, 0, "value"),
 }
 
 

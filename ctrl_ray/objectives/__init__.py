@@ -16,7 +16,7 @@ from ctrl_ray.objectives.base import ObjectiveConfig
 
 UPDATE_RULES: dict[str, ModuleType] = {
     "adjoint": adjoint, "pathwise": pathwise, "ppo": ppo, "value": value}
-DEFAULT_RULE = "adjoint"
+DEFAULT_RULE = "value"
 
 
 def update_rule(mode: str) -> ModuleType:

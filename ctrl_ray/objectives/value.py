@@ -16,8 +16,9 @@ adapter lags it.
 
 A rollout worker samples its shard twice with the batch's noise: the base model (the
 regression data: states, contexts and lambda log p(y | x0) for every y) and the current policy
-(the reward and KL the run reports). The learner pools the shards and takes
-``regression_steps`` AdamW steps on random (state, timestep) pairs of the pool.
+(the reward and KL the run reports). The learner adds the shards to a replay of the last
+``replay_rollouts`` base rollouts (exact data forever: they do not depend on the policy) and
+takes ``regression_steps`` AdamW steps on random (state, timestep) pairs of it.
 """
 
 from __future__ import annotations
@@ -40,17 +41,20 @@ class ValueConfig(ObjectiveConfig):
     the regression of the value head (``lr_adapter``; the label embeddings are not used)."""
 
     lr_embedding: float = 0.0
-    lr_adapter: float = 2e-3
+    lr_adapter: float = 3e-3
     lr_schedule: str = "cosine"
     weight_decay: float = 1e-4
-    regression_steps: int = 30          # value-head steps per batch of rollouts
+    regression_steps: int = 60          # value-head steps per batch of rollouts
     regression_batch_size: int = 128    # (state, timestep) pairs per step
+    replay_rollouts: int = 4096         # base rollouts the learner keeps (0: this batch's only)
 
     def __post_init__(self):
         super().__post_init__()
         if self.regression_steps < 1 or self.regression_batch_size < 1:
             raise InputError(f"regression_steps and regression_batch_size must be >= 1, got "
                              f"{self.regression_steps} and {self.regression_batch_size}")
+        if self.replay_rollouts < 0:
+            raise InputError(f"replay_rollouts must be >= 0, got {self.replay_rollouts}")
         if not self.kl_weight > 0:
             raise InputError(f"kl_weight must be > 0 for the value rule (the optimum tilts "
                              f"by gamma / kl_weight), got {self.kl_weight}")
@@ -97,16 +101,37 @@ def worker_step(model, reward_fn: RewardFn, inputs: RolloutInputs, config: Value
     }
 
 
+class Replay:
+    """The learner's last ``size`` base rollouts: states (S+1, N, ...), targets (N, J) and
+    contexts (N,). Base rollouts never go stale (h is defined by the base chain), so every one
+    stays exact data for the regression; a resumed run starts with an empty buffer."""
+
+    def __init__(self, size: int):
+        self.size, self.states, self.log_targets, self.contexts = size, None, None, None
+
+    def add(self, payloads: list[dict]) -> None:
+        parts = [(self.states, self.log_targets, self.contexts)] if self.states is not None \
+            else []
+        parts += [(p["states"], p["log_targets"], p["contexts"]) for p in payloads]
+        keep = max(self.size, sum(p["log_targets"].shape[0] for p in payloads))
+        self.states = torch.cat([states for states, _, _ in parts], 1)[:, -keep:]
+        self.log_targets = torch.cat([targets for _, targets, _ in parts])[-keep:]
+        self.contexts = None if parts[0][2] is None else \
+            torch.cat([contexts for _, _, contexts in parts])[-keep:]
+
+
 def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
                  config: ValueConfig, generator: torch.Generator, version: int) -> dict:
-    """``regression_steps`` steps of the value loss on random (state, timestep) pairs of the
-    pooled base rollouts (x_T .. x_0 of every trajectory)."""
+    """Add the shards' base rollouts to the replay (kept on the value head, outside its
+    weights), then ``regression_steps`` steps of the value loss on random (state, timestep)
+    pairs of it (x_T .. x_0 of every trajectory)."""
     head = model.value_head
     device = next(head.parameters()).device
-    states = torch.cat([p["states"] for p in payloads], 1)           # (S+1, N, ...)
-    log_targets = torch.cat([p["log_targets"] for p in payloads])    # (N, J)
-    contexts = None if payloads[0]["contexts"] is None else \
-        torch.cat([p["contexts"] for p in payloads])
+    replay = getattr(head, "replay", None)
+    if replay is None or replay.size != config.replay_rollouts:
+        head.replay = replay = Replay(config.replay_rollouts)
+    replay.add(payloads)
+    states, log_targets, contexts = replay.states, replay.log_targets, replay.contexts
     schedule = DenoisingSchedule.create(model.alphas_cumprod.cpu(), states.shape[0] - 1,
                                         config.eta)
     timesteps = torch.cat([schedule.timesteps, schedule.timesteps.new_zeros(1)]).long()
@@ -124,7 +149,8 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
         norms += clip_and_step(optimizer, config.max_grad_norm)
         total += loss.item()
     return {"loss": total / config.regression_steps,
-            "grad_norm": norms / config.regression_steps}
+            "grad_norm": norms / config.regression_steps,
+            "replay_rollouts": float(states.shape[1])}
 
 
 def train_step(model, optimizer: torch.optim.Optimizer, reward_fn: RewardFn,
