@@ -11,8 +11,8 @@ expectation under the *base* chain: a regression of lambda log p(y | x0) of base
 every state x_k of the rollout (`value_loss`), for every target y at once. No gradient passes
 through the sampler or the reward classifier, the targets are exact (not one-trajectory
 estimates), and nothing drifts where the reward is flat (there h is constant and the control
-zero). `docs/update_rules.md` says why this reaches the optimum where Adjoint Matching's
-adapter lags it.
+zero). `docs/update_rules.md`, section 6, measures how close it gets to the optimum and why
+Adjoint Matching's adapter lags further behind.
 
 A rollout worker samples its shard twice with the batch's noise: the base model (the
 regression data: states, contexts and lambda log p(y | x0) for every y) and the current policy
