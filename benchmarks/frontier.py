@@ -47,7 +47,12 @@ GUIDANCE_LEVELS = [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 RULES = {
     "value": ["mode=value", "adapter.kind=value", "adapter.min_timestep=0",
               "objective.batch_size=32", "iterations=100", "objective.regression_steps=60",
-              "objective.lr_adapter=0.003", "objective.replay_rollouts=0"],
+              "objective.lr_adapter=0.003", "objective.replay_rollouts=4096"],
+    # The first frontier's value rows (each update regresses on its own 32 rollouts only).
+    "value-noreplay": ["mode=value", "adapter.kind=value", "adapter.min_timestep=0",
+                       "objective.batch_size=32", "iterations=100",
+                       "objective.regression_steps=60", "objective.lr_adapter=0.003",
+                       "objective.replay_rollouts=0"],
     "adjoint": ["mode=adjoint", "objective.batch_size=32", "iterations=120",
                 "objective.lr_embedding=0.03", "objective.lr_adapter=0.003",
                 "adapter.min_timestep=200"],
