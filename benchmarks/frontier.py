@@ -46,8 +46,13 @@ GUIDANCE_LEVELS = [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 # Every rule at the same sampler (20 DDPM steps); budgets sized for a 2-core CPU.
 RULES = {
     "value": ["mode=value", "adapter.kind=value", "adapter.min_timestep=0",
-              "objective.batch_size=32", "iterations=100", "objective.regression_steps=60",
+              "objective.batch_size=32", "iterations=100", "objective.regression_steps=30",
               "objective.lr_adapter=0.003", "objective.replay_rollouts=4096"],
+    # frontier_value_replay.md's rows: 60 head steps per update over-fit the head (more KL).
+    "value-steps60": ["mode=value", "adapter.kind=value", "adapter.min_timestep=0",
+                      "objective.batch_size=32", "iterations=100",
+                      "objective.regression_steps=60", "objective.lr_adapter=0.003",
+                      "objective.replay_rollouts=4096"],
     # The first frontier's value rows (each update regresses on its own 32 rollouts only).
     "value-noreplay": ["mode=value", "adapter.kind=value", "adapter.min_timestep=0",
                        "objective.batch_size=32", "iterations=100",

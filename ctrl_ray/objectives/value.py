@@ -44,7 +44,7 @@ class ValueConfig(ObjectiveConfig):
     lr_adapter: float = 3e-3
     lr_schedule: str = "cosine"
     weight_decay: float = 1e-4
-    regression_steps: int = 60          # value-head steps per batch of rollouts
+    regression_steps: int = 30          # value-head steps per batch (more over-fit h: KL)
     regression_batch_size: int = 128    # (state, timestep) pairs per step
     replay_rollouts: int = 4096         # base rollouts the learner keeps (0: this batch's only)
 
