@@ -84,6 +84,17 @@ def finished_run(directory: str, mode: str) -> dict | None:
     return None if not len(runs) else runs.iloc[0].to_dict()
 
 
+def run_or_read(config: str, overrides: list[str], directory: str, mode: str) -> dict:
+    """The finished run of ``config`` + ``overrides`` in ``directory``: read back from MLflow,
+    or fine-tuned now (in one process) when the store has none."""
+    run = finished_run(directory, mode)
+    if run is None:
+        finetune(load_config(FinetuneConfig, config, [*overrides, f"output_dir={directory}"]),
+                 progress=False)
+        run = finished_run(directory, mode)
+    return run
+
+
 def row(name: str, run: dict) -> dict:
     return {"variant": name, "change": VARIANTS[name][0], "overrides": VARIANTS[name][1],
             "output_dir": run["params.output_dir"], "run_id": run["run_id"],
@@ -112,11 +123,8 @@ def main() -> None:
     tracking.configure()
     rows = []
     for name in names:
-        run = variant_run(name)
-        if run is None:
-            overrides = [*BUDGET, *VARIANTS[name][1], f"output_dir={output_dir(name)}"]
-            finetune(load_config(FinetuneConfig, CONFIG, overrides), progress=False)
-            run = finished_run(output_dir(name), "adjoint")
+        run = variant_run(name) or run_or_read(CONFIG, [*BUDGET, *VARIANTS[name][1]],
+                                               output_dir(name), "adjoint")
         rows.append(row(name, run))
     first = rows[0]
     optimum_rate = (first["optimum_macro_f1"] - first["base_macro_f1"]) / first["optimum_kl"]

@@ -18,12 +18,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from adjoint_ablation import chosen_variants, finished_run  # noqa: E402
+from adjoint_ablation import chosen_variants, finished_run, run_or_read  # noqa: E402
 from common import machine, publish  # noqa: E402
 
 from ctrl_ray import tracking  # noqa: E402
-from ctrl_ray.config import load_config  # noqa: E402
-from ctrl_ray.finetune import FinetuneConfig, finetune  # noqa: E402
 
 CONFIG = "configs/ctrl_digits_ink.yaml"
 BUDGET = ["evaluation.samples_per_target=8", "checkpoint_every=50", "distributed.workers=0"]
@@ -54,12 +52,7 @@ def main() -> None:
     rows = []
     for name in names:
         change, overrides, directory = VARIANTS[name]
-        run = finished_run(directory, "value")
-        if run is None:
-            finetune(load_config(FinetuneConfig, CONFIG,
-                                 [*BUDGET, *overrides, f"output_dir={directory}"]),
-                     progress=False)
-            run = finished_run(directory, "value")
+        run = run_or_read(CONFIG, [*BUDGET, *overrides], directory, "value")
         rows.append({"variant": name, "change": change, "overrides": overrides,
                      "output_dir": directory, "run_id": run["run_id"],
                      "iterations": int(run["params.iterations"]),

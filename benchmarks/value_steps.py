@@ -18,13 +18,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from adjoint_ablation import chosen_variants, finished_run  # noqa: E402
+from adjoint_ablation import chosen_variants, run_or_read  # noqa: E402
 from common import machine, publish  # noqa: E402
 
 from ctrl_ray import tracking  # noqa: E402
 from ctrl_ray.audit import AuditConfig  # noqa: E402
 from ctrl_ray.config import load_config  # noqa: E402
-from ctrl_ray.finetune import FinetuneConfig, build_setup, finetune  # noqa: E402
+from ctrl_ray.finetune import FinetuneConfig, build_setup  # noqa: E402
 from ctrl_ray.models.judge import DigitJudge  # noqa: E402
 from ctrl_ray.optimum import exact_optimum  # noqa: E402
 
@@ -70,12 +70,7 @@ def main() -> None:
     rows = []
     for name in names:
         change, overrides, directory = VARIANTS[name]
-        run = finished_run(directory, "value")
-        if run is None:
-            finetune(load_config(FinetuneConfig, CONFIG,
-                                 [*BUDGET, *overrides, f"output_dir={directory}"]),
-                     progress=False)
-            run = finished_run(directory, "value")
+        run = run_or_read(CONFIG, [*BUDGET, *overrides], directory, "value")
         rows.append({"variant": name, "change": change, "overrides": overrides,
                      "output_dir": directory, "run_id": run["run_id"],
                      "seed": int(run["params.seed"]),
