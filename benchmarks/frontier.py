@@ -44,20 +44,14 @@ TILT = {"ink": 1.0, "compress": 10.0, "multi": 1.0}   # each task's gamma / alph
 GUIDANCE_LEVELS = [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 
 # Every rule at the same sampler (20 DDPM steps); budgets sized for a 2-core CPU.
+VALUE = ["mode=value", "adapter.kind=value", "adapter.min_timestep=0", "objective.batch_size=32",
+         "iterations=100", "objective.lr_adapter=0.003"]
 RULES = {
-    "value": ["mode=value", "adapter.kind=value", "adapter.min_timestep=0",
-              "objective.batch_size=32", "iterations=100", "objective.regression_steps=30",
-              "objective.lr_adapter=0.003", "objective.replay_rollouts=4096"],
+    "value": [*VALUE, "objective.regression_steps=30", "objective.replay_rollouts=4096"],
     # frontier_value_replay.md's rows: 60 head steps per update over-fit the head (more KL).
-    "value-steps60": ["mode=value", "adapter.kind=value", "adapter.min_timestep=0",
-                      "objective.batch_size=32", "iterations=100",
-                      "objective.regression_steps=60", "objective.lr_adapter=0.003",
-                      "objective.replay_rollouts=4096"],
+    "value-steps60": [*VALUE, "objective.regression_steps=60", "objective.replay_rollouts=4096"],
     # The first frontier's value rows (each update regresses on its own 32 rollouts only).
-    "value-noreplay": ["mode=value", "adapter.kind=value", "adapter.min_timestep=0",
-                       "objective.batch_size=32", "iterations=100",
-                       "objective.regression_steps=60", "objective.lr_adapter=0.003",
-                       "objective.replay_rollouts=0"],
+    "value-noreplay": [*VALUE, "objective.regression_steps=60", "objective.replay_rollouts=0"],
     "adjoint": ["mode=adjoint", "objective.batch_size=32", "iterations=120",
                 "objective.lr_embedding=0.03", "objective.lr_adapter=0.003",
                 "adapter.min_timestep=200"],

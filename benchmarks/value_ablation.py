@@ -46,21 +46,29 @@ VARIANTS = {
 }
 
 
-def main() -> None:
-    names = chosen_variants(__doc__, VARIANTS)
-    tracking.configure()
+def value_rows(names: list[str], variants: dict, budget: list[str]) -> list[dict]:
+    """One row per ink variant (name -> (change, overrides, output_dir)) of the value rule:
+    read back from MLflow, or run now."""
     rows = []
     for name in names:
-        change, overrides, directory = VARIANTS[name]
-        run = run_or_read(CONFIG, [*BUDGET, *overrides], directory, "value")
+        change, overrides, directory = variants[name]
+        run = run_or_read(CONFIG, [*budget, *overrides], directory, "value")
         rows.append({"variant": name, "change": change, "overrides": overrides,
                      "output_dir": directory, "run_id": run["run_id"],
+                     "seed": int(run["params.seed"]),
                      "iterations": int(run["params.iterations"]),
                      "batch_size": int(run["params.objective.batch_size"]),
                      "macro_f1": run["metrics.eval_ctrl_ink_class_macro_f1"],
                      "kl": run["metrics.eval_ctrl_mean_kl"],
                      "fidelity": run["metrics.eval_ctrl_fidelity"],
-                     "train_seconds": run.get("metrics.train_seconds")})
+                     "wall_seconds": (run["end_time"] - run["start_time"]).total_seconds()})
+    return rows
+
+
+def main() -> None:
+    names = chosen_variants(__doc__, VARIANTS)
+    tracking.configure()
+    rows = value_rows(names, VARIANTS, BUDGET)
     # The base model and the optimum of this objective on the same base model and reward, as
     # the evaluation of the adjoint ablation measured them.
     reference = finished_run("outputs/probe/value100", "value")

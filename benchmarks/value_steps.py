@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from adjoint_ablation import chosen_variants, run_or_read  # noqa: E402
+from adjoint_ablation import chosen_variants  # noqa: E402
 from common import machine, publish  # noqa: E402
+from value_ablation import CONFIG, value_rows  # noqa: E402
 
 from ctrl_ray import tracking  # noqa: E402
 from ctrl_ray.audit import AuditConfig  # noqa: E402
@@ -28,7 +29,6 @@ from ctrl_ray.finetune import FinetuneConfig, build_setup  # noqa: E402
 from ctrl_ray.models.judge import DigitJudge  # noqa: E402
 from ctrl_ray.optimum import exact_optimum  # noqa: E402
 
-CONFIG = "configs/ctrl_digits_ink.yaml"
 BUDGET = ["optimum_samples_per_context=0", "evaluate_base=false", "checkpoint_every=0",
           "experiment=ctrl-ray-probe"]
 # name -> (what changes, overrides, output_dir)
@@ -70,17 +70,7 @@ def optimum_at_one(config: FinetuneConfig) -> dict:
 def main() -> None:
     names = chosen_variants(__doc__, VARIANTS)
     tracking.configure()
-    rows = []
-    for name in names:
-        change, overrides, directory = VARIANTS[name]
-        run = run_or_read(CONFIG, [*BUDGET, *overrides], directory, "value")
-        rows.append({"variant": name, "change": change, "overrides": overrides,
-                     "output_dir": directory, "run_id": run["run_id"],
-                     "seed": int(run["params.seed"]),
-                     "macro_f1": run["metrics.eval_ctrl_ink_class_macro_f1"],
-                     "kl": run["metrics.eval_ctrl_mean_kl"],
-                     "fidelity": run["metrics.eval_ctrl_fidelity"],
-                     "wall_seconds": (run["end_time"] - run["start_time"]).total_seconds()})
+    rows = value_rows(names, VARIANTS, BUDGET)
     optimum = optimum_at_one(load_config(FinetuneConfig, CONFIG))
     base, level = optimum["base"], optimum["levels"][0]
     base_f1, optimum_f1 = base["labels"]["ink_class"]["macro_f1"], \
