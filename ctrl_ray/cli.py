@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                     _text2image_tiny_pipeline)
     _config_options(tiny, required=False)
     tiny.add_argument("--out", required=True, help="pipeline directory to write")
+    testbed = _command(text_commands, "build",
+                       "train the latent text-to-image testbed (VAE + UNet on the digits) and "
+                       "save it as an SD-format pipeline", _text2image_build)
+    _config_options(testbed)
 
     sample = _command(commands, "sample", "draw samples for a context c and label y", _sample)
     sample.add_argument("--model", required=True,
@@ -421,6 +425,21 @@ def _registry_register(args: argparse.Namespace) -> None:
     from ctrl_ray.registry import register_policy
 
     uri = register_policy(args.policy, args.name, args.alias)
+def _text2image_build(args: argparse.Namespace) -> None:
+    from ctrl_ray import preflight
+    from ctrl_ray.config import load_config
+    from ctrl_ray.latent_testbed import LatentTestbedConfig, build_latent_testbed
+
+    config = load_config(LatentTestbedConfig, args.config, args.overrides)
+    preflight.latent_testbed(config, args.overwrite)
+    result = build_latent_testbed(config)
+    print(f"saved {result.model_dir} (VAE {result.vae_seconds:.0f} s, validation PSNR "
+          f"{result.val_psnr:.1f} dB; UNet {result.unet_seconds:.0f} s, final loss "
+          f"{result.unet_loss:.4f})")
+    if result.model_uri:
+        print(f"registered {result.model_uri}")
+
+
     print(f"registered {uri} (alias {args.alias})")
 
 

@@ -478,6 +478,20 @@ def tiny_pipeline(out: str, overwrite: bool) -> None:
 
 
 def demo(config, overwrite: bool) -> None:
+def latent_testbed(config, overwrite: bool) -> None:
+    """`text2image build`: the digits file at the configured size, the registered name, and the
+    output folder."""
+    from ctrl_ray.data.digits import require_digits
+
+    require_digits(config.data.path, config.data.size, key="data.path")
+    if config.registered_model:
+        from ctrl_ray import registry
+
+        registry.check_name(config.registered_model, "registered_model")
+    check_output(config.output_dir, "output_dir", kind="dir",
+                 inputs=[("data.path", config.data.path)], overwrite=overwrite)
+
+
     """The demo builds what is missing at its documented defaults (data, judge, pairs, base
     model) and always writes the reward, the CTRL run and its own output folder."""
     from ctrl_ray.data.digits import require_digits

@@ -124,3 +124,31 @@ def tiny_run(tiny_base, tiny_reward, tiny_judge, tmp_path_factory):
     config = load_config(FinetuneConfig, overrides=[*tiny_finetune_overrides(
         tiny_base, tiny_reward, tiny_judge, out), "objective.lr_schedule=cosine"])
     return out, finetune(config, progress=False)
+
+
+TINY_TEXT_TESTBED = [
+    "data.size=8",
+    "vae.block_out_channels=[8, 8]",
+    "vae.steps=40",
+    "vae.batch_size=32",
+    "vae.log_every=20",
+    "unet.block_out_channels=[16, 32]",
+    "unet.steps=40",
+    "unet.batch_size=32",
+    "unet.warmup_steps=5",
+    "unet.log_every=20",
+    "registered_model=",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_text_testbed(digits8, tmp_path_factory):
+    """A tiny latent text-to-image testbed (`ctrl_ray.latent_testbed`) trained for a few steps on
+    the 8x8 digits: 4x4x4 latents, MiniLM prompts, SD layout. Returns its directory."""
+    from ctrl_ray.latent_testbed import LatentTestbedConfig, build_latent_testbed
+
+    out = tmp_path_factory.mktemp("text2image") / "testbed"
+    config = load_config(LatentTestbedConfig, overrides=[
+        *TINY_TEXT_TESTBED, f"data.path={digits8}", f"output_dir={out}",
+    ])
+    return build_latent_testbed(config, progress=False).model_dir

@@ -363,3 +363,34 @@ def digit_prompts(template: str = "a handwritten {}") -> list[str]:
     """Prompts for text-conditioned models, "a handwritten zero" .. "a handwritten nine":
     prompt i names digit i, so prompt indices are digits (and the digit judge applies)."""
     return [template.format(name) for name in DIGIT_NAMES]
+
+
+DIGIT_NUMERALS = tuple(str(digit) for digit in range(NUM_DIGITS))
+TRAINING_TEMPLATES = (
+    "a handwritten {}",
+    "the digit {}",
+    "a drawing of the number {}",
+    "{} written by hand",
+)
+"""The prompt templates the latent text-to-image testbed trains on (`ctrl_ray.latent_testbed`);
+the first one, with digit names, gives its default prompts (`digit_prompts()`)."""
+HELDOUT_TEMPLATES = (
+    "a picture of the numeral {}",
+    "someone wrote a {} on paper",
+    "a sketch of a {}",
+    "an image showing the figure {}",
+)
+"""Paraphrases no training prompt uses: whether a control holds for text never seen in training."""
+
+
+def template_prompts(templates: tuple[str, ...] | list[str],
+                     numerals: bool = True) -> tuple[list[str], list[int]]:
+    """Every template filled with each digit's name (and, with `numerals`, its numeral "7"), in
+    that order per template, and the digit each prompt names (so the digit judge applies)."""
+    forms = [DIGIT_NAMES, DIGIT_NUMERALS] if numerals else [DIGIT_NAMES]
+    prompts, digits = [], []
+    for template in templates:
+        for words in forms:
+            prompts += [template.format(word) for word in words]
+            digits += list(range(NUM_DIGITS))
+    return prompts, digits
