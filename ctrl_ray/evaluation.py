@@ -95,12 +95,14 @@ class EvaluationConfig:
     "file.py:function"), or a judge directory."""
 
     samples_per_target: int = 8
-    contexts: list[int] | None = None
+    contexts: list[int | str] | None = None   # class ids / prompt indices, or prompts (any text)
+    context_digits: list[int] | None = None   # the digit each context names, for the judge
     num_inference_steps: int = 50
     eta: float = 1.0
     seed: int = 10_000
     batch_size: int = 256
     scorers: dict[str, str] = field(default_factory=dict)
+    allow_other_chain: bool = False   # sample a value policy off the chain its head fits
 
 
 def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig,
@@ -121,14 +123,13 @@ def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig
                          f"{unknown[0]!r} (labels: {names})")
     # Resolve every scorer before sampling, so a missing judge fails before the work.
     scorers = {name: get_scorer(name, label_info[name], overrides.get(name)) for name in names}
-    contexts = list(config.contexts) if config.contexts is not None else \
-        list(range(model.num_contexts or 1))
+    contexts, digits = resolve_contexts(model, config.contexts, config.context_digits)
     targets = list(itertools.product(*(range(model.label_classes[n]) for n in names)))
-    rows = [(target, c) for target in targets for c in contexts
+    rows = [(target, c) for target in targets for c in range(len(contexts))
             for _ in range(config.samples_per_target)]
     labels = {name: torch.tensor([target[i] for target, _ in rows]) for i, name in
               enumerate(names)}
-    context_tensor = torch.tensor([c for _, c in rows]) if model.num_contexts else None
+    context_tensor = torch.tensor([contexts[c] for _, c in rows]) if model.num_contexts else None
     seeds = [config.seed + i for i in range(len(rows))]
     images, path_kl = generate(model, context_tensor, labels, seeds,
                                num_inference_steps=config.num_inference_steps, eta=config.eta,
@@ -159,8 +160,8 @@ def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig
             "scorer_kind": scorers[name].kind,
         }
     report["joint_accuracy"] = float(correct_all.mean())
-    if judge is not None and context_tensor is not None:
-        report["fidelity"] = judge.fidelity(array, context_tensor.numpy())
+    if judge is not None and context_tensor is not None and digits is not None:
+        report["fidelity"] = judge.fidelity(array, np.asarray([digits[c] for _, c in rows]))
     report["mean_kl"] = 0.0 if path_kl is None else float(path_kl.mean())
     if len(names) == 1:
         report.update({k: report["labels"][names[0]][k] for k in ("accuracy", "macro_f1")})
@@ -168,6 +169,43 @@ def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig
         first = [i for i, (target, c) in enumerate(rows) if i % config.samples_per_target == 0]
         report["grid"] = str(save_grid(images[first], rows=len(targets), path=grid_path))
     return report
+
+
+def context_indices(model, contexts: list) -> torch.Tensor:
+    """Contexts as the (N,) long tensor the sampler carries: ints are class ids (or prompt
+    indices); strings are prompts of a text-to-image model, appended to its list when new."""
+    backbone = getattr(model, "backbone", None)   # a guided baseline has none: class ids only
+    indices = []
+    for value in contexts:
+        if isinstance(value, str):
+            if not hasattr(backbone, "add_prompt"):
+                raise InputError(f"prompt {value!r} given, but the model is class-conditional: "
+                                 f"give a class id")
+            indices.append(backbone.add_prompt(value))
+            continue
+        index = int(value)
+        if model.num_contexts is not None and not 0 <= index < model.num_contexts:
+            raise InputError(f"context {index}: the model knows contexts "
+                             f"0..{model.num_contexts - 1}")
+        indices.append(index)
+    return torch.tensor(indices, dtype=torch.long)
+
+
+def resolve_contexts(model, contexts: list | None, context_digits: list[int] | None
+                     ) -> tuple[list[int], list[int] | None]:
+    """The context indices to evaluate (default: every context the model knows) and the digit
+    each one names for the judge: `context_digits` if given, else the index itself for
+    class ids and prompt indices (prompt i of a digits text model names digit i), else None."""
+    if not model.num_contexts:
+        return [0], None
+    given = list(contexts) if contexts is not None else list(range(model.num_contexts))
+    indices = context_indices(model, given).tolist()
+    if context_digits is not None:
+        if len(context_digits) != len(given):
+            raise InputError(f"evaluation.context_digits: {len(context_digits)} digits for "
+                             f"{len(given)} contexts")
+        return indices, [int(d) for d in context_digits]
+    return indices, None if any(isinstance(c, str) for c in given) else indices
 
 
 def class_names(info: dict) -> list[str]:

@@ -15,14 +15,16 @@ from typing import Any, Literal
 
 import torch
 
+from ctrl_ray.chain import check_chain, fitted_chain
 from ctrl_ray.checkpoint import policy_spec
-from ctrl_ray.config import SEED, check_bounds, from_dict
+from ctrl_ray.config import SEED, UnknownKeyError, check_bounds, from_dict
 from ctrl_ray.errors import InputError
 from ctrl_ray.evaluation import EvaluationConfig, evaluate, format_report
 from ctrl_ray.models.augmented import ADAPTERS, AugmentedModel
 from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.models.loading import BaseModel, backbone_spec, build_backbone
 from ctrl_ray.models.reward import Reward, RewardTerm, load_reward
+from ctrl_ray.models.soft_value import WIDTH_KEYS
 from ctrl_ray.models.text_to_image import TextToImageOptions, decode_images
 from ctrl_ray.objectives import DEFAULT_RULE, ObjectiveConfig, update_rule
 from ctrl_ray.objectives.base import make_optimizer
@@ -50,10 +52,19 @@ class AdapterConfig:
     targets: list[str] | None = None
     min_timestep: int = 0    # adapters and label embeddings act only at t >= min_timestep
     time_buckets: int = 1    # a label embedding per class and band of timesteps
+    value_head: dict[str, Any] = field(default_factory=dict)   # widths: channels, hidden_dim,
+                                                               # time_embedding_dim
 
     def __post_init__(self):
         check_bounds(self, kind=ADAPTERS, rank="[1, 4096]", alpha="> 0", min_timestep=">= 0",
                      time_buckets="[1, 1000]")
+        if self.value_head and self.kind not in (None, "value"):
+            raise InputError(f"adapter.value_head sets the widths of a value head; adapter.kind "
+                             f"{self.kind!r} has none")
+        unknown = sorted(set(self.value_head) - set(WIDTH_KEYS))
+        if unknown:
+            raise UnknownKeyError(f"adapter.value_head.{unknown[0]}",
+                                  self.value_head[unknown[0]], ", ".join(WIDTH_KEYS))
 
 
 @dataclass
@@ -114,6 +125,16 @@ class FinetuneConfig:
         elif type(self.objective) is not rule_config:
             raise InputError(f"objective: a {type(self.objective).__name__} does not configure "
                              f"mode {self.mode!r} (expected {rule_config.__name__})")
+
+    def check_evaluation_chain(self) -> None:
+        """A value run is evaluated on the chain its head is fitted on, unless
+        `evaluation.allow_other_chain` (checked when training starts, not by `evaluate`)."""
+        if self.adapter.kind == "value" and self.evaluate:
+            check_chain({"num_inference_steps": self.objective.num_inference_steps,
+                         "eta": self.objective.eta},
+                        {"num_inference_steps": self.evaluation.num_inference_steps,
+                         "eta": self.evaluation.eta},
+                        self.evaluation.allow_other_chain, "evaluation.allow_other_chain: true")
 
 
 @dataclass
@@ -178,12 +199,16 @@ def build_setup(config: FinetuneConfig, base: BaseModel | None = None) -> Setup:
                                adapter=adapter.kind, lora_rank=adapter.rank,
                                lora_alpha=adapter.alpha, lora_targets=adapter.targets,
                                min_timestep=adapter.min_timestep,
-                               time_buckets=adapter.time_buckets)
+                               time_buckets=adapter.time_buckets,
+                               value_head=adapter.value_head)
     sampling = {"num_inference_steps": config.evaluation.num_inference_steps,
                 "eta": config.evaluation.eta}
     spec = policy_spec(model, reward.label_info(), sampling, str(config.base_model),
                        adapter.rank, adapter.alpha, adapter.targets)
     spec["backbone"] = backbone_spec(backbone)
+    if model.value_head is not None:
+        spec["chain"] = fitted_chain(backbone, config.objective.num_inference_steps,
+                                     config.objective.eta)
     return Setup(base, model, reward, make_optimizer(model, config.objective), config.objective,
                  spec)
 
@@ -205,7 +230,9 @@ def evaluate_setup(setup: Setup, config: FinetuneConfig, out: Path) -> dict[str,
         optimum = exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood, judge,
                                 OptimumConfig(
                                     samples_per_context=config.optimum_samples_per_context,
-                                    contexts=config.evaluation.contexts, guidance_levels=[tilt],
+                                    contexts=config.evaluation.contexts,
+                                    context_digits=config.evaluation.context_digits,
+                                    guidance_levels=[tilt],
                                     num_inference_steps=config.evaluation.num_inference_steps,
                                     eta=config.evaluation.eta,
                                     scorers=dict(config.evaluation.scorers)))

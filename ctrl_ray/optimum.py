@@ -23,7 +23,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 from ctrl_ray.errors import InputError
-from ctrl_ray.evaluation import class_names, generate, save_grid
+from ctrl_ray.evaluation import class_names, generate, resolve_contexts, save_grid
 from ctrl_ray.models.text_to_image import reward_view
 from ctrl_ray.scoring import get_scorer
 
@@ -37,7 +37,8 @@ class OptimumConfig:
     and guidance level), the sampler, and the ESS below which a level is flagged."""
 
     samples_per_context: int = 300
-    contexts: list[int] | None = None
+    contexts: list[int | str] | None = None   # class ids / prompt indices, or prompts
+    context_digits: list[int] | None = None   # the digit each context names, for the judge
     guidance_levels: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0, 30.0, 100.0])
     num_inference_steps: int = 50
     eta: float = 1.0
@@ -68,6 +69,7 @@ class BasePool:
     judged_digits: np.ndarray | None             # (N,)
     log_likelihood: dict[tuple, np.ndarray]      # target -> (N,)
     scorers: dict[str, str]
+    context_digits: dict[int, int] = field(default_factory=dict)   # context -> judged digit
 
 
 def base_pool(model, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood, judge,
@@ -76,8 +78,7 @@ def base_pool(model, label_info: dict[str, dict], log_likelihood: ImageLogLikeli
     names = list(model.label_classes)
     scorers = {name: get_scorer(name, label_info[name], config.scorers.get(name))
                for name in names}
-    contexts = list(config.contexts) if config.contexts is not None else \
-        list(range(model.num_contexts or 1))
+    contexts, context_digits = resolve_contexts(model, config.contexts, config.context_digits)
     rows = [c for c in contexts for _ in range(config.samples_per_context)]
     context_tensor = torch.tensor(rows) if model.num_contexts else None
     unused = {name: torch.zeros(len(rows), dtype=torch.long) for name in names}
@@ -98,12 +99,13 @@ def base_pool(model, label_info: dict[str, dict], log_likelihood: ImageLogLikeli
                                context_tensor[i:i + config.batch_size]).double().cpu()
                 for i in range(0, len(rows), config.batch_size)]).numpy()
     digits = None
-    if judge is not None and context_tensor is not None:
+    if judge is not None and context_tensor is not None and context_digits is not None:
         gray = reward_view(images, channels=1, image_size=images.shape[-1]).numpy()
         digits = judge.predict(gray)
     return BasePool(contexts, np.asarray(rows), images,
                     {name: scorers[name].label(images) for name in names}, digits, scores,
-                    {name: scorers[name].description for name in names})
+                    {name: scorers[name].description for name in names},
+                    dict(zip(contexts, context_digits or [], strict=False)))
 
 
 def tilted_weights(log_likelihood: np.ndarray, tilt: float) -> np.ndarray:
@@ -142,7 +144,8 @@ def optimum_at(pool: BasePool, label_info: dict[str, dict], tilt: float) -> dict
             joint.append(float(weights @ correct))
             reward.append(float(weights @ log_likelihood[rows]))
             if pool.judged_digits is not None:
-                fidelity.append(float(weights @ (pool.judged_digits[rows] == c)))
+                fidelity.append(float(weights @ (pool.judged_digits[rows]
+                                                 == pool.context_digits[c])))
     weight = np.concatenate(sample_weight)
     report: dict = {"gamma_over_alpha": tilt, "labels": {}}
     for name in names:

@@ -8,9 +8,17 @@ from typing import Any
 
 import torch
 
+from ctrl_ray.chain import check_chain
 from ctrl_ray.checkpoint import POLICY_FILE, load_policy, read_policy_spec
 from ctrl_ray.errors import InputError
-from ctrl_ray.evaluation import EvaluationConfig, evaluate, format_report, generate, save_grid
+from ctrl_ray.evaluation import (
+    EvaluationConfig,
+    context_indices,
+    evaluate,
+    format_report,
+    generate,
+    save_grid,
+)
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.models.loading import build_backbone, load_base_model_dir
@@ -25,6 +33,13 @@ class LoadedPolicy:
     sampling: dict[str, Any]
     label_info: dict[str, dict]
     fine_tuned: bool
+    chain: dict[str, Any] | None = None   # the chain a value head was fitted on
+
+    def check_chain(self, allow: bool, option: str, **requested: Any) -> None:
+        """Refuse a sampler other than the one the value head was fitted on (`ctrl_ray.chain`)."""
+        requested.setdefault("guidance_scale", getattr(self.model.backbone, "guidance_scale",
+                                                       1.0))
+        check_chain(self.chain, requested, allow, option)
 
 
 def load_any(uri: str | Path) -> LoadedPolicy:
@@ -40,13 +55,13 @@ def load_from_artifacts(artifacts: dict[str, Path], name: str = "model") -> Load
         if (path / POLICY_FILE).is_file():
             spec = read_policy_spec(path)
             model, sampling = load_policy(load_base_model(spec["base_model"]), path)
-            return LoadedPolicy(model, sampling, spec["label_info"], True)
+            return LoadedPolicy(model, sampling, spec["label_info"], True, spec.get("chain"))
         base = load_base_model_dir(path)
     elif "adapter" in artifacts:
         spec = read_policy_spec(artifacts["adapter"])
         model, sampling = load_policy(load_base_model_dir(artifacts["base_model"]),
                                       artifacts["adapter"])
-        return LoadedPolicy(model, sampling, spec["label_info"], True)
+        return LoadedPolicy(model, sampling, spec["label_info"], True, spec.get("chain"))
     elif "base_model" in artifacts:
         base = load_base_model_dir(artifacts["base_model"])
     else:
@@ -55,32 +70,14 @@ def load_from_artifacts(artifacts: dict[str, Path], name: str = "model") -> Load
     return LoadedPolicy(model.eval(), {}, {}, False)
 
 
-def context_indices(model: AugmentedModel, contexts: list) -> torch.Tensor:
-    """Contexts as the (N,) long tensor the sampler carries: ints are class ids (or prompt
-    indices); strings are prompts of a text-to-image model, appended to its list when new."""
-    backbone = model.backbone
-    indices = []
-    for value in contexts:
-        if isinstance(value, str):
-            if not hasattr(backbone, "add_prompt"):
-                raise InputError(f"prompt {value!r} given, but the model is class-conditional: "
-                                 f"give a class id")
-            indices.append(backbone.add_prompt(value))
-            continue
-        index = int(value)
-        if model.num_contexts is not None and not 0 <= index < model.num_contexts:
-            raise InputError(f"context {index}: the model knows contexts "
-                             f"0..{model.num_contexts - 1}")
-        indices.append(index)
-    return torch.tensor(indices, dtype=torch.long)
-
-
 def evaluate_model(uri: str | Path, config: EvaluationConfig, judge_path: str | None,
                    output_dir: str | Path) -> dict[str, Any]:
     """The evaluation protocol for a fine-tuned model, with its grid under `output_dir`."""
     loaded = load_any(uri)
     if not loaded.fine_tuned:
         raise InputError(f"model {str(uri)!r} is a base model: there is no label y to evaluate")
+    loaded.check_chain(config.allow_other_chain, "evaluation.allow_other_chain: true",
+                       num_inference_steps=config.num_inference_steps, eta=config.eta)
     judge = DigitJudge.load(judge_path) if judge_path else None
     report = evaluate(loaded.model, loaded.label_info, judge, config,
                       Path(output_dir) / "evaluate_grid.png")
@@ -105,11 +102,12 @@ def class_index(label: int | str, name: str, num_classes: int, info: dict[str, A
 
 
 def sample_grid(uri: str | Path, context: int | str | None, label: int | str, count: int,
-                seed: int, out: str | Path, guidance_scale: float | None = None) -> Path:
+                seed: int, out: str | Path, guidance_scale: float | None = None,
+                allow_other_chain: bool = False) -> Path:
     """`count` samples for context `context` (a digit, a prompt index, or a prompt string for a
     text-to-image model) and class `label` (an index or class name; -1: unconditional) as a PNG
     row. `guidance_scale` overrides a text model's classifier-free guidance (default: the one it
-    was trained with)."""
+    was trained with); a value policy refuses another unless `allow_other_chain`."""
     loaded = load_any(uri)
     model = loaded.model
     if guidance_scale is not None:
@@ -117,6 +115,8 @@ def sample_grid(uri: str | Path, context: int | str | None, label: int | str, co
             raise InputError("--guidance-scale applies to text-to-image models only")
         if not guidance_scale >= 0:
             raise InputError(f"--guidance-scale must be >= 0, got {guidance_scale}")
+        loaded.check_chain(allow_other_chain, "--allow-other-chain",
+                           guidance_scale=float(guidance_scale))
         model.backbone.guidance_scale = float(guidance_scale)
     if context is None:
         raise InputError("give a context: --c for a class id (or prompt index), --prompt for "

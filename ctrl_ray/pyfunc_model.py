@@ -3,7 +3,8 @@
 Artifacts: `base_model` (a base-model directory, e.g. a Stable-Diffusion-format pipeline) and,
 for a fine-tuned model, `adapter` (a CTRL checkpoint directory, which records the backbone's
 kind, prompts and guidance scale). `predict` takes a DataFrame with columns `c` (context: a
-class id, or a prompt string or prompt index for a text-to-image model), `seed`
+class id, or a prompt string or prompt index for a text-to-image model) or `prompt` (any text,
+for a text-to-image model), `seed`
 and, for a fine-tuned model, one column per label (`y` works for a single label; a class
 index or class name; -1 or a missing column means unconditional) and returns one image per
 row, deterministic per seed. `ctrl_ray.registry` logs it with that signature and a one-row
@@ -32,9 +33,19 @@ class CtrlDiffusionModel(mlflow.pyfunc.PythonModel):
         from ctrl_ray.policy import class_index, context_indices
 
         frame = pd.DataFrame(model_input)
-        if "c" not in frame.columns:
-            raise ValueError(f"model input needs a column 'c', got columns {list(frame.columns)}")
-        contexts = context_indices(self.policy.model, frame["c"].tolist())
+        if "prompt" in frame.columns:   # a text model's free text; `c` fills rows without one
+            given = frame["c"].tolist() if "c" in frame.columns else [None] * len(frame)
+            values = [c if not isinstance(p, str) else p
+                      for p, c in zip(frame["prompt"].tolist(), given, strict=True)]
+        elif "c" in frame.columns:
+            values = frame["c"].tolist()
+        else:
+            raise ValueError(f"model input needs a column 'c' (or 'prompt' for a text model), "
+                             f"got columns {list(frame.columns)}")
+        if any(value is None or (isinstance(value, float) and np.isnan(value))
+               for value in values):
+            raise ValueError("every row needs a context: a prompt or a value in column 'c'")
+        contexts = context_indices(self.policy.model, values)
         seeds = frame["seed"].tolist() if "seed" in frame.columns else [0] * len(frame)
         labels = {}
         for name, num_classes in self.policy.model.label_classes.items():

@@ -76,16 +76,20 @@ def model_signature(base_metadata: dict[str, Any], labels: list[str]
                     ) -> tuple[ModelSignature, pd.DataFrame]:
     """The pyfunc signature and a one-row input example of a model (see `pyfunc_model.py`).
 
-    Inputs: `c` (a class id; for a text model also a prompt string), an optional `seed` and,
-    for a fine-tuned model, one optional column per label and `y` (class index or name).
-    Output: the images, (N, C, H, W) float32.
+    Inputs: `c` (a class id), or for a text model `prompt` (any text; `c` may hold a prompt
+    or a prompt index instead), an optional `seed` and, for a fine-tuned model, one optional
+    column per label and `y` (class index or name). Output: the images, (N, C, H, W) float32.
     """
     text = base_metadata.get("kind", CLASS_CONDITIONAL) != CLASS_CONDITIONAL
-    columns = [ColSpec(AnyType() if text else "long", "c"), ColSpec("long", "seed", False)]
+    if text:
+        columns = [ColSpec("string", "prompt", False), ColSpec(AnyType(), "c", False)]
+        context = {"prompt": [(base_metadata.get("prompts") or ["a photo"])[0]]}
+    else:
+        columns, context = [ColSpec("long", "c")], {"c": [0]}
+    columns += [ColSpec("long", "seed", False)]
     columns += [ColSpec(AnyType(), name, False) for name in [*labels, "y"] if labels]
     outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, -1))])
-    context = 0 if not text or base_metadata.get("num_contexts") else "a photo"
-    example = pd.DataFrame({"c": [context], "seed": [0], **{name: [0] for name in labels}})
+    example = pd.DataFrame({**context, "seed": [0], **{name: [0] for name in labels}})
     return ModelSignature(inputs=Schema(columns), outputs=outputs), example
 
 

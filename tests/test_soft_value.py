@@ -101,3 +101,49 @@ def test_the_replay_keeps_the_newest_base_rollouts_in_order():
     replay.add([payload(0, 3)])
     replay.add([payload(3, 4)])
     assert replay.contexts.tolist() == [3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8), (16, 4, 6), (1, 16, 16)])
+def test_the_head_takes_any_channel_count_and_size(shape):
+    net = SoftValueNet(SoftValueSpec(list(shape), {"y": 3}, num_contexts=10, channels=[8, 16]))
+    log_q, log_m = net(torch.randn(5, *shape), torch.full((5,), 400), torch.arange(5))
+    assert log_q.shape == (5, 3) and log_m.shape == (5,)
+
+
+def test_a_prompt_embedding_head_learns_a_prompt_dependent_value_and_reads_any_prompt():
+    """Conditioned on a text embedding (not an index), the head separates two prompts by what
+    follows them and gives a prompt it never saw a finite value."""
+    torch.manual_seed(0)
+    net = SoftValueNet(SoftValueSpec([2], {"y": 2}, context_dim=8, hidden_dim=16))
+    prompts = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)   # 2 seen, 1 new
+    targets = torch.tensor([[0.9, 0.1], [0.1, 0.9]]).log()               # p(y | prompt)
+    x, t = torch.zeros(2, 2), torch.full((2,), 500)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(800):
+        optimizer.zero_grad()
+        value_loss(net, x, t, prompts[:2], targets).backward()
+        optimizer.step()
+    log_q, _ = net(x, t, prompts[:2])
+    assert torch.allclose(log_q.exp(), targets.exp(), atol=0.02), log_q.exp()
+    log_q, log_m = net(x[:1], t[:1], prompts[2:])
+    assert torch.isfinite(log_q).all() and torch.isfinite(log_m).all()
+
+
+def test_value_head_widths_come_from_the_config_and_a_wrong_key_is_refused():
+    config = load_config(FinetuneConfig, overrides=[
+        "mode=value", "adapter.value_head={channels: [8, 16], hidden_dim: 32}"])
+    assert config.adapter.value_head == {"channels": [8, 16], "hidden_dim": 32}
+    with pytest.raises(InputError, match="adapter.value_head.width"):
+        load_config(FinetuneConfig, overrides=["mode=value", "adapter.value_head={width: 8}"])
+    with pytest.raises(InputError, match="value_head.channels"):
+        AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value",
+                       value_head={"channels": [0]})
+
+
+def test_the_evaluation_samples_the_chain_the_head_is_fitted_on_unless_told_otherwise():
+    value = ["mode=value", "objective.num_inference_steps=20", "evaluation.num_inference_steps=50"]
+    with pytest.raises(InputError, match="num_inference_steps 50 .fitted: 20."):
+        load_config(FinetuneConfig, overrides=value).check_evaluation_chain()
+    load_config(FinetuneConfig, overrides=[
+        *value, "evaluation.allow_other_chain=true"]).check_evaluation_chain()
+    load_config(FinetuneConfig, overrides=[*value, "evaluate=false"]).check_evaluation_chain()

@@ -151,6 +151,7 @@ def train(config: FinetuneConfig, progress: bool = True, resume: bool | str = Fa
     later resume cannot pick one up). `parent_run_id` makes the run a child of that MLflow run
     (a Ray Tune trial under its sweep).
     """
+    config.check_evaluation_chain()
     out = Path(config.output_dir)
     _clear_earlier_checkpoints(out / "checkpoints", resume, overwrite)
     roles = start_roles(config)

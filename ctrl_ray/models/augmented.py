@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.backbone import Backbone
-from ctrl_ray.models.soft_value import SoftValueNet, SoftValueSpec
+from ctrl_ray.models.soft_value import WIDTH_KEYS, SoftValueNet, SoftValueSpec
 
 ADAPTERS = ("lora", "full", "none", "value")
 
@@ -136,11 +136,15 @@ class AugmentedModel(nn.Module):
             )
         self.value_head: SoftValueNet | None = None
         if adapter == "value":
-            try:
-                spec = SoftValueSpec(list(backbone.sample_shape), self.label_classes,
-                                     backbone.num_contexts, **dict(value_head or {}))
-            except TypeError as error:
-                raise InputError(f"value_head: {error}") from None
+            widths = dict(value_head or {})
+            unknown = sorted(set(widths) - set(WIDTH_KEYS))
+            if unknown:
+                raise InputError(f"value_head: unknown key(s) {unknown}; known: "
+                                 f"{list(WIDTH_KEYS)}")
+            text_dim = getattr(backbone, "context_embedding_dim", None)
+            spec = SoftValueSpec(list(backbone.sample_shape), self.label_classes,
+                                 num_contexts=None if text_dim else backbone.num_contexts,
+                                 context_dim=text_dim, **widths)
             self.value_head = SoftValueNet(spec)
             self.label_embeddings.requires_grad_(False)
         self._adapter_names = [
@@ -229,7 +233,15 @@ class AugmentedModel(nn.Module):
         tilted chain (None without a head, in reference mode, or at t < min_timestep)."""
         if self.value_head is None or self._reference_mode or int(t) < self.min_timestep:
             return None
-        return sigma**2 * self.value_head.grad_log_value(mean, next_t, context, labels)
+        return sigma**2 * self.value_head.grad_log_value(mean, next_t, self.head_context(context),
+                                                         labels)
+
+    def head_context(self, context: Tensor | None) -> Tensor | None:
+        """What the value head reads for contexts (B,): a text backbone's prompt embeddings
+        (so a prompt never seen in training works), class indices otherwise."""
+        if context is None or self.value_head is None or not self.value_head.spec.context_dim:
+            return context
+        return self.backbone.context_embedding(context)
 
     def reference_noise(self, x_t: Tensor, t: Tensor, context: Tensor | None) -> Tensor:
         """The pre-trained model's noise prediction (frozen weights; differentiable in x_t)."""

@@ -84,6 +84,18 @@ def _conv_block(in_width: int, out_width: int, stride: int) -> nn.Sequential:
     )
 
 
+def conv_stages(in_channels: int, channels: tuple[int, ...] | list[int]) -> nn.Sequential:
+    """Two conv blocks per width (stride 2 into every stage after the first), for any number of
+    input channels: the classifiers' body and the value head's (latents have 4 or 16)."""
+    blocks: list[nn.Module] = []
+    in_width = in_channels
+    for index, width in enumerate(channels):
+        blocks.append(_conv_block(in_width, width, stride=1 if index == 0 else 2))
+        blocks.append(_conv_block(width, width, stride=1))
+        in_width = width
+    return nn.Sequential(*blocks)
+
+
 class ImageClassifier(nn.Module):
     """Conv3x3 + GroupNorm + SiLU stages (stride 2 between them), global average pool, linear head.
 
@@ -95,13 +107,8 @@ class ImageClassifier(nn.Module):
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
         self.config = config
-        stages: list[nn.Module] = []
-        in_width = config.in_channels
-        for index, width in enumerate(config.channels):
-            stages.append(_conv_block(in_width, width, stride=1 if index == 0 else 2))
-            stages.append(_conv_block(width, width, stride=1))
-            in_width = width
-        self.features = nn.Sequential(*stages)
+        self.features = conv_stages(config.in_channels, config.channels)
+        in_width = config.channels[-1]
         self.context_embedding = (
             nn.Embedding(config.num_contexts, in_width) if config.num_contexts is not None else None
         )

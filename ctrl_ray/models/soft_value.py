@@ -24,19 +24,40 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
-from ctrl_ray.models.classifier import ClassifierConfig, ImageClassifier
+from ctrl_ray.errors import InputError
+from ctrl_ray.models.classifier import conv_stages
+
+WIDTH_KEYS = ("channels", "hidden_dim", "time_embedding_dim")
 
 
 @dataclass
 class SoftValueSpec:
-    """The head's input shape, labels, contexts and widths (stored in the policy spec)."""
+    """The head's input shape (any channels and size: pixels or latents), labels, contexts and
+    widths (stored in the policy spec). Contexts are class indices (``num_contexts``) or, for a
+    text backbone, a prompt's pooled embedding of width ``context_dim``, so any text works."""
 
     sample_shape: list[int]
     label_classes: dict[str, int]
-    num_contexts: int | None
+    num_contexts: int | None = None
+    context_dim: int | None = None
     channels: list[int] = field(default_factory=lambda: [16, 32])   # conv widths (images)
     hidden_dim: int = 128                                            # MLP width (vectors)
     time_embedding_dim: int = 64
+
+    def __post_init__(self):
+        self.channels = [int(width) for width in self.channels]
+        if not self.channels or min(self.channels) < 1:
+            raise InputError(f"value_head.channels: need positive widths, got {self.channels}")
+        for key in ("hidden_dim", "time_embedding_dim"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 2:
+                raise InputError(f"value_head.{key}: need an integer >= 2, got "
+                                 f"{getattr(self, key)!r}")
+        if self.time_embedding_dim % 2:
+            raise InputError(f"value_head.time_embedding_dim: need an even width, got "
+                             f"{self.time_embedding_dim}")
+        if self.num_contexts and self.context_dim:
+            raise InputError("a value head conditions on class indices or on prompt "
+                             "embeddings, not both")
 
     @property
     def targets(self) -> list[tuple[int, ...]]:
@@ -55,11 +76,9 @@ class SoftValueNet(nn.Module):
         dim = spec.time_embedding_dim
         self.is_image = len(spec.sample_shape) == 3
         if self.is_image:
-            body = ImageClassifier(ClassifierConfig(
-                num_classes=outputs, image_size=spec.sample_shape[-1],
-                channels=tuple(spec.channels), in_channels=spec.sample_shape[0]))
-            self.blocks, self.head = body.features, body.head
-            widths = [block[0].out_channels for block in body.features]
+            self.blocks = conv_stages(spec.sample_shape[0], spec.channels)
+            self.head = nn.Linear(spec.channels[-1], outputs)
+            widths = [block[0].out_channels for block in self.blocks]
         else:
             inputs = math.prod(spec.sample_shape)
             self.blocks = nn.ModuleList([
@@ -77,15 +96,24 @@ class SoftValueNet(nn.Module):
             # nothing online (measured: the loss stays at the prior's).
             self.context_embedding = nn.Embedding(spec.num_contexts, dim)
             nn.init.zeros_(self.context_embedding.weight)
+        self.context_projection = None
+        if spec.context_dim:
+            # A prompt's text embedding, zero-started for the same reason.
+            self.context_projection = nn.Linear(spec.context_dim, dim)
+            nn.init.zeros_(self.context_projection.weight)
+            nn.init.zeros_(self.context_projection.bias)
         self.shifts = nn.ModuleList(nn.Linear(dim, width) for width in widths)
 
     def forward(self, x: Tensor, t: Tensor, contexts: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(log q (B, J) over the targets, log m (B,)) at states x (B, *shape), timesteps t."""
+        """(log q (B, J) over the targets, log m (B,)) at states x (B, *shape), timesteps t;
+        ``contexts`` are class indices (B,) or prompt embeddings (B, context_dim)."""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         embedding = get_timestep_embedding(t.float(), self.spec.time_embedding_dim)
         embedding = self.time_mlp(embedding.to(x.dtype))
         if self.context_embedding is not None:
             embedding = embedding + self.context_embedding(contexts.long())
+        if self.context_projection is not None:
+            embedding = embedding + self.context_projection(contexts.to(embedding.dtype))
         hidden = x if self.is_image else x.flatten(1)
         for block, shift in zip(self.blocks, self.shifts, strict=True):
             shift = shift(embedding)

@@ -44,6 +44,13 @@ class PromptEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Tensor:
         """Token states of each prompt, (N, max_length, hidden_size), float32."""
+        return self.encode_with_embedding(prompts)[0]
+
+    @torch.no_grad()
+    def encode_with_embedding(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Token states (N, max_length, hidden_size) and one unit-norm embedding per prompt
+        (N, hidden_size): the mean of the states over its real tokens, as sentence-transformers
+        pools MiniLM. The embedding is what a small head conditions on (any prompt, no table)."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise InputError(f"prompts must be a list of strings, got {prompts!r}")
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
@@ -52,7 +59,11 @@ class PromptEncoder(nn.Module):
         inputs = {"input_ids": tokens["input_ids"].to(device)}
         if self.use_attention_mask and "attention_mask" in tokens:
             inputs["attention_mask"] = tokens["attention_mask"].to(device)
-        return self.model(**inputs).last_hidden_state.float()
+        states = self.model(**inputs).last_hidden_state.float()
+        mask = tokens.get("attention_mask", torch.ones(tokens["input_ids"].shape))
+        mask = mask.to(device=device, dtype=states.dtype)[..., None]
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return states, torch.nn.functional.normalize(pooled, dim=-1)
 
 
 def load_pretrained_encoder(model_dir: str | Path, tokenizer_dir: str | Path,

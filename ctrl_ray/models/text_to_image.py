@@ -5,7 +5,9 @@ config's ``backbone.prompts`` or the base model's metadata) and their token stat
 once by the frozen text encoder; the contexts the sampler carries stay (B,) long indices into
 that list, so drawing, sharding, seeding and Ray transport are those of class contexts. A free
 prompt at sampling time (``ctrl-ray sample --prompt``, a pyfunc row with a string ``c``) is
-appended with ``add_prompt`` and gets the next index.
+appended with ``add_prompt`` and gets the next index. Each prompt also has a pooled text
+embedding (``context_embedding``): the value head conditions on it, so it generalises to text it
+was never trained on instead of looking an index up in a table.
 
 Classifier-free guidance on the prompt: with ``guidance_scale`` w != 1 every noise prediction is
 ``eps_uncond + w (eps_cond - eps_uncond)``, the empty prompt giving eps_uncond. The new label's
@@ -121,6 +123,8 @@ class TextToImageBackbone(UNetBackbone):
                              persistent=False)
         self.register_buffer("prompt_states", self.empty_prompt_states[:0].clone(),
                              persistent=False)
+        self.register_buffer("prompt_embeddings", self.empty_prompt_states.new_zeros(
+            0, prompt_encoder.hidden_size), persistent=False)
         for prompt in prompts:
             self.add_prompt(prompt)
 
@@ -139,10 +143,28 @@ class TextToImageBackbone(UNetBackbone):
             raise InputError(f"a prompt must be a string, got {prompt!r}")
         if prompt in self.prompts:
             return self.prompts.index(prompt)
-        states = self.prompt_encoder.encode([prompt]).to(self.prompt_states.device)
-        self.prompt_states = torch.cat([self.prompt_states, states])
+        states, embedding = self.prompt_encoder.encode_with_embedding([prompt])
+        self.prompt_states = torch.cat([self.prompt_states, states.to(self.prompt_states)])
+        self.prompt_embeddings = torch.cat([self.prompt_embeddings,
+                                            embedding.to(self.prompt_embeddings)])
         self.prompts.append(prompt)
         return len(self.prompts) - 1
+
+    @property
+    def context_embedding_dim(self) -> int:
+        """Width of `context_embedding`: what a value head conditions on instead of an index."""
+        return self.prompt_encoder.hidden_size
+
+    def context_embedding(self, context: Tensor) -> Tensor:
+        """The pooled, unit-norm text embedding (B, D) of each row's prompt (indices (B,))."""
+        self._check_indices(context)
+        return self.prompt_embeddings[context.to(self.prompt_embeddings.device)]
+
+    def _check_indices(self, context: Tensor) -> None:
+        if context.numel() and not 0 <= int(context.min()) <= int(context.max()) < len(
+                self.prompts):
+            raise InputError(f"prompt indices must lie in 0..{len(self.prompts) - 1}, got "
+                             f"{int(context.min())}..{int(context.max())}")
 
     def describe(self) -> dict[str, Any]:
         """What a policy checkpoint records to rebuild this backbone around its base model."""
@@ -156,10 +178,7 @@ class TextToImageBackbone(UNetBackbone):
             return self.empty_prompt_states.expand(batch_size, -1, -1)
         if context.is_floating_point():
             return context
-        if context.numel() and not 0 <= int(context.min()) <= int(context.max()) < len(
-                self.prompts):
-            raise InputError(f"prompt indices must lie in 0..{len(self.prompts) - 1}, got "
-                             f"{int(context.min())}..{int(context.max())}")
+        self._check_indices(context)
         return self.prompt_states[context.to(self.prompt_states.device)]
 
     # -- the network calls -------------------------------------------------------------------

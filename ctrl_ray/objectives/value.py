@@ -141,8 +141,9 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
                              generator=generator)
         which = torch.randint(0, states.shape[0], (config.regression_batch_size,),
                               generator=generator)
+        head_contexts = None if contexts is None else model.head_context(contexts[rows])
         loss = value_loss(head, states[which, rows].to(device), timesteps[which].to(device),
-                          None if contexts is None else contexts[rows].to(device),
+                          None if head_contexts is None else head_contexts.to(device),
                           log_targets[rows].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
