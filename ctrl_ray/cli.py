@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance-scale", type=float,
                         help="classifier-free guidance on the prompt (text-to-image models; "
                              "default: the model's own)")
+    sample.add_argument("--allow-other-chain", action="store_true",
+                        help="sample a value policy with another guidance scale than its head "
+                             "was fitted on (its steering no longer matches)")
     sample.add_argument("--y", default="-1",
                         help="new label class: index or class name (-1: unconditional)")
     sample.add_argument("--n", type=int, default=16)
@@ -354,7 +357,8 @@ def _sample(args: argparse.Namespace) -> None:
     staging = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")  # moved into place at the end
     try:
         sample_grid(args.model, context=context, label=label, count=args.n, seed=args.seed,
-                    out=staging, guidance_scale=args.guidance_scale)
+                    out=staging, guidance_scale=args.guidance_scale,
+                    allow_other_chain=args.allow_other_chain)
         os.replace(staging, out)
     finally:
         staging.unlink(missing_ok=True)
@@ -421,10 +425,6 @@ def _text2image_tiny_pipeline(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-def _registry_register(args: argparse.Namespace) -> None:
-    from ctrl_ray.registry import register_policy
-
-    uri = register_policy(args.policy, args.name, args.alias)
 def _text2image_build(args: argparse.Namespace) -> None:
     from ctrl_ray import preflight
     from ctrl_ray.config import load_config
@@ -440,6 +440,10 @@ def _text2image_build(args: argparse.Namespace) -> None:
         print(f"registered {result.model_uri}")
 
 
+def _registry_register(args: argparse.Namespace) -> None:
+    from ctrl_ray.registry import register_policy
+
+    uri = register_policy(args.policy, args.name, args.alias)
     print(f"registered {uri} (alias {args.alias})")
 
 

@@ -365,6 +365,7 @@ def _check_judge(path: str | None, key: str) -> None:
 def finetune(config, overwrite: bool, resume: bool | str = False) -> None:
     """`finetune`: the base model, rewards and judge exist and load, the batch splits over the
     workers, the cluster answers, and the output folder is free (or resumed)."""
+    config.check_evaluation_chain()
     check_model_ref(config.base_model, "base_model")
     _check_rewards(config.rewards, "rewards")
     if config.evaluate:
@@ -477,7 +478,6 @@ def tiny_pipeline(out: str, overwrite: bool) -> None:
     check_output(out, "--out", kind="dir", overwrite=overwrite)
 
 
-def demo(config, overwrite: bool) -> None:
 def latent_testbed(config, overwrite: bool) -> None:
     """`text2image build`: the digits file at the configured size, the registered name, and the
     output folder."""
@@ -492,6 +492,7 @@ def latent_testbed(config, overwrite: bool) -> None:
                  inputs=[("data.path", config.data.path)], overwrite=overwrite)
 
 
+def demo(config, overwrite: bool) -> None:
     """The demo builds what is missing at its documented defaults (data, judge, pairs, base
     model) and always writes the reward, the CTRL run and its own output folder."""
     from ctrl_ray.data.digits import require_digits
