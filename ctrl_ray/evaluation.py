@@ -135,8 +135,6 @@ def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig
                                num_inference_steps=config.num_inference_steps, eta=config.eta,
                                from_reference=from_reference, batch_size=config.batch_size,
                                compute_kl=not from_reference)
-    # The digit judge reads grayscale images: an RGB model's images are seen as their luma.
-    array = reward_view(images, channels=1, image_size=images.shape[-1]).numpy()
 
     report: dict = {"num_samples": len(rows), "labels": {},
                     "scorers": {name: scorer.description for name, scorer in scorers.items()}}
@@ -161,7 +159,8 @@ def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig
         }
     report["joint_accuracy"] = float(correct_all.mean())
     if judge is not None and context_tensor is not None and digits is not None:
-        report["fidelity"] = judge.fidelity(array, np.asarray([digits[c] for _, c in rows]))
+        report["fidelity"] = judge.fidelity(judge_view(images, judge),
+                                            np.asarray([digits[c] for _, c in rows]))
     report["mean_kl"] = 0.0 if path_kl is None else float(path_kl.mean())
     if len(names) == 1:
         report.update({k: report["labels"][names[0]][k] for k in ("accuracy", "macro_f1")})
@@ -169,6 +168,12 @@ def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig
         first = [i for i, (target, c) in enumerate(rows) if i % config.samples_per_target == 0]
         report["grid"] = str(save_grid(images[first], rows=len(targets), path=grid_path))
     return report
+
+
+def judge_view(images: torch.Tensor, judge) -> np.ndarray:
+    """Images as the digit judge reads them: grayscale (an RGB model's luma) at its size (a
+    32x32 latent model's decoded images are resized to a 16x16 judge)."""
+    return reward_view(images, channels=1, image_size=judge.image_size).numpy()
 
 
 def context_indices(model, contexts: list) -> torch.Tensor:

@@ -23,8 +23,13 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 from ctrl_ray.errors import InputError
-from ctrl_ray.evaluation import class_names, generate, resolve_contexts, save_grid
-from ctrl_ray.models.text_to_image import reward_view
+from ctrl_ray.evaluation import (
+    class_names,
+    generate,
+    judge_view,
+    resolve_contexts,
+    save_grid,
+)
 from ctrl_ray.scoring import get_scorer
 
 # images (N, C, H, W), labels name -> (N,), contexts (N,) or None -> log p(y | x0, c), (N,)
@@ -100,8 +105,7 @@ def base_pool(model, label_info: dict[str, dict], log_likelihood: ImageLogLikeli
                 for i in range(0, len(rows), config.batch_size)]).numpy()
     digits = None
     if judge is not None and context_tensor is not None and context_digits is not None:
-        gray = reward_view(images, channels=1, image_size=images.shape[-1]).numpy()
-        digits = judge.predict(gray)
+        digits = judge.predict(judge_view(images, judge))
     return BasePool(contexts, np.asarray(rows), images,
                     {name: scorers[name].label(images) for name in names}, digits, scores,
                     {name: scorers[name].description for name in names},

@@ -147,3 +147,36 @@ def test_the_evaluation_samples_the_chain_the_head_is_fitted_on_unless_told_othe
     load_config(FinetuneConfig, overrides=[
         *value, "evaluation.allow_other_chain=true"]).check_evaluation_chain()
     load_config(FinetuneConfig, overrides=[*value, "evaluate=false"]).check_evaluation_chain()
+
+
+def test_the_learner_holds_out_every_kth_rollout_and_never_takes_a_worse_head():
+    """Early stopping on held-out base rollouts: with a learning rate that wrecks the fit, the
+    head leaves the update with the weights it came in with (a lower held-out loss)."""
+    from ctrl_ray.objectives.base import make_optimizer
+    from ctrl_ray.objectives.value import Replay, ValueConfig, learner_step
+
+    replay = Replay(100, heldout_every=4)
+    rows = torch.arange(10, dtype=torch.float32)
+    replay.add([{"states": rows.view(1, 10, 1).expand(3, 10, 1), "contexts": None,
+                 "log_targets": rows.view(10, 1).expand(10, 2)}])
+    assert torch.nonzero(replay.heldout).flatten().tolist() == [0, 4, 8]
+
+    torch.manual_seed(0)
+    model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value")
+    inputs = RolloutInputs.draw(0, 64, 8, (2,), {"y": 2})
+    base = sample(model, inputs, from_reference=True)
+    log_targets = torch.stack([-torch.nn.functional.softplus(-base.x0[:, 0] * s)
+                               for s in (1.0, -1.0)], 1)
+    payload = {"states": base.states, "log_targets": log_targets, "contexts": None}
+    config = ValueConfig(batch_size=64, num_inference_steps=8, regression_steps=20,
+                         check_every=5, lr_adapter=50.0, max_grad_norm=None)
+    before = {k: v.clone() for k, v in model.value_head.state_dict().items()}
+    metrics = learner_step(model, make_optimizer(model, config), [payload], config,
+                           torch.Generator().manual_seed(0), 0)
+    after = model.value_head.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), metrics
+    sensible = ValueConfig(batch_size=64, num_inference_steps=8, regression_steps=20,
+                           check_every=5, lr_adapter=3e-3)
+    metrics = learner_step(model, make_optimizer(model, sensible), [payload], sensible,
+                           torch.Generator().manual_seed(0), 0)
+    assert any(not torch.equal(before[k], model.value_head.state_dict()[k]) for k in before)

@@ -159,14 +159,8 @@ def test_reward_view_turns_rgb_into_luma_and_resizes():
         reward_view(torch.zeros(1, 2, 8, 8), 1, 8)
 
 
-RULE_OVERRIDES = {
-    "pathwise": ["mode=pathwise", "objective.truncation.mode=fixed", "objective.truncation.k=2"],
-    "ppo": ["mode=ppo", "objective.minibatch_size=6"],
-    "adjoint": ["mode=adjoint"],
-}
-
-
-def _config(pipeline_dir, tiny_reward, out, *extra, mode: str = "pathwise") -> FinetuneConfig:
+def _config(pipeline_dir, tiny_reward, out, *extra) -> FinetuneConfig:
+    """A pathwise run on the tiny pipeline (every rule x backbone: tests/test_rule_matrix.py)."""
     return load_config(FinetuneConfig, overrides=[
         f"base_model={pipeline_dir}",
         f"rewards=[{{path: {tiny_reward}}}]",
@@ -179,7 +173,7 @@ def _config(pipeline_dir, tiny_reward, out, *extra, mode: str = "pathwise") -> F
         "objective.num_inference_steps=3",
         "objective.lr_embedding=0.05",
         "objective.lr_adapter=0.005",
-        *RULE_OVERRIDES[mode],
+        "mode=pathwise", "objective.truncation.mode=fixed", "objective.truncation.k=2",
         "iterations=2",
         "checkpoint_every=2",
         "evaluate_base=false",
@@ -241,13 +235,6 @@ def test_finetune_on_ray_register_pull_and_sample_by_prompt(pipeline_uri, tiny_r
                          [5, 6, 7], **local.sampling)
     assert pulled.shape == (3, 3, 8, 8)
     np.testing.assert_allclose(pulled, images.numpy(), atol=1e-5, rtol=0)
-
-
-def test_ppo_on_the_latent_backbone(pipeline_dir, tiny_reward, tmp_path):
-    config = _config(pipeline_dir, tiny_reward, tmp_path / "ppo", "iterations=1",
-                     "evaluate=false", mode="ppo")
-    result = finetune(config, progress=False)
-    assert (Path(result["policy_dir"]) / "adapter.safetensors").is_file()
 
 
 def test_minilm_pixel_model_pretrains_and_samples_a_handwritten_seven(digits8, tmp_path):

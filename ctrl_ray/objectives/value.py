@@ -47,6 +47,8 @@ class ValueConfig(ObjectiveConfig):
     regression_steps: int = 30          # value-head steps per batch (more over-fit h: KL)
     regression_batch_size: int = 128    # (state, timestep) pairs per step
     replay_rollouts: int = 4096         # base rollouts the learner keeps (0: this batch's only)
+    heldout_every: int = 8              # every k-th base rollout is held out of the fit (0: none)
+    check_every: int = 10               # head steps between held-out checks (early stopping)
 
     def __post_init__(self):
         super().__post_init__()
@@ -55,6 +57,9 @@ class ValueConfig(ObjectiveConfig):
                              f"{self.regression_steps} and {self.regression_batch_size}")
         if self.replay_rollouts < 0:
             raise InputError(f"replay_rollouts must be >= 0, got {self.replay_rollouts}")
+        if self.heldout_every < 0 or self.heldout_every == 1 or self.check_every < 1:
+            raise InputError(f"heldout_every must be 0 or >= 2 and check_every >= 1, got "
+                             f"{self.heldout_every} and {self.check_every}")
         if not self.kl_weight > 0:
             raise InputError(f"kl_weight must be > 0 for the value rule (the optimum tilts "
                              f"by gamma / kl_weight), got {self.kl_weight}")
@@ -104,54 +109,95 @@ def worker_step(model, reward_fn: RewardFn, inputs: RolloutInputs, config: Value
 class Replay:
     """The learner's last ``size`` base rollouts: states (S+1, N, ...), targets (N, J) and
     contexts (N,). Base rollouts never go stale (h is defined by the base chain), so every one
-    stays exact data for the regression; a resumed run starts with an empty buffer."""
+    stays exact data for the regression; a resumed run starts with an empty buffer. Every
+    ``heldout_every``-th rollout added (in arrival order) is held out of the fit: the data on
+    which the head's early stopping is judged."""
 
-    def __init__(self, size: int):
-        self.size, self.states, self.log_targets, self.contexts = size, None, None, None
+    def __init__(self, size: int, heldout_every: int = 0):
+        self.size, self.heldout_every, self.added = size, heldout_every, 0
+        self.states = self.log_targets = self.contexts = self.heldout = None
 
     def add(self, payloads: list[dict]) -> None:
         parts = [(self.states, self.log_targets, self.contexts)] if self.states is not None \
             else []
         parts += [(p["states"], p["log_targets"], p["contexts"]) for p in payloads]
-        keep = max(self.size, sum(p["log_targets"].shape[0] for p in payloads))
+        new = sum(p["log_targets"].shape[0] for p in payloads)
+        order = torch.arange(self.added, self.added + new)
+        heldout = order % self.heldout_every == 0 if self.heldout_every else \
+            torch.zeros(new, dtype=torch.bool)
+        self.added += new
+        keep = max(self.size, new)
         self.states = torch.cat([states for states, _, _ in parts], 1)[:, -keep:]
         self.log_targets = torch.cat([targets for _, targets, _ in parts])[-keep:]
         self.contexts = None if parts[0][2] is None else \
             torch.cat([contexts for _, _, contexts in parts])[-keep:]
+        self.heldout = torch.cat([h for h in (self.heldout, heldout) if h is not None])[-keep:]
 
 
 def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
                  config: ValueConfig, generator: torch.Generator, version: int) -> dict:
     """Add the shards' base rollouts to the replay (kept on the value head, outside its
-    weights), then ``regression_steps`` steps of the value loss on random (state, timestep)
-    pairs of it (x_T .. x_0 of every trajectory)."""
+    weights), then up to ``regression_steps`` steps of the value loss on random (state,
+    timestep) pairs of its fit rollouts (x_T .. x_0 of each). Every ``check_every`` steps the
+    loss on the held-out rollouts is measured and the head keeps its best weights of the update
+    (the ones it came in with included): an over-fit h steers where the reward says nothing,
+    which costs KL and buys no control (docs/update_rules.md, section 7)."""
     head = model.value_head
     device = next(head.parameters()).device
     replay = getattr(head, "replay", None)
-    if replay is None or replay.size != config.replay_rollouts:
-        head.replay = replay = Replay(config.replay_rollouts)
+    if replay is None or (replay.size, replay.heldout_every) != (config.replay_rollouts,
+                                                                  config.heldout_every):
+        head.replay = replay = Replay(config.replay_rollouts, config.heldout_every)
     replay.add(payloads)
-    states, log_targets, contexts = replay.states, replay.log_targets, replay.contexts
-    schedule = DenoisingSchedule.create(model.alphas_cumprod.cpu(), states.shape[0] - 1,
+    schedule = DenoisingSchedule.create(model.alphas_cumprod.cpu(), replay.states.shape[0] - 1,
                                         config.eta)
     timesteps = torch.cat([schedule.timesteps, schedule.timesteps.new_zeros(1)]).long()
-    total, norms = 0.0, 0.0
-    for _ in range(config.regression_steps):
-        rows = torch.randint(0, states.shape[1], (config.regression_batch_size,),
-                             generator=generator)
-        which = torch.randint(0, states.shape[0], (config.regression_batch_size,),
-                              generator=generator)
-        head_contexts = None if contexts is None else model.head_context(contexts[rows])
-        loss = value_loss(head, states[which, rows].to(device), timesteps[which].to(device),
-                          None if head_contexts is None else head_contexts.to(device),
-                          log_targets[rows].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norms += clip_and_step(optimizer, config.max_grad_norm)
-        total += loss.item()
-    return {"loss": total / config.regression_steps,
-            "grad_norm": norms / config.regression_steps,
-            "replay_rollouts": float(states.shape[1])}
+    fit_rows = torch.nonzero(~replay.heldout).flatten()
+    heldout_rows = torch.nonzero(replay.heldout).flatten()
+    if not len(fit_rows):   # the first batch of a tiny run can be all held out
+        fit_rows, heldout_rows = heldout_rows, heldout_rows[:0]
+
+    def loss_on(rows: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        contexts = None if replay.contexts is None else model.head_context(replay.contexts[rows])
+        return value_loss(head, replay.states[which, rows].to(device),
+                          timesteps[which].to(device),
+                          None if contexts is None else contexts.to(device),
+                          replay.log_targets[rows].to(device))
+
+    # The held-out pairs: every state of up to 256 held-out rollouts, fixed within the update.
+    heldout_rows = heldout_rows[-256:]
+    check_rows = heldout_rows.repeat_interleave(timesteps.numel())
+    check_which = torch.arange(timesteps.numel()).repeat(len(heldout_rows))
+
+    def heldout_loss() -> float:
+        with torch.no_grad():
+            return loss_on(check_rows, check_which).item() if len(check_rows) else float("nan")
+
+    best_loss = heldout_loss()
+    best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    total, norms, steps = 0.0, 0.0, 0
+    while steps < config.regression_steps:
+        for _ in range(min(config.check_every, config.regression_steps - steps)):
+            pick = torch.randint(0, len(fit_rows), (config.regression_batch_size,),
+                                 generator=generator)
+            which = torch.randint(0, timesteps.numel(), (config.regression_batch_size,),
+                                  generator=generator)
+            loss = loss_on(fit_rows[pick], which)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norms += clip_and_step(optimizer, config.max_grad_norm)
+            total += loss.item()
+            steps += 1
+        checked = heldout_loss()
+        if not len(check_rows) or checked <= best_loss:   # a NaN loss is never taken
+            best_loss = checked
+            best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    head.load_state_dict(best_state)
+    metrics = {"loss": total / steps, "grad_norm": norms / steps,
+               "replay_rollouts": float(replay.states.shape[1])}
+    if len(check_rows):
+        metrics["heldout_loss"] = best_loss
+    return metrics
 
 
 def train_step(model, optimizer: torch.optim.Optimizer, reward_fn: RewardFn,
