@@ -25,12 +25,14 @@ def fitted_chain(backbone, num_inference_steps: int, eta: float) -> dict[str, An
 
 
 def check_chain(recorded: dict[str, Any] | None, requested: dict[str, Any], allow: bool,
-                option: str) -> None:
+                option: str, prefix: str = "") -> None:
     """Refuse sampling a value policy on a chain other than the one its head was fitted on
-    (`requested` may name only some keys); `option` is how the caller allows it anyway."""
+    (`requested` may name only some keys, `prefix` names where they come from, e.g.
+    "evaluation."); `option` is how the caller allows it anyway."""
     if not recorded or allow:
         return
-    changed = [f"{key} {requested[key]!r} (fitted: {recorded[key]!r})" for key in CHAIN_KEYS
+    changed = [f"{prefix}{key} {requested[key]!r} (fitted: {recorded[key]!r})"
+               for key in CHAIN_KEYS
                if key in requested and key in recorded and requested[key] != recorded[key]]
     if changed:
         raise InputError(f"the value head was fitted on another chain: {', '.join(changed)}; "

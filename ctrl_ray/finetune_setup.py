@@ -134,7 +134,8 @@ class FinetuneConfig:
                          "eta": self.objective.eta},
                         {"num_inference_steps": self.evaluation.num_inference_steps,
                          "eta": self.evaluation.eta},
-                        self.evaluation.allow_other_chain, "evaluation.allow_other_chain: true")
+                        self.evaluation.allow_other_chain, "evaluation.allow_other_chain: true",
+                        prefix="evaluation.")
 
 
 @dataclass

@@ -35,11 +35,12 @@ class LoadedPolicy:
     fine_tuned: bool
     chain: dict[str, Any] | None = None   # the chain a value head was fitted on
 
-    def check_chain(self, allow: bool, option: str, **requested: Any) -> None:
+    def check_chain(self, allow: bool, option: str, prefix: str = "",
+                    **requested: Any) -> None:
         """Refuse a sampler other than the one the value head was fitted on (`ctrl_ray.chain`)."""
         requested.setdefault("guidance_scale", getattr(self.model.backbone, "guidance_scale",
                                                        1.0))
-        check_chain(self.chain, requested, allow, option)
+        check_chain(self.chain, requested, allow, option, prefix)
 
 
 def load_any(uri: str | Path) -> LoadedPolicy:
@@ -77,7 +78,8 @@ def evaluate_model(uri: str | Path, config: EvaluationConfig, judge_path: str | 
     if not loaded.fine_tuned:
         raise InputError(f"model {str(uri)!r} is a base model: there is no label y to evaluate")
     loaded.check_chain(config.allow_other_chain, "evaluation.allow_other_chain: true",
-                       num_inference_steps=config.num_inference_steps, eta=config.eta)
+                       prefix="evaluation.", num_inference_steps=config.num_inference_steps,
+                       eta=config.eta)
     judge = DigitJudge.load(judge_path) if judge_path else None
     report = evaluate(loaded.model, loaded.label_info, judge, config,
                       Path(output_dir) / "evaluate_grid.png")

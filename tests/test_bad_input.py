@@ -120,6 +120,8 @@ CASES = [
     ("finetune-iterations", [*FINETUNE, "--set", "iterations=-3"], "iterations"),
     ("finetune-workers-neg", [*FINETUNE, "--workers", "-1"], "distributed.workers"),
     ("finetune-workers-batch", [*FINETUNE, "--workers", "9"], "distributed.workers"),
+    ("finetune-value-chain", [*FINETUNE, "--set", "evaluation.num_inference_steps=50"],
+     "evaluation.num_inference_steps 50"),
     ("finetune-judge-missing", [*FINETUNE, "--set", "judge=missing_judge"], "missing_judge"),
     ("finetune-reward-missing", [*FINETUNE, "--set", "rewards=[{{path: missing_reward}}]"],
      "rewards[0].path"),
@@ -256,6 +258,7 @@ def workspace(tmp_path_factory, digits8, tiny_base, tiny_reward, tiny_judge, tin
              "judge": str(tiny_judge)}
     finetune = (f"base_model: {tiny_base.model_dir}\nrewards: [{{path: {tiny_reward}}}]\n"
                 f"judge: {tiny_judge}\nobjective: {{batch_size: 8, num_inference_steps: 4}}\n"
+                f"evaluation: {{num_inference_steps: 4}}\n"
                 f"iterations: 2\noutput_dir: outputs/ctrl\n")
     paths["finetune_yaml"] = _yaml(root / "finetune.yaml", finetune)
     paths["pretrain_yaml"] = _yaml(root / "pretrain.yaml", (

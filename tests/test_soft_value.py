@@ -142,7 +142,7 @@ def test_value_head_widths_come_from_the_config_and_a_wrong_key_is_refused():
 
 def test_the_evaluation_samples_the_chain_the_head_is_fitted_on_unless_told_otherwise():
     value = ["mode=value", "objective.num_inference_steps=20", "evaluation.num_inference_steps=50"]
-    with pytest.raises(InputError, match="num_inference_steps 50 .fitted: 20."):
+    with pytest.raises(InputError, match="evaluation.num_inference_steps 50 .fitted: 20."):
         load_config(FinetuneConfig, overrides=value).check_evaluation_chain()
     load_config(FinetuneConfig, overrides=[
         *value, "evaluation.allow_other_chain=true"]).check_evaluation_chain()
