@@ -97,3 +97,18 @@ def test_reward_audit_cli_reports_the_optimum(tiny_base, tiny_reward, tiny_judge
     assert main(args) == 2
     assert "output_dir" in capsys.readouterr().err
     assert (out / "audit.json").read_bytes() == before
+
+
+def test_reward_audit_takes_prompts_as_contexts(trained_text_testbed, tiny_reward, tiny_judge,
+                                                tmp_path):
+    """On a text-to-image model the audit's contexts are prompts (one it never saw included),
+    with the digit each names for the judge's fidelity."""
+    out = tmp_path / "audit"
+    assert main(["reward", "audit", "--base", str(trained_text_testbed), "--reward",
+                 str(tiny_reward), "--judge", str(tiny_judge), "--guidance-levels", "1",
+                 "--samples", "6", "--steps", "2", "--out", str(out), "--set",
+                 "optimum.contexts=['a handwritten seven', 'a seven in green ink']",
+                 "--set", "optimum.context_digits=[7, 7]"]) == 0
+    result = json.loads((out / "audit.json").read_text())
+    assert len(result["contexts"]) == 2 and 0 <= result["levels"][0]["fidelity"] <= 1
+    assert result["levels"][0]["kl"] > 0
