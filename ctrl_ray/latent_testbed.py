@@ -38,7 +38,7 @@ from ctrl_ray.data.digits import (
 from ctrl_ray.models.text_encoder import MINILM, PromptEncoder, load_named_encoder
 from ctrl_ray.models.text_to_image import STABLE_DIFFUSION
 from ctrl_ray.models.unet import ScheduleConfig, UNetConfig, build_scheduler, build_text_unet
-from ctrl_ray.pretrain import DigitsDataConfig, _warmup_cosine
+from ctrl_ray.pretrain import DigitsDataConfig, _warmup_cosine, step_with_ema
 from ctrl_ray.storage import atomic_directory, write_json
 
 BUILT_BY = "ctrl_ray.latent_testbed"
@@ -350,14 +350,7 @@ def train_latent_unet(config: LatentTestbedConfig, encoder: PromptEncoder,
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=states[rows]).sample, noise)
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - decay)
+        step_with_ema(loss, unet, optimizer, lr_schedule, ema, cfg.ema_decay, step)
         window.append(loss.item())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             mean_loss = sum(window) / len(window)

@@ -158,14 +158,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
             loss = F.mse_loss(predict_noise(x_t, t, c), noise)
 
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            optimizer.step()
-            lr_schedule.step()
-            decay = min(train_cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - decay)
+            step_with_ema(loss, unet, optimizer, lr_schedule, ema, train_cfg.ema_decay, step)
 
             window.append(loss.item())
             if (step + 1) % train_cfg.log_every == 0 or step + 1 == train_cfg.steps:
@@ -222,6 +215,20 @@ def _text_model(config: PretrainConfig, generator: torch.Generator):
     metadata = {"kind": TEXT_PIXEL, "text_encoder": text.encoder, "max_length": text.max_length,
                 "prompts": prompts, "num_contexts": len(prompts), "context_name": "prompt"}
     return unet, predict_noise, metadata
+
+
+def step_with_ema(loss: torch.Tensor, network: torch.nn.Module, optimizer, lr_schedule,
+                  ema: list[torch.Tensor], ema_decay: float, step: int) -> None:
+    """One clipped optimizer step, then the EMA of the weights (decay warmed up over the first
+    steps): the training step of every base model ctrl-ray pre-trains."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+    optimizer.step()
+    lr_schedule.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, [p.detach() for p in network.parameters()], 1 - decay)
 
 
 def _warmup_cosine(step: int, warmup: int, total: int) -> float:
