@@ -21,7 +21,7 @@ def fitted_chain(backbone, num_inference_steps: int, eta: float) -> dict[str, An
     every UNet backbone samples by the strided DDIM family of `ctrl_ray.sampling`."""
     return {"guidance_scale": float(getattr(backbone, "guidance_scale", 1.0)),
             "num_inference_steps": int(num_inference_steps), "eta": float(eta),
-            "scheduler": getattr(backbone, "sampler_family", "ddim")}
+            "scheduler": "ddim"}
 
 
 def check_chain(recorded: dict[str, Any] | None, requested: dict[str, Any], allow: bool,

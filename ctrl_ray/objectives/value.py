@@ -170,8 +170,12 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
     check_which = torch.arange(timesteps.numel()).repeat(len(heldout_rows))
 
     def heldout_loss() -> float:
+        """The mean loss over the held-out pairs, in chunks (SD-sized latents stay bounded)."""
+        if not len(check_rows):
+            return float("nan")
         with torch.no_grad():
-            return loss_on(check_rows, check_which).item() if len(check_rows) else float("nan")
+            return sum(loss_on(rows, which).item() * len(rows) for rows, which in zip(
+                check_rows.split(1024), check_which.split(1024), strict=True)) / len(check_rows)
 
     best_loss = heldout_loss()
     best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
