@@ -390,6 +390,9 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _registry_list(args: argparse.Namespace) -> None:
+    from ctrl_ray import preflight
+
+    preflight.registry_store()
     from ctrl_ray.registry import list_registered
 
     rows = list_registered()

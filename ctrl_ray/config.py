@@ -130,7 +130,21 @@ def _describe_rule(rule: str) -> str:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 as PyYAML reads it, plus exponent floats without a dot (`1e-3`, `5E4`)."""
+    """YAML 1.1 as PyYAML reads it, plus exponent floats without a dot (`1e-3`, `5E4`), and a
+    key given twice in one mapping refused (PyYAML would keep the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:  # the mapping's own keys (a `<<` merge may be overridden)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

@@ -9,6 +9,7 @@ one, `ctrl_ray.distributed.driver.train` runs the loop (in-process or on Ray) an
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +85,13 @@ class DistributedConfig:
         check_bounds(self, workers="[0, 1024]", cpus_per_worker="[0, 1024]",
                      gpus_per_worker="[0, 64]", learner_cpus="[0, 1024]", learner_gpus="[0, 64]",
                      max_restarts="[0, 1000]")
+
+    @property
+    def ray_address(self) -> str:
+        """What `ray.init` gets: `address`, else RAY_ADDRESS, else "local", a fresh local Ray.
+        (`ray.init()` with no address would join the cluster Ray's temp folder last recorded,
+        retrying for good when that head has died.)"""
+        return self.address or os.environ.get("RAY_ADDRESS") or "local"
 
 
 @dataclass

@@ -25,6 +25,7 @@ PATH_MAX = 4096
 TEMP_NAME_EXTRA = 20  # the temporary sibling is ".NAME.XXXXXXXX" (+ ".old" when replacing)
 MAX_SAMPLES = 1024
 SEED_MAX = 2**32 - 1
+PROBE_IMAGES = 4  # images a user's labeller labels before the work starts
 CONNECT_TIMEOUT_S = float(os.environ.get("CTRL_RAY_CONNECT_TIMEOUT", "10"))
 
 Inputs = Iterable[tuple[str, Any]]
@@ -62,13 +63,11 @@ def check_output(path: str | os.PathLike, key: str, *, kind: Literal["file", "di
     if suffixes and resolved.suffix.lower() not in suffixes:
         raise InputError(f"{key}: {text!r} must end in {' or '.join(suffixes)}")
     for input_key, input_path in inputs:
-        from ctrl_ray.registry import is_uri  # only with inputs: it loads MLflow and torch
-
-        if input_path is None or not str(input_path) or is_uri(input_path):
-            continue
+        if input_path is None or not str(input_path) or ":/" in str(input_path):
+            continue  # no input, or a models:/ (runs:/, s3:/ ...) reference: not a local path
         source = Path(os.path.abspath(input_path)).resolve()
         if resolved == source:
-            raise InputError(f"{key}: {text!r} is the input {input_key}; a command never "
+            raise InputError(f"{key}: {text!r} is an input ({input_key}); a command never "
                              f"writes onto its inputs")
         if resolved in source.parents:
             raise InputError(f"{key}: {text!r} holds the input {input_key} "
@@ -155,6 +154,62 @@ def check_model_ref(ref: str | os.PathLike, key: str) -> None:
         raise InputError(f"{key}: {text!r} is not in the registry ({err.message})") from None
 
 
+BASE_INDEX = "ctrl_ray.json"  # ctrl_ray.models.loading's METADATA_FILE and BASE_FORMAT, named
+BASE_FORMAT = "ctrl_ray.base_model"  # here so the check loads no diffusers
+
+
+def check_base_model(ref: str | os.PathLike, key: str) -> dict[str, Any] | None:
+    """A base model that `load_base_model_dir` can load: a Stable-Diffusion-format folder
+    (`model_index.json`) or ctrl-ray's own (`ctrl_ray.json`, `unet/`, `scheduler/`), or a
+    registry URI. Returns the local folder's metadata (None for a URI), read without
+    loading a network."""
+    from ctrl_ray.storage import load_artifact, read_json
+
+    check_model_ref(ref, key)
+    if ":/" in str(ref):
+        return None
+    path = Path(ref)
+    if (path / "model_index.json").is_file():
+        extra = path / BASE_INDEX
+        metadata = _keyed(key, read_json, extra, "base model metadata") if extra.is_file() \
+            else {}
+        return {"prompts": [], **metadata, "kind": "stable-diffusion"}
+    if not (path / BASE_INDEX).is_file() and not any(path.iterdir()):
+        raise InputError(f"{key}: {str(ref)!r} is an empty folder, not a base model")
+    metadata, _ = _keyed(key, load_artifact, path, BASE_FORMAT, "base model",
+                         index=BASE_INDEX, tensors=False, unnamed_ok=True)
+    for part in ("unet", "scheduler"):
+        if not (path / part).is_dir():
+            raise InputError(f"{key}: base model {str(ref)!r} has no {part}/ folder")
+    return metadata
+
+
+def check_contexts(contexts: list | None, metadata: dict[str, Any] | None,
+                   prompts: list[str] | None, key: str) -> None:
+    """Evaluation contexts the model knows: class ids below its number of contexts for a
+    class-conditional model, prompt indices below its number of prompts (or any prompt text)
+    for a text-to-image one. Unknown (a registry model): left to the run."""
+    if not contexts or metadata is None:
+        return
+    text_model = "prompts" in metadata or str(metadata.get("kind", "")).endswith(
+        ("text-conditional", "stable-diffusion"))
+    if text_model:
+        known = prompts if prompts is not None else metadata.get("prompts")
+        count = None if known is None else len(known)
+        what = "prompts"
+    else:
+        count, what = metadata.get("num_contexts"), "contexts (class ids)"
+    for value in contexts:
+        if isinstance(value, str):
+            if not text_model:
+                raise InputError(f"{key}: prompt {value!r} given, but the model is "
+                                 f"class-conditional: give class ids")
+            continue
+        if isinstance(count, int) and not 0 <= value < count:
+            raise InputError(f"{key}: context {value} is outside the model's {count} {what} "
+                             f"(0..{count - 1})")
+
+
 def store_exists() -> bool:
     """False for a local SQLite store that has not been created yet (reading it would create
     it, a new file in the user's folder): it holds no runs and no models."""
@@ -162,6 +217,20 @@ def store_exists() -> bool:
 
     uri = tracking.tracking_uri()
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
+
+
+def registry_store() -> None:
+    """`registry list` reads the store: a local SQLite store that does not exist is named (a
+    mistyped MLFLOW_TRACKING_URI), not created empty."""
+    from ctrl_ray import tracking
+
+    if store_exists():
+        return
+    path = tracking.tracking_uri().removeprefix("sqlite:///")
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        raise InputError(f"MLFLOW_TRACKING_URI: there is no MLflow store at {path!r}")
+    raise InputError(f"there is no MLflow store here ({path!r}): nothing has been tracked in "
+                     f"this folder; set MLFLOW_TRACKING_URI to your store")
 
 
 def check_range(value: Any, key: str, low: float, high: float = math.inf) -> None:
@@ -248,10 +317,10 @@ def _probe_gcs(target: str, address: str, key: str, timeout_s: float) -> None:
 # ------------------------------------------------------------------ per command
 
 
-def _keyed(key: str, call, *args):
+def _keyed(key: str, call, *args, **kwargs):
     """Run a loader, putting `key` in front of its InputError."""
     try:
-        return call(*args)
+        return call(*args, **kwargs)
     except InputError as err:
         message = str(err)
         raise InputError(message if message.startswith(key) else f"{key}: {message}") from None
@@ -317,6 +386,13 @@ def reward(config, overwrite: bool) -> None:
         if loaded.label_name != config.label:
             raise InputError(f"label: {config.label!r}, but pairs {config.pairs!r} are "
                              f"labelled {loaded.label_name!r}")
+        if loaded.heldout is None and loaded.label_name in ORACLES \
+                and not Path(config.dataset).is_file():
+            raise InputError(f"dataset: file not found: {config.dataset!r} (pairs "
+                             f"{config.pairs!r} hold no rows out, so the reward's test accuracy "
+                             f"is measured on the digits test split of this file)")
+        if config.labeller:
+            check_labeller(config.labeller, loaded, "labeller")
         if Path(config.dataset).is_file():  # the digits test split scores a built-in label
             dataset = _keyed("dataset", load_digits_dataset, config.dataset)
             inputs.append(("dataset", config.dataset))
@@ -343,6 +419,44 @@ def reward(config, overwrite: bool) -> None:
     check_output(config.output_dir, "output_dir", kind="dir", inputs=inputs, overwrite=overwrite)
 
 
+def check_labeller(spec: str, pairs, key: str) -> None:
+    """`reward train`'s labeller: it imports, is a function, and labels the first pairs with
+    one class of the label each (its agreement with all of them is measured in the run)."""
+    from ctrl_ray.scoring import get_scorer, parse_scorer
+
+    entry = _keyed(key, parse_scorer, spec, pairs.label_name)
+    if entry["kind"] != "labeller":
+        raise InputError(f"{key}: expected module:function or file.py:function, got {spec!r}")
+    info = {"num_classes": pairs.num_classes, "edges": pairs.edges,
+            "class_names": pairs.names}
+    scorer = _keyed(key, get_scorer, pairs.label_name, info, entry["function"])
+    _keyed(key, scorer.label, pairs.images[:PROBE_IMAGES])
+
+
+def check_scorers(label_info: dict[str, dict], overrides: dict[str, str],
+                  image_shape: list[int] | None, key: str) -> None:
+    """Every label's scorer loads (`evaluation.scorers` overrides name only known labels), and
+    a user's labeller labels a few images of the model's `image_shape` (when known) with one
+    class each, before any sampling."""
+    from ctrl_ray.scoring import get_scorer
+
+    unknown = sorted(set(overrides) - set(label_info))
+    if unknown:
+        raise InputError(f"{key}.{unknown[0]}: the model has no label {unknown[0]!r} "
+                         f"(labels: {sorted(label_info)})")
+    probe = None
+    if image_shape:
+        import numpy as np
+
+        count = PROBE_IMAGES * math.prod(image_shape)
+        probe = np.linspace(-1, 1, count, dtype=np.float32).reshape(PROBE_IMAGES, *image_shape)
+    for name, info in label_info.items():
+        where = f"{key}.{name}" if name in overrides else key
+        scorer = _keyed(where, get_scorer, name, info, overrides.get(name))
+        if scorer.kind == "labeller" and probe is not None:
+            _keyed(where, scorer.label, probe)
+
+
 def _check_rewards(specs, key: str):
     from ctrl_ray.finetune_setup import load_rewards
 
@@ -366,10 +480,14 @@ def finetune(config, overwrite: bool, resume: bool | str = False) -> None:
     """`finetune`: the base model, rewards and judge exist and load, the batch splits over the
     workers, the cluster answers, and the output folder is free (or resumed)."""
     config.check_evaluation_chain()
-    check_model_ref(config.base_model, "base_model")
-    _check_rewards(config.rewards, "rewards")
+    metadata = check_base_model(config.base_model, "base_model")
+    check_contexts(config.evaluation.contexts, metadata, config.backbone.prompts,
+                   "evaluation.contexts")
+    reward = _check_rewards(config.rewards, "rewards")
     if config.evaluate:
         _check_judge(config.judge, "judge")
+        check_scorers(reward.label_info(), dict(config.evaluation.scorers),
+                      _pixel_shape(metadata), "evaluation.scorers")
     workers = config.distributed.workers
     batch_size = getattr(config.objective, "batch_size", None)
     if workers and batch_size is not None and workers > batch_size:
@@ -390,10 +508,42 @@ def finetune(config, overwrite: bool, resume: bool | str = False) -> None:
 
 
 def evaluate(model: str, config, overwrite: bool) -> None:
+    """`evaluate`: the policy, the judge, the output grid; for a local policy also its base
+    model, the contexts it knows and its labels' scorers."""
     check_model_ref(model, "--model")
     _check_judge(config.judge, "judge")
     check_output(Path(config.output_dir) / "evaluate_grid.png", "output_dir", kind="file",
                  inputs=[("--model", model), ("judge", config.judge)], overwrite=overwrite)
+    spec = _local_policy_spec(model)
+    if spec is None:
+        return
+    base = str(spec.get("base_model", ""))
+    metadata = check_base_model(base, "--model's base model") \
+        if base and (":/" in base or Path(base).is_dir()) else None
+    prompts = (spec.get("backbone") or {}).get("prompts")
+    check_contexts(config.evaluation.contexts, metadata, prompts, "evaluation.contexts")
+    check_scorers(dict(spec.get("label_info") or {}), dict(config.evaluation.scorers),
+                  _pixel_shape(metadata), "evaluation.scorers")
+
+
+def _local_policy_spec(model: str) -> dict[str, Any] | None:
+    """The spec of a local CTRL policy folder (None for a URI or a base model folder)."""
+    from ctrl_ray.storage import load_artifact
+
+    if ":/" in str(model) or not (Path(model) / "policy.json").is_file():
+        return None
+    spec, _ = _keyed("--model", load_artifact, model, "ctrl_ray.policy", "policy",
+                     index="policy.json", tensors=False, unnamed_ok=True)
+    return spec
+
+
+def _pixel_shape(metadata: dict[str, Any] | None) -> list[int] | None:
+    """The (C, H, W) of a pixel model's images; None for a latent model (its decode's size is
+    the VAE's to say) or an unknown one."""
+    if not metadata or metadata.get("kind") == "stable-diffusion":
+        return None
+    shape = metadata.get("image_shape")
+    return list(shape) if isinstance(shape, list) and len(shape) == 3 else None
 
 
 def sample(model: str, n: int, seed: int, y: int, guidance_scale: float | None, out: str,
@@ -408,7 +558,7 @@ def sample(model: str, n: int, seed: int, y: int, guidance_scale: float | None, 
 
 
 def baseline(kind: str, config, overwrite: bool) -> None:
-    check_model_ref(config.base_model, "base_model")
+    check_base_model(config.base_model, "base_model")
     _check_judge(config.judge, "judge")
     inputs = [("base_model", config.base_model), ("judge", config.judge)]
     if kind == "dps":
@@ -461,7 +611,7 @@ def tune(config, overwrite: bool) -> None:
 
     check_inputs(config)
     finetune_config = config.finetune
-    check_model_ref(finetune_config.base_model, "finetune.base_model")
+    check_base_model(finetune_config.base_model, "finetune.base_model")
     _check_rewards(finetune_config.rewards, "finetune.rewards")
     inputs = [("finetune.base_model", finetune_config.base_model),
               ("finetune.judge", finetune_config.judge),

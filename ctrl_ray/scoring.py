@@ -99,7 +99,11 @@ def _as_classes(values: Any, count: int, num_classes: int, class_names: list[str
     """A labeller's output as int64 classes (N,), names mapped through `class_names`."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
-    array = np.asarray(values)
+    try:
+        array = np.asarray(values)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{who}: returned {type(values).__name__} that is not an array "
+                         f"({error})") from None
     if array.shape != (count,):
         raise InputError(f"{who}: returned shape {array.shape} for {count} images, expected "
                          f"({count},)")
@@ -165,7 +169,11 @@ def get_scorer(label_name: str, info: Mapping[str, Any],
 
         def labeller(images: Any) -> np.ndarray:
             array = _images_array(images)
-            return _as_classes(function(array), len(array), num_classes, class_names, who)
+            try:
+                values = function(array)
+            except Exception as error:  # the user's function: reported as bad input, one line
+                raise InputError(f"{who}: raised {type(error).__name__}: {error}") from None
+            return _as_classes(values, len(array), num_classes, class_names, who)
         return Scorer("labeller", f"labeller {spec}", labeller)
     if kind == "judge":
         from ctrl_ray.models.judge import LabelJudge

@@ -31,6 +31,9 @@ BASELINE = ["--config", "{baseline_yaml}"]
 TUNE = ["tune", "--config", "{tune_yaml}"]
 DEMO = ["demo", "--config", "{demo_yaml}"]
 AUDIT = ["reward", "audit", "--base", "{base}", "--reward", "{reward}", "--judge", "{judge}"]
+IMPORT = ["data", "import", "--images", "images", "--labels", "images.csv"]
+IMPORT_PARQUET = ["data", "import", "--parquet", "data/pairs8.parquet", "--label-column",
+                  "label"]
 
 CASES = [
     # -- config files and --set overrides
@@ -220,7 +223,93 @@ CASES = [
     ("tiny-pipeline-out", ["text2image", "tiny-pipeline", "--out", "NOTES"], "NOTES"),
     ("tiny-pipeline-exists", ["text2image", "tiny-pipeline", "--out", "existing_dir"],
      "existing_dir"),
+    # -- what used to escape as a traceback, leave a run behind, or exit 0 (issue 26)
+    ("config-duplicate-key", ["pretrain", "--config", "duplicate.yaml"], "output_dir"),
+    ("reward-pairs-empty", [*REWARD, "--set", "pairs=data/empty-pairs.parquet"],
+     "empty-pairs.parquet"),
+    ("reward-dataset-typo-pairs-present", [*REWARD, "--set", "dataset=data/typo.parquet"],
+     "typo.parquet"),
+    ("reward-labeller-import", [*REWARD, "--set", "labeller=broken_labeller.py:label"],
+     "broken_labeller.py"),
+    ("reward-labeller-no-module", [*REWARD, "--set", "labeller=no_such_module:label"],
+     "no_such_module"),
+    ("reward-labeller-not-function", [*REWARD, "--set", "labeller=labellers.py:not_function"],
+     "not_function"),
+    ("reward-labeller-raises", [*REWARD, "--set", "labeller=labellers.py:raises"],
+     "labellers.py:raises"),
+    ("reward-labeller-length", [*REWARD, "--set", "labeller=labellers.py:wrong_length"],
+     "wrong_length"),
+    ("reward-labeller-class", [*REWARD, "--set", "labeller=labellers.py:outside"], "outside"),
+    ("evaluate-labeller-raises", [*EVALUATE, "--set",
+                                  "evaluation.scorers.compress_class=labellers.py:raises"],
+     "labellers.py:raises"),
+    ("evaluate-contexts", [*EVALUATE, "--set", "evaluation.contexts=[0, 42]"],
+     "evaluation.contexts"),
+    ("finetune-contexts", [*FINETUNE, "--set", "evaluation.contexts=[42]"],
+     "evaluation.contexts"),
+    ("finetune-base-empty", [*FINETUNE, "--set", "base_model=empty_base"], "empty_base"),
+    ("tune-base-empty", [*TUNE, "--set", "finetune.base_model=empty_base"], "empty_base"),
+    ("import-bomb", [*IMPORT, "--out", "bomb.parquet"], "bomb.png"),
+    ("import-out-proc", [*IMPORT_PARQUET, "--out", "/proc/pairs.parquet"], "/proc"),
+    ("import-out-long", [*IMPORT_PARQUET, "--out", f"outputs/{LONG}.parquet"], "--out"),
+    ("import-out-in-images", [*IMPORT, "--out", "images/pairs.parquet"], "--out"),
 ]
+
+
+LABELLERS = """
+import numpy as np
+
+not_function = 3
+
+
+def raises(images):
+    raise ValueError("the user's labeller failed")
+
+
+def wrong_length(images):
+    return np.zeros(len(images) - 1, dtype=np.int64)
+
+
+def outside(images):
+    return np.full(len(images), 99)
+"""
+
+
+def _empty_pairs(source: Path, out: Path) -> None:
+    """A pair-set file with the metadata and columns of `source` and no rows."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(source)
+    pq.write_table(table.slice(0, 0), out)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` pixels (no pixel data follows): PIL refuses
+    it as a decompression bomb on open, as it would a real one, without the memory."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
+
+
+def _image_folder(folder: Path, csv: Path) -> None:
+    """Four 8x8 images in two classes, the last one a decompression bomb."""
+    from PIL import Image
+
+    folder.mkdir()
+    rows = ["file_name,label"]
+    for index in range(3):
+        Image.new("L", (8, 8), color=40 * index).save(folder / f"{index}.png")
+        rows.append(f"{index}.png,{index % 2}")
+    (folder / "bomb.png").write_bytes(_png_claiming(20_000, 20_000))
+    rows.append("bomb.png,1")
+    csv.write_text("\n".join(rows) + "\n")
 
 
 def _yaml(path: Path, text: str) -> str:
@@ -254,6 +343,12 @@ def workspace(tmp_path_factory, digits8, tiny_base, tiny_reward, tiny_judge, tin
     (root / "malformed.yaml").write_text("training:\n  steps: [1, 2\n  lr: 3\n")
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "binary.yaml").write_bytes(b"\xff\xfe\x00bad")
+    (root / "duplicate.yaml").write_text("output_dir: outputs/a\noutput_dir: outputs/b\n")
+    (root / "empty_base").mkdir()
+    _empty_pairs(root / "data" / "pairs8.parquet", root / "data" / "empty-pairs.parquet")
+    (root / "labellers.py").write_text(LABELLERS)
+    (root / "broken_labeller.py").write_text("import no_such_package_here\n")
+    _image_folder(root / "images", root / "images.csv")
     paths = {"policy": str(policy), "base": str(tiny_base.model_dir), "reward": str(tiny_reward),
              "judge": str(tiny_judge)}
     finetune = (f"base_model: {tiny_base.model_dir}\nrewards: [{{path: {tiny_reward}}}]\n"
@@ -413,7 +508,8 @@ def test_output_checks_name_every_problem(tmp_path):
     ["demo", "--set", "output_dir=NOTES"],
     ["sample", "--model", "models:/ctrl-digits@champion", "--c", "1", "--out", "s.png"],
     ["registry", "promote", "ctrl-digits", "1", "latest"],
-], ids=["demo", "sample-uri", "promote"])
+    ["registry", "list"],
+], ids=["demo", "sample-uri", "promote", "list"])
 def test_a_fresh_folder_gets_no_mlflow_store_from_bad_input(argv, tmp_path, capsys,
                                                              monkeypatch):
     """Without MLFLOW_TRACKING_URI the store is ./mlflow.db; bad input must not create it."""
@@ -435,3 +531,45 @@ def test_ray_address_from_the_environment_is_probed_too(workspace, capsys, monke
     assert code == 2 and err.count("\n") == 1
     assert "RAY_ADDRESS" in err and "127.0.0.1:1" in err
     assert _snapshot(watched) == before
+
+
+def test_registry_list_refuses_a_store_that_does_not_exist(tmp_path, capsys, monkeypatch):
+    """A mistyped MLFLOW_TRACKING_URI is named, not created as an empty store."""
+    store = tmp_path / "nowhere" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    code, out, err = _run(["registry", "list"], capsys)
+    assert code == 2 and err.count("\n") == 1 and str(store) in err, err
+    assert "MLFLOW_TRACKING_URI" in err and not out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stale_cluster_file_does_not_make_a_run_wait(workspace, tmp_path):
+    """With no --address and no RAY_ADDRESS a run starts its own Ray, even when Ray's temp folder
+    still names a head that died without `ray stop` (ray.init() alone would join it and retry
+    for good)."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    root, paths, _ = workspace
+    ray_tmp = Path(tempfile.mkdtemp(prefix="crs-", dir="/tmp"))  # socket paths: short
+    with socket.socket() as probe:  # a port nothing listens on: the dead head's
+        probe.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(dead)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(ray_tmp), RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "ctrl_ray.cli", "finetune", "--config",
+               paths["finetune_yaml"], "--workers", "1", "--set", "iterations=1", "--set",
+               "evaluate=false", "--set", "optimum_samples_per_context=0", "--set",
+               f"output_dir={tmp_path / 'run'}"]
+    try:
+        done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert dead not in done.stderr + done.stdout
+    assert (tmp_path / "run" / "policy").is_dir()

@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from ctrl_ray.data import oracles
 from ctrl_ray.data.pairs import PairSet, save_pairs
 from ctrl_ray.errors import InputError
+from ctrl_ray.preflight import check_output
 
 FILE_COLUMNS = ("file_name", "file", "image", "path")
 CHANNEL_MODES = {1: "L", 3: "RGB"}
@@ -315,7 +316,8 @@ def decode_images(rows: Sequence[RawRow], size: int | None, channels: int | None
         try:
             image = Image.open(io.BytesIO(row.read()))
             image.load()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+                SyntaxError) as error:
             raise InputError(f"{row.where}: not a readable image ({error})") from None
         opened.append(image)
     if channels is None:
@@ -395,32 +397,14 @@ def build_pair_set(rows: Sequence[RawRow], options: ImportOptions, label_name: s
                                attribute="", class_names=names, heldout=heldout)
 
 
-def check_output(out: str | os.PathLike, inputs: Sequence[str | os.PathLike],
-                 overwrite: bool) -> Path:
-    """The output path: never one of the inputs, an existing file only with `overwrite`."""
-    out = Path(out)
-    if out.suffix.lower() != ".parquet":
-        raise InputError(f"--out: expected a .parquet file, got {str(out)!r}")
-    for source in inputs:
-        if Path(source).exists() and out.exists() and out.resolve() == Path(source).resolve():
-            raise InputError(f"--out: {str(out)!r} is an input; write the pair set elsewhere")
-    if out.is_dir():
-        raise InputError(f"--out: {str(out)!r} is a directory")
-    if out.exists() and not overwrite:
-        raise InputError(f"--out: {str(out)!r} exists; pass --overwrite to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
-    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise InputError(f"--out: cannot write under {str(existing)!r}")
-    return out
-
-
 def import_folder(images_dir: str | os.PathLike, labels_csv: str | os.PathLike,
                   out: str | os.PathLike, options: ImportOptions | None = None,
                   label_column: str | None = None, progress: bool = False) -> PairSet:
     """Import an image folder + `file,label` CSV into the pair set `out`; returns it."""
     options = options or ImportOptions()
-    out = check_output(out, [labels_csv], options.overwrite)
+    out = check_output(out, "--out", kind="file", overwrite=options.overwrite,
+                       inputs=[("--images", images_dir), ("--labels", labels_csv)],
+                       suffixes=(".parquet",))
     options.check()
     rows, column = rows_from_folder(images_dir, labels_csv, label_column)
     pairs = build_pair_set(rows, options, options.label_name or column, progress=progress)
@@ -433,7 +417,8 @@ def import_parquet(table_path: str | os.PathLike, out: str | os.PathLike,
                    label_column: str = "label", progress: bool = False) -> PairSet:
     """Import a Parquet table with an image column and a label column into `out`."""
     options = options or ImportOptions()
-    out = check_output(out, [table_path], options.overwrite)
+    out = check_output(out, "--out", kind="file", overwrite=options.overwrite,
+                       inputs=[("--parquet", table_path)], suffixes=(".parquet",))
     options.check()
     rows, declared = rows_from_parquet(table_path, image_column, label_column)
     pairs = build_pair_set(rows, options, options.label_name or label_column, declared,

@@ -261,6 +261,8 @@ def make_pairs(
 def load_pairs(path: str | os.PathLike) -> PairSet:
     """Load and validate a pairs file written by `make_pairs` / `save_pairs`."""
     table = read_table(path, field="pairs")
+    if table.num_rows == 0:
+        raise InputError(f"{str(path)!r} holds no pairs (0 rows)")
     shape = check_pair_shape(read_metadata(table, META_IMAGE_SHAPE, path), path)
     info = read_metadata(table, META_LABEL, path)
     if not isinstance(info, dict) or not {"name", "attribute", "edges", "num_classes"} <= set(info):

@@ -104,7 +104,8 @@ def start_roles(config: FinetuneConfig) -> Roles:
 
     _check_inputs(config)
     if not ray.is_initialized():
-        ray.init(address=dist.address, include_dashboard=False, runtime_env=tracking.actor_env())
+        ray.init(address=dist.ray_address, include_dashboard=False,
+                 runtime_env=tracking.actor_env())
     config = _with_absolute_paths(config)
     # The loop is synchronous: while the learner updates, the workers wait, so a learner that
     # reserves no CPUs of its own (learner_cpus: 0) computes on as many threads as they hold.

@@ -30,8 +30,9 @@ class SweepResult:
 
 
 def run_sweep(config: TuneConfig, progress: bool = True) -> SweepResult:
-    """Run the sweep on Ray Tune (joining `finetune.distributed.address`, RAY_ADDRESS, or a
-    local Ray unless one is running); tabulate, pick and register the best trial."""
+    """Run the sweep on Ray Tune (joining `finetune.distributed.address` or RAY_ADDRESS, else
+    starting a local Ray, unless one runs in this process); tabulate, pick and register the
+    best trial."""
     import ray
     from ray import tune
 
@@ -44,7 +45,7 @@ def run_sweep(config: TuneConfig, progress: bool = True) -> SweepResult:
     base = trial_base_config(config)
     uri = tracking.tracking_uri()
     if not ray.is_initialized():
-        ray.init(address=config.finetune.distributed.address, include_dashboard=False,
+        ray.init(address=config.finetune.distributed.ray_address, include_dashboard=False,
                  runtime_env=tracking.actor_env())
 
     with tracking.run(config.experiment, config.name, flatten(to_dict(config))) as parent:
