@@ -8,6 +8,7 @@ artifact format of `ctrl_ray.storage`. Training checkpoints add `optimizer.safet
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ ADAPTER_FILE = "adapter.safetensors"
 POLICY_FILE = "policy.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
+SCORERS_DIR = "scorers"   # a registered policy's label scorers (judge dirs, labeller files)
 
 
 def policy_spec(model: AugmentedModel, label_info: dict[str, dict], sampling: dict[str, Any],
@@ -96,15 +98,74 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
 
 
 def read_policy_spec(path: str | Path) -> dict[str, Any]:
-    """The spec (`policy.json`) of a policy checkpoint."""
+    """The spec (`policy.json`) of a policy checkpoint, its bundled scorers as paths inside it."""
     spec, _ = _load_policy_artifact(path, tensors=False)
     return spec
 
 
 def _load_policy_artifact(path: str | Path, tensors: bool) -> tuple[dict, dict | None]:
     # Policies saved before the format was named have a policy.json without a format key.
-    return load_artifact(path, POLICY_FORMAT, "policy", index=POLICY_FILE, weights=ADAPTER_FILE,
-                         tensors=tensors, unnamed_ok=True)
+    spec, adapter = load_artifact(path, POLICY_FORMAT, "policy", index=POLICY_FILE,
+                                  weights=ADAPTER_FILE, tensors=tensors, unnamed_ok=True)
+    for info in spec.get("label_info", {}).values():
+        scorer = info.get("scorer")
+        if isinstance(scorer, dict) and scorer.get("bundled"):
+            info["scorer"] = _unbundled(scorer, Path(path).resolve())
+    return spec, adapter
+
+
+def bundle_scorers(policy_dir: str | Path, out_dir: str | Path) -> Path:
+    """Copy the policy at `policy_dir` to `out_dir` carrying its label scorers' files: a held-out
+    judge directory or a labeller file (`file.py:function`) is copied under `scorers/` and named
+    relative to the policy, so the copy evaluates on any machine. A `module:function` labeller
+    stays a reference (its module must be importable where the policy is evaluated)."""
+    policy_dir = Path(policy_dir)
+    spec, adapter = _load_policy_artifact(policy_dir, tensors=True)
+    files: dict[str, Path] = {}
+    for name, info in spec.get("label_info", {}).items():
+        scorer = info.get("scorer")
+        if not isinstance(scorer, dict):
+            continue
+        if scorer.get("kind") == "judge" and scorer.get("path"):
+            source = Path(scorer["path"])
+            if not source.is_dir():
+                raise InputError(f"label {name!r}: its judge directory {str(source)!r} is "
+                                 f"missing; the policy cannot carry it")
+            target = f"{SCORERS_DIR}/{name}"
+            info["scorer"] = {**scorer, "path": target, "bundled": True}
+        elif scorer.get("kind") == "labeller" and ".py:" in str(scorer.get("function", "")):
+            module, _, function = str(scorer["function"]).rpartition(":")
+            source = Path(module)
+            if not source.is_file():
+                raise InputError(f"label {name!r}: its labeller file {module!r} is missing; the "
+                                 f"policy cannot carry it")
+            target = f"{SCORERS_DIR}/{name}.py"
+            info["scorer"] = {**scorer, "function": f"{target}:{function}", "bundled": True}
+        else:
+            continue
+        files[target] = source
+
+    def copy_scorers(staging: Path) -> None:
+        for target, source in files.items():
+            (staging / target).parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, staging / target)
+            else:
+                shutil.copyfile(source, staging / target)
+
+    return save_artifact(out_dir, POLICY_FORMAT, spec, adapter, index=POLICY_FILE,
+                         weights=ADAPTER_FILE, write=copy_scorers)
+
+
+def _unbundled(scorer: dict[str, Any], policy_dir: Path) -> dict[str, Any]:
+    """A bundled scorer entry with its file named by its path inside `policy_dir`."""
+    entry = {key: value for key, value in scorer.items() if key != "bundled"}
+    if entry.get("kind") == "judge":
+        entry["path"] = str(policy_dir / entry["path"])
+    else:
+        module, _, function = str(entry["function"]).rpartition(":")
+        entry["function"] = f"{policy_dir / module}:{function}"
+    return entry
 
 
 def build_policy(base: BaseModel, spec: dict[str, Any]) -> AugmentedModel:

@@ -87,7 +87,7 @@ def run_demo(config: DemoConfig, overwrite: bool = False) -> dict:
     for name, histogram in report["histograms"].items():
         print(f"      {name} histogram of samples: {histogram} (real: "
               f"{report['real_histograms'][name]})")
-    print(f"      grid (rows = digit): {report['grid']}")
+    print(f"      grid (rows = digit c): {report['grid']}")
 
     reward_cfg = config.reward
     print(f"[5/6] reward p({reward_cfg.label} | x0) from {reward_cfg.num_pairs} labelled pairs")
@@ -173,7 +173,10 @@ def sample_report(base: BaseModel, dataset: DigitsDataset, judge: DigitJudge,
         classes = label_images(images.numpy(), name, info["edges"])
         histograms[name] = class_histogram(classes, info["num_classes"])
         real[name] = class_histogram(train.labels[name], info["num_classes"])
-    save_grid(images, rows=base.num_contexts, path=grid_path)
+    save_grid(images, rows=base.num_contexts, path=grid_path,
+              row_labels=[f"c = {c}" for c in range(base.num_contexts)],
+              column_labels=[f"sample {i + 1}" for i in range(config.samples_per_digit)],
+              title="the base model p_pre(x | c): no y")
     return {
         "fidelity": judge.fidelity(images.numpy(), digits.numpy()),
         "num_samples": len(images),

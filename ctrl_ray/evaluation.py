@@ -10,45 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from ctrl_ray.errors import InputError
+from ctrl_ray.grids import image_grid, save_grid
 from ctrl_ray.models.text_to_image import reward_view
 from ctrl_ray.scoring import get_scorer, label_images_for
 
 __all__ = ["EvaluationConfig", "class_histogram", "evaluate", "format_report", "generate",
            "image_grid", "label_images_for", "save_grid"]
-
-
-def image_grid(images: np.ndarray | torch.Tensor, rows: int, scale: int = 4) -> Image.Image:
-    """Tile (rows*cols, C, H, W) images in [-1, 1] into one PIL image, row-major: grayscale
-    for C = 1, RGB for C = 3."""
-    array = images.detach().cpu().float().numpy() if isinstance(images, torch.Tensor) else images
-    count, channels, height, width = array.shape
-    cols = count // rows
-    if rows * cols != count:
-        raise ValueError(f"{count} images do not fill a grid of {rows} rows")
-    rgb = channels == 3
-    pixels = np.clip((array[:, :3 if rgb else 1] + 1) * 127.5, 0, 255).round().astype(np.uint8)
-    pixels = pixels.transpose(0, 2, 3, 1)  # (N, H, W, C)
-    pad = 1
-    canvas = np.full((rows * (height + pad) + pad, cols * (width + pad) + pad, pixels.shape[-1]),
-                     255, np.uint8)
-    for index, tile in enumerate(pixels):
-        r, c = divmod(index, cols)
-        top, left = pad + r * (height + pad), pad + c * (width + pad)
-        canvas[top:top + height, left:left + width] = tile
-    grid = Image.fromarray(canvas if rgb else canvas[..., 0], mode="RGB" if rgb else "L")
-    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-
-
-def save_grid(images: np.ndarray | torch.Tensor, rows: int, path: str | Path) -> Path:
-    """Write `image_grid` as a PNG (parent directories created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, rows).save(path)
-    return path
 
 
 def class_histogram(labels: np.ndarray, num_classes: int) -> list[float]:
@@ -166,7 +136,10 @@ def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig
         report.update({k: report["labels"][names[0]][k] for k in ("accuracy", "macro_f1")})
     if grid_path is not None:
         first = [i for i, (target, c) in enumerate(rows) if i % config.samples_per_target == 0]
-        report["grid"] = str(save_grid(images[first], rows=len(targets), path=grid_path))
+        report["grid"] = str(save_grid(
+            images[first], rows=len(targets), path=grid_path,
+            row_labels=target_labels({name: label_info[name] for name in names}, targets),
+            column_labels=context_labels(model, contexts)))
     return report
 
 
@@ -211,6 +184,24 @@ def resolve_contexts(model, contexts: list | None, context_digits: list[int] | N
                              f"{len(given)} contexts")
         return indices, [int(d) for d in context_digits]
     return indices, None if any(isinstance(c, str) for c in given) else indices
+
+
+def target_labels(label_info: dict[str, dict], targets: Sequence[tuple[int, ...]]
+                  ) -> list[str]:
+    """A grid row's name for each target y (a class per label, in `label_info`'s order):
+    "label: class name" per label."""
+    names = {name: class_names(info) for name, info in label_info.items()}
+    return [", ".join(f"{name}: {names[name][k]}" for name, k in zip(names, target, strict=True))
+            for target in targets]
+
+
+def context_labels(model, contexts: Sequence[int]) -> list[str]:
+    """A grid column's name for each context index: the prompt of a text-to-image model, else
+    "c = index" (the class id)."""
+    prompts = getattr(getattr(model, "backbone", None), "prompts", None)
+    if not model.num_contexts:
+        return ["no context" for _ in contexts]
+    return [prompts[c] if prompts else f"c = {c}" for c in contexts]
 
 
 def class_names(info: dict) -> list[str]:

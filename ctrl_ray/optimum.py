@@ -25,10 +25,12 @@ from sklearn.metrics import accuracy_score, f1_score
 from ctrl_ray.errors import InputError
 from ctrl_ray.evaluation import (
     class_names,
+    context_labels,
     generate,
     judge_view,
     resolve_contexts,
     save_grid,
+    target_labels,
 )
 from ctrl_ray.scoring import get_scorer
 
@@ -187,13 +189,15 @@ def exact_optimum(model, label_info: dict[str, dict], log_likelihood: ImageLogLi
               "num_inference_steps": config.num_inference_steps, "min_ess": config.min_ess,
               "base": optimum_at(pool, label_info, 0.0), "levels": levels}
     if grid_path is not None:
-        result["grid"] = str(_optimum_grid(pool, config.guidance_levels[0], config.seed,
-                                           grid_path))
+        result["grid"] = str(_optimum_grid(model, pool, label_info, config.guidance_levels[0],
+                                           config.seed, grid_path))
     return result
 
 
-def _optimum_grid(pool: BasePool, tilt: float, seed: int, path: str | Path) -> Path:
-    """One sample per (target, context), resampled from the optimum at ``tilt``."""
+def _optimum_grid(model, pool: BasePool, label_info: dict[str, dict], tilt: float, seed: int,
+                  path: str | Path) -> Path:
+    """One sample per (target, context), resampled from the optimum at ``tilt``; rows and
+    columns named by target and context."""
     generator = np.random.default_rng(seed)
     picks = []
     for log_likelihood in pool.log_likelihood.values():
@@ -201,7 +205,11 @@ def _optimum_grid(pool: BasePool, tilt: float, seed: int, path: str | Path) -> P
             rows = np.flatnonzero(pool.context_of_row == c)
             picks.append(rows[generator.choice(len(rows), p=tilted_weights(
                 log_likelihood[rows], tilt))])
-    return save_grid(pool.images[picks], rows=len(pool.log_likelihood), path=path)
+    return save_grid(pool.images[picks], rows=len(pool.log_likelihood), path=path,
+                     row_labels=target_labels({name: label_info[name] for name in pool.labels},
+                                              list(pool.log_likelihood)),
+                     column_labels=context_labels(model, pool.contexts),
+                     title=f"the optimum at gamma/alpha {tilt:g}")
 
 
 def optimum_for_run(levels: Sequence[dict], tilt: float) -> dict | None:

@@ -13,7 +13,9 @@ from ctrl_ray.checkpoint import POLICY_FILE, load_policy, read_policy_spec
 from ctrl_ray.errors import InputError
 from ctrl_ray.evaluation import (
     EvaluationConfig,
+    class_names,
     context_indices,
+    context_labels,
     evaluate,
     format_report,
     generate,
@@ -108,8 +110,9 @@ def sample_grid(uri: str | Path, context: int | str | None, label: int | str, co
                 allow_other_chain: bool = False) -> Path:
     """`count` samples for context `context` (a digit, a prompt index, or a prompt string for a
     text-to-image model) and class `label` (an index or class name; -1: unconditional) as a PNG
-    row. `guidance_scale` overrides a text model's classifier-free guidance (default: the one it
-    was trained with); a value policy refuses another unless `allow_other_chain`."""
+    row, named by its y and (in the title) its context, each column by its seed.
+    `guidance_scale` overrides a text model's classifier-free guidance (default: the one it was
+    trained with); a value policy refuses another unless `allow_other_chain`."""
     loaded = load_any(uri)
     model = loaded.model
     if guidance_scale is not None:
@@ -127,11 +130,17 @@ def sample_grid(uri: str | Path, context: int | str | None, label: int | str, co
         contexts = context_indices(model, [context] * count)
     except InputError as err:
         raise InputError(f"--c/--prompt: {err}") from None
-    labels = {}
+    labels, named = {}, []
     for name, num_classes in model.label_classes.items():
-        index = class_index(label, name, num_classes, loaded.label_info.get(name, {}))
+        info = loaded.label_info.get(name, {})
+        index = class_index(label, name, num_classes, info)
         labels[name] = torch.full((count,), num_classes if index < 0 else index)
-    images, _ = generate(model, contexts, labels,
-                         [seed + i for i in range(count)], from_reference=not loaded.fine_tuned,
+        named.append(f"{name}: " + ("unconditional" if index < 0 else
+                                    class_names({"num_classes": num_classes, **info})[index]))
+    seeds = [seed + i for i in range(count)]
+    images, _ = generate(model, contexts, labels, seeds, from_reference=not loaded.fine_tuned,
                          **loaded.sampling)
-    return save_grid(images, rows=1, path=out)
+    return save_grid(images, rows=1, path=out,
+                     row_labels=[", ".join(named) if named else "base model (no y)"],
+                     column_labels=[f"seed {s}" for s in seeds],
+                     title=context_labels(model, contexts[:1].tolist())[0])

@@ -8,6 +8,7 @@ URI resolves it here first. Models are logged as MLflow pyfunc models from code
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import AnyType, ColSpec, Schema, TensorSpec
 
 from ctrl_ray import tracking
-from ctrl_ray.checkpoint import POLICY_FILE, load_policy, read_policy_spec
+from ctrl_ray.checkpoint import POLICY_FILE, bundle_scorers, load_policy, read_policy_spec
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.loading import BaseModel, load_base_model_dir
+from ctrl_ray.scoring import get_scorer
 
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 CLASS_CONDITIONAL = "unet2d-class-conditional"
@@ -37,24 +39,30 @@ def is_uri(reference: Any) -> bool:
 def resolve_artifacts(uri: str | Path) -> dict[str, Path]:
     """Local paths of a model's artifacts, for a local directory or a `models:/`/`runs:/` URI.
 
-    A local directory is returned as {"model": dir}. A logged ctrl-ray model is downloaded and
-    its pyfunc artifacts (e.g. "base_model", "adapter") are returned by key.
+    A local directory is returned as {"model": dir}, unless it is a logged model pulled to disk
+    (it holds an `MLmodel` file). A logged ctrl-ray model is downloaded first; its pyfunc
+    artifacts (e.g. "base_model", "adapter") are returned by key.
     """
     text = str(uri)
     if not is_uri(text):
         path = Path(text)
         if not path.is_dir():
             raise InputError(f"model directory not found: {text!r}")
-        return {"model": path}
+        return logged_artifacts(path, text) if (path / "MLmodel").is_file() else {"model": path}
     tracking.configure()
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
     except mlflow.exceptions.MlflowException as err:
         raise InputError(f"model URI {text!r} could not be resolved: {err.message}") from None
+    return logged_artifacts(local, text)
+
+
+def logged_artifacts(local: Path, name: str) -> dict[str, Path]:
+    """The pyfunc artifacts of a logged model's local copy, by key."""
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     stored = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
     if not stored:
-        raise InputError(f"model URI {text!r} is not a ctrl-ray model (no pyfunc artifacts)")
+        raise InputError(f"model {name!r} is not a ctrl-ray model (no pyfunc artifacts)")
     return {key: local / entry["path"] for key, entry in stored.items()}
 
 
@@ -168,8 +176,9 @@ def _version() -> str:
 
 def register_policy(policy_dir: str | Path, name: str = "ctrl-digits",
                     alias: str | None = "champion", metadata: dict[str, Any] | None = None) -> str:
-    """Log a CTRL policy (its base model + adapter) as a pyfunc model, register it as a new
-    version of `name`, and point `alias` at it. Returns `models:/name/version`.
+    """Log a CTRL policy (its base model + adapter, the adapter carrying its label scorers: see
+    `bundle_scorers`) as a pyfunc model, register it as a new version of `name`, and point
+    `alias` at it. Returns `models:/name/version`.
 
     Logs into the active MLflow run, or a new run in the "ctrl-ray-registry" experiment.
     """
@@ -187,18 +196,24 @@ def register_policy(policy_dir: str | Path, name: str = "ctrl-digits",
     base_dir = base_model_dir(spec["base_model"])
     base = load_base_model_dir(base_dir)
     load_policy(base, policy_dir)  # the whole policy must load before a version is created
-    artifacts = {"base_model": base_dir, "adapter": policy_dir}
-    info = {"label_info": spec["label_info"], "sampling": spec["sampling"],
-            "base_model": spec["base_model"],
-            "backbone": spec.get("backbone", {"kind": "unet"}), **(metadata or {})}
-    logged = {"base_metadata": base.metadata, "labels": list(spec["label_info"]),
-              "metadata": {"ctrl_ray": info}}
-    if mlflow.active_run() is None:
-        tracking.use_experiment("ctrl-ray-registry")
-        with mlflow.start_run(run_name=f"register-{name}"):
+    with tempfile.TemporaryDirectory(prefix="ctrl-ray-register-") as staging:
+        # The adapter carries its label scorers (judge, labeller file): evaluable anywhere.
+        adapter = bundle_scorers(policy_dir, Path(staging) / "adapter")
+        carried = read_policy_spec(adapter)["label_info"]
+        for label, entry in carried.items():
+            get_scorer(label, entry)  # a carried scorer that cannot load fails here
+        artifacts = {"base_model": base_dir, "adapter": adapter}
+        info = {"label_info": spec["label_info"], "sampling": spec["sampling"],
+                "base_model": spec["base_model"],
+                "backbone": spec.get("backbone", {"kind": "unet"}), **(metadata or {})}
+        logged = {"base_metadata": base.metadata, "labels": list(spec["label_info"]),
+                  "metadata": {"ctrl_ray": info}}
+        if mlflow.active_run() is None:
+            tracking.use_experiment("ctrl-ray-registry")
+            with mlflow.start_run(run_name=f"register-{name}"):
+                uri = log_model(artifacts, name, **logged)
+        else:
             uri = log_model(artifacts, name, **logged)
-    else:
-        uri = log_model(artifacts, name, **logged)
     if alias:
         set_alias(name, uri.rsplit("/", 1)[1], alias)
     return uri

@@ -6,15 +6,20 @@ import logging
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from conftest import tiny_finetune_overrides
+from PIL import Image
 
 from ctrl_ray import registry
 from ctrl_ray.cli import main
 from ctrl_ray.evaluation import generate
+from ctrl_ray.grids import grid_labels, image_grid
 from ctrl_ray.policy import load_any
 
 PULL = """
@@ -55,11 +60,22 @@ def test_registry_cli_list_promote_sample_and_evaluate(registered, tiny_run, tin
     grid = tmp_path / "grid.png"
     assert main(["sample", "--model", "models:/ctrl-digits@staging", "--c", "3", "--y", "1",
                  "--n", "4", "--out", str(grid)]) == 0
-    assert grid.is_file()
+    names = load_any(tiny_run[0] / "policy").label_info["compress_class"]["class_names"]
+    # The grid names its row (y, by class name), its columns (seeds) and its context.
+    assert grid_labels(grid) == {"rows": [f"compress_class: {names[1]}"],
+                                 "columns": ["seed 0", "seed 1", "seed 2", "seed 3"],
+                                 "title": "c = 3"}
     assert main(["evaluate", "--model", "models:/ctrl-digits@champion",
                  "--set", f"judge={tiny_judge}", "--set", "evaluation.samples_per_target=1",
-                 "--set", "evaluation.contexts=[0]", "--set", "evaluation.num_inference_steps=4",
-                 "--set", f"output_dir={tmp_path}"]) == 0
+                 "--set", "evaluation.contexts=[0, 2]", "--set",
+                 "evaluation.num_inference_steps=4", "--set", f"output_dir={tmp_path}"]) == 0
+    evaluated = tmp_path / "evaluate_grid.png"
+    assert grid_labels(evaluated) == {"rows": [f"compress_class: {name}" for name in names],
+                                      "columns": ["c = 0", "c = 2"]}
+    # A margin for the labels: wider and taller than the 4 x 2 tiles of 8 px (x 4) alone.
+    unlabelled = image_grid(np.zeros((8, 1, 8, 8), np.float32), rows=4)
+    with Image.open(evaluated) as image:
+        assert image.width >= unlabelled.width + 40 and image.height >= unlabelled.height + 10
 
 
 class _Messages(logging.Handler):
@@ -94,3 +110,58 @@ def test_registration_logs_a_signature_and_an_input_example_without_warnings(tin
     assert info.signature.inputs.required_input_names() == ["c"]
     assert info.saved_input_example_info is not None
 
+
+
+LABELLER = '''
+import numpy as np
+
+def stroke(images):
+    """Four classes by the mean pixel (an exact labeller of the test's own)."""
+    mean = images.reshape(len(images), -1).mean(axis=1)
+    return np.digitize(mean, [-0.8, -0.6, -0.4]).astype(np.int64)
+'''
+
+
+def test_registered_policy_carries_its_labeller_and_evaluates_after_its_folders_moved(
+        digits8, tiny_base, tiny_reward, tiny_judge, tmp_path, monkeypatch, capsys):
+    """A policy scored by a labeller file: registered, its base, reward, labeller and judge
+    folders moved away, pulled into a fresh directory from another working directory and
+    evaluated there (by the CLI, and through the pyfunc model) with nothing at the old paths."""
+    import shutil
+
+    from ctrl_ray.config import load_config
+    from ctrl_ray.finetune import FinetuneConfig, finetune
+    from ctrl_ray.reward_training import RewardJobConfig, train_reward_job
+
+    site = tmp_path / "site"
+    shutil.copytree(tiny_base.model_dir, site / "base")
+    shutil.copytree(tiny_judge, site / "judge")
+    (site / "labeller.py").write_text(LABELLER)
+    train_reward_job(load_config(RewardJobConfig, overrides=[
+        f"dataset={digits8}", "size=8", f"pairs={tiny_reward.parent / 'pairs.parquet'}",
+        "training.epochs=2",
+        f"labeller={site / 'labeller.py'}:stroke", f"output_dir={site / 'reward'}"]))
+    overrides = tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, site / "run")
+    overrides += [f"base_model={site / 'base'}", f"rewards=[{{path: {site / 'reward'}}}]",
+                  f"judge={site / 'judge'}", "iterations=2", "optimum_samples_per_context=0"]
+    finetune(load_config(FinetuneConfig, overrides=overrides), progress=False)
+    uri = registry.register_policy(site / "run" / "policy", "ctrl-portable", "champion")
+
+    site.rename(tmp_path / "moved")  # nothing left at the paths the policy was trained with
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    pulled = mlflow.artifacts.download_artifacts(artifact_uri=uri,
+                                                 dst_path=str(elsewhere / "pulled"))
+    capsys.readouterr()
+    assert main(["evaluate", "--model", pulled, "--set", "judge=",
+                 "--set", "evaluation.samples_per_target=1", "--set", "evaluation.contexts=[0]",
+                 "--set", "evaluation.num_inference_steps=4", "--set", "output_dir=eval"]) == 0
+    printed = capsys.readouterr().out
+    carried = f"{Path(pulled).resolve() / 'artifacts/adapter/scorers/compress_class.py'}:stroke"
+    assert f"scored by labeller {carried}" in printed
+    assert str(site) not in printed and (elsewhere / "eval" / "evaluate_grid.png").is_file()
+
+    images = mlflow.pyfunc.load_model(uri).predict(
+        pd.DataFrame({"c": [2], "y": [1], "seed": [0]}))
+    assert images.shape == (1, 1, 8, 8)
