@@ -2,8 +2,10 @@
 
 A checkpoint directory holds `adapter.safetensors` and `policy.json` (how to rebuild the
 augmented model around the base model, the label metadata and the sampler settings), in the
-artifact format of `ctrl_ray.storage`. Training checkpoints add `optimizer.safetensors` and
-`state.json` (iteration, policy version, RNG states). Every directory is written atomically.
+artifact format of `ctrl_ray.storage`. Training checkpoints add `optimizer.safetensors`,
+`state.json` (iteration, policy version, RNG states, the resolved config) and, for a rule that
+keeps data of its own on the learner, `learner_state.safetensors` (the value rule's replay).
+Every directory is written atomically.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ ADAPTER_FILE = "adapter.safetensors"
 POLICY_FILE = "policy.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
+LEARNER_STATE_FILE = "learner_state.safetensors"
 SCORERS_DIR = "scorers"   # a registered policy's label scorers (judge dirs, labeller files)
 
 
@@ -62,11 +65,15 @@ def save_policy(model: AugmentedModel, spec: dict[str, Any], out_dir: str | Path
 
 def save_checkpoint(out_dir: str | Path, adapter: dict[str, torch.Tensor], spec: dict[str, Any],
                     training_state: dict[str, Any] | None = None,
-                    optimizer_state: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
+                    optimizer_state: tuple[dict[str, torch.Tensor], dict] | None = None,
+                    learner_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Atomically write a checkpoint directory from tensors (what a remote learner returns)."""
 
     def write_training_state(staging: Path) -> None:
         state = training_state
+        if learner_state:
+            save_file({name: tensor.contiguous() for name, tensor in learner_state.items()},
+                      staging / LEARNER_STATE_FILE)
         if optimizer_state is not None:
             tensors, layout = optimizer_state
             save_file(tensors, staging / OPTIMIZER_FILE)
@@ -85,6 +92,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     training_state = read_json(path / STATE_FILE, "training state")
     return (read_tensors(path / ADAPTER_FILE, "adapter weights"),
             read_tensors(path / OPTIMIZER_FILE, "optimizer state"), training_state)
+
+
+def read_learner_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The update rule's own learner state of a training checkpoint ({} if it keeps none)."""
+    path = Path(path) / LEARNER_STATE_FILE
+    return read_tensors(path, "learner state") if path.is_file() else {}
 
 
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--resume-if-present", dest="resume", action="store_const",
                         const="if-present",
                         help="continue from the newest checkpoint if there is one, else start")
+    finetune.add_argument("--allow-config-change", action="store_true",
+                          help="resume even if the config changes training (recorded in the "
+                               "MLflow run's resume_changes tag)")
     finetune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
 
     evaluate = _command(commands, "evaluate", "score a fine-tuned policy by the protocol",
@@ -324,7 +327,8 @@ def _finetune(args: argparse.Namespace) -> None:
                        ("distributed.address", args.address)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    result = finetune.run(args.config, overrides, args.overwrite, resume=args.resume)
+    result = finetune.run(args.config, overrides, args.overwrite, resume=args.resume,
+                          allow_config_change=args.allow_config_change)
     print(f"saved {result['policy_dir']} ({result['train_seconds']:.0f} s of training)")
 
 

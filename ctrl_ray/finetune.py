@@ -18,15 +18,19 @@ __all__ = ["FinetuneConfig", "build_setup", "finetune", "run"]
 
 
 def finetune(config: FinetuneConfig, progress: bool = True, resume: bool | str = False,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, allow_config_change: bool = False) -> dict:
     """Run CTRL: in this process (`distributed.workers: 0`) or with Ray rollout workers;
-    `overwrite` lets a fresh run replace an earlier run's checkpoints in `output_dir`."""
-    return train(config, progress=progress, resume=resume, overwrite=overwrite)
+    `overwrite` lets a fresh run replace an earlier run's checkpoints in `output_dir`;
+    `allow_config_change` lets a resume continue with a config that changes training."""
+    return train(config, progress=progress, resume=resume, overwrite=overwrite,
+                 allow_config_change=allow_config_change)
 
 
 def run(config_path: str | Path | None, overrides: list[str], overwrite: bool = False,
-        resume: bool | str = False, progress: bool = True) -> dict:
+        resume: bool | str = False, progress: bool = True,
+        allow_config_change: bool = False) -> dict:
     """Load the config file with `--set` overrides, check it before any work, run CTRL."""
     config = load_config(FinetuneConfig, config_path, overrides)
     preflight.finetune(config, overwrite, resume=resume)
-    return finetune(config, progress=progress, resume=resume, overwrite=overwrite)
+    return finetune(config, progress=progress, resume=resume, overwrite=overwrite,
+                    allow_config_change=allow_config_change)

@@ -23,13 +23,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ctrl_ray import tracking
-from ctrl_ray.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from ctrl_ray.checkpoint import (LEARNER_STATE_FILE, latest_checkpoint, read_checkpoint,
+                                 read_learner_state, save_checkpoint)
 from ctrl_ray.config import flatten, scalar_metrics, to_dict
+from ctrl_ray.config_changes import RESUME_CHANGES_TAG, check_resume, describe, resolved_config
 from ctrl_ray.distributed.roles import Learner, RolloutWorker
 from ctrl_ray.errors import InputError
 from ctrl_ray.finetune_setup import FinetuneConfig, load_rewards
 from ctrl_ray.objectives.base import draw_inputs
 from ctrl_ray.registry import is_uri
+from ctrl_ray.run_lock import output_dir_lock
 from ctrl_ray.sampling.sampler import RolloutInputs
 
 
@@ -142,36 +145,65 @@ def _with_absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
 
 def train(config: FinetuneConfig, progress: bool = True, resume: bool | str = False,
           on_iteration: Callable[[int, Roles], None] | None = None,
-          parent_run_id: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+          parent_run_id: str | None = None, overwrite: bool = False,
+          allow_config_change: bool = False) -> dict[str, Any]:
     """Run CTRL for `config.iterations` updates; checkpoint, evaluate, log everything to MLflow.
 
-    `resume=True` continues from the newest checkpoint under `output_dir/checkpoints` (an
-    InputError if there is none; `resume="if-present"` then starts over) (adapter,
-    optimizer, policy version, the driver's RNG state and the MLflow run). A fresh start over
-    an earlier run's checkpoints is refused unless `overwrite` (then they are removed, so a
-    later resume cannot pick one up). `parent_run_id` makes the run a child of that MLflow run
-    (a Ray Tune trial under its sweep).
+    The output folder is locked for the run (`ctrl_ray.run_lock`: a second run into it is
+    refused). `resume=True` continues from the newest checkpoint under `output_dir/checkpoints`
+    (an InputError if there is none; `resume="if-present"` then starts over): adapter,
+    optimizer, policy version, the rule's learner state (the value rule's replay), the driver's
+    RNG state and the MLflow run, so the run ends as an uninterrupted one would. A config that
+    differs from the checkpoint's in a key that changes training is refused unless
+    `allow_config_change` (`ctrl_ray.config_changes`). A fresh start over an earlier run's
+    checkpoints is refused unless `overwrite` (then they are removed, so a later resume cannot
+    pick one up). `parent_run_id` makes the run a child of that MLflow run (a Ray Tune trial
+    under its sweep).
     """
     config.check_evaluation_chain()
     out = Path(config.output_dir)
-    _clear_earlier_checkpoints(out / "checkpoints", resume, overwrite)
-    roles = start_roles(config)
+    with output_dir_lock(out):
+        _clear_earlier_checkpoints(out / "checkpoints", resume, overwrite)
+        checkpoint = _checkpoint_to_resume(out / "checkpoints", resume)
+        restored = changes = None
+        if checkpoint is not None:
+            restored = (*read_checkpoint(checkpoint), read_learner_state(checkpoint))
+            if "config" not in restored[2]:
+                print(f"{checkpoint} records no config (written by an older version): the "
+                      f"resumed config is not compared with it")
+            changes = check_resume(restored[2].get("config"), config, allow_config_change)
+        roles = start_roles(config)
+        return _run(roles, config, out, progress, checkpoint, restored, changes, on_iteration,
+                    parent_run_id)
+
+
+def _checkpoint_to_resume(directory: Path, resume: bool | str) -> Path | None:
+    """The checkpoint a resume continues from (None: a fresh start)."""
+    checkpoint = latest_checkpoint(directory) if resume else None
+    if resume and checkpoint is None:
+        if resume != "if-present":
+            raise InputError(f"--resume: no checkpoint under {str(directory)!r} to resume from "
+                             f"(--resume-if-present starts over when there is none)")
+        print(f"no checkpoint under {directory}: starting from scratch")
+    return checkpoint
+
+
+def _run(roles: Roles, config: FinetuneConfig, out: Path, progress: bool,
+         checkpoint: Path | None, restored: tuple | None, changes: list | None,
+         on_iteration: Callable[[int, Roles], None] | None,
+         parent_run_id: str | None) -> dict[str, Any]:
+    """The run proper, in the locked output folder: restore, train, save, evaluate."""
     info = roles.call(roles.learner, "describe")
     generator = torch.Generator().manual_seed(config.seed)
     start, run_id = 0, None
-    checkpoint = latest_checkpoint(out / "checkpoints") if resume else None
-    if resume and checkpoint is None:
-        if resume != "if-present":
-            raise InputError(f"--resume: no checkpoint under {str(out / 'checkpoints')!r} to "
-                             f"resume from (--resume-if-present starts over when there is none)")
-        print(f"no checkpoint under {out / 'checkpoints'}: starting from scratch")
     if checkpoint is not None:
-        adapter, optimizer_state, state = read_checkpoint(checkpoint)
+        adapter, optimizer_state, state, learner_state = restored
         roles.call(roles.learner, "restore", adapter, optimizer_state,
-                   state["optimizer_layout"], state["version"])
+                   state["optimizer_layout"], state["version"], learner_state)
         generator.set_state(torch.tensor(state["generator_state"], dtype=torch.uint8))
         start, run_id = state["iteration"], state.get("mlflow_run_id")
-        print(f"resumed from {checkpoint} (iteration {start}, version {state['version']})")
+        print(f"resumed from {checkpoint} (iteration {start}, version {state['version']})"
+              + (f" with changes: {describe(changes)}" if changes else ""))
 
     params = flatten(to_dict(config))
     params["trainable_parameters"] = info["trainable_parameters"]
@@ -181,16 +213,28 @@ def train(config: FinetuneConfig, progress: bool = True, resume: bool | str = Fa
                           tags=tags) as active:
         if run_id is None:
             mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        if changes:
+            _record_changes(active.info.run_id, start, changes)
         train_start = time.perf_counter()
         bar = tqdm(range(start, config.iterations), desc=f"ctrl {config.mode}",
                    initial=start, total=config.iterations, disable=not progress)
+        report_every = getattr(config.objective, "report_every", 1)
+        measured = start   # the update the latest reward and KL were measured at
+        latest = {"reward": float("nan"), "kl": float("nan")}
         for iteration in bar:
-            metrics = _iteration(roles, config, info, generator)
-            mlflow.log_metrics(metrics, step=iteration + 1)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.2f}")
             done = iteration + 1
+            # The first update of this process and the last are always measured.
+            report = iteration == start or done % report_every == 0 or done == config.iterations
+            metrics = _iteration(roles, config, info, generator, report)
+            if "reward" in metrics:
+                measured, latest = done, metrics
+            metrics["report_age"] = float(done - measured)
+            mlflow.log_metrics(metrics, step=done)
+            bar.set_postfix(reward=f"{latest['reward']:.3f}", kl=f"{latest['kl']:.2f}",
+                            **({"age": done - measured} if report_every > 1 else {}))
             if config.checkpoint_every and done % config.checkpoint_every == 0:
-                _save_training_checkpoint(roles, info, out / "checkpoints" / f"{done:06d}", done,
+                _save_training_checkpoint(roles, config, info,
+                                          out / "checkpoints" / f"{done:06d}", done,
                                           generator, active.info.run_id)
             if on_iteration is not None:
                 on_iteration(done, roles)
@@ -212,6 +256,13 @@ def train(config: FinetuneConfig, progress: bool = True, resume: bool | str = Fa
     return result
 
 
+def _record_changes(run_id: str, iteration: int, changes: list) -> None:
+    """Add one line per resume with changes to the run's `resume_changes` tag."""
+    earlier = mlflow.get_run(run_id).data.tags.get(RESUME_CHANGES_TAG)
+    line = f"at update {iteration}: {describe(changes)}"
+    mlflow.set_tag(RESUME_CHANGES_TAG, line if not earlier else f"{earlier}\n{line}")
+
+
 def _clear_earlier_checkpoints(directory: Path, resume: bool | str, overwrite: bool) -> None:
     """Before a fresh start: refuse, or with `overwrite` remove, an earlier run's checkpoints."""
     if resume or latest_checkpoint(directory) is None:
@@ -225,15 +276,17 @@ def _clear_earlier_checkpoints(directory: Path, resume: bool | str, overwrite: b
 
 
 def _iteration(roles: Roles, config: FinetuneConfig, info: dict,
-               generator: torch.Generator) -> dict:
-    """One update: draw, publish, shard across workers, apply on the learner."""
+               generator: torch.Generator, report: bool = True) -> dict:
+    """One update: draw, publish, shard across workers, apply on the learner; ``report``: the
+    workers measure the policy's reward and KL (a rule with ``report_every`` skips it
+    otherwise; the update is the same either way)."""
     start = time.perf_counter()
     inputs = draw_inputs(SimpleNamespace(**info), config.objective, generator)
     publish_start = time.perf_counter()
     version, published, sync_bytes = roles.call(roles.learner, "publish", roles.remote)
     publish_seconds = time.perf_counter() - publish_start
     shards = _split(inputs, len(roles.workers))
-    calls = [(version, [published], shard, inputs.batch_size) for shard in shards]
+    calls = [(version, [published], shard, inputs.batch_size, report) for shard in shards]
     results = roles.on_workers("work", calls, config.distributed.max_restarts)
     # The learner's randomness is a seed drawn from (so advancing) the driver's stream: it never
     # replays the next iteration's labels and noise.
@@ -255,10 +308,18 @@ def _split(inputs: RolloutInputs, parts: int) -> list[RolloutInputs]:
     return [inputs.slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-def _save_training_checkpoint(roles: Roles, info: dict, path: Path, iteration: int,
-                              generator: torch.Generator, run_id: str) -> None:
-    adapter, optimizer_state, version = roles.call(roles.learner, "checkpoint_state")
+def _save_training_checkpoint(roles: Roles, config: FinetuneConfig, info: dict, path: Path,
+                              iteration: int, generator: torch.Generator, run_id: str) -> None:
+    """Everything a resume needs to continue exactly: the learner's state (the value rule's
+    replay included), the driver's RNG (it seeds the learner's) and the resolved config. The
+    MLflow copy leaves out the learner state (up to ``replay_bytes`` per checkpoint); a
+    resume reads the local checkpoint."""
+    adapter, optimizer_state, version, learner_state = roles.call(roles.learner,
+                                                                  "checkpoint_state")
     state = {"iteration": iteration, "version": version, "mlflow_run_id": run_id,
-             "generator_state": generator.get_state().tolist()}
-    save_checkpoint(path, adapter, info["spec"], state, optimizer_state)
-    mlflow.log_artifacts(str(path), artifact_path=f"checkpoints/{path.name}")
+             "generator_state": generator.get_state().tolist(),
+             "config": resolved_config(config)}
+    save_checkpoint(path, adapter, info["spec"], state, optimizer_state, learner_state)
+    for file in sorted(path.iterdir()):
+        if file.name != LEARNER_STATE_FILE:
+            mlflow.log_artifact(str(file), artifact_path=f"checkpoints/{path.name}")

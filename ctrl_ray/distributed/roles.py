@@ -89,15 +89,22 @@ class Learner:
         self.setup.model.eval()
         return evaluate(self.setup.model, self.setup.label_info, self._judge, evaluation)
 
-    def checkpoint_state(self) -> tuple[dict, tuple[dict, dict], int]:
-        """Adapter tensors, optimizer (tensors, layout) and version, for the driver to save."""
-        return self.trainable_state(), optimizer_tensors(self.setup.optimizer), self.version
+    def checkpoint_state(self) -> tuple[dict, tuple[dict, dict], int, dict]:
+        """Adapter tensors, optimizer (tensors, layout), version and the rule's own state on
+        the learner (the value rule's replay; {} for the others), for the driver to save."""
+        rule_state = getattr(self.rule, "learner_state", None)
+        return (self.trainable_state(), optimizer_tensors(self.setup.optimizer), self.version,
+                rule_state(self.setup.model) if rule_state else {})
 
     def restore(self, adapter: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor],
-                layout: dict, version: int) -> None:
+                layout: dict, version: int,
+                learner_state: dict[str, torch.Tensor] | None = None) -> None:
         self.setup.model.load_trainable_state_dict(adapter)
         restore_optimizer(self.setup.optimizer, optimizer, layout)
         self.version = version
+        restore_rule_state = getattr(self.rule, "restore_learner_state", None)
+        if learner_state and restore_rule_state:
+            restore_rule_state(self.setup.model, self.setup.objective, learner_state)
 
 
 class RolloutWorker:
@@ -127,12 +134,15 @@ class RolloutWorker:
         return self.last_sync_seconds
 
     def work(self, version: int, published: list, inputs: RolloutInputs,
-             normaliser: int) -> tuple[Any, dict]:
+             normaliser: int, report: bool = True) -> tuple[Any, dict]:
         """Sync to ``version``, then the update rule's worker step on this shard of the batch
-        (``normaliser`` = the full batch size); returns its payload and metrics."""
+        (``normaliser`` = the full batch size); returns its payload and metrics. A rule with a
+        ``report_every`` key measures the policy's reward and KL only when ``report``."""
         sync_seconds = self.sync(version, published)
+        options = {"report": report} if hasattr(self.setup.objective, "report_every") else {}
         payload, metrics = self.rule.worker_step(self.setup.model, self.setup.reward_fn, inputs,
-                                                 self.setup.objective, normaliser, self.version)
+                                                 self.setup.objective, normaliser, self.version,
+                                                 **options)
         metrics.update(sync_seconds=sync_seconds, policy_version=float(self.version))
         return payload, metrics
 

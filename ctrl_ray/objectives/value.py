@@ -14,11 +14,13 @@ estimates), and nothing drifts where the reward is flat (there h is constant and
 zero). `docs/update_rules.md`, section 6, measures how close it gets to the optimum and why
 Adjoint Matching's adapter lags further behind.
 
-A rollout worker samples its shard twice with the batch's noise: the base model (the
-regression data: states, contexts and lambda log p(y | x0) for every y) and the current policy
-(the reward and KL the run reports). The learner adds the shards to a replay of the last
-``replay_rollouts`` base rollouts (exact data forever: they do not depend on the policy) and
-takes ``regression_steps`` AdamW steps on random (state, timestep) pairs of it.
+A rollout worker samples its shard with the batch's noise from the base model (the regression
+data: states, contexts and lambda log p(y | x0) for every y) and, when the driver asks for a
+report (every ``report_every`` updates), from the current policy (the reward and KL the run
+reports; the fit never sees them). The learner adds the shards to a replay of the newest base
+rollouts within ``replay_rollouts`` and ``replay_bytes`` (exact data forever: they do not depend
+on the policy; `ctrl_ray.objectives.replay`), saved with every training checkpoint, and takes
+``regression_steps`` AdamW steps on random (state, timestep) pairs of it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ctrl_ray.errors import InputError
 from ctrl_ray.models.soft_value import value_loss
 from ctrl_ray.objectives.base import ObjectiveConfig, clip_and_step
 from ctrl_ray.objectives.pathwise import RewardFn
+from ctrl_ray.objectives.replay import Replay
 from ctrl_ray.sampling.sampler import DenoisingSchedule, RolloutInputs, sample
 
 
@@ -94,9 +97,9 @@ Config = ValueConfig
 
 
 def worker_step(model, reward_fn: RewardFn, inputs: RolloutInputs, config: ValueConfig,
-                normaliser: int, version: int) -> tuple[dict, dict]:
-    """Sample the shard with the base model (the regression data, on CPU) and with the policy
-    (its reward and KL)."""
+                normaliser: int, version: int, report: bool = True) -> tuple[dict, dict]:
+    """Sample the shard with the base model (the regression data, on CPU) and, if ``report``,
+    with the policy (its reward and KL: metrics only)."""
     if getattr(model, "value_head", None) is None:
         raise InputError("mode value trains a value head: set adapter.kind: value")
     if inputs.num_steps != config.num_inference_steps:
@@ -106,11 +109,14 @@ def worker_step(model, reward_fn: RewardFn, inputs: RolloutInputs, config: Value
     with torch.no_grad():
         base = sample(model, inputs, eta=config.eta, compute_kl=False, from_reference=True)
         log_targets = tilt * target_log_likelihoods(model, reward_fn, base.x0, base.contexts)
+    payload = {"states": base.states.cpu(), "log_targets": log_targets.float().cpu(),
+               "contexts": None if base.contexts is None else base.contexts.cpu()}
+    if not report:
+        return payload, {"num_samples": float(inputs.batch_size)}
+    with torch.no_grad():
         policy = sample(model, inputs, eta=config.eta, kl_reduction=config.kl_reduction)
         log_likelihood = reward_fn(policy.x0, policy.labels, policy.contexts)
     path_kl = policy.path_kl
-    payload = {"states": base.states.cpu(), "log_targets": log_targets.float().cpu(),
-               "contexts": None if base.contexts is None else base.contexts.cpu()}
     return payload, {
         "reward": log_likelihood.mean().item(),
         "kl": path_kl.mean().item(),
@@ -119,63 +125,34 @@ def worker_step(model, reward_fn: RewardFn, inputs: RolloutInputs, config: Value
     }
 
 
-class Replay:
-    """The learner's last ``size`` base rollouts: states (S+1, N, ...), targets (N, J) and
-    contexts (N,). Base rollouts never go stale (h is defined by the base chain), so every one
-    stays exact data for the regression; a resumed run starts with an empty buffer. Every
-    ``heldout_every``-th rollout added (in arrival order) is held out of the fit: the data on
-    which the head's early stopping is judged."""
-
-    def __init__(self, size: int, heldout_every: int = 0):
-        self.size, self.heldout_every, self.added = size, heldout_every, 0
-        self.states = self.log_targets = self.contexts = self.heldout = None
-
-    def add(self, payloads: list[dict]) -> None:
-        parts = [(self.states, self.log_targets, self.contexts)] if self.states is not None \
-            else []
-        parts += [(p["states"], p["log_targets"], p["contexts"]) for p in payloads]
-        new = sum(p["log_targets"].shape[0] for p in payloads)
-        order = torch.arange(self.added, self.added + new)
-        heldout = order % self.heldout_every == 0 if self.heldout_every else \
-            torch.zeros(new, dtype=torch.bool)
-        self.added += new
-        keep = max(self.size, new)
-        self.states = torch.cat([states for states, _, _ in parts], 1)[:, -keep:]
-        self.log_targets = torch.cat([targets for _, targets, _ in parts])[-keep:]
-        self.contexts = None if parts[0][2] is None else \
-            torch.cat([contexts for _, _, contexts in parts])[-keep:]
-        self.heldout = torch.cat([h for h in (self.heldout, heldout) if h is not None])[-keep:]
-
-
 def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
                  config: ValueConfig, generator: torch.Generator, version: int) -> dict:
     """Add the shards' base rollouts to the replay (kept on the value head, outside its
-    weights), then up to ``regression_steps`` steps of the value loss on random (state,
+    weights; `learner_state` saves it), then up to ``regression_steps`` steps of the value loss on random (state,
     timestep) pairs of its fit rollouts (x_T .. x_0 of each). Every ``check_every`` steps the
     loss on the held-out rollouts is measured and the head keeps its best weights of the update
     (the ones it came in with included): an over-fit h steers where the reward says nothing,
     which costs KL and buys no control (docs/update_rules.md, section 7)."""
     head = model.value_head
     device = next(head.parameters()).device
-    replay = getattr(head, "replay", None)
-    if replay is None or (replay.size, replay.heldout_every) != (config.replay_rollouts,
-                                                                  config.heldout_every):
-        head.replay = replay = Replay(config.replay_rollouts, config.heldout_every)
+    replay = _replay(head, config)
     replay.add(payloads)
-    schedule = DenoisingSchedule.create(model.alphas_cumprod.cpu(), replay.states.shape[0] - 1,
+    states, log_targets, contexts = (replay.buffers.get(name) for name in
+                                     ("states", "log_targets", "contexts"))
+    schedule = DenoisingSchedule.create(model.alphas_cumprod.cpu(), states.shape[0] - 1,
                                         config.eta)
     timesteps = torch.cat([schedule.timesteps, schedule.timesteps.new_zeros(1)]).long()
-    fit_rows = torch.nonzero(~replay.heldout).flatten()
-    heldout_rows = torch.nonzero(replay.heldout).flatten()
+    slots = replay.slots()   # ring slots in arrival order
+    held = replay.heldout_buffer[slots]
+    fit_rows, heldout_rows = slots[~held], slots[held]
     if not len(fit_rows):   # the first batch of a tiny run can be all held out
         fit_rows, heldout_rows = heldout_rows, heldout_rows[:0]
 
     def loss_on(rows: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-        contexts = None if replay.contexts is None else model.head_context(replay.contexts[rows])
-        return value_loss(head, replay.states[which, rows].to(device),
-                          timesteps[which].to(device),
-                          None if contexts is None else contexts.to(device),
-                          replay.log_targets[rows].to(device))
+        context = None if contexts is None else model.head_context(contexts[rows])
+        return value_loss(head, states[which, rows].to(device), timesteps[which].to(device),
+                          None if context is None else context.to(device),
+                          log_targets[rows].to(device))
 
     # The held-out pairs: every state of up to 256 held-out rollouts, fixed within the update.
     heldout_rows = heldout_rows[-256:]
@@ -211,10 +188,30 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
             best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)
     metrics = {"loss": total / steps, "grad_norm": norms / steps,
-               "replay_rollouts": float(replay.states.shape[1])}
+               "replay_rollouts": float(replay.count)}
     if len(check_rows):
         metrics["heldout_loss"] = best_loss
     return metrics
+
+
+def _replay(head, config: ValueConfig) -> Replay:
+    """The replay on the value head; a new, empty one if its bounds are not the config's."""
+    settings = (config.replay_rollouts, config.replay_bytes, config.heldout_every)
+    if getattr(head, "replay", None) is None or head.replay.settings != settings:
+        head.replay = Replay(config.replay_rollouts, config.heldout_every, config.replay_bytes)
+    return head.replay
+
+
+def learner_state(model) -> dict[str, torch.Tensor]:
+    """What the learner keeps beyond the weights and optimizer: the replay, for a checkpoint."""
+    replay = getattr(model.value_head, "replay", None)
+    return {} if replay is None else replay.state_dict()
+
+
+def restore_learner_state(model, config: ValueConfig, state: dict[str, torch.Tensor]) -> None:
+    """Put back a checkpoint's replay (`learner_state`); nothing if it had none."""
+    if state:
+        _replay(model.value_head, config).load_state_dict(state)
 
 
 def train_step(model, optimizer: torch.optim.Optimizer, reward_fn: RewardFn,
