@@ -114,12 +114,14 @@ class FinetuneConfig:
     evaluate: bool = True
     evaluate_base: bool = True
     optimum_samples_per_context: int = 100   # the exact optimum next to the run's numbers; 0: off
+    optimum_max_samples_per_context: int = 0  # a low-ESS context topped up to this; 0: no
     output_dir: str = "outputs/ctrl-digits-compress"
     experiment: str = "ctrl-ray-finetune"
 
     def __post_init__(self):
         check_bounds(self, iterations="[1, 100000000]", seed=SEED, checkpoint_every=">= 0",
-                     optimum_samples_per_context="[0, 100000]")
+                     optimum_samples_per_context="[0, 100000]",
+                     optimum_max_samples_per_context="[0, 1000000]")
         # The one place the update rule is chosen: `objective` becomes the rule's own config.
         rule_config = update_rule(self.mode).Config
         if self.adapter.kind is None:
@@ -239,6 +241,8 @@ def evaluate_setup(setup: Setup, config: FinetuneConfig, out: Path) -> dict[str,
         optimum = exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood, judge,
                                 OptimumConfig(
                                     samples_per_context=config.optimum_samples_per_context,
+                                    max_samples_per_context=(
+                                        config.optimum_max_samples_per_context),
                                     contexts=config.evaluation.contexts,
                                     context_digits=config.evaluation.context_digits,
                                     guidance_levels=[tilt],

@@ -41,9 +41,11 @@ ImageLogLikelihood = Callable[[torch.Tensor, dict, torch.Tensor | None], torch.T
 @dataclass
 class OptimumConfig:
     """The importance-sampling estimate: M base samples per context (shared by every target
-    and guidance level), the sampler, and the ESS below which a level is flagged."""
+    and guidance level), the sampler, and the ESS below which a level is flagged; a context
+    whose ESS falls below it gets more samples, up to `max_samples_per_context`."""
 
     samples_per_context: int = 300
+    max_samples_per_context: int = 0   # top a low-ESS context up to this many (0: no top-up)
     contexts: list[int | str] | None = None   # class ids / prompt indices, or prompts
     context_digits: list[int] | None = None   # the digit each context names, for the judge
     guidance_levels: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0, 30.0, 100.0])
@@ -51,7 +53,7 @@ class OptimumConfig:
     eta: float = 1.0
     seed: int = 20_000
     batch_size: int = 256
-    min_ess: float = 20.0
+    min_ess: float = 50.0
     scorers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -62,6 +64,9 @@ class OptimumConfig:
                              f"{self.guidance_levels}")
         if self.min_ess < 1:
             raise InputError(f"min_ess must be >= 1, got {self.min_ess}")
+        if self.max_samples_per_context < 0:
+            raise InputError(f"max_samples_per_context must be >= 0, got "
+                             f"{self.max_samples_per_context}")
 
 
 @dataclass
@@ -81,37 +86,75 @@ class BasePool:
 
 def base_pool(model, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood, judge,
               config: OptimumConfig) -> BasePool:
-    """Sample the base model M times per context and score every sample for every target."""
+    """Sample the base model M times per context and score every sample for every target; then
+    top up each context whose ESS (at any target and guidance level) is below `min_ess`, by as
+    many samples as the ESS asks for (it grows in proportion), up to `max_samples_per_context`."""
     names = list(model.label_classes)
     scorers = {name: get_scorer(name, label_info[name], config.scorers.get(name))
                for name in names}
     contexts, context_digits = resolve_contexts(model, config.contexts, config.context_digits)
-    rows = [c for c in contexts for _ in range(config.samples_per_context)]
+    judge = judge if model.num_contexts and context_digits is not None else None
+    pool = BasePool(contexts, np.zeros(0, dtype=np.int64), torch.zeros(0), {}, None, {},
+                    {name: scorers[name].description for name in names},
+                    dict(zip(contexts, context_digits or [], strict=False)))
+    more = {c: config.samples_per_context for c in contexts}
+    while more:
+        rows = [c for c, count in more.items() for _ in range(count)]
+        _add_samples(pool, model, scorers, log_likelihood, judge, rows,
+                     config.seed + len(pool.context_of_row), config)
+        more = _top_up(pool, config)
+    return pool
+
+
+def _add_samples(pool: BasePool, model, scorers: dict, log_likelihood: ImageLogLikelihood,
+                 judge, rows: list[int], first_seed: int, config: OptimumConfig) -> None:
+    """Draw one base sample per entry of `rows` (its context; seeds from `first_seed` on),
+    score it for every target and append it to `pool`."""
+    names = list(scorers)
     context_tensor = torch.tensor(rows) if model.num_contexts else None
     unused = {name: torch.zeros(len(rows), dtype=torch.long) for name in names}
     images, _ = generate(model, context_tensor, unused,
-                         [config.seed + i for i in range(len(rows))],
+                         [first_seed + i for i in range(len(rows))],
                          num_inference_steps=config.num_inference_steps, eta=config.eta,
                          from_reference=True, batch_size=config.batch_size)
     targets = itertools.product(*(range(model.label_classes[name]) for name in names))
-    scores = {}
     with torch.no_grad():
         for target in targets:
             labels = {name: torch.full((len(rows),), k, dtype=torch.long)
                       for name, k in zip(names, target, strict=True)}
-            scores[target] = torch.cat([
+            scores = torch.cat([
                 log_likelihood(images[i:i + config.batch_size],
                                {n: v[i:i + config.batch_size] for n, v in labels.items()},
                                None if context_tensor is None else
                                context_tensor[i:i + config.batch_size]).double().cpu()
                 for i in range(0, len(rows), config.batch_size)]).numpy()
-    digits = None
-    if judge is not None and context_tensor is not None and context_digits is not None:
+            pool.log_likelihood[target] = np.concatenate(
+                [pool.log_likelihood.get(target, np.zeros(0)), scores])
+    for name in names:
+        pool.labels[name] = np.concatenate([pool.labels.get(name, np.zeros(0, np.int64)),
+                                            scorers[name].label(images)])
+    if judge is not None:
         digits = judge.predict(judge_view(images, judge))
-    return BasePool(contexts, np.asarray(rows), images,
-                    {name: scorers[name].label(images) for name in names}, digits, scores,
-                    {name: scorers[name].description for name in names},
-                    dict(zip(contexts, context_digits or [], strict=False)))
+        pool.judged_digits = digits if pool.judged_digits is None else np.concatenate(
+            [pool.judged_digits, digits])
+    pool.images = images if len(pool.images) == 0 else torch.cat([pool.images, images])
+    pool.context_of_row = np.concatenate([pool.context_of_row, np.asarray(rows)])
+
+
+def _top_up(pool: BasePool, config: OptimumConfig) -> dict[int, int]:
+    """How many more samples each context whose lowest ESS is below `min_ess` needs (20% over
+    the proportional estimate, within `max_samples_per_context`)."""
+    more = {}
+    for c in pool.contexts:
+        rows = np.flatnonzero(pool.context_of_row == c)
+        cap = max(config.max_samples_per_context, config.samples_per_context)
+        ess = min(weights_kl_and_ess(tilted_weights(log_likelihood[rows], tilt))[1]
+                  for log_likelihood in pool.log_likelihood.values()
+                  for tilt in config.guidance_levels)
+        if ess < config.min_ess and len(rows) < cap:
+            wanted = math.ceil(1.2 * len(rows) * config.min_ess / ess)
+            more[c] = min(cap, max(wanted, len(rows) + 1)) - len(rows)
+    return more
 
 
 def tilted_weights(log_likelihood: np.ndarray, tilt: float) -> np.ndarray:
@@ -185,7 +228,9 @@ def exact_optimum(model, label_info: dict[str, dict], log_likelihood: ImageLogLi
     levels = [optimum_at(pool, label_info, tilt) for tilt in config.guidance_levels]
     for level in levels:
         level["trustworthy"] = level["ess_min"] >= config.min_ess
-    result = {"samples_per_context": config.samples_per_context, "contexts": pool.contexts,
+    drawn = [int((pool.context_of_row == c).sum()) for c in pool.contexts]
+    result = {"samples_per_context": config.samples_per_context, "samples_drawn": drawn,
+              "contexts": pool.contexts,
               "num_inference_steps": config.num_inference_steps, "min_ess": config.min_ess,
               "base": optimum_at(pool, label_info, 0.0), "levels": levels}
     if grid_path is not None:
@@ -223,8 +268,11 @@ def format_optimum(result: dict) -> str:
     names = list(result["base"]["labels"])
     header = "  gamma/alpha  " + "  ".join(f"{name + ' F1':>16}" for name in names)
     header += "  joint acc  fidelity  E[log p(y|x)]  KL (nats)  ESS min"
-    lines = [f"exact optimum (importance-weighted base samples: {result['samples_per_context']} "
-             f"per context, {result['num_inference_steps']} steps)", header]
+    drawn = result.get("samples_drawn") or [result["samples_per_context"]]
+    counts = f"{min(drawn)}" if min(drawn) == max(drawn) else \
+        f"{min(drawn)}-{max(drawn)} (more where the ESS was low)"
+    lines = [f"exact optimum (importance-weighted base samples: {counts} per context, "
+             f"{result['num_inference_steps']} steps)", header]
     warnings = []
     for level in [result["base"], *result["levels"]]:
         label = "base" if level is result["base"] else f"{level['gamma_over_alpha']:g}"
@@ -236,5 +284,6 @@ def format_optimum(result: dict) -> str:
         if level is not result["base"] and not level["trustworthy"]:
             warnings.append(f"  warning: at gamma/alpha {label} the effective sample size falls "
                             f"to {level['ess_min']:.1f} (< {result['min_ess']:g}): the estimate "
-                            f"is not trustworthy; raise samples_per_context")
+                            f"is not trustworthy; raise samples_per_context (or "
+                            f"max_samples_per_context)")
     return "\n".join(lines + warnings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ctrl_ray.cli import main
+from ctrl_ray.grids import grid_labels
 
 
 def test_demo_runs_every_stage_and_pulls_from_the_registry(digits8, tiny_base, ray_session,
@@ -23,7 +24,7 @@ def test_demo_runs_every_stage_and_pulls_from_the_registry(digits8, tiny_base, r
         "finetune.iterations=2", "finetune.checkpoint_every=0",
         "finetune.evaluation.samples_per_target=1", "finetune.evaluation.contexts=[0]",
         "finetune.evaluation.num_inference_steps=4", "finetune.distributed.workers=2",
-        "finetune.optimum_samples_per_context=8",
+        "finetune.optimum_samples_per_context=8", "finetune.optimum_max_samples_per_context=400",
         f"finetune.output_dir={out}/ctrl", "registered_model=ctrl-digits-demo",
         f"output_dir={out}",
     ]
@@ -37,4 +38,10 @@ def test_demo_runs_every_stage_and_pulls_from_the_registry(digits8, tiny_base, r
     assert report["registered_model"] == "models:/ctrl-digits-demo/1"
     assert 0.0 <= report["ctrl"]["ctrl"]["macro_f1"] <= 1.0
     assert "exact optimum" in printed and report["ctrl"]["optimum"]["gamma_over_alpha"] == 1.0
-    assert (out / "registry_sample_c3_y0.png").is_file() and (out / "base_grid.png").is_file()
+    # 8 samples cannot carry an ESS of 50 (ESS <= M): the low contexts were topped up.
+    assert report["ctrl"]["optimum"]["ess_min"] >= 50 and "warning" not in printed
+    assert grid_labels(out / "base_grid.png") == {
+        "rows": [f"c = {c}" for c in range(10)], "columns": ["sample 1"],
+        "title": "the base model p_pre(x | c): no y"}
+    assert grid_labels(out / "registry_sample_c3_y0.png")["title"] == "c = 3"
+    assert grid_labels(out / "ctrl" / "ctrl_grid.png")["columns"] == ["c = 0"]
