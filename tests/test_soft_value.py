@@ -59,6 +59,42 @@ def test_null_labels_are_marginalised_and_all_null_rows_get_no_control():
     assert torch.all(gradient[2] == 0)
 
 
+def test_the_tilted_step_is_the_mean_of_the_tilted_transition():
+    """With offsets, the shift is E[x'] - mean under N(mean, sigma^2) h(x') / E[h] (Stein's
+    identity), not the first-order sigma^2 grad log h(mean); both agree as sigma -> 0."""
+    torch.manual_seed(0)
+    net = SoftValueNet(SoftValueSpec([2], {"y": 2}, None, hidden_dim=16))
+    for parameter in net.parameters():
+        torch.nn.init.normal_(parameter, std=0.4)
+    mean, t, labels = torch.tensor([[0.3, -0.2]]), torch.full((1,), 400), {"y": torch.tensor([1])}
+    offsets = torch.randn((20_000, 1, 2), generator=torch.Generator().manual_seed(1))
+    small = torch.tensor(1e-3)
+    assert torch.allclose(net.mean_shift(mean, small, t, None, labels, offsets),
+                          net.mean_shift(mean, small, t, None, labels, None), rtol=1e-3)
+    sigma = torch.tensor(0.5)
+    shift = net.mean_shift(mean, sigma, t, None, labels, offsets)
+    first_order = net.mean_shift(mean, sigma, t, None, labels, None)
+    points = mean + sigma * torch.cat([offsets, -offsets]).flatten(0, 1)
+    with torch.no_grad():
+        log_h, _ = net.log_value(points, t, None, {"y": torch.ones(len(points), dtype=int)})
+    weights = torch.softmax(log_h, 0)
+    assert 1 / (weights**2).sum() > 5_000   # the brute-force tilted mean is well estimated
+    exact = (weights[:, None] * points).sum(0) - mean[0]
+    assert torch.allclose(shift[0], exact, rtol=0.05, atol=0.01), (shift, exact)
+    # the curvature of log h over a sigma-ball is what the tilted step adds
+    assert (shift - first_order).norm() > 0.2 * first_order.norm(), (shift, first_order)
+
+
+def test_a_rows_step_candidates_are_its_own_alone_or_in_any_batch():
+    inputs = RolloutInputs.draw(0, 5, 3, (1, 4, 4), {"y": 2})
+    whole = inputs.candidate_noise(2, 3)
+    assert whole.shape == (3, 5, 1, 4, 4)
+    assert torch.equal(inputs.slice(1, 3).candidate_noise(2, 3), whole[:, 1:3])
+    assert not torch.equal(inputs.candidate_noise(1, 3), whole)
+    with pytest.raises(InputError, match="step_candidates"):
+        SoftValueSpec([2], {"y": 2}, step_candidates=3)
+
+
 def test_a_value_policy_starts_as_the_base_and_its_trainable_state_rebuilds_it():
     torch.manual_seed(0)
     model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value")

@@ -22,10 +22,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ctrl_ray.errors import InputError
+from ctrl_ray.models.adapter_config import ADAPTERS
 from ctrl_ray.models.backbone import Backbone
-from ctrl_ray.models.soft_value import WIDTH_KEYS, SoftValueNet, SoftValueSpec
-
-ADAPTERS = ("lora", "full", "none", "value")
+from ctrl_ray.models.soft_value import VALUE_HEAD_KEYS, SoftValueNet, SoftValueSpec
 
 
 class FrozenWeights(nn.Module):
@@ -62,8 +61,9 @@ class AugmentedModel(nn.Module):
             equal bands of timesteps (1: one vector for all t). The control the optimum needs
             differs in size along the sampler; one shared vector makes every step take the same
             compromise (`docs/update_rules.md`, section 5).
-        value_head: widths of the value head (`SoftValueSpec` fields ``channels``,
-            ``hidden_dim``, ``time_embedding_dim``), for ``adapter="value"``.
+        value_head: the value head's widths (`SoftValueSpec` fields ``channels``,
+            ``hidden_dim``, ``time_embedding_dim``) and its step (``step_candidates``), for
+            ``adapter="value"``.
     """
 
     def __init__(
@@ -137,10 +137,10 @@ class AugmentedModel(nn.Module):
         self.value_head: SoftValueNet | None = None
         if adapter == "value":
             widths = dict(value_head or {})
-            unknown = sorted(set(widths) - set(WIDTH_KEYS))
+            unknown = sorted(set(widths) - set(VALUE_HEAD_KEYS))
             if unknown:
                 raise InputError(f"value_head: unknown key(s) {unknown}; known: "
-                                 f"{list(WIDTH_KEYS)}")
+                                 f"{list(VALUE_HEAD_KEYS)}")
             text_dim = getattr(backbone, "context_embedding_dim", None)
             spec = SoftValueSpec(list(backbone.sample_shape), self.label_classes,
                                  num_contexts=None if text_dim else backbone.num_contexts,
@@ -227,14 +227,21 @@ class AugmentedModel(nn.Module):
         return self.backbone(x_t, t, context)
 
     def mean_shift(self, mean: Tensor, sigma: Tensor, t: Tensor, next_t: Tensor,
-                   context: Tensor | None, labels: Mapping[str, Tensor]) -> Tensor | None:
+                   context: Tensor | None, labels: Mapping[str, Tensor],
+                   offsets: Tensor | None = None) -> Tensor | None:
         """The value head's control of the reverse step t -> next_t whose base mean is ``mean``:
-        sigma^2 grad log h_{next_t}(mean; y, c), the first-order optimal Gaussian step of the
-        tilted chain (None without a head, in reference mode, or at t < min_timestep)."""
+        the shift toward the tilted step's mean, from ``offsets`` (`step_candidates` / 2 rows of
+        noise per sample) or first-order (None without a head, in reference mode, or at
+        t < min_timestep; `SoftValueNet.mean_shift`)."""
         if self.value_head is None or self._reference_mode or int(t) < self.min_timestep:
             return None
-        return sigma**2 * self.value_head.grad_log_value(mean, next_t, self.head_context(context),
-                                                         labels)
+        return self.value_head.mean_shift(mean, sigma, next_t, self.head_context(context),
+                                          labels, offsets)
+
+    @property
+    def step_candidates(self) -> int:
+        """Base candidates per sample of the value head's step (0: the first-order step)."""
+        return 0 if self.value_head is None else self.value_head.spec.step_candidates
 
     def head_context(self, context: Tensor | None) -> Tensor | None:
         """What the value head reads for contexts (B,): a text backbone's prompt embeddings

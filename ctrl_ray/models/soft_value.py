@@ -25,9 +25,10 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
 from ctrl_ray.errors import InputError
+from ctrl_ray.models.adapter_config import WIDTH_KEYS
 from ctrl_ray.models.classifier import conv_stages
 
-WIDTH_KEYS = ("channels", "hidden_dim", "time_embedding_dim")
+VALUE_HEAD_KEYS = (*WIDTH_KEYS, "step_candidates")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class SoftValueSpec:
     channels: list[int] = field(default_factory=lambda: [16, 32])   # conv widths (images)
     hidden_dim: int = 128                                            # MLP width (vectors)
     time_embedding_dim: int = 64
+    step_candidates: int = 8      # the step: 0 first-order, else this many base candidates
 
     def __post_init__(self):
         self.channels = [int(width) for width in self.channels]
@@ -55,6 +57,10 @@ class SoftValueSpec:
         if self.time_embedding_dim % 2:
             raise InputError(f"value_head.time_embedding_dim: need an even width, got "
                              f"{self.time_embedding_dim}")
+        if not isinstance(self.step_candidates, int) or self.step_candidates < 0 or \
+                self.step_candidates % 2:
+            raise InputError(f"value_head.step_candidates: need 0 (the first-order step) or an "
+                             f"even number >= 2, got {self.step_candidates!r}")
         if self.num_contexts and self.context_dim:
             raise InputError("a value head conditions on class indices or on prompt "
                              "embeddings, not both")
@@ -123,24 +129,63 @@ class SoftValueNet(nn.Module):
         out = self.head(hidden)
         return F.log_softmax(out[:, :-1], dim=-1), out[:, -1]
 
-    def grad_log_value(self, x: Tensor, t: Tensor, contexts: Tensor | None,
-                       labels: Mapping[str, Tensor]) -> Tensor:
-        """grad_x log h_t(x; y, c) of each row's own target (detached). A null label (value K)
-        is marginalised (log-sum-exp over its classes, exact for lambda = 1); a row whose
-        labels are all null gets no control (it is the base model)."""
+    def log_value(self, x: Tensor, t: Tensor, contexts: Tensor | None,
+                  labels: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(log h_t(x; y, c) of each row's own target (B,), whether the row is controlled (B,)).
+        A null label (value K) is marginalised (log-sum-exp over its classes, exact for
+        lambda = 1); a row whose labels are all null gets no control (it is the base model)."""
         names = list(self.spec.label_classes)
         targets = torch.tensor(self.spec.targets, device=x.device)           # (J, L)
         rows = torch.stack([labels[name].long() for name in names], 1)      # (B, L)
         null = rows == torch.tensor([self.spec.label_classes[n] for n in names],
                                     device=x.device)
         consistent = ((targets[None] == rows[:, None]) | null[:, None]).all(-1)   # (B, J)
+        log_q, log_m = self(x, t, contexts)
+        return torch.logsumexp(log_q.masked_fill(~consistent, float("-inf")), 1) + log_m, \
+            ~null.all(1)
+
+    def grad_log_value(self, x: Tensor, t: Tensor, contexts: Tensor | None,
+                       labels: Mapping[str, Tensor]) -> Tensor:
+        """grad_x log h_t(x; y, c) of each row's own target (detached; zero for a row with no
+        control)."""
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            log_q, log_m = self(x, t, contexts)
-            log_value = torch.logsumexp(log_q.masked_fill(~consistent, float("-inf")), 1) + log_m
+            log_value, active = self.log_value(x, t, contexts, labels)
             (gradient,) = torch.autograd.grad(log_value.sum(), x)
-        active = ~null.all(1)
         return gradient * active.view(-1, *[1] * (x.dim() - 1)).to(gradient.dtype)
+
+    def mean_shift(self, mean: Tensor, sigma: Tensor, t: Tensor, contexts: Tensor | None,
+                   labels: Mapping[str, Tensor], offsets: Tensor | None) -> Tensor:
+        """The shift of a reverse step's base mean toward the tilted step's,
+        E[x' | x] - mean under N(x'; mean, sigma^2) h_t(x') / E[h_t].
+
+        Without ``offsets``: the first-order step sigma^2 grad log h_t(mean), exact only where
+        log h is linear over a ball of radius sigma. With ``offsets`` (K, B, *shape) of N(0, I)
+        noise: sigma^2 E_tilted[grad log h_t(x')] (Stein's identity), estimated on the 2K base
+        candidates x' = mean +- sigma offsets weighted by h_t(x'). The first-order step follows
+        the head's gradient at one point, where an over-fit head's spurious high-frequency
+        components cost KL for no control; the tilted mean averages them out (measured:
+        docs/update_rules.md, section 8)."""
+        if offsets is None:
+            return sigma**2 * self.grad_log_value(mean, t, contexts, labels)
+        candidates = len(offsets) * 2
+        noise = torch.cat([offsets, -offsets]).to(mean)            # antithetic: mean exactly
+        x = (mean[None] + sigma * noise).flatten(0, 1)
+
+        def repeat(value: Tensor | None) -> Tensor | None:
+            return None if value is None else value.repeat(candidates, *[1] * (value.dim() - 1))
+
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            log_value, active = self.log_value(x, t, repeat(contexts),
+                                               {name: repeat(v) for name, v in labels.items()})
+            (gradient,) = torch.autograd.grad(log_value.sum(), x)
+        weights = torch.softmax(log_value.detach().view(candidates, -1), 0)
+        shape = (candidates, *mean.shape)
+        tilted = (weights.view(*weights.shape, *[1] * (mean.dim() - 1)) *
+                  gradient.view(shape)).sum(0)
+        active = active.view(candidates, -1)[0]
+        return sigma**2 * tilted * active.view(-1, *[1] * (mean.dim() - 1)).to(tilted.dtype)
 
 
 def value_loss(network: SoftValueNet, x: Tensor, t: Tensor, contexts: Tensor | None,

@@ -36,34 +36,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.augmented import AugmentedModel
-
-KL_REDUCTIONS = ("sum", "mean")
-TRUNCATION_MODES = ("none", "fixed", "random")
-
-
-@dataclass(frozen=True)
-class Truncation:
-    """Which final steps get parameter gradients: all (none), the last k (fixed), or the last
-    k' ~ Uniform{1..k} drawn once per batch (random, as in DRaFT / the CTRL paper)."""
-
-    mode: str = "none"
-    k: int = 1
-
-    def __post_init__(self):
-        if self.mode not in TRUNCATION_MODES:
-            raise InputError(
-                f"truncation.mode must be one of {TRUNCATION_MODES}, got {self.mode!r}"
-            )
-        if self.k < 1:
-            raise InputError(f"truncation.k must be >= 1, got {self.k}")
-
-    def gradient_steps(self, num_steps: int, generator: torch.Generator | None = None) -> int:
-        """The number of final steps whose network calls are differentiated."""
-        if self.mode == "none":
-            return num_steps
-        if self.mode == "fixed":
-            return min(self.k, num_steps)
-        return int(torch.randint(1, min(self.k, num_steps) + 1, (), generator=generator))
+from ctrl_ray.sampler_config import KL_REDUCTIONS, Truncation
 
 
 @dataclass
@@ -132,7 +105,10 @@ class RolloutInputs:
 
     labels: name -> (B,) long (value K = null); contexts: (B,) long class ids, other conditioning
     with batch first, or None; initial_noise: (B, *shape) = x_T; step_noise: (S, B, *shape);
-    gradient_steps: the truncation window drawn with the batch (None = all steps).
+    gradient_steps: the truncation window drawn with the batch (None = all steps);
+    candidate_seeds: (B,) int64, each row's seed for the value head's step candidates
+    (`candidate_noise`; by default taken from the bits of the row's x_T, so a row keeps its
+    candidates alone or in any batch).
     """
 
     labels: dict[str, Tensor]
@@ -140,6 +116,22 @@ class RolloutInputs:
     initial_noise: Tensor
     step_noise: Tensor
     gradient_steps: int | None = None
+    candidate_seeds: Tensor | None = None
+
+    def __post_init__(self):
+        if self.candidate_seeds is None:
+            bits = self.initial_noise.detach().flatten(1)[:, :2].float().cpu().contiguous()
+            words = bits.view(torch.int32).long() & 0xFFFFFFFF
+            self.candidate_seeds = words[:, 0] * 2**31 + words[:, -1]
+
+    def candidate_noise(self, step: int, count: int) -> Tensor:
+        """(count, B, *shape) N(0, I) noise for step `step`'s candidates, row by row from the
+        row's seed (on CPU, float32)."""
+        shape = tuple(self.initial_noise.shape[1:])
+        return torch.stack([
+            torch.randn((count, *shape), generator=torch.Generator().manual_seed(
+                (int(seed) * 1_000_003 + step) % 2**63))
+            for seed in self.candidate_seeds.tolist()], 1)
 
     @property
     def batch_size(self) -> int:
@@ -198,6 +190,7 @@ class RolloutInputs:
             initial_noise=self.initial_noise[start:stop],
             step_noise=self.step_noise[:, start:stop],
             gradient_steps=self.gradient_steps,
+            candidate_seeds=self.candidate_seeds[start:stop],
         )
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> RolloutInputs:
@@ -212,6 +205,7 @@ class RolloutInputs:
             initial_noise=self.initial_noise.to(device, dtype),
             step_noise=self.step_noise.to(device, dtype),
             gradient_steps=self.gradient_steps,
+            candidate_seeds=self.candidate_seeds,
         )
 
 
@@ -326,6 +320,7 @@ def sample(
 
     # A value head (`AugmentedModel.mean_shift`) keeps the base network and shifts its mean.
     mean_shift = None if from_reference else getattr(model, "mean_shift", None)
+    candidates = getattr(model, "step_candidates", 0) // 2 if mean_shift is not None else 0
     next_timesteps = torch.cat([schedule.timesteps[1:], schedule.timesteps.new_zeros(1)])
     x = inputs.initial_noise
     states, means, log_probs, kls = [x], [], [], []
@@ -337,7 +332,7 @@ def sample(
                              checkpoint=in_window and checkpoint)
             shift = None if mean_shift is None or step not in adapted else mean_shift(
                 mean, sigma, schedule.timesteps[step], next_timesteps[step], inputs.contexts,
-                inputs.labels)
+                inputs.labels, inputs.candidate_noise(step, candidates) if candidates else None)
             if compute_kl:
                 if shift is not None or step not in adapted:
                     mean_reference = mean   # the policy's network is the base's here
