@@ -48,7 +48,8 @@ def policy_spec(model: AugmentedModel, label_info: dict[str, dict], sampling: di
         "value_head": None if model.value_head is None else {
             "channels": list(model.value_head.spec.channels),
             "hidden_dim": model.value_head.spec.hidden_dim,
-            "time_embedding_dim": model.value_head.spec.time_embedding_dim},
+            "time_embedding_dim": model.value_head.spec.time_embedding_dim,
+            "step_candidates": model.value_head.spec.step_candidates},
         "sampling": sampling,
         "base_model": base_model,
     }
