@@ -320,26 +320,33 @@ def _reward_audit(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from ctrl_ray import finetune
+    from ctrl_ray import preflight
+    from ctrl_ray.config import load_config
+    from ctrl_ray.finetune_config import FinetuneConfig
 
     overrides = list(args.overrides)
     for key, value in (("distributed.workers", args.workers), ("mode", args.mode),
                        ("distributed.address", args.address)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    result = finetune.run(args.config, overrides, args.overwrite, resume=args.resume,
-                          allow_config_change=args.allow_config_change)
+    config = load_config(FinetuneConfig, args.config, overrides)
+    preflight.finetune(config, args.overwrite, resume=args.resume)
+    from ctrl_ray.finetune import finetune  # torch, Ray, MLflow: only once the input is good
+
+    result = finetune(config, resume=args.resume, overwrite=args.overwrite,
+                      allow_config_change=args.allow_config_change)
     print(f"saved {result['policy_dir']} ({result['train_seconds']:.0f} s of training)")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from ctrl_ray import preflight
     from ctrl_ray.config import load_config
-    from ctrl_ray.finetune_setup import FinetuneConfig
-    from ctrl_ray.policy import evaluate_model
+    from ctrl_ray.finetune_config import FinetuneConfig
 
     config = load_config(FinetuneConfig, args.config, args.overrides)
     preflight.evaluate(args.model, config, args.overwrite)
+    from ctrl_ray.policy import evaluate_model
+
     report = evaluate_model(args.model, config.evaluation, config.judge, config.output_dir)
     _print_json({k: v for k, v in report.items() if k != "labels"})
 
@@ -349,13 +356,14 @@ def _sample(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from ctrl_ray import preflight
-    from ctrl_ray.policy import sample_grid
 
     text = args.y.strip()
     label = int(text) if text.lstrip("+-").isdigit() else text  # a class index or name
     # A class name is checked against the model's names in sample_grid.
     preflight.sample(args.model, args.n, args.seed, label if isinstance(label, int) else -1,
                      args.guidance_scale, args.out, args.overwrite)
+    from ctrl_ray.policy import sample_grid
+
     context = args.prompt if args.prompt is not None else args.c
     out = Path(args.out)
     staging = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")  # moved into place at the end

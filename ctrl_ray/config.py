@@ -40,7 +40,7 @@ BOUNDS: dict[str, dict[str, str | tuple]] = {
         "num_train_timesteps": "[2, 100000]",
         "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     },
-    "ctrl_ray.evaluation.EvaluationConfig": {
+    "ctrl_ray.evaluation_config.EvaluationConfig": {
         "samples_per_target": "[1, 100000]", "contexts": "[0, 100000]",
         "num_inference_steps": "[1, 10000]", "eta": "[0, 100]", "seed": SEED,
         "batch_size": "[1, 100000]",
@@ -48,7 +48,7 @@ BOUNDS: dict[str, dict[str, str | tuple]] = {
     "ctrl_ray.reward_training.RewardTrainingConfig": {"seed": SEED},
     "ctrl_ray.baselines.cfg.CFGTrainingConfig": {"seed": SEED},
     "ctrl_ray.baselines.classifier_guidance.NoisyClassifierTrainingConfig": {"seed": SEED},
-    "ctrl_ray.objectives.base.ObjectiveConfig": {
+    "ctrl_ray.objectives.configs.ObjectiveConfig": {
         "batch_size": "[1, 1000000]", "num_inference_steps": "[1, 10000]",
     },
     "ctrl_ray.tuning.configs.SearchConfig": {"seed": SEED},

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from ctrl_ray.errors import InputError
+from ctrl_ray.evaluation_config import EvaluationConfig
 from ctrl_ray.grids import image_grid, save_grid
 from ctrl_ray.models.text_to_image import reward_view
 from ctrl_ray.scoring import get_scorer, label_images_for
@@ -56,23 +56,6 @@ def generate(model, contexts: torch.Tensor | None, labels: dict[str, torch.Tenso
         if compute_kl:
             kls.append(trajectory.path_kl.cpu())
     return torch.cat(images), (torch.cat(kls) if compute_kl else None)
-
-
-@dataclass
-class EvaluationConfig:
-    """The protocol of DESIGN section 4: M samples per target (y, c), each labelled by its
-    label's scorer. `scorers` overrides it per label: "oracle", "module:function" (or
-    "file.py:function"), or a judge directory."""
-
-    samples_per_target: int = 8
-    contexts: list[int | str] | None = None   # class ids / prompt indices, or prompts (any text)
-    context_digits: list[int] | None = None   # the digit each context names, for the judge
-    num_inference_steps: int = 50
-    eta: float = 1.0
-    seed: int = 10_000
-    batch_size: int = 256
-    scorers: dict[str, str] = field(default_factory=dict)
-    allow_other_chain: bool = False   # sample a value policy off the chain its head fits
 
 
 def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig,

@@ -1,151 +1,44 @@
-"""The setup of a CTRL run, below the training driver: its config and what every role builds.
+"""The setup of a CTRL run, below the training driver: what every role builds from its config.
 
-`build_setup` loads the base model and the reward and wraps the base in the zero-initialised
-augmented policy; the learner and the rollout workers (`ctrl_ray.distributed.roles`) each hold
-one, `ctrl_ray.distributed.driver.train` runs the loop (in-process or on Ray) and
-`evaluate_setup` scores the result. The entry point above them is `ctrl_ray.finetune`.
+The config (`FinetuneConfig` and its sections) lives in the torch-free `ctrl_ray.finetune_config`
+and is re-exported here. `build_setup` loads the base model and the reward and wraps the base
+in the zero-initialised augmented policy; the learner and the rollout workers
+(`ctrl_ray.distributed.roles`) each hold one, `ctrl_ray.distributed.driver.train` runs the loop
+(in-process or on Ray) and `evaluate_setup` scores the result. The entry point above them is
+`ctrl_ray.finetune`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from ctrl_ray.chain import check_chain, fitted_chain
+from ctrl_ray.chain import fitted_chain
 from ctrl_ray.checkpoint import policy_spec
-from ctrl_ray.config import SEED, UnknownKeyError, check_bounds, from_dict
 from ctrl_ray.errors import InputError
-from ctrl_ray.evaluation import EvaluationConfig, evaluate, format_report
-from ctrl_ray.models.augmented import ADAPTERS, AugmentedModel
+from ctrl_ray.evaluation import evaluate, format_report
+from ctrl_ray.finetune_config import (
+    AdapterConfig,
+    DistributedConfig,
+    FinetuneConfig,
+    RewardSpec,
+)
+from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.models.loading import BaseModel, backbone_spec, build_backbone
 from ctrl_ray.models.reward import Reward, RewardTerm, load_reward
-from ctrl_ray.models.soft_value import WIDTH_KEYS
-from ctrl_ray.models.text_to_image import TextToImageOptions, decode_images
-from ctrl_ray.objectives import DEFAULT_RULE, ObjectiveConfig, update_rule
+from ctrl_ray.models.text_to_image import decode_images
+from ctrl_ray.objectives import ObjectiveConfig
 from ctrl_ray.objectives.base import make_optimizer
 from ctrl_ray.optimum import OptimumConfig, exact_optimum, format_optimum
 from ctrl_ray.registry import load_base_model
 
-
-@dataclass
-class RewardSpec:
-    """One reward classifier directory and its weight in the summed log-likelihood."""
-
-    path: str = "outputs/reward-compress"
-    weight: float = 1.0
-
-
-@dataclass
-class AdapterConfig:
-    """Trainable parameters added to the frozen base: LoRA (zero-initialised up-projections),
-    full fine-tuning, label embeddings only, or a value head (mode value). ``kind: null`` takes
-    the update rule's own: value for mode value, lora otherwise."""
-
-    kind: str | None = None
-    rank: int = 4
-    alpha: float | None = None
-    targets: list[str] | None = None
-    min_timestep: int = 0    # adapters and label embeddings act only at t >= min_timestep
-    time_buckets: int = 1    # a label embedding per class and band of timesteps
-    value_head: dict[str, Any] = field(default_factory=dict)   # widths: channels, hidden_dim,
-                                                               # time_embedding_dim
-
-    def __post_init__(self):
-        check_bounds(self, kind=ADAPTERS, rank="[1, 4096]", alpha="> 0", min_timestep=">= 0",
-                     time_buckets="[1, 1000]")
-        if self.value_head and self.kind not in (None, "value"):
-            raise InputError(f"adapter.value_head sets the widths of a value head; adapter.kind "
-                             f"{self.kind!r} has none")
-        unknown = sorted(set(self.value_head) - set(WIDTH_KEYS))
-        if unknown:
-            raise UnknownKeyError(f"adapter.value_head.{unknown[0]}",
-                                  self.value_head[unknown[0]], ", ".join(WIDTH_KEYS))
-
-
-@dataclass
-class DistributedConfig:
-    """Where the work runs: `workers: 0` is one process without Ray; N > 0 starts N Ray
-    rollout workers and a learner actor (joining `address`, or RAY_ADDRESS, or a local Ray)."""
-
-    workers: int = 0
-    address: str | None = None
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    learner_cpus: float = 0.0
-    learner_gpus: float = 0.0
-    max_restarts: int = 3
-
-    def __post_init__(self):
-        check_bounds(self, workers="[0, 1024]", cpus_per_worker="[0, 1024]",
-                     gpus_per_worker="[0, 64]", learner_cpus="[0, 1024]", learner_gpus="[0, 64]",
-                     max_restarts="[0, 1000]")
-
-    @property
-    def ray_address(self) -> str:
-        """What `ray.init` gets: `address`, else RAY_ADDRESS, else "local", a fresh local Ray.
-        (`ray.init()` with no address would join the cluster Ray's temp folder last recorded,
-        retrying for good when that head has died.)"""
-        return self.address or os.environ.get("RAY_ADDRESS") or "local"
-
-
-@dataclass
-class FinetuneConfig:
-    """One CTRL run: base model, reward(s), adapter, update rule (`mode` and its `objective`),
-    where it runs, how long, and how it is evaluated."""
-
-    base_model: str = "outputs/base-digits16"
-    backbone: TextToImageOptions = field(default_factory=TextToImageOptions)
-    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    mode: Literal["adjoint", "pathwise", "ppo", "value"] = DEFAULT_RULE
-    objective: Any = field(default_factory=dict)   # the update rule's config: its type by `mode`
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    iterations: int = 100
-    seed: int = 0
-    checkpoint_every: int = 25
-    judge: str = "outputs/judge-digits16"
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    evaluate: bool = True
-    evaluate_base: bool = True
-    optimum_samples_per_context: int = 100   # the exact optimum next to the run's numbers; 0: off
-    optimum_max_samples_per_context: int = 0  # a low-ESS context topped up to this; 0: no
-    output_dir: str = "outputs/ctrl-digits-compress"
-    experiment: str = "ctrl-ray-finetune"
-
-    def __post_init__(self):
-        check_bounds(self, iterations="[1, 100000000]", seed=SEED, checkpoint_every=">= 0",
-                     optimum_samples_per_context="[0, 100000]",
-                     optimum_max_samples_per_context="[0, 1000000]")
-        # The one place the update rule is chosen: `objective` becomes the rule's own config.
-        rule_config = update_rule(self.mode).Config
-        if self.adapter.kind is None:
-            self.adapter.kind = "value" if self.mode == "value" else "lora"
-        if (self.mode == "value") != (self.adapter.kind == "value"):
-            raise InputError(f"mode {self.mode!r} with adapter.kind {self.adapter.kind!r}: the "
-                             f"value rule trains exactly the value head (mode value with "
-                             f"adapter.kind value)")
-        if isinstance(self.objective, dict):
-            self.objective = from_dict(rule_config, self.objective, prefix="objective.")
-        elif type(self.objective) is not rule_config:
-            raise InputError(f"objective: a {type(self.objective).__name__} does not configure "
-                             f"mode {self.mode!r} (expected {rule_config.__name__})")
-
-    def check_evaluation_chain(self) -> None:
-        """A value run is evaluated on the chain its head is fitted on, unless
-        `evaluation.allow_other_chain` (checked when training starts, not by `evaluate`)."""
-        if self.adapter.kind == "value" and self.evaluate:
-            check_chain({"num_inference_steps": self.objective.num_inference_steps,
-                         "eta": self.objective.eta},
-                        {"num_inference_steps": self.evaluation.num_inference_steps,
-                         "eta": self.evaluation.eta},
-                        self.evaluation.allow_other_chain, "evaluation.allow_other_chain: true",
-                        prefix="evaluation.")
+__all__ = ["AdapterConfig", "DistributedConfig", "FinetuneConfig", "RewardSpec", "Setup",
+           "build_setup", "evaluate_setup", "load_rewards"]
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ctrl_ray.errors import InputError
+from ctrl_ray.tracking_store import tracking_uri
 
 SYSTEM_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
 NAME_MAX = 255
@@ -120,12 +121,10 @@ def _check_input(path: Path, key: str, kind: str) -> Path:
 
 def check_model_ref(ref: str | os.PathLike, key: str) -> None:
     """A local model folder that exists, or a registry URI whose model version exists."""
-    from ctrl_ray.registry import is_uri
-
     text = str(ref)
     if not text:
         raise InputError(f"{key}: no model given")
-    if not is_uri(text):
+    if ":/" not in text:  # a local path (registry.is_uri's test, without importing MLflow)
         check_input_dir(text, key)
         return
     if not text.startswith("models:/"):
@@ -137,7 +136,7 @@ def check_model_ref(ref: str | os.PathLike, key: str) -> None:
 
     if not store_exists():
         raise InputError(f"{key}: {text!r} is not in the registry (there is no MLflow store "
-                         f"at {tracking.tracking_uri()})")
+                         f"at {tracking_uri()})")
     tracking.configure()
     name, _, which = text.removeprefix("models:/").partition("@")
     client = MlflowClient()
@@ -213,20 +212,16 @@ def check_contexts(contexts: list | None, metadata: dict[str, Any] | None,
 def store_exists() -> bool:
     """False for a local SQLite store that has not been created yet (reading it would create
     it, a new file in the user's folder): it holds no runs and no models."""
-    from ctrl_ray import tracking
-
-    uri = tracking.tracking_uri()
+    uri = tracking_uri()
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
 
 
 def registry_store() -> None:
     """`registry list` reads the store: a local SQLite store that does not exist is named (a
     mistyped MLFLOW_TRACKING_URI), not created empty."""
-    from ctrl_ray import tracking
-
     if store_exists():
         return
-    path = tracking.tracking_uri().removeprefix("sqlite:///")
+    path = tracking_uri().removeprefix("sqlite:///")
     if os.environ.get("MLFLOW_TRACKING_URI"):
         raise InputError(f"MLFLOW_TRACKING_URI: there is no MLflow store at {path!r}")
     raise InputError(f"there is no MLflow store here ({path!r}): nothing has been tracked in "
@@ -458,21 +453,21 @@ def check_scorers(label_info: dict[str, dict], overrides: dict[str, str],
 
 
 def _check_rewards(specs, key: str):
-    from ctrl_ray.finetune_setup import load_rewards
-
     if not specs:
         raise InputError(f"{key}: at least one reward classifier is needed")
     for index, spec in enumerate(specs):
         check_input_dir(spec.path, f"{key}[{index}].path")
+    from ctrl_ray.finetune_setup import load_rewards
+
     return _keyed(key, load_rewards, specs)
 
 
 def _check_judge(path: str | None, key: str) -> None:
     if not path:
         return
+    check_input_dir(path, key)
     from ctrl_ray.models.judge import DigitJudge
 
-    check_input_dir(path, key)
     _keyed(key, DigitJudge.load, path)
 
 
@@ -480,14 +475,6 @@ def finetune(config, overwrite: bool, resume: bool | str = False) -> None:
     """`finetune`: the base model, rewards and judge exist and load, the batch splits over the
     workers, the cluster answers, and the output folder is free (or resumed)."""
     config.check_evaluation_chain()
-    metadata = check_base_model(config.base_model, "base_model")
-    check_contexts(config.evaluation.contexts, metadata, config.backbone.prompts,
-                   "evaluation.contexts")
-    reward = _check_rewards(config.rewards, "rewards")
-    if config.evaluate:
-        _check_judge(config.judge, "judge")
-        check_scorers(reward.label_info(), dict(config.evaluation.scorers),
-                      _pixel_shape(metadata), "evaluation.scorers")
     workers = config.distributed.workers
     batch_size = getattr(config.objective, "batch_size", None)
     if workers and batch_size is not None and workers > batch_size:
@@ -497,6 +484,14 @@ def finetune(config, overwrite: bool, resume: bool | str = False) -> None:
               *((f"rewards[{i}].path", r.path) for i, r in enumerate(config.rewards))]
     check_output(config.output_dir, "output_dir", kind="dir", inputs=inputs,
                  overwrite=overwrite or bool(resume))
+    metadata = check_base_model(config.base_model, "base_model")
+    check_contexts(config.evaluation.contexts, metadata, config.backbone.prompts,
+                   "evaluation.contexts")
+    reward = _check_rewards(config.rewards, "rewards")
+    if config.evaluate:
+        _check_judge(config.judge, "judge")
+        check_scorers(reward.label_info(), dict(config.evaluation.scorers),
+                      _pixel_shape(metadata), "evaluation.scorers")
     from ctrl_ray.checkpoint import latest_checkpoint
 
     if resume is True and latest_checkpoint(Path(config.output_dir) / "checkpoints") is None:

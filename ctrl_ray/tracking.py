@@ -14,11 +14,9 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from ctrl_ray.errors import InputError
+from ctrl_ray.tracking_store import tracking_uri
 
-
-def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` if set, else a SQLite store `mlflow.db` in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
+__all__ = ["actor_env", "configure", "run", "tracking_uri", "use_experiment"]
 
 
 def configure() -> str:

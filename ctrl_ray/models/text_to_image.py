@@ -27,9 +27,8 @@ checkpoint around each whole network call still applies to them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,41 +39,11 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.backbone import UNetBackbone
 from ctrl_ray.models.text_encoder import PromptEncoder
+from ctrl_ray.models.text_to_image_options import TextToImageOptions  # noqa: F401 - re-exported
 
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STABLE_DIFFUSION = "stable-diffusion"
 TEXT_PIXEL = "unet2d-text-conditional"
-
-
-@dataclass
-class TextToImageOptions:
-    """How a text backbone is used (config section ``backbone``; ignored by class models).
-
-    prompts: the contexts c to train and evaluate on (index i = prompt i); None takes the base
-    model's own list. guidance_scale: classifier-free guidance on the prompt (1 = none).
-    mixed_precision: autocast dtype on CUDA (bf16 recommended: fp16 runs without loss scaling).
-    gradient_checkpointing: the UNet's own checkpointing.
-    """
-
-    prompts: list[str] | None = None
-    guidance_scale: float = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self):
-        if not self.guidance_scale >= 0:
-            raise InputError(f"backbone.guidance_scale must be >= 0, got {self.guidance_scale}")
-        if self.mixed_precision not in PRECISIONS:
-            raise InputError(f"backbone.mixed_precision must be one of {list(PRECISIONS)}, "
-                             f"got {self.mixed_precision!r}")
-        if self.prompts is not None:
-            if isinstance(self.prompts, str) or not all(isinstance(p, str) for p in self.prompts):
-                raise InputError(f"backbone.prompts must be a list of strings, got "
-                                 f"{self.prompts!r}")
-            self.prompts = list(self.prompts)
-
-    def is_default(self) -> bool:
-        return self == TextToImageOptions()
 
 
 class TextToImageBackbone(UNetBackbone):

@@ -2,29 +2,24 @@
 
 Each rule is one module that provides ``Config`` (a subclass of ``ObjectiveConfig``),
 ``worker_step`` (what a rollout worker does with its shard of a batch) and ``learner_step``
-(what the learner does with the workers' payloads). ``update_rule`` is the one place a rule is
-chosen by name.
+(what the learner does with the workers' payloads); the configs live in
+`ctrl_ray.objectives.configs`. ``update_rule`` is the one place a rule is chosen by name.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from types import ModuleType
 
-from ctrl_ray.errors import InputError
-from ctrl_ray.objectives import adjoint, pathwise, ppo, value
-from ctrl_ray.objectives.base import ObjectiveConfig
-
-UPDATE_RULES: dict[str, ModuleType] = {
-    "adjoint": adjoint, "pathwise": pathwise, "ppo": ppo, "value": value}
-DEFAULT_RULE = "value"
+from ctrl_ray.objectives.configs import DEFAULT_RULE, RULE_CONFIGS, ObjectiveConfig, rule_config
 
 
 def update_rule(mode: str) -> ModuleType:
-    """The module of update rule ``mode`` (``adjoint``, ``pathwise``, ``ppo`` or ``value``)."""
-    if mode not in UPDATE_RULES:
-        raise InputError(f"mode: {mode!r} is not an update rule (one of "
-                         f"{', '.join(sorted(UPDATE_RULES))})")
-    return UPDATE_RULES[mode]
+    """The module of update rule ``mode`` (``adjoint``, ``pathwise``, ``ppo`` or ``value``),
+    imported when first asked for: a rule's config (`ctrl_ray.objectives.configs`) is read and
+    checked without torch."""
+    rule_config(mode)  # an unknown mode is refused here, naming the rules
+    return import_module(f"ctrl_ray.objectives.{mode}")
 
 
-__all__ = ["DEFAULT_RULE", "UPDATE_RULES", "ObjectiveConfig", "update_rule"]
+__all__ = ["DEFAULT_RULE", "RULE_CONFIGS", "ObjectiveConfig", "rule_config", "update_rule"]

@@ -41,11 +41,11 @@ from torch import Tensor
 
 from ctrl_ray.errors import InputError
 from ctrl_ray.objectives.base import (
-    ObjectiveConfig,
     apply_gradients,
     clip_and_step,
     parameter_gradients,
 )
+from ctrl_ray.objectives.configs import AdjointConfig
 from ctrl_ray.objectives.pathwise import RewardFn
 from ctrl_ray.sampling.sampler import (
     DenoisingSchedule,
@@ -54,24 +54,6 @@ from ctrl_ray.sampling.sampler import (
     sample,
     step_mean,
 )
-
-
-@dataclass
-class AdjointConfig(ObjectiveConfig):
-    """Adjoint Matching: the shared objective; ``kl_weight`` must be > 0 (the tilt is
-    gamma / kl_weight)."""
-
-    lr_embedding: float = 1e-2
-    lr_adapter: float = 1e-3
-    regression_steps: int = 1   # optimizer steps per batch of rollouts (see the module doc)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.regression_steps < 1:
-            raise InputError(f"regression_steps must be >= 1, got {self.regression_steps}")
-        if not self.kl_weight > 0:
-            raise InputError(f"kl_weight must be > 0 for adjoint matching (the optimum tilts "
-                             f"by gamma / kl_weight), got {self.kl_weight}")
 
 
 @dataclass

@@ -8,61 +8,11 @@ they differ only in how they estimate the step. A rule's config is a small subcl
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from ctrl_ray.errors import InputError
-from ctrl_ray.sampling.sampler import KL_REDUCTIONS, RolloutInputs
-
-LR_SCHEDULES = ("constant", "cosine")
-
-
-@dataclass
-class ObjectiveConfig:
-    """The objective (gamma, kl_weight, how KL is reduced), the batch, the sampler and AdamW."""
-
-    gamma: float = 1.0
-    kl_weight: float = 1.0
-    kl_reduction: str = "sum"
-    batch_size: int = 64
-    num_inference_steps: int = 50
-    eta: float = 1.0
-    lr_embedding: float = 1e-3
-    lr_adapter: float = 1e-4
-    lr_schedule: str = "constant"   # or "cosine": anneal both rates to lr_final_fraction
-    lr_final_fraction: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    label_distribution: Sequence[float] | Mapping[str, Sequence[float]] | None = None
-    context_distribution: Sequence[float] | None = None
-
-    def __post_init__(self):
-        if self.kl_reduction not in KL_REDUCTIONS:
-            raise InputError(
-                f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}"
-            )
-        for name in ("batch_size", "num_inference_steps"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("kl_weight", "lr_embedding", "lr_adapter", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise InputError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if not 0 <= self.lr_final_fraction <= 1:
-            raise InputError(f"lr_final_fraction must be in [0, 1], got {self.lr_final_fraction}")
-        if self.eta <= 0:
-            raise InputError(f"eta must be > 0 for the per-step KL, got {self.eta}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise InputError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
-
-    def tilt_exponent(self, sample_dims: int) -> float:
-        """gamma / alpha, the exponent of p(y | x) in the optimum, with alpha the KL weight per
-        path (``kl_reduction: mean`` divides the KL by the number of dimensions)."""
-        alpha = self.kl_weight if self.kl_reduction == "sum" else self.kl_weight / sample_dims
-        return self.gamma / alpha if alpha > 0 else float("inf")
+from ctrl_ray.objectives.configs import ObjectiveConfig
+from ctrl_ray.sampling.sampler import RolloutInputs
 
 
 def draw_inputs(model, config: ObjectiveConfig, generator: torch.Generator | int) -> RolloutInputs:

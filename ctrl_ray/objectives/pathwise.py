@@ -11,7 +11,6 @@ samples from p_pre(x | c) p(y | x, c)^(gamma / kl_weight).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -19,14 +18,14 @@ from torch import Tensor
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.objectives.base import (
-    ObjectiveConfig,
     apply_gradients,
     clip_and_step,
     draw_inputs,
     make_optimizer,
     parameter_gradients,
 )
-from ctrl_ray.sampling.sampler import RolloutInputs, Truncation, sample
+from ctrl_ray.objectives.configs import PathwiseConfig
+from ctrl_ray.sampling.sampler import RolloutInputs, sample
 
 __all__ = ["PathwiseConfig", "RewardFn", "clip_and_step", "draw_inputs", "make_optimizer",
            "pathwise_loss", "train_step"]
@@ -34,19 +33,6 @@ __all__ = ["PathwiseConfig", "RewardFn", "clip_and_step", "draw_inputs", "make_o
 # reward_fn(x0, labels, contexts) -> log p(y | x0, c), shape (B,), differentiable in x0.
 RewardFn = Callable[[Tensor, Mapping[str, Tensor], Tensor | None], Tensor]
 
-
-@dataclass
-class PathwiseConfig(ObjectiveConfig):
-    """Pathwise CTRL: the shared objective, plus which steps are differentiated and whether
-    network calls are checkpointed."""
-
-    truncation: Truncation = field(default_factory=Truncation)
-    checkpoint: bool = True
-
-    def __post_init__(self):
-        if isinstance(self.truncation, Mapping):
-            self.truncation = Truncation(**self.truncation)
-        super().__post_init__()
 
 
 def pathwise_loss(

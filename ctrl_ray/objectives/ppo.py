@@ -68,7 +68,8 @@ from torch import Tensor
 
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.augmented import AugmentedModel
-from ctrl_ray.objectives.base import ObjectiveConfig, clip_and_step, draw_inputs
+from ctrl_ray.objectives.base import clip_and_step, draw_inputs
+from ctrl_ray.objectives.configs import PPOConfig
 from ctrl_ray.objectives.pathwise import RewardFn
 from ctrl_ray.sampling.sampler import (
     DenoisingSchedule,
@@ -80,42 +81,6 @@ from ctrl_ray.sampling.sampler import (
 )
 
 logger = logging.getLogger(__name__)
-
-ADVANTAGE_BASELINES = ("per_label", "global", "none")
-ADVANTAGE_SCALES = ("std", "none")
-
-
-@dataclass
-class PPOConfig(ObjectiveConfig):
-    """PPO CTRL: the shared objective plus PPO's knobs. ``clip_range`` is per dimension, as in
-    DDPO (see the module docstring); ``minibatch_size`` counts (step, sample) pairs;
-    ``max_staleness`` counts policy versions (0 = strictly on-policy). ``advantage_baseline``:
-    leave-one-out mean of the return-to-go over samples with the same labels (and class
-    context) ``per_label``, over the whole batch ``global``, or ``none``; ``advantage_scale``:
-    divide by the batch RMS (``std``) or not."""
-
-    clip_range: float = 1e-4
-    ppo_epochs: int = 1
-    minibatch_size: int = 512
-    advantage_baseline: str = "per_label"
-    advantage_scale: str = "std"
-    max_staleness: int = 1
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.advantage_baseline not in ADVANTAGE_BASELINES:
-            raise InputError(f"advantage_baseline must be one of {ADVANTAGE_BASELINES}, "
-                             f"got {self.advantage_baseline!r}")
-        if self.advantage_scale not in ADVANTAGE_SCALES:
-            raise InputError(f"advantage_scale must be one of {ADVANTAGE_SCALES}, "
-                             f"got {self.advantage_scale!r}")
-        for name in ("ppo_epochs", "minibatch_size"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_staleness < 0:
-            raise InputError(f"max_staleness must be >= 0, got {self.max_staleness}")
-        if not self.clip_range > 0:
-            raise InputError(f"clip_range must be > 0, got {self.clip_range}")
 
 
 @dataclass

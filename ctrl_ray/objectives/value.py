@@ -26,59 +26,16 @@ on the policy; `ctrl_ray.objectives.replay`), saved with every training checkpoi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.soft_value import value_loss
-from ctrl_ray.objectives.base import ObjectiveConfig, clip_and_step
+from ctrl_ray.objectives.base import clip_and_step
+from ctrl_ray.objectives.configs import ValueConfig
 from ctrl_ray.objectives.pathwise import RewardFn
 from ctrl_ray.objectives.replay import Replay
 from ctrl_ray.sampling.sampler import DenoisingSchedule, RolloutInputs, sample
-
-
-@dataclass
-class ValueConfig(ObjectiveConfig):
-    """Value CTRL: the shared objective (``kl_weight`` > 0: the tilt is gamma / kl_weight) and
-    the regression of the value head (``lr_adapter``; the label embeddings are not used).
-
-    The replay keeps the newest base rollouts within both ``replay_rollouts`` and
-    ``replay_bytes`` (states, targets and contexts together); beyond either bound the oldest
-    are dropped (base rollouts are i.i.d. draws of a fixed chain, so an old one is worth no
-    more than a new one). 256 MiB holds 4,096 rollouts of the digits and text testbeds
-    (21.5 kB each at 20 steps, 52 kB at 50). ``report_every`` samples the policy (only for
-    the reward and KL a run reports; the fit never sees it) every k-th update and at the
-    last; between, the latest measured values are shown with their age."""
-
-    lr_embedding: float = 0.0
-    lr_adapter: float = 3e-3
-    lr_schedule: str = "cosine"
-    weight_decay: float = 1e-4
-    regression_steps: int = 30          # value-head steps per batch (more over-fit h: KL)
-    regression_batch_size: int = 128    # (state, timestep) pairs per step
-    replay_rollouts: int = 4096         # base rollouts the learner keeps (0: this batch's only)
-    heldout_every: int = 8              # every k-th base rollout is held out of the fit (0: none)
-    check_every: int = 10               # head steps between held-out checks (early stopping)
-    replay_bytes: int = 256 * 2**20     # the replay's bound in bytes (the oldest dropped)
-    report_every: int = 5               # sample the policy for reward/KL every k-th update
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.regression_steps < 1 or self.regression_batch_size < 1:
-            raise InputError(f"regression_steps and regression_batch_size must be >= 1, got "
-                             f"{self.regression_steps} and {self.regression_batch_size}")
-        if self.replay_rollouts < 0 or self.replay_bytes < 0:
-            raise InputError(f"replay_rollouts and replay_bytes must be >= 0, got "
-                             f"{self.replay_rollouts} and {self.replay_bytes}")
-        if self.report_every < 1:
-            raise InputError(f"report_every must be >= 1, got {self.report_every}")
-        if self.heldout_every < 0 or self.heldout_every == 1 or self.check_every < 1:
-            raise InputError(f"heldout_every must be 0 or >= 2 and check_every >= 1, got "
-                             f"{self.heldout_every} and {self.check_every}")
-        if not self.kl_weight > 0:
-            raise InputError(f"kl_weight must be > 0 for the value rule (the optimum tilts "
-                             f"by gamma / kl_weight), got {self.kl_weight}")
 
 
 def target_log_likelihoods(model, reward_fn: RewardFn, x0: torch.Tensor,

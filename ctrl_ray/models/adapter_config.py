@@ -1,0 +1,41 @@
+"""The adapter a CTRL run trains on the frozen base (config section ``adapter``), without
+torch: its kinds, the value head's width keys, and `AdapterConfig`, read and checked before any
+heavy import (`ctrl_ray.models.augmented` builds the adapter)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ctrl_ray.config import UnknownKeyError, check_bounds
+from ctrl_ray.errors import InputError
+
+ADAPTERS = ("lora", "full", "none", "value")
+WIDTH_KEYS = ("channels", "hidden_dim", "time_embedding_dim")
+
+
+@dataclass
+class AdapterConfig:
+    """Trainable parameters added to the frozen base: LoRA (zero-initialised up-projections),
+    full fine-tuning, label embeddings only, or a value head (mode value). ``kind: null`` takes
+    the update rule's own: value for mode value, lora otherwise."""
+
+    kind: str | None = None
+    rank: int = 4
+    alpha: float | None = None
+    targets: list[str] | None = None
+    min_timestep: int = 0    # adapters and label embeddings act only at t >= min_timestep
+    time_buckets: int = 1    # a label embedding per class and band of timesteps
+    value_head: dict[str, Any] = field(default_factory=dict)   # widths: channels, hidden_dim,
+                                                               # time_embedding_dim
+
+    def __post_init__(self):
+        check_bounds(self, kind=ADAPTERS, rank="[1, 4096]", alpha="> 0", min_timestep=">= 0",
+                     time_buckets="[1, 1000]")
+        if self.value_head and self.kind not in (None, "value"):
+            raise InputError(f"adapter.value_head sets the widths of a value head; adapter.kind "
+                             f"{self.kind!r} has none")
+        unknown = sorted(set(self.value_head) - set(WIDTH_KEYS))
+        if unknown:
+            raise UnknownKeyError(f"adapter.value_head.{unknown[0]}",
+                                  self.value_head[unknown[0]], ", ".join(WIDTH_KEYS))
