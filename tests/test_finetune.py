@@ -68,3 +68,36 @@ def test_same_seed_gives_same_sample_alone_or_in_a_batch(tiny_run):
     alone, _ = generate(loaded.model, torch.tensor([2]), {"compress_class": torch.tensor([3])},
                         [6], num_inference_steps=4)
     torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=0)
+
+
+def test_report_every_changes_what_is_measured_not_the_update(tiny_base, tiny_reward,
+                                                             tiny_judge, tmp_path):
+    """The value rule samples the policy only to report its reward and KL: every 3rd update
+    (and the first and last) gives bit-identical adapters to every update, and MLflow says
+    how old the reported values are."""
+    from conftest import tiny_finetune_overrides
+
+    from ctrl_ray.config import load_config
+    from ctrl_ray.finetune import FinetuneConfig, finetune
+
+    runs = {}
+    for every in (1, 3):
+        config = load_config(FinetuneConfig, overrides=[
+            *tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, tmp_path / str(every),
+                                     "value"),
+            "objective.regression_steps=3", "objective.regression_batch_size=8",
+            "objective.batch_size=4", f"objective.report_every={every}", "evaluate=false"])
+        runs[every] = finetune(config, progress=False)
+    adapters = [(tmp_path / str(every) / "policy" / ADAPTER_FILE).read_bytes()
+                for every in (1, 3)]
+    assert adapters[0] == adapters[1]
+    client = mlflow.MlflowClient()
+    sparse = runs[3]["mlflow_run_id"]
+
+    def history(run_id: str, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+    assert [step for step, _ in history(sparse, "reward")] == [1, 3, 4]
+    assert [step for step, _ in history(sparse, "kl")] == [1, 3, 4]
+    assert history(sparse, "report_age") == [(1, 0.0), (2, 1.0), (3, 0.0), (4, 0.0)]
+    assert [step for step, _ in history(runs[1]["mlflow_run_id"], "reward")] == [1, 2, 3, 4]
