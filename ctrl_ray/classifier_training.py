@@ -27,6 +27,7 @@ from ctrl_ray.models.classifier import (
     check_indices,
 )
 from ctrl_ray.models.judge import NUM_DIGITS, DigitJudge, LabelJudge
+from ctrl_ray.reward_config import LabelJudgeConfig
 
 AUGMENTATIONS = ("shift", "hflip", "vflip", "noise")
 ECE_BINS = 10
@@ -371,26 +372,6 @@ def train_digit_judge(
         progress=progress,
     )
     return DigitJudge(classifier, {"report": report.to_dict()}), report
-
-
-@dataclass
-class LabelJudgeConfig:
-    """How the judge of a label without an oracle is trained on the held-out pairs."""
-
-    enabled: bool = True
-    epochs: int = 40
-    channels: tuple[int, ...] = (16, 32)
-    lr: float = 3e-3
-    val_fraction: float = 0.2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.channels = tuple(int(width) for width in self.channels)
-        if int(self.epochs) < 1:
-            raise InputError(f"judge.epochs: need an integer >= 1, got {self.epochs}")
-        if not 0.0 < float(self.val_fraction) < 1.0:
-            raise InputError(f"judge.val_fraction: need a value in (0, 1), got "
-                             f"{self.val_fraction}")
 
 
 def train_label_judge(images: Any, labels: Any, *, label_name: str, num_classes: int,

@@ -224,9 +224,10 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _data_build_digits(args: argparse.Namespace) -> None:
     from ctrl_ray import preflight
-    from ctrl_ray.data.digits import build_digits, load_digits_dataset
 
     preflight.build_digits(args.out, args.seed, args.overwrite)
+    from ctrl_ray.data.digits import build_digits, load_digits_dataset
+
     path = build_digits(args.out, size=args.size, seed=args.seed)
     dataset = load_digits_dataset(path)
     print(f"wrote {path}: {len(dataset)} images of shape {dataset.image_shape}")
@@ -268,10 +269,12 @@ def _data_import(args: argparse.Namespace) -> None:
 def _pretrain(args: argparse.Namespace) -> None:
     from ctrl_ray import preflight
     from ctrl_ray.config import load_config
-    from ctrl_ray.pretrain import PretrainConfig, pretrain
+    from ctrl_ray.pretrain_config import PretrainConfig
 
     config = load_config(PretrainConfig, args.config, args.overrides)
     preflight.pretrain(config, args.overwrite)
+    from ctrl_ray.pretrain import pretrain
+
     result = pretrain(config)
     print(f"saved {result.model_dir} (final loss {result.final_loss:.4f}, "
           f"{result.steps_per_second:.2f} steps/s)")
@@ -283,10 +286,12 @@ def _pretrain(args: argparse.Namespace) -> None:
 def _reward_train(args: argparse.Namespace) -> None:
     from ctrl_ray import preflight
     from ctrl_ray.config import load_config
-    from ctrl_ray.reward_training import RewardJobConfig, train_reward_job
+    from ctrl_ray.reward_config import RewardJobConfig
 
     config = load_config(RewardJobConfig, args.config, args.overrides)
     preflight.reward(config, args.overwrite)
+    from ctrl_ray.reward_training import train_reward_job
+
     result = train_reward_job(config)
     accuracy = "no test rows" if result["test_accuracy"] is None else \
         f"test accuracy {result['test_accuracy']:.3f} on {result['test_on']}"
@@ -391,10 +396,12 @@ def _baseline(args: argparse.Namespace) -> None:
 def _tune(args: argparse.Namespace) -> None:
     from ctrl_ray import preflight
     from ctrl_ray.config import load_config
-    from ctrl_ray.tuning import TuneConfig, run_sweep
+    from ctrl_ray.tuning.configs import TuneConfig
 
     config = load_config(TuneConfig, args.config, args.overrides)
     preflight.tune(config, args.overwrite)
+    from ctrl_ray.tuning import run_sweep
+
     result = run_sweep(config)
     print(result.table_markdown.read_text())
     if result.model_uri:

@@ -31,12 +31,12 @@ BOUNDS: dict[str, dict[str, str | tuple]] = {
     # Ranges of config types that declare none themselves, by "module.Class" (subclasses
     # inherit them); a rule is an interval ("[1, 512]", ">= 0", "(0, 1)") or a tuple of
     # allowed values.
-    "ctrl_ray.models.unet.UNetConfig": {
+    "ctrl_ray.models.unet_config.UNetConfig": {
         "image_size": "[4, 1024]", "in_channels": "[1, 64]", "num_contexts": "[1, 100000]",
         "block_out_channels": "[1, 4096]", "layers_per_block": "[1, 16]",
         "norm_num_groups": "[1, 4096]", "attention_head_dim": "[1, 4096]",
     },
-    "ctrl_ray.models.unet.ScheduleConfig": {
+    "ctrl_ray.models.unet_config.ScheduleConfig": {
         "num_train_timesteps": "[2, 100000]",
         "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
     },
@@ -45,7 +45,7 @@ BOUNDS: dict[str, dict[str, str | tuple]] = {
         "num_inference_steps": "[1, 10000]", "eta": "[0, 100]", "seed": SEED,
         "batch_size": "[1, 100000]",
     },
-    "ctrl_ray.reward_training.RewardTrainingConfig": {"seed": SEED},
+    "ctrl_ray.reward_config.RewardTrainingConfig": {"seed": SEED},
     "ctrl_ray.baselines.cfg.CFGTrainingConfig": {"seed": SEED},
     "ctrl_ray.baselines.classifier_guidance.NoisyClassifierTrainingConfig": {"seed": SEED},
     "ctrl_ray.objectives.configs.ObjectiveConfig": {

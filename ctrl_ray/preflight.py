@@ -601,21 +601,20 @@ def _baseline_pairs(config) -> list[tuple[str, Any]]:
 
 
 def tune(config, overwrite: bool) -> None:
-    from ctrl_ray.registry import is_uri
-    from ctrl_ray.tuning import check_inputs
+    from ctrl_ray.tuning.configs import check_inputs
 
     check_inputs(config)
     finetune_config = config.finetune
-    check_base_model(finetune_config.base_model, "finetune.base_model")
-    _check_rewards(finetune_config.rewards, "finetune.rewards")
     inputs = [("finetune.base_model", finetune_config.base_model),
               ("finetune.judge", finetune_config.judge),
               *((f"finetune.rewards[{i}].path", r.path)
                 for i, r in enumerate(finetune_config.rewards))]
     check_output(config.output_dir, "output_dir", kind="dir", inputs=inputs, overwrite=overwrite)
-    if config.storage_path and not is_uri(config.storage_path):
+    if config.storage_path and ":/" not in config.storage_path:  # a local folder
         check_output(config.storage_path, "storage_path", kind="dir", inputs=inputs,
                      overwrite=True)
+    check_base_model(finetune_config.base_model, "finetune.base_model")
+    _check_rewards(finetune_config.rewards, "finetune.rewards")
     check_cluster_address(finetune_config.distributed.address, "finetune.distributed.address")
 
 

@@ -13,10 +13,8 @@ built-in oracle also gets its judge, trained on the held-out rows only (see
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,6 @@ import torch
 
 from ctrl_ray import tracking
 from ctrl_ray.classifier_training import (
-    LabelJudgeConfig,
     TrainingReport,
     expected_calibration_error,
     train_classifier,
@@ -36,59 +33,12 @@ from ctrl_ray.data.oracles import ORACLES
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.classifier import check_images
 from ctrl_ray.models.reward import JUDGE_DIR, RewardTerm
+from ctrl_ray.reward_config import LabelJudgeConfig, RewardJobConfig, RewardTrainingConfig
 from ctrl_ray.storage import atomic_directory
 
-
-@dataclass
-class RewardTrainingConfig:
-    """How the reward classifier is trained from N offline pairs.
-
-    No augmentation by default: shifts and noise change JPEG compressibility, so a transform
-    belongs in `augment` only when it is known to keep the label.
-    """
-
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    val_fraction: float = 0.2
-    seed: int = 0
-    # Two stages measured best for JPEG compressibility at 16x16 (accuracy 0.53 vs 0.47 for three).
-    channels: tuple[int, ...] = (16, 32)
-    dropout: float = 0.0
-    use_context: bool = False
-    augment: tuple[str, ...] = ()
-    temperature_prior_std: float = 0.25
-
-    def __post_init__(self) -> None:
-        self.channels = tuple(int(width) for width in self.channels)
-        self.augment = (self.augment,) if isinstance(self.augment, str) else tuple(self.augment)
-        for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"reward.{name}: need an integer >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
-            raise InputError(f"reward.lr: need a finite value > 0, got {self.lr}")
-        if not (math.isfinite(float(self.weight_decay)) and float(self.weight_decay) >= 0):
-            raise InputError(
-                f"reward.weight_decay: need a finite value >= 0, got {self.weight_decay}"
-            )
-        if not (math.isfinite(float(self.temperature_prior_std))
-                and float(self.temperature_prior_std) > 0):
-            raise InputError(
-                f"reward.temperature_prior_std: need a finite value > 0, "
-                f"got {self.temperature_prior_std}"
-            )
-        if not 0.0 < float(self.val_fraction) < 1.0:
-            raise InputError(
-                f"reward.val_fraction: need a value in (0, 1) for calibration, "
-                f"got {self.val_fraction}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["channels"] = list(self.channels)
-        data["augment"] = list(self.augment)
-        return data
+__all__ = ["LabelJudgeConfig", "RewardJobConfig", "RewardTrainingConfig", "digits_test_accuracy",
+           "ensure_pairs", "heldout_metrics", "train_reward", "train_reward_from_pairs",
+           "train_reward_job"]
 
 
 def train_reward(
@@ -232,31 +182,6 @@ def heldout_metrics(reward: RewardTerm, images: Any, labels: Any) -> dict[str, f
         "ece": float(expected_calibration_error(log_probs, labels)),
         "num_rows": int(len(labels)),
     }
-
-
-@dataclass
-class RewardJobConfig:
-    """Where the pairs come from and where the reward goes.
-
-    `pairs` is any pair-set file; when it is missing and `label` is a built-in digits label,
-    `num_pairs` pairs are drawn from the digits train split of `dataset` (built if missing).
-    `labeller` ("module:function" or "file.py:function") is an exact labeller of the label,
-    used to score samples instead of the held-out judge. `heldout_fraction` is drawn
-    (stratified) only for a pair set that records no held-out split and has no oracle.
-    """
-
-    dataset: str = "data/digits16.parquet"
-    size: int = 16
-    label: str = "compress_class"
-    num_pairs: int = 1000
-    pairs: str = "data/pairs-compress-1000.parquet"
-    pairs_seed: int = 0
-    training: RewardTrainingConfig = field(default_factory=RewardTrainingConfig)
-    judge: LabelJudgeConfig = field(default_factory=LabelJudgeConfig)
-    labeller: str = ""
-    heldout_fraction: float = 0.2
-    output_dir: str = "outputs/reward-compress"
-    experiment: str = "ctrl-ray-reward"
 
 
 def ensure_pairs(config: RewardJobConfig) -> None:

