@@ -121,3 +121,49 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
     done = subprocess.run([sys.executable, "-c", IMPORT_ALONE, *names], capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+
+
+HEAVY = ("torch", "ray", "mlflow", "diffusers", "sklearn", "transformers", "peft")
+
+REFUSE_IN_A_FRESH_INTERPRETER = """
+import json, os, sys, tempfile
+from pathlib import Path
+
+from ctrl_ray.cli import main
+
+root = Path(tempfile.mkdtemp())
+os.chdir(root)
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/no-store/mlflow.db"
+Path("empty.yaml").write_text("")
+Path("base").mkdir()
+argvs = [
+    ["finetune", "--config", "empty.yaml", "--set", "iterations=-1"],
+    ["finetune", "--config", "empty.yaml", "--set", "mode=ppo", "--set",
+     "objective.clip_range=0"],
+    ["finetune", "--config", "empty.yaml", "--set", "output_dir=/proc/x"],
+    ["finetune", "--config", "empty.yaml", "--set", "base_model=base"],
+    ["evaluate", "--model", "missing", "--config", "empty.yaml"],
+    ["sample", "--model", "base", "--c", "1", "--n", "0", "--out", "s.png"],
+    ["pretrain", "--config", "empty.yaml", "--set", "training.steps=0"],
+    ["reward", "train", "--config", "empty.yaml", "--set", "training.epochs=0"],
+    ["tune", "--config", "empty.yaml", "--set", "search.num_samples=0"],
+    ["data", "build-digits", "--out", "/proc/d.parquet"],
+    ["data", "import", "--images", "missing", "--labels", "x.csv", "--out", "p.parquet"],
+    ["registry", "list"],
+]
+codes = [main(argv) for argv in argvs]
+print(json.dumps({"codes": codes, "heavy": [m for m in sys.argv[1:] if m in sys.modules]}))
+"""
+
+
+def test_a_refused_command_imports_no_heavy_library():
+    """Loading and checking a config and the preflight's cheap checks import no torch, Ray,
+    MLflow, diffusers or sklearn: a bad input is refused in well under a second (issue 26)."""
+    import json
+
+    done = subprocess.run([sys.executable, "-c", REFUSE_IN_A_FRESH_INTERPRETER, *HEAVY],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["codes"] == [2] * len(result["codes"]), done.stderr
+    assert result["heavy"] == [], done.stderr
