@@ -385,10 +385,12 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _baseline(args: argparse.Namespace) -> None:
     from ctrl_ray import preflight
-    from ctrl_ray.baselines.run import load_baseline_config, run_baseline
+    from ctrl_ray.baseline_config import load_baseline_config
 
     config = load_baseline_config(args.kind, args.config, args.overrides)
     preflight.baseline(args.kind, config, args.overwrite)
+    from ctrl_ray.baselines.run import run_baseline
+
     result = run_baseline(args.kind, config)
     _print_json({k: v for k, v in result[args.kind].items() if k != "labels"})
 

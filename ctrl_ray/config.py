@@ -46,8 +46,8 @@ BOUNDS: dict[str, dict[str, str | tuple]] = {
         "batch_size": "[1, 100000]",
     },
     "ctrl_ray.reward_config.RewardTrainingConfig": {"seed": SEED},
-    "ctrl_ray.baselines.cfg.CFGTrainingConfig": {"seed": SEED},
-    "ctrl_ray.baselines.classifier_guidance.NoisyClassifierTrainingConfig": {"seed": SEED},
+    "ctrl_ray.baseline_config.CFGTrainingConfig": {"seed": SEED},
+    "ctrl_ray.baseline_config.NoisyClassifierTrainingConfig": {"seed": SEED},
     "ctrl_ray.objectives.configs.ObjectiveConfig": {
         "batch_size": "[1, 1000000]", "num_inference_steps": "[1, 10000]",
     },

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ctrl_ray.baseline_config import CFGTrainingConfig
 from ctrl_ray.baselines import GuidedModel
 from ctrl_ray.data.digits import DigitsDataset
 from ctrl_ray.data.pairs import PairSet
@@ -84,30 +85,6 @@ def build_triplets(pair_sets: Sequence[PairSet], dataset: DigitsDataset) -> Trip
         labels={name: torch.from_numpy(np.concatenate(parts)) for name, parts in labels.items()},
         label_classes=label_classes,
     )
-
-
-@dataclass
-class CFGTrainingConfig:
-    """DDPM noise-prediction training of the conditional network on the triplets."""
-
-    steps: int = 2000
-    batch_size: int = 64
-    lr_embedding: float = 1e-2
-    lr_adapter: float = 1e-3
-    weight_decay: float = 0.0
-    p_uncond: float = 0.15
-    max_grad_norm: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise InputError(f"training.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.p_uncond < 1.0:
-            raise InputError(f"training.p_uncond must be in (0, 1), got {self.p_uncond}")
-        for name in ("lr_embedding", "lr_adapter", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise InputError(f"training.{name} must be > 0, got {getattr(self, name)}")
 
 
 def train_cfg(model: AugmentedModel, triplets: Triplets, config: CFGTrainingConfig,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
+from ctrl_ray.baseline_config import NoisyClassifierTrainingConfig
 from ctrl_ray.baselines import GuidedModel
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.augmented import AugmentedModel
@@ -103,30 +104,6 @@ class NoisyClassifier(nn.Module):
             raise InputError(f"noisy classifier weights in {str(directory)!r} do not match its "
                              f"spec: {error}") from None
         return model.eval().requires_grad_(False)
-
-
-@dataclass
-class NoisyClassifierTrainingConfig:
-    """Training of p(y | x_t, t) on noised pairs (a fresh t and noise for every draw)."""
-
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    channels: tuple[int, ...] = (16, 32)
-    time_embedding_dim: int = 64
-    val_fraction: float = 0.2
-    seed: int = 0
-
-    def __post_init__(self):
-        self.channels = tuple(int(width) for width in self.channels)
-        for name in ("steps", "batch_size", "time_embedding_dim"):
-            if getattr(self, name) < 1:
-                raise InputError(f"training.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise InputError(f"training.lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise InputError(f"training.val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 def noised(x0: Tensor, t: Tensor, alphas_cumprod: Tensor, noise: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ directly comparable. The base model is scored on the same targets and seeds alon
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,126 +17,48 @@ import mlflow
 import torch
 
 from ctrl_ray import tracking
+from ctrl_ray.baseline_config import (
+    BASELINE_CONFIGS,
+    BASELINE_KINDS,
+    BaselineConfig,
+    CFGBaselineConfig,
+    CGBaselineConfig,
+    DPSBaselineConfig,
+    PairsConfig,
+    config_class,
+    load_baseline_config,
+)
 from ctrl_ray.baselines import GuidedModel
-from ctrl_ray.baselines.cfg import CFGModel, CFGTrainingConfig, build_triplets, train_cfg
+from ctrl_ray.baselines.cfg import CFGModel, build_triplets, train_cfg
 from ctrl_ray.baselines.classifier_guidance import (
     ClassifierGuidedModel,
     NoisyClassifier,
-    NoisyClassifierTrainingConfig,
     train_noisy_classifier,
 )
 from ctrl_ray.baselines.dps import DPSModel
 from ctrl_ray.checkpoint import load_policy, policy_spec, read_policy_spec, save_policy
-from ctrl_ray.config import flatten, load_config, scalar_metrics, to_dict
+from ctrl_ray.config import flatten, scalar_metrics, to_dict
 from ctrl_ray.data.digits import require_digits
 from ctrl_ray.data.pairs import PairSet, load_pairs, make_pairs
 from ctrl_ray.errors import InputError
-from ctrl_ray.evaluation import EvaluationConfig, evaluate, format_report
-from ctrl_ray.finetune_setup import (
-    AdapterConfig,
-    RewardSpec,
-    load_rewards,
-)
+from ctrl_ray.evaluation import evaluate, format_report
+from ctrl_ray.finetune_setup import load_rewards
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.models.loading import BaseModel, build_backbone
 from ctrl_ray.registry import load_base_model
 from ctrl_ray.storage import write_json
 
-BASELINE_KINDS = ("cfg", "cg", "dps")
+__all__ = ["BASELINE_CONFIGS", "BASELINE_KINDS", "BaselineConfig", "BuiltBaseline",
+           "CFGBaselineConfig", "CGBaselineConfig", "DPSBaselineConfig", "PairsConfig",
+           "build_cfg", "build_cg", "build_dps", "config_class", "ensure_pairs",
+           "load_baseline_config", "run_baseline"]
 
 # Why a baseline needs a class-conditional pixel model (DPS runs on text-to-image ones too).
 CLASS_MODEL_ONLY = {
     "cfg": "it trains on digits triplets (x, digit c, y) of a class-conditional model",
     "cg": "its noisy classifiers read the digits pixels x_t of a class-conditional model",
 }
-
-
-@dataclass
-class PairsConfig:
-    """One offline pair set; drawn from the dataset's train split when the file is missing
-    (the dataset itself must exist: `ctrl-ray data build-digits`)."""
-
-    label: str = "compress_class"
-    num_pairs: int = 1000
-    path: str = "data/pairs-compress-1000.parquet"
-    seed: int = 0
-
-
-@dataclass
-class BaselineConfig:
-    """What every baseline shares: base model, guidance scale, evaluation protocol, outputs."""
-
-    base_model: str = "outputs/base-digits16"
-    guidance_scale: float = 1.0
-    judge: str = "outputs/judge-digits16"
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    evaluate_base: bool = True
-    output_dir: str = "outputs/baseline"
-    experiment: str = "ctrl-ray-baselines"
-
-    def __post_init__(self):
-        if not 0.0 <= self.guidance_scale < float("inf"):
-            raise InputError(f"guidance_scale must be a finite number >= 0, "
-                             f"got {self.guidance_scale}")
-
-
-@dataclass
-class CFGBaselineConfig(BaselineConfig):
-    """Classifier-free guidance: a conditional network trained on triplets from the pairs."""
-
-    guidance_scale: float = 3.0
-    dataset: str = "data/digits16.parquet"
-    pairs: list[PairsConfig] = field(default_factory=lambda: [PairsConfig()])
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    training: CFGTrainingConfig = field(default_factory=CFGTrainingConfig)
-    model: str | None = None  # a saved CFG model directory: load it instead of training
-    output_dir: str = "outputs/baseline-cfg"
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.adapter.kind = self.adapter.kind or "lora"
-        if self.adapter.kind == "value":
-            raise InputError("adapter.kind: CFG trains a conditional network (lora, full or "
-                             "none); the value head is CTRL's (mode value)")
-
-
-@dataclass
-class CGBaselineConfig(BaselineConfig):
-    """Classifier guidance: time-dependent classifiers p(y | x_t, t) trained on noised pairs."""
-
-    guidance_scale: float = 10.0
-    dataset: str = "data/digits16.parquet"
-    pairs: list[PairsConfig] = field(default_factory=lambda: [PairsConfig()])
-    training: NoisyClassifierTrainingConfig = field(default_factory=NoisyClassifierTrainingConfig)
-    classifiers: list[str] | None = None  # saved noisy classifiers: load them instead of training
-    output_dir: str = "outputs/baseline-cg"
-
-
-@dataclass
-class DPSBaselineConfig(BaselineConfig):
-    """DPS / reconstruction guidance with CTRL's own reward classifier(s) on x0_hat(x_t)."""
-
-    guidance_scale: float = 10.0
-    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
-    output_dir: str = "outputs/baseline-dps"
-
-
-BASELINE_CONFIGS: dict[str, type[BaselineConfig]] = {
-    "cfg": CFGBaselineConfig, "cg": CGBaselineConfig, "dps": DPSBaselineConfig,
-}
-
-
-def config_class(kind: str) -> type[BaselineConfig]:
-    if kind not in BASELINE_CONFIGS:
-        raise InputError(f"baseline kind must be one of {list(BASELINE_KINDS)}, got {kind!r}")
-    return BASELINE_CONFIGS[kind]
-
-
-def load_baseline_config(kind: str, path: str | Path | None = None,
-                         overrides: list[str] = ()) -> BaselineConfig:
-    """The typed config of baseline ``kind`` from an optional YAML file plus overrides."""
-    return load_config(config_class(kind), path, list(overrides))
 
 
 @dataclass
