@@ -174,6 +174,14 @@ def test_value_head_widths_come_from_the_config_and_a_wrong_key_is_refused():
     with pytest.raises(InputError, match="value_head.channels"):
         AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value",
                        value_head={"channels": [0]})
+    config = load_config(FinetuneConfig, overrides=[
+        "mode=value", "adapter.value_head={step_candidates: 0}"])
+    model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value",
+                           value_head=config.adapter.value_head)
+    assert model.step_candidates == 0
+    with pytest.raises(InputError, match="step_candidates"):
+        load_config(FinetuneConfig,
+                    overrides=["mode=value", "adapter.value_head={step_candidates: 3}"])
 
 
 def test_the_evaluation_samples_the_chain_the_head_is_fitted_on_unless_told_otherwise():

@@ -5,7 +5,8 @@ shift is estimated from M base candidates x'_m = mu + sigma eps_m: 'snis' = sum_
 'smoothed' = sigma^2 sum_m w_m grad log h(x'_m), w = softmax(log h(x'_m)). Evaluated on a trained
 head (no retraining): macro-F1 and KL on the validation seeds, and KL per step.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/tilted_step.py POLICY_DIR [VARIANT:M:SCALE ...]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/tilted_step.py POLICY_DIR \
+        [steps=S] [VARIANT:M:SCALE ...]      (VARIANT: first, snis, smoothed; or "product")
 """
 
 from __future__ import annotations
@@ -73,10 +74,12 @@ def recording(shift_fn, per_step: dict):
 def main() -> None:
     torch.set_num_threads(1)
     policy_dir, variants = sys.argv[1], sys.argv[2:] or ["first"]
+    steps = int(variants.pop(0)[len("steps="):]) if variants[0].startswith("steps=") else 20
     judge = DigitJudge.load("outputs/judge-digits16")
     config = EvaluationConfig(samples_per_target=SAMPLES_PER_TARGET,
                               contexts=PROMPT_SETS["training"], context_digits=list(range(10)),
-                              num_inference_steps=20, seed=VALIDATION_SEED)
+                              num_inference_steps=steps, seed=VALIDATION_SEED,
+                              allow_other_chain=steps != 20)
     print("| variant | macro-F1 | KL | KL of steps 1, 2, 3, rest |")
     print("|---|---|---|---|")
     for spec in variants:

@@ -1,5 +1,5 @@
 """The adapter a CTRL run trains on the frozen base (config section ``adapter``), without
-torch: its kinds, the value head's width keys, and `AdapterConfig`, read and checked before any
+torch: its kinds, the value head's keys, and `AdapterConfig`, read and checked before any
 heavy import (`ctrl_ray.models.augmented` builds the adapter)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from ctrl_ray.errors import InputError
 
 ADAPTERS = ("lora", "full", "none", "value")
 WIDTH_KEYS = ("channels", "hidden_dim", "time_embedding_dim")
+VALUE_HEAD_KEYS = (*WIDTH_KEYS, "step_candidates")   # the widths, and the policy's step
 
 
 @dataclass
@@ -26,16 +27,24 @@ class AdapterConfig:
     targets: list[str] | None = None
     min_timestep: int = 0    # adapters and label embeddings act only at t >= min_timestep
     time_buckets: int = 1    # a label embedding per class and band of timesteps
-    value_head: dict[str, Any] = field(default_factory=dict)   # widths: channels, hidden_dim,
-                                                               # time_embedding_dim
+    value_head: dict[str, Any] = field(default_factory=dict)   # VALUE_HEAD_KEYS
 
     def __post_init__(self):
         check_bounds(self, kind=ADAPTERS, rank="[1, 4096]", alpha="> 0", min_timestep=">= 0",
                      time_buckets="[1, 1000]")
         if self.value_head and self.kind not in (None, "value"):
-            raise InputError(f"adapter.value_head sets the widths of a value head; adapter.kind "
+            raise InputError(f"adapter.value_head configures a value head; adapter.kind "
                              f"{self.kind!r} has none")
-        unknown = sorted(set(self.value_head) - set(WIDTH_KEYS))
+        unknown = sorted(set(self.value_head) - set(VALUE_HEAD_KEYS))
         if unknown:
             raise UnknownKeyError(f"adapter.value_head.{unknown[0]}",
-                                  self.value_head[unknown[0]], ", ".join(WIDTH_KEYS))
+                                  self.value_head[unknown[0]], ", ".join(VALUE_HEAD_KEYS))
+        if "step_candidates" in self.value_head:
+            check_step_candidates(self.value_head["step_candidates"])
+
+
+def check_step_candidates(value: Any) -> None:
+    """The value head's step takes 0 (first-order) or an even number of antithetic candidates."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value % 2:
+        raise InputError(f"value_head.step_candidates: need 0 (the first-order step) or an even "
+                         f"number >= 2, got {value!r}")

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ctrl_ray.errors import InputError
-from ctrl_ray.models.adapter_config import ADAPTERS
+from ctrl_ray.models.adapter_config import ADAPTERS, VALUE_HEAD_KEYS
 from ctrl_ray.models.backbone import Backbone
-from ctrl_ray.models.soft_value import VALUE_HEAD_KEYS, SoftValueNet, SoftValueSpec
+from ctrl_ray.models.soft_value import SoftValueNet, SoftValueSpec
 
 
 class FrozenWeights(nn.Module):

@@ -25,10 +25,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
 from ctrl_ray.errors import InputError
-from ctrl_ray.models.adapter_config import WIDTH_KEYS
+from ctrl_ray.models.adapter_config import check_step_candidates
 from ctrl_ray.models.classifier import conv_stages
-
-VALUE_HEAD_KEYS = (*WIDTH_KEYS, "step_candidates")
 
 
 @dataclass
@@ -57,10 +55,7 @@ class SoftValueSpec:
         if self.time_embedding_dim % 2:
             raise InputError(f"value_head.time_embedding_dim: need an even width, got "
                              f"{self.time_embedding_dim}")
-        if not isinstance(self.step_candidates, int) or self.step_candidates < 0 or \
-                self.step_candidates % 2:
-            raise InputError(f"value_head.step_candidates: need 0 (the first-order step) or an "
-                             f"even number >= 2, got {self.step_candidates!r}")
+        check_step_candidates(self.step_candidates)
         if self.num_contexts and self.context_dim:
             raise InputError("a value head conditions on class indices or on prompt "
                              "embeddings, not both")
