@@ -147,6 +147,7 @@ argvs = [
     ["pretrain", "--config", "empty.yaml", "--set", "training.steps=0"],
     ["reward", "train", "--config", "empty.yaml", "--set", "training.epochs=0"],
     ["tune", "--config", "empty.yaml", "--set", "search.num_samples=0"],
+    ["baseline", "dps", "--config", "empty.yaml", "--set", "guidance_scale=-1"],
     ["data", "build-digits", "--out", "/proc/d.parquet"],
     ["data", "import", "--images", "missing", "--labels", "x.csv", "--out", "p.parquet"],
     ["registry", "list"],
