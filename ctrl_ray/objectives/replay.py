@@ -78,8 +78,9 @@ class Replay:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The held rollouts in arrival order and the arrival count (for a checkpoint)."""
-        state = {name: self.ordered(name).contiguous() for name in (*FIELDS, "heldout")
-                 if self.ordered(name) is not None}
+        fields = {name: self.ordered(name) for name in (*FIELDS, "heldout")}
+        state = {name: values.contiguous() for name, values in fields.items()
+                 if values is not None}
         return {**state, "added": torch.tensor([self.added], dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
