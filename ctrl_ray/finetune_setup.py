@@ -34,7 +34,8 @@ from ctrl_ray.models.reward import Reward, RewardTerm, load_reward
 from ctrl_ray.models.text_to_image import decode_images
 from ctrl_ray.objectives import ObjectiveConfig
 from ctrl_ray.objectives.base import make_optimizer
-from ctrl_ray.optimum import OptimumConfig, exact_optimum, format_optimum
+from ctrl_ray.optimum import (
+    OptimumConfig, against_optimum, exact_optimum, format_against_optimum, format_optimum)
 from ctrl_ray.registry import load_base_model
 
 __all__ = ["AdapterConfig", "DistributedConfig", "FinetuneConfig", "RewardSpec", "Setup",
@@ -144,4 +145,7 @@ def evaluate_setup(setup: Setup, config: FinetuneConfig, out: Path) -> dict[str,
                                     scorers=dict(config.evaluation.scorers)))
         print(format_optimum(optimum))
         results["optimum"] = optimum["levels"][0]
+        results["against_optimum"] = against_optimum(
+            results["ctrl"], results["optimum"], results.get("base", optimum["base"]))
+        print(format_against_optimum(results["against_optimum"], list(setup.label_info)))
     return results

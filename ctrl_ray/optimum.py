@@ -287,3 +287,30 @@ def format_optimum(result: dict) -> str:
                             f"is not trustworthy; raise samples_per_context (or "
                             f"max_samples_per_context)")
     return "\n".join(lines + warnings)
+
+
+def against_optimum(policy: dict, optimum: dict, base: dict) -> dict[str, float]:
+    """The policy's report next to the optimum's level at the same gamma/alpha, per label:
+    score ratio (macro-F1), KL ratio, and control per nat, (macro-F1 - base's) / KL, for both.
+    ``base`` is the base model's report (or the optimum's own base level)."""
+    comparison = {"kl_ratio": policy["mean_kl"] / optimum["kl"] if optimum["kl"] else math.nan}
+    for name, scores in policy["labels"].items():
+        score, best = scores["macro_f1"], optimum["labels"][name]["macro_f1"]
+        floor = base["labels"][name]["macro_f1"]
+        comparison[f"{name}_score_ratio"] = score / best if best else math.nan
+        comparison[f"{name}_per_nat"] = (score - floor) / policy["mean_kl"] \
+            if policy["mean_kl"] else math.nan
+        comparison[f"{name}_optimum_per_nat"] = (best - floor) / optimum["kl"] \
+            if optimum["kl"] else math.nan
+    return comparison
+
+
+def format_against_optimum(comparison: dict[str, float], labels: Sequence[str]) -> str:
+    """One line per label: the score ratio, the KL ratio and control per nat against the optimum."""
+    lines = ["CTRL against the exact optimum (same gamma/alpha)"]
+    for name in labels:
+        lines.append(f"  {name:<16} score {comparison[f'{name}_score_ratio']:.2f}x  KL "
+                     f"{comparison['kl_ratio']:.2f}x  control per nat "
+                     f"{comparison[f'{name}_per_nat']:.3f} (optimum "
+                     f"{comparison[f'{name}_optimum_per_nat']:.3f})")
+    return "\n".join(lines)

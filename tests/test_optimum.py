@@ -12,7 +12,9 @@ import torch
 from test_theorem import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, MEANS, WEIGHTS, mixture_backbone
 
 from ctrl_ray.cli import main
-from ctrl_ray.optimum import BasePool, optimum_at, tilted_weights, weights_kl_and_ess
+from ctrl_ray.optimum import (
+    BasePool, against_optimum, format_against_optimum, optimum_at, tilted_weights,
+    weights_kl_and_ess)
 
 VARIANCE = 0.12
 
@@ -72,6 +74,19 @@ def test_flat_weights_are_the_base_with_zero_kl(mixture_pool):
     report = optimum_at(pool, {"y": {"num_classes": 2}}, 0.0)
     assert report["kl"] == pytest.approx(0.0, abs=1e-9)
     assert report["ess_min"] == pytest.approx(20_000)
+
+
+def test_a_policy_is_read_against_the_optimum_in_score_kl_and_control_per_nat():
+    def report(f1: float, kl: float) -> dict:
+        return {"labels": {"ink": {"macro_f1": f1}}, "mean_kl": kl, "kl": kl}
+
+    comparison = against_optimum(report(0.75, 1.5), report(0.95, 1.25), report(0.25, 0.0))
+    assert comparison["ink_score_ratio"] == pytest.approx(0.75 / 0.95)
+    assert comparison["kl_ratio"] == pytest.approx(1.2)
+    assert comparison["ink_per_nat"] == pytest.approx(0.5 / 1.5)
+    assert comparison["ink_optimum_per_nat"] == pytest.approx(0.7 / 1.25)
+    assert "score 0.79x  KL 1.20x  control per nat 0.333 (optimum 0.560)" in \
+        format_against_optimum(comparison, ["ink"])
 
 
 def test_reward_audit_cli_reports_the_optimum(tiny_base, tiny_reward, tiny_judge, tmp_path,
