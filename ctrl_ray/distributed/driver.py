@@ -250,7 +250,7 @@ def _run(roles: Roles, config: FinetuneConfig, out: Path, progress: bool,
             for report in (result.get("base", {}), result.get("ctrl", {})):
                 if report.get("grid") and Path(report["grid"]).exists():
                     mlflow.log_artifact(report["grid"])
-        for name in ("base", "ctrl", "optimum"):
+        for name in ("base", "ctrl", "optimum", "against_optimum"):
             if name in result:
                 mlflow.log_metrics(scalar_metrics(result[name], f"eval_{name}_"))
     return result
