@@ -16,6 +16,7 @@ from ctrl_ray.models.adapter_config import AdapterConfig
 from ctrl_ray.models.text_to_image_options import TextToImageOptions
 from ctrl_ray.objectives.configs import DEFAULT_RULE
 from ctrl_ray.objectives.configs import rule_config as objective_config
+from ctrl_ray.sampler_config import SamplingOptions
 
 
 @dataclass
@@ -64,6 +65,7 @@ class FinetuneConfig:
     mode: Literal["adjoint", "pathwise", "ppo", "value"] = DEFAULT_RULE
     objective: Any = field(default_factory=dict)   # the update rule's config: its type by `mode`
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)   # the denoiser's calls
     iterations: int = 100
     seed: int = 0
     checkpoint_every: int = 25

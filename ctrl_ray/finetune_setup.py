@@ -94,6 +94,7 @@ def build_setup(config: FinetuneConfig, base: BaseModel | None = None) -> Setup:
                              f"{term.classifier.config.image_size}px images, the base model "
                              f"makes {image_size}px images")
     backbone = build_backbone(base, config.backbone)
+    backbone.configure_calls(config.sampling)
     if base.is_text_to_image and not backbone.num_contexts:
         raise InputError("backbone.prompts: a text-to-image base model needs at least one "
                          "prompt to train on")

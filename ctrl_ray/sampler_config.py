@@ -41,3 +41,14 @@ class Truncation:
         if self.mode == "fixed":
             return min(self.k, num_steps)
         return int(torch.randint(1, min(self.k, num_steps) + 1, (), generator=generator))
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How the denoiser's calls run (config section ``sampling``): ``bf16`` autocast of the
+    UNet's calls on any device. Off by default: on the 2-core CPU it bought nothing on the
+    digits UNet and 22% per call on the text testbed's at 0.045 error in eps
+    (docs/benchmarks.md, throughput); on a GPU it is the usual choice
+    (benchmarks/gpu_check.py). torch.compile and channels-last were measured and not kept."""
+
+    bf16: bool = False

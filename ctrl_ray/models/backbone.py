@@ -10,10 +10,12 @@ with ``decode`` (a VAE decoder for latent backbones, identity for pixel ones).
 
 from __future__ import annotations
 
+import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import Tensor, nn
 
 from ctrl_ray.errors import InputError
+from ctrl_ray.sampler_config import SamplingOptions
 
 
 class Backbone(nn.Module):
@@ -52,6 +54,11 @@ class Backbone(nn.Module):
         """Images (B, C, H, W) in about [-1, 1] from samples; identity for pixel backbones."""
         return samples
 
+    def configure_calls(self, options: SamplingOptions) -> None:
+        """How the network's calls run (`SamplingOptions`); only UNet backbones have any."""
+        if options != SamplingOptions():
+            raise InputError(f"sampling options {options} apply to UNet backbones only")
+
     def forward(
         self, x_t: Tensor, t: Tensor, context: Tensor | None, extra_embedding: Tensor | None = None
     ) -> Tensor:
@@ -88,6 +95,11 @@ class UNetBackbone(Backbone):
         self.is_cross_attention = isinstance(unet, UNet2DConditionModel)
         self.num_contexts = None if self.is_cross_attention else unet.config.num_class_embeds
         self.default_lora_targets = ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"]
+        self.options = SamplingOptions()
+
+    def configure_calls(self, options: SamplingOptions) -> None:
+        """Run the UNet's calls under bf16 autocast (outputs in the input's dtype) or not."""
+        self.options = options
 
     def predict_noise(
         self, x_t: Tensor, t: Tensor, context: Tensor | None, extra_embedding: Tensor | None = None
@@ -105,6 +117,10 @@ class UNetBackbone(Backbone):
             handle.remove()
 
     def _run_unet(self, x_t: Tensor, t: Tensor, context: Tensor | None) -> Tensor:
-        if self.is_cross_attention:
-            return self.network(x_t, t, encoder_hidden_states=context).sample
-        return self.network(x_t, t, class_labels=context).sample
+        network = self.network
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
+            if self.is_cross_attention:
+                eps = network(x_t, t, encoder_hidden_states=context).sample
+            else:
+                eps = network(x_t, t, class_labels=context).sample
+        return eps.to(x_t.dtype)
