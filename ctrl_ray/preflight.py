@@ -512,9 +512,9 @@ def evaluate(model: str, config, overwrite: bool) -> None:
     spec = _local_policy_spec(model)
     if spec is None:
         return
-    base = str(spec.get("base_model", ""))
+    base = str(spec.get("base_model", ""))  # a registry base is resolved (and named) by the load
     metadata = check_base_model(base, "--model's base model") \
-        if base and (":/" in base or Path(base).is_dir()) else None
+        if base and ":/" not in base and Path(base).is_dir() else None
     prompts = (spec.get("backbone") or {}).get("prompts")
     check_contexts(config.evaluation.contexts, metadata, prompts, "evaluation.contexts")
     check_scorers(dict(spec.get("label_info") or {}), dict(config.evaluation.scorers),
