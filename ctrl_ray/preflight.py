@@ -244,8 +244,8 @@ def check_cluster_address(address: str | None, key: str, timeout_s: float | None
     """Fail within `timeout_s` (default CTRL_RAY_CONNECT_TIMEOUT, 10 s) when the Ray cluster at
     `address` (or RAY_ADDRESS) does not answer, instead of letting `ray.init` wait forever."""
     timeout_s = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
-    if os.environ.get("RAY_ADDRESS"):  # ray.init lets RAY_ADDRESS win over its argument
-        address, key = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if os.environ.get("RAY_ADDRESS") and address in (None, "", "auto"):
+        address, key = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"  # what ray.init joins then
     if address == "auto":
         address = _running_cluster(key)
     if not address or address == "local":

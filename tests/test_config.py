@@ -78,3 +78,16 @@ def test_nested_errors_name_the_full_dotted_key(override, key):
     with pytest.raises(InputError) as caught:
         load_config(DemoConfig, overrides=[override])
     assert key in str(caught.value)
+
+
+def test_no_address_means_a_fresh_local_ray(monkeypatch):
+    """ray.init() with no address would join the cluster Ray's temp folder last recorded (and
+    retry for good if it died); a run passes "local" instead, unless told an address."""
+    from ctrl_ray.finetune_config import DistributedConfig
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert DistributedConfig().ray_address == "local"
+    assert DistributedConfig(address="10.0.0.1:6379").ray_address == "10.0.0.1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert DistributedConfig().ray_address == "ray://head:10001"
+    assert DistributedConfig(address="10.0.0.1:6379").ray_address == "10.0.0.1:6379"
