@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ctrl_ray.checkpoint_index import STATE_FILE, latest_checkpoint  # noqa: F401 (re-exported)
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.loading import BaseModel, build_backbone
@@ -27,7 +28,6 @@ POLICY_FORMAT = "ctrl_ray.policy"
 ADAPTER_FILE = "adapter.safetensors"
 POLICY_FILE = "policy.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "state.json"
 LEARNER_STATE_FILE = "learner_state.safetensors"
 SCORERS_DIR = "scorers"   # a registered policy's label scorers (judge dirs, labeller files)
 
@@ -99,16 +99,6 @@ def read_learner_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The update rule's own learner state of a training checkpoint ({} if it keeps none)."""
     path = Path(path) / LEARNER_STATE_FILE
     return read_tensors(path, "learner state") if path.is_file() else {}
-
-
-def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
-    """The newest complete training checkpoint under `checkpoints_dir` (names sort by step)."""
-    root = Path(checkpoints_dir)
-    if not root.is_dir():
-        return None
-    complete = sorted(p for p in root.iterdir()
-                      if not p.name.startswith(".") and (p / STATE_FILE).is_file())
-    return complete[-1] if complete else None
 
 
 def read_policy_spec(path: str | Path) -> dict[str, Any]:

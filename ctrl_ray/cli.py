@@ -335,7 +335,8 @@ def _finetune(args: argparse.Namespace) -> None:
         if value is not None:
             overrides.append(f"{key}={value}")
     config = load_config(FinetuneConfig, args.config, overrides)
-    preflight.finetune(config, args.overwrite, resume=args.resume)
+    preflight.finetune(config, args.overwrite, resume=args.resume,
+                       allow_config_change=args.allow_config_change)
     from ctrl_ray.finetune import finetune  # torch, Ray, MLflow: only once the input is good
 
     result = finetune(config, resume=args.resume, overwrite=args.overwrite,

@@ -31,6 +31,7 @@ def run(config_path: str | Path | None, overrides: list[str], overwrite: bool = 
         allow_config_change: bool = False) -> dict:
     """Load the config file with `--set` overrides, check it before any work, run CTRL."""
     config = load_config(FinetuneConfig, config_path, overrides)
-    preflight.finetune(config, overwrite, resume=resume)
+    preflight.finetune(config, overwrite, resume=resume,
+                       allow_config_change=allow_config_change)
     return finetune(config, progress=progress, resume=resume, overwrite=overwrite,
                     allow_config_change=allow_config_change)

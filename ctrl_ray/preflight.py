@@ -17,7 +17,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+from ctrl_ray.checkpoint_index import latest_checkpoint, saved_config
+from ctrl_ray.config_changes import check_resume
 from ctrl_ray.errors import InputError
+from ctrl_ray.run_lock import check_unlocked
 from ctrl_ray.tracking_store import tracking_uri
 
 SYSTEM_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
@@ -471,9 +474,11 @@ def _check_judge(path: str | None, key: str) -> None:
     _keyed(key, DigitJudge.load, path)
 
 
-def finetune(config, overwrite: bool, resume: bool | str = False) -> None:
+def finetune(config, overwrite: bool, resume: bool | str = False,
+             allow_config_change: bool = False) -> None:
     """`finetune`: the base model, rewards and judge exist and load, the batch splits over the
-    workers, the cluster answers, and the output folder is free (or resumed)."""
+    workers, the cluster answers, the output folder is free (no other run holds it) or resumed,
+    and a resume changes nothing that alters training (unless `allow_config_change`)."""
     config.check_evaluation_chain()
     workers = config.distributed.workers
     batch_size = getattr(config.objective, "batch_size", None)
@@ -484,6 +489,14 @@ def finetune(config, overwrite: bool, resume: bool | str = False) -> None:
               *((f"rewards[{i}].path", r.path) for i, r in enumerate(config.rewards))]
     check_output(config.output_dir, "output_dir", kind="dir", inputs=inputs,
                  overwrite=overwrite or bool(resume))
+    check_unlocked(config.output_dir, "output_dir")
+    checkpoint = latest_checkpoint(Path(config.output_dir) / "checkpoints") if resume else None
+    if resume is True and checkpoint is None:
+        raise InputError(f"--resume: no checkpoint under "
+                         f"{str(Path(config.output_dir) / 'checkpoints')!r} to resume from "
+                         f"(--resume-if-present starts over when there is none)")
+    if checkpoint is not None:
+        check_resume(saved_config(checkpoint), config, allow_config_change)
     metadata = check_base_model(config.base_model, "base_model")
     check_contexts(config.evaluation.contexts, metadata, config.backbone.prompts,
                    "evaluation.contexts")
@@ -492,12 +505,6 @@ def finetune(config, overwrite: bool, resume: bool | str = False) -> None:
         _check_judge(config.judge, "judge")
         check_scorers(reward.label_info(), dict(config.evaluation.scorers),
                       _pixel_shape(metadata), "evaluation.scorers")
-    from ctrl_ray.checkpoint import latest_checkpoint
-
-    if resume is True and latest_checkpoint(Path(config.output_dir) / "checkpoints") is None:
-        raise InputError(f"--resume: no checkpoint under "
-                         f"{str(Path(config.output_dir) / 'checkpoints')!r} to resume from "
-                         f"(--resume-if-present starts over when there is none)")
     if workers:
         check_cluster_address(config.distributed.address, "distributed.address")
 

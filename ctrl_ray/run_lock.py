@@ -37,6 +37,27 @@ def output_dir_lock(directory: str | os.PathLike, key: str = "output_dir") -> It
             directory.rmdir()
 
 
+def check_unlocked(directory: str | os.PathLike, key: str = "output_dir") -> None:
+    """An InputError naming ``directory`` if a run holds it now (the preflight's early answer;
+    the run itself takes the lock with `output_dir_lock`)."""
+    path = Path(directory) / LOCK_FILE
+    if not path.is_file():
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = Path(path).read_text(errors="replace").strip() or "unknown"
+        raise InputError(_in_use(directory, holder, key)) from None
+    finally:
+        os.close(descriptor)
+
+
+def _in_use(directory: str | os.PathLike, holder: str, key: str) -> str:
+    return (f"{key}: {str(directory)!r} is in use by another run (pid {holder}); wait for it "
+            f"to end or choose another {key}")
+
+
 def _acquire(path: Path, directory: Path, key: str) -> int:
     while True:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -45,8 +66,7 @@ def _acquire(path: Path, directory: Path, key: str) -> int:
         except BlockingIOError:
             holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
             os.close(descriptor)
-            raise InputError(f"{key}: {str(directory)!r} is in use by another run (pid "
-                             f"{holder}); wait for it to end or choose another {key}") from None
+            raise InputError(_in_use(directory, holder, key)) from None
         try:
             same_file = os.fstat(descriptor).st_ino == os.stat(path).st_ino
         except FileNotFoundError:

@@ -130,13 +130,26 @@ import json, os, sys, tempfile
 from pathlib import Path
 
 from ctrl_ray.cli import main
+from ctrl_ray.config import load_config
+from ctrl_ray.config_changes import resolved_config
+from ctrl_ray.finetune_config import FinetuneConfig
+from ctrl_ray.run_lock import output_dir_lock
 
 root = Path(tempfile.mkdtemp())
 os.chdir(root)
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/no-store/mlflow.db"
 Path("empty.yaml").write_text("")
 Path("base").mkdir()
+checkpoint = Path("run/checkpoints/000001")     # a checkpoint of a run at gamma 1
+checkpoint.mkdir(parents=True)
+saved = resolved_config(load_config(FinetuneConfig, "empty.yaml", ["output_dir=run"]))
+(checkpoint / "state.json").write_text(json.dumps({"config": saved}))
+held = output_dir_lock("held")                   # a run holding its output folder
+held.__enter__()
 argvs = [
+    ["finetune", "--config", "empty.yaml", "--set", "output_dir=run", "--resume",
+     "--set", "objective.gamma=2"],
+    ["finetune", "--config", "empty.yaml", "--set", "output_dir=held", "--overwrite"],
     ["finetune", "--config", "empty.yaml", "--set", "iterations=-1"],
     ["finetune", "--config", "empty.yaml", "--set", "mode=ppo", "--set",
      "objective.clip_range=0"],
