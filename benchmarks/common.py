@@ -28,6 +28,16 @@ def testbed_parser(doc: str | None, *inputs: str, **defaults: str) -> argparse.A
     return parser
 
 
+def choose_within_kl(table: dict[int, tuple[float, float]], optimum_kl: float,
+                     budget: float) -> int:
+    """The setting (key of `table`: setting -> (score, KL), on validation seeds) with the most
+    score among those within `budget` x the optimum's KL, else the one with the least KL."""
+    within = [key for key, (_, kl) in table.items() if kl <= budget * optimum_kl]
+    if within:
+        return max(within, key=lambda key: table[key][0])
+    return min(table, key=lambda key: table[key][1])
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     return {
