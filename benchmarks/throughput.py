@@ -5,7 +5,7 @@ measured in the same run; where a value update's time goes (digits and, with --t
 the text testbed); and the default rule's trajectories per second next to its control
 (macro-F1 against the exact optimum, same seeds).
 
-Writes benchmarks/results/throughput.{json,md}.
+Writes benchmarks/results/throughput.{json,md} (`--results-name` for a partial run).
 
     nice -n 5 .venv/bin/python benchmarks/throughput.py            # the full run
     nice -n 5 .venv/bin/python benchmarks/throughput.py --rules value --repeats 3 \
@@ -279,6 +279,8 @@ def main() -> None:
     parser.add_argument("--optimum-samples-per-context", type=int, default=100)
     parser.add_argument("--profile-repeats", type=int, default=5)
     parser.add_argument("--out", default="outputs/bench-throughput")
+    parser.add_argument("--results-name", default="throughput",
+                        help="benchmarks/results/NAME.{json,md} (a partial run: another name)")
     args = parser.parse_args()
     command = " ".join(["python", *sys.argv])
     start = time.perf_counter()
@@ -317,7 +319,7 @@ def main() -> None:
             "matmul_peak": {"before": peak_before, "after": peak_after, "gflops": peak},
             "update_gflop": {rule: f / 1e9 for rule, f in flops.items()},
             "table": table, "runs": rows, "profiles": profiles, "control": control}
-    publish("throughput", data, markdown(data, args))
+    publish(args.results_name, data, markdown(data, args))
 
 
 def markdown(data: dict, args) -> list[str]:
