@@ -1,4 +1,4 @@
-"""How fast a bad input is refused: 20 typical bad inputs, each run as `ctrl-ray ...` in its own
+"""How fast a bad input is refused: 24 typical bad inputs, each run as `ctrl-ray ...` in its own
 process, one at a time; and how long a valid `finetune` takes until its run could start.
 
 Every bad input must exit 2 with one line on stderr. The refusal time is the wall time of the
@@ -56,6 +56,11 @@ CASES = [
     ("import folder missing", ["data", "import", "--images", "missing", "--labels", "x.csv",
                                "--out", "p.parquet"]),
     ("registry list, no store", ["registry", "list"]),
+    ("demo output under /proc", ["demo", "--set", "output_dir=/proc/ctrl"]),
+    ("audit base missing", ["reward", "audit", "--base", "missing"]),
+    ("text2image build data missing", ["text2image", "build", "--config", "empty.yaml",
+                                       "--set", "data.path=missing.parquet"]),
+    ("tiny-pipeline under /proc", ["text2image", "tiny-pipeline", "--out", "/proc/t"]),
 ]
 
 VALID_START = """

@@ -215,10 +215,12 @@ def _print_json(data: dict) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from ctrl_ray import preflight
     from ctrl_ray.config import load_config
-    from ctrl_ray.demo import DemoConfig, run_demo
+    from ctrl_ray.demo_config import DemoConfig
 
     config = load_config(DemoConfig, args.config, args.overrides)
     preflight.demo(config, args.overwrite)
+    from ctrl_ray.demo import run_demo
+
     run_demo(config, overwrite=args.overwrite)
 
 
@@ -308,7 +310,7 @@ def _reward_train(args: argparse.Namespace) -> None:
 
 
 def _reward_audit(args: argparse.Namespace) -> None:
-    from ctrl_ray.audit import AuditConfig, run_audit
+    from ctrl_ray.audit_config import AuditConfig, check_audit
     from ctrl_ray.config import load_config
 
     overrides = list(args.overrides)
@@ -321,7 +323,11 @@ def _reward_audit(args: argparse.Namespace) -> None:
         overrides.append("rewards=[" + ", ".join(f"{{path: '{p}'}}" for p in args.reward) + "]")
     if args.guidance_levels:
         overrides.append(f"optimum.guidance_levels=[{args.guidance_levels}]")
-    run_audit(load_config(AuditConfig, args.config, overrides), overwrite=args.overwrite)
+    config = load_config(AuditConfig, args.config, overrides)
+    check_audit(config, args.overwrite)
+    from ctrl_ray.audit import run_audit
+
+    run_audit(config, overwrite=args.overwrite)
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -442,10 +448,12 @@ def _registry_register_base(args: argparse.Namespace) -> None:
 def _text2image_tiny_pipeline(args: argparse.Namespace) -> None:
     from ctrl_ray import preflight
     from ctrl_ray.config import load_config
-    from ctrl_ray.models.tiny_pipeline import TinyPipelineConfig, build_tiny_pipeline
+    from ctrl_ray.models.tiny_pipeline_config import TinyPipelineConfig
 
     config = load_config(TinyPipelineConfig, args.config, args.overrides)
     preflight.tiny_pipeline(args.out, args.overwrite)
+    from ctrl_ray.models.tiny_pipeline import build_tiny_pipeline
+
     path = build_tiny_pipeline(config, args.out)
     print(f"wrote {path}")
 
@@ -453,10 +461,12 @@ def _text2image_tiny_pipeline(args: argparse.Namespace) -> None:
 def _text2image_build(args: argparse.Namespace) -> None:
     from ctrl_ray import preflight
     from ctrl_ray.config import load_config
-    from ctrl_ray.latent_testbed import LatentTestbedConfig, build_latent_testbed
+    from ctrl_ray.latent_testbed_config import LatentTestbedConfig
 
     config = load_config(LatentTestbedConfig, args.config, args.overrides)
     preflight.latent_testbed(config, args.overwrite)
+    from ctrl_ray.latent_testbed import build_latent_testbed
+
     result = build_latent_testbed(config)
     print(f"saved {result.model_dir} (VAE {result.vae_seconds:.0f} s, validation PSNR "
           f"{result.val_psnr:.1f} dB; UNet {result.unet_seconds:.0f} s, final loss "

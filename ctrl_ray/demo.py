@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -11,56 +10,19 @@ import torch
 
 from ctrl_ray import registry
 from ctrl_ray.classifier_training import train_digit_judge
-from ctrl_ray.config import SEED, check_bounds
 from ctrl_ray.data.digits import DigitsDataset, ensure_digits
 from ctrl_ray.data.oracles import label_images
+from ctrl_ray.demo_config import DemoConfig, DemoSamplingConfig, JudgeConfig
 from ctrl_ray.evaluation import class_histogram, generate, save_grid
 from ctrl_ray.finetune import finetune
-from ctrl_ray.finetune_setup import FinetuneConfig
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.models.loading import BaseModel, build_backbone
 from ctrl_ray.policy import sample_grid
-from ctrl_ray.pretrain import PretrainConfig, pretrain
+from ctrl_ray.pretrain import pretrain
 from ctrl_ray.registry import load_base_model
-from ctrl_ray.reward_training import RewardJobConfig, train_reward_job
+from ctrl_ray.reward_training import train_reward_job
 from ctrl_ray.storage import write_json
-
-
-@dataclass
-class JudgeConfig:
-    """The fidelity judge: a digit classifier trained on the real train split."""
-
-    path: str = "outputs/judge-digits16"
-    epochs: int = 20
-    seed: int = 0
-
-    def __post_init__(self):
-        check_bounds(self, epochs="[1, 100000]", seed=SEED)
-
-
-@dataclass
-class DemoSamplingConfig:
-    samples_per_digit: int = 10
-    num_inference_steps: int = 50
-    eta: float = 1.0
-    seed: int = 1234
-
-    def __post_init__(self):
-        check_bounds(self, samples_per_digit="[1, 10000]", num_inference_steps="[1, 10000]",
-                     eta="[0, 100]", seed=SEED)
-
-
-@dataclass
-class DemoConfig:
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-    sampling: DemoSamplingConfig = field(default_factory=DemoSamplingConfig)
-    reward: RewardJobConfig = field(default_factory=RewardJobConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    reuse_registered_base: bool = True
-    registered_model: str = "ctrl-digits"
-    output_dir: str = "outputs/demo"
 
 
 def run_demo(config: DemoConfig, overwrite: bool = False) -> dict:

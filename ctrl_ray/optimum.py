@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from ctrl_ray.errors import InputError
 from ctrl_ray.evaluation import (
     class_names,
     context_labels,
@@ -32,41 +31,11 @@ from ctrl_ray.evaluation import (
     save_grid,
     target_labels,
 )
+from ctrl_ray.optimum_config import OptimumConfig
 from ctrl_ray.scoring import get_scorer
 
 # images (N, C, H, W), labels name -> (N,), contexts (N,) or None -> log p(y | x0, c), (N,)
 ImageLogLikelihood = Callable[[torch.Tensor, dict, torch.Tensor | None], torch.Tensor]
-
-
-@dataclass
-class OptimumConfig:
-    """The importance-sampling estimate: M base samples per context (shared by every target
-    and guidance level), the sampler, and the ESS below which a level is flagged; a context
-    whose ESS falls below it gets more samples, up to `max_samples_per_context`."""
-
-    samples_per_context: int = 300
-    max_samples_per_context: int = 0   # top a low-ESS context up to this many (0: no top-up)
-    contexts: list[int | str] | None = None   # class ids / prompt indices, or prompts
-    context_digits: list[int] | None = None   # the digit each context names, for the judge
-    guidance_levels: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0, 30.0, 100.0])
-    num_inference_steps: int = 50
-    eta: float = 1.0
-    seed: int = 20_000
-    batch_size: int = 256
-    min_ess: float = 50.0
-    scorers: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.samples_per_context < 1:
-            raise InputError(f"samples_per_context must be >= 1, got {self.samples_per_context}")
-        if not self.guidance_levels or any(not level >= 0 for level in self.guidance_levels):
-            raise InputError(f"guidance_levels must be gamma / alpha values >= 0, got "
-                             f"{self.guidance_levels}")
-        if self.min_ess < 1:
-            raise InputError(f"min_ess must be >= 1, got {self.min_ess}")
-        if self.max_samples_per_context < 0:
-            raise InputError(f"max_samples_per_context must be >= 0, got "
-                             f"{self.max_samples_per_context}")
 
 
 @dataclass

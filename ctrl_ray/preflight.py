@@ -630,17 +630,17 @@ def tiny_pipeline(out: str, overwrite: bool) -> None:
 
 
 def latent_testbed(config, overwrite: bool) -> None:
-    """`text2image build`: the digits file at the configured size, the registered name, and the
-    output folder."""
+    """`text2image build`: the digits file at the configured size, the output folder, and the
+    registered name."""
     from ctrl_ray.data.digits import require_digits
 
     require_digits(config.data.path, config.data.size, key="data.path")
-    if config.registered_model:
+    check_output(config.output_dir, "output_dir", kind="dir",
+                 inputs=[("data.path", config.data.path)], overwrite=overwrite)
+    if config.registered_model:  # last: MLflow's name check imports MLflow
         from ctrl_ray import registry
 
         registry.check_name(config.registered_model, "registered_model")
-    check_output(config.output_dir, "output_dir", kind="dir",
-                 inputs=[("data.path", config.data.path)], overwrite=overwrite)
 
 
 def demo(config, overwrite: bool) -> None:
@@ -658,13 +658,6 @@ def demo(config, overwrite: bool) -> None:
     else:
         check_output(config.judge.path, "judge.path", kind="dir")
     _check_unet(config.pretrain.model, "pretrain.model")
-    name = config.pretrain.registered_model
-    from ctrl_ray import registry
-
-    if not (config.reuse_registered_base and name and store_exists()
-            and registry.latest_version(name) is not None):  # the demo pre-trains
-        check_output(config.pretrain.output_dir, "pretrain.output_dir", kind="dir",
-                     inputs=[("pretrain.data.path", data.path)], overwrite=overwrite)
     inputs = [("pretrain.data.path", data.path), ("judge.path", config.judge.path)]
     if config.reward.dataset != data.path:
         require_digits(config.reward.dataset, config.reward.size, key="reward.dataset")
@@ -678,3 +671,12 @@ def demo(config, overwrite: bool) -> None:
     if config.finetune.distributed.workers:
         check_cluster_address(config.finetune.distributed.address,
                               "finetune.distributed.address")
+    name = config.pretrain.registered_model
+    reuses_base = bool(config.reuse_registered_base and name and store_exists())
+    if reuses_base:  # last: reading the registry imports MLflow
+        from ctrl_ray import registry
+
+        reuses_base = registry.latest_version(name) is not None
+    if not reuses_base:  # the demo pre-trains
+        check_output(config.pretrain.output_dir, "pretrain.output_dir", kind="dir",
+                     inputs=[("pretrain.data.path", data.path)], overwrite=overwrite)

@@ -164,6 +164,10 @@ argvs = [
     ["data", "build-digits", "--out", "/proc/d.parquet"],
     ["data", "import", "--images", "missing", "--labels", "x.csv", "--out", "p.parquet"],
     ["registry", "list"],
+    ["demo", "--set", "output_dir=/proc/x"],
+    ["reward", "audit", "--base", "missing"],
+    ["text2image", "build", "--config", "empty.yaml", "--set", "data.path=missing.parquet"],
+    ["text2image", "tiny-pipeline", "--out", "/proc/t"],
 ]
 codes = [main(argv) for argv in argvs]
 print(json.dumps({"codes": codes, "heavy": [m for m in sys.argv[1:] if m in sys.modules]}))
