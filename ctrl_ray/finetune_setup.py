@@ -35,7 +35,12 @@ from ctrl_ray.models.text_to_image import decode_images
 from ctrl_ray.objectives import ObjectiveConfig
 from ctrl_ray.objectives.base import make_optimizer
 from ctrl_ray.optimum import (
-    OptimumConfig, against_optimum, exact_optimum, format_against_optimum, format_optimum)
+    OptimumConfig,
+    against_optimum,
+    exact_optimum,
+    format_against_optimum,
+    format_optimum,
+)
 from ctrl_ray.registry import load_base_model
 
 __all__ = ["AdapterConfig", "DistributedConfig", "FinetuneConfig", "RewardSpec", "Setup",

@@ -13,8 +13,13 @@ from test_theorem import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, MEANS, WEIGHTS, mix
 
 from ctrl_ray.cli import main
 from ctrl_ray.optimum import (
-    BasePool, against_optimum, format_against_optimum, optimum_at, tilted_weights,
-    weights_kl_and_ess)
+    BasePool,
+    against_optimum,
+    format_against_optimum,
+    optimum_at,
+    tilted_weights,
+    weights_kl_and_ess,
+)
 
 VARIANCE = 0.12
 

@@ -23,8 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ctrl_ray import tracking
-from ctrl_ray.checkpoint import (LEARNER_STATE_FILE, latest_checkpoint, read_checkpoint,
-                                 read_learner_state, save_checkpoint)
+from ctrl_ray.checkpoint import (
+    LEARNER_STATE_FILE,
+    latest_checkpoint,
+    read_checkpoint,
+    read_learner_state,
+    save_checkpoint,
+)
 from ctrl_ray.config import flatten, scalar_metrics, to_dict
 from ctrl_ray.config_changes import RESUME_CHANGES_TAG, check_resume, describe, resolved_config
 from ctrl_ray.distributed.roles import Learner, RolloutWorker

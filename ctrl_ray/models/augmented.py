@@ -49,7 +49,8 @@ class AugmentedModel(nn.Module):
         adapter: ``"lora"`` (peft LoRA on ``backbone.network``), ``"full"`` (all weights of
             ``backbone.network`` trainable), ``"none"`` (label embeddings only) or ``"value"``
             (the backbone stays the base; a soft value head log h_t(x; y, c) steers each reverse
-            step's mean by sigma^2 grad log h, see `mean_shift`; trained by mode ``value``).
+            step's mean toward the step tilted by h, see `mean_shift`; trained by mode
+            ``value``).
         lora_rank, lora_alpha: LoRA rank and scale numerator (``lora_alpha=None`` means rank,
             i.e. scale 1).
         lora_targets: module-name suffixes that get LoRA; default ``backbone.default_lora_targets``.

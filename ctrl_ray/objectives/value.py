@@ -1,12 +1,13 @@
 """Value CTRL: learn the soft value of the pre-trained chain by regression on its own rollouts,
-and steer every reverse step by its gradient (the policy's adapter ``value``).
+and steer every reverse step by it (the policy's adapter ``value``).
 
 The optimum of J = E[gamma log p(y | x0, c)] - kl_weight KL(P_theta || P_pre) is the base chain
 tilted by h_t(x; y, c) = E_pre[p(y | x0, c)^lambda | x_t = x, c], lambda = gamma / kl_weight:
 its step from x_k draws x_{k+1} from N(mu_pre(x_k), sigma_k^2 I) h_{k+1}(x_{k+1}) / h_k(x_k),
-whose best Gaussian approximation with the base's variance shifts the mean by
-sigma_k^2 grad log h_{k+1}(mu_pre(x_k)) (first order in sigma_k). The policy is that step with a
-learned h (`ctrl_ray.models.soft_value`), so fine-tuning is learning h, and h is a conditional
+whose Gaussian approximation with the base's variance has that step's mean,
+mu_pre + sigma_k^2 E_tilted[grad log h_{k+1}] (sigma_k^2 grad log h_{k+1}(mu_pre) to first order
+in sigma_k; `SoftValueNet.mean_shift`). The policy is that step with a learned h
+(`ctrl_ray.models.soft_value`), so fine-tuning is learning h, and h is a conditional
 expectation under the *base* chain: a regression of lambda log p(y | x0) of base rollouts onto
 every state x_k of the rollout (`value_loss`), for every target y at once. No gradient passes
 through the sampler or the reward classifier, the targets are exact (not one-trajectory
@@ -85,11 +86,12 @@ def worker_step(model, reward_fn: RewardFn, inputs: RolloutInputs, config: Value
 def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
                  config: ValueConfig, generator: torch.Generator, version: int) -> dict:
     """Add the shards' base rollouts to the replay (kept on the value head, outside its
-    weights; `learner_state` saves it), then up to ``regression_steps`` steps of the value loss on random (state,
-    timestep) pairs of its fit rollouts (x_T .. x_0 of each). Every ``check_every`` steps the
-    loss on the held-out rollouts is measured and the head keeps its best weights of the update
-    (the ones it came in with included): an over-fit h steers where the reward says nothing,
-    which costs KL and buys no control (docs/update_rules.md, section 7)."""
+    weights; `learner_state` saves it), then up to ``regression_steps`` steps of the value loss
+    on random (state, timestep) pairs of its fit rollouts (x_T .. x_0 of each). Every
+    ``check_every`` steps the loss on the held-out rollouts is measured and the head keeps its
+    best weights of the update (the ones it came in with included): an over-fit h steers where
+    the reward says nothing, which costs KL and buys no control (docs/update_rules.md,
+    section 7)."""
     head = model.value_head
     device = next(head.parameters()).device
     replay = _replay(head, config)
