@@ -120,6 +120,7 @@ def main() -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/no-store/mlflow.db",
            "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    load_average = round(os.getloadavg()[0], 1)  # other work on the CPUs slows every case
     try:
         workspace(root)
         rows = []
@@ -129,7 +130,7 @@ def main() -> None:
             print(f"{name:<30} {rows[-1]['seconds']:.2f} s", flush=True)
         seconds = [row["seconds"] for row in rows]
         result = {"cases": rows, "median_s": statistics.median(seconds), "max_s": max(seconds),
-                  "repeat": args.repeat, "cpus": os.cpu_count()}
+                  "repeat": args.repeat, "cpus": os.cpu_count(), "load_average": load_average}
         if args.base.is_dir() and args.reward.is_dir():
             config = root / "valid.yaml"
             config.write_text(f"base_model: {args.base}\nrewards: [{{path: {args.reward}}}]\n"
@@ -147,7 +148,8 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Refusal time", "",
              f"{len(rows)} bad inputs, each `ctrl-ray ...` in its own process (median of "
-             f"{args.repeat} run(s) per case, {os.cpu_count()} CPUs): median "
+             f"{args.repeat} run(s) per case, {os.cpu_count()} CPUs, load average "
+             f"{load_average} at the start): median "
              f"**{result['median_s']:.2f} s**, max {result['max_s']:.2f} s.", "",
              "| bad input | seconds |", "|---|---|"]
     lines += [f"| {row['case']} | {row['seconds']:.2f} |" for row in rows]
