@@ -137,7 +137,7 @@ def weights_kl_and_ess(weights: np.ndarray) -> tuple[float, float]:
     """KL(weighted || uniform) = sum_i w_i log(M w_i), and the effective sample size."""
     positive = weights[weights > 0]
     kl = float((positive * np.log(len(weights) * positive)).sum())
-    return kl, float(1.0 / (weights**2).sum())
+    return max(kl, 0.0), float(1.0 / (weights**2).sum())  # >= 0; rounding gave -0.00 at w = 1/M
 
 
 def optimum_at(pool: BasePool, label_info: dict[str, dict], tilt: float) -> dict:
