@@ -31,8 +31,11 @@ def resolved_config(config: Any) -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], config: Any) -> list[Change]:
-    """(dotted key, the checkpoint's value, the new value) for every key that differs."""
+    """(dotted key, the checkpoint's value, the new value) for every key that differs. A key the
+    checkpoint does not record (written before the key existed) counts as its default."""
     old, new = flatten(saved), flatten(resolved_config(config))
+    defaults = flatten(resolved_config(type(config)()))
+    old.update({key: defaults[key] for key in new.keys() - old.keys() if key in defaults})
     missing = object()
     return [(key, old.get(key, missing), new.get(key, missing))
             for key in sorted(old.keys() | new.keys())

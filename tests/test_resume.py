@@ -180,3 +180,15 @@ def test_the_replay_keeps_the_newest_rollouts_within_both_bounds_and_round_trips
         assert torch.equal(getattr(again, name), getattr(replay, name)), name
     assert again.heldout.tolist() == [True, False, False, True, False]   # 9 and 12 held out
     assert Replay(2, max_bytes=10**9).bound(row_bytes) == 2   # the count bound holds too
+
+
+def test_a_key_the_checkpoint_predates_counts_as_its_default():
+    from ctrl_ray.config import load_config
+    from ctrl_ray.config_changes import config_changes, resolved_config
+    from ctrl_ray.finetune_config import FinetuneConfig
+
+    saved = resolved_config(load_config(FinetuneConfig, None, []))
+    del saved["sampling"]                       # a checkpoint written before `sampling` existed
+    assert config_changes(saved, load_config(FinetuneConfig, None, [])) == []
+    changed = load_config(FinetuneConfig, None, ["sampling.bf16=true"])
+    assert config_changes(saved, changed) == [("sampling.bf16", False, True)]
