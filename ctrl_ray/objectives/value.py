@@ -114,7 +114,7 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
                           log_targets[rows].to(device))
 
     # The held-out pairs: every state of up to 256 held-out rollouts, fixed within the update.
-    heldout_rows = heldout_rows[-256:]
+    heldout_rows = heldout_rows[-config.heldout_rollouts:]
     check_rows = heldout_rows.repeat_interleave(timesteps.numel())
     check_which = torch.arange(timesteps.numel()).repeat(len(heldout_rows))
 
