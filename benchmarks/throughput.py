@@ -387,8 +387,8 @@ def markdown(data: dict, args) -> list[str]:
             f"{p['steps'] * s['head_step']:.2f} s ({100 * p['policy_head_share']:.0f}%) | "
             f"{1e3 * s['targets']:.0f} ms | {s['learner']:.2f} s ({p['replay_rollouts']}) | "
             f"{p['learner_gflops']:.1f} |")
-    lines += ["", f"Full run: `nice -n 5 .venv/bin/python benchmarks/throughput.py` "
-              f"(all four rules, 3 repeats x 20 updates, every setting)."]
+    lines += ["", "Full run: `nice -n 5 .venv/bin/python benchmarks/throughput.py` "
+              "(all four rules, 3 repeats x 20 updates, every setting)."]
     return lines
 
 
