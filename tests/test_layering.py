@@ -185,3 +185,5 @@ def test_a_refused_command_imports_no_heavy_library():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["codes"] == [2] * len(result["codes"]), done.stderr
     assert result["heavy"] == [], done.stderr
+    assert "keys that change training: objective.gamma: 1.0 -> 2.0" in done.stderr
+    assert "'held' is in use by another run" in done.stderr
