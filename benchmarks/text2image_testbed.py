@@ -207,16 +207,20 @@ def markdown(data: dict, metadata: dict) -> list[str]:
     for scale, values in data["summary"].items():
         lines.append(f"| {float(scale):g} | {values['training']:.3f} | {values['heldout']:.3f} "
                      f"| {values['default_prompts']:.3f} |")
-    lines += ["", "Per template (`{}` = the digit's name or numeral):", "",
-              "| guidance | template | set | form | fidelity |", "|---|---|---|---|---|"]
+    return lines + template_lines(data, metadata)
+
+
+def template_lines(data: dict, metadata: dict) -> list[str]:
+    """The per-template fidelity table and the grid's caption (Markdown lines)."""
+    lines = ["", "Per template (`{}` = the digit's name or numeral):", "",
+             "| guidance | template | set | form | fidelity |", "|---|---|---|---|---|"]
     for row in data["per_template"]:
         lines.append(f"| {row['guidance_scale']:g} | {row['template']} | {row['set']} | "
                      f"{row['form']} | {row['fidelity']:.3f} |")
-    lines += ["", f"Samples at guidance {data['grid_guidance']:g} "
-              f"([{data['grid']}](../../{data['grid']})): row d = digit d; four samples of "
-              f"\"{metadata['training_templates'][0].format('<name>')}\", then four of the "
-              f"held-out \"{metadata['heldout_templates'][0].format('<name>')}\"."]
-    return lines
+    return lines + ["", f"Samples at guidance {data['grid_guidance']:g} "
+                    f"([{data['grid']}](../../{data['grid']})): row d = digit d; four samples "
+                    f"of \"{metadata['training_templates'][0].format('<name>')}\", then four "
+                    f"of the held-out \"{metadata['heldout_templates'][0].format('<name>')}\"."]
 
 
 if __name__ == "__main__":

@@ -168,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "train the latent text-to-image testbed (VAE + UNet on the digits) and "
                        "save it as an SD-format pipeline", _text2image_build)
     _config_options(testbed)
+    flow = commands.add_parser("flow", help="flow-matching (Stable-Diffusion-3-format) models")
+    flow_commands = flow.add_subparsers(title="flow commands", metavar="COMMAND")
+    flow_build = _command(flow_commands, "build",
+                          "train the flow testbed (an SD3 transformer on the latent testbed's "
+                          "latents and prompts) and save it as an SD3-format pipeline",
+                          _flow_build)
+    _config_options(flow_build)
 
     sample = _command(commands, "sample", "draw samples for a context c and label y", _sample)
     sample.add_argument("--model", required=True,
@@ -474,6 +481,21 @@ def _text2image_build(args: argparse.Namespace) -> None:
     if result.model_uri:
         print(f"registered {result.model_uri}")
 
+
+def _flow_build(args: argparse.Namespace) -> None:
+    from ctrl_ray import preflight
+    from ctrl_ray.config import load_config
+    from ctrl_ray.flow_testbed_config import FlowTestbedConfig
+
+    config = load_config(FlowTestbedConfig, args.config, args.overrides)
+    preflight.flow_testbed(config, args.overwrite)
+    from ctrl_ray.flow_testbed import build_flow_testbed
+
+    result = build_flow_testbed(config)
+    print(f"saved {result.model_dir} (transformer {result.num_parameters / 1e6:.2f} M "
+          f"parameters, {result.seconds:.0f} s, final loss {result.final_loss:.4f})")
+    if result.model_uri:
+        print(f"registered {result.model_uri}")
 
 def _registry_register(args: argparse.Namespace) -> None:
     from ctrl_ray.registry import register_policy

@@ -643,6 +643,21 @@ def latent_testbed(config, overwrite: bool) -> None:
         registry.check_name(config.registered_model, "registered_model")
 
 
+def flow_testbed(config, overwrite: bool) -> None:
+    """`flow build`: the latent testbed it reuses (its VAE, text encoder and digits file), the
+    output folder, and the registered name."""
+    from ctrl_ray.data.digits import require_digits
+    from ctrl_ray.flow_testbed_config import read_latent_testbed
+
+    facts = read_latent_testbed(config)
+    require_digits(facts.metadata["dataset"], facts.image_size, key="latent_testbed")
+    check_output(config.output_dir, "output_dir", kind="dir",
+                 inputs=[("latent_testbed", config.latent_testbed)], overwrite=overwrite)
+    if config.registered_model:  # last: MLflow's name check imports MLflow
+        from ctrl_ray import registry
+
+        registry.check_name(config.registered_model, "registered_model")
+
 def demo(config, overwrite: bool) -> None:
     """The demo builds what is missing at its documented defaults (data, judge, pairs, base
     model) and always writes the reward, the CTRL run and its own output folder."""
