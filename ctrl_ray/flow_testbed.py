@@ -9,10 +9,11 @@ encoder the token states the transformer attends to jointly and the pooled promp
 `pooled_projections` read. Training is rectified flow as SD3 does it: x_s = (1 - s) x0 + s eps,
 target velocity v = eps - x0, the transformer called at timestep 1000 s; s drawn logit-normal (or
 uniform); the prompt dropped with `prompt_dropout` for classifier-free guidance; an EMA of the
-weights kept. The folder (`model_index.json` naming `StableDiffusion3Pipeline`, `transformer/`,
-`scheduler/`, `vae/`, `text_encoder/`, `tokenizer/`, `ctrl_ray.json` with kind "sd3") loads
-with diffusers' `StableDiffusion3Pipeline.from_pretrained` (prompts passed as embeddings: the
-pipeline's own encoders are CLIP and T5).
+weights kept. The folder, written by `ctrl_ray.models.flow.save_flow_pipeline`
+(`model_index.json` naming `StableDiffusion3Pipeline`, `transformer/`, `scheduler/`, `vae/`,
+`text_encoder/`, `tokenizer/`, `ctrl_ray.json` with kind "sd3"), loads with ctrl-ray's loader
+(`load_base_model_dir`) and diffusers' `StableDiffusion3Pipeline.from_pretrained` (the second
+and third encoders passed as None, prompts as embeddings: its own encoders are CLIP and T5).
 """
 
 from __future__ import annotations
@@ -41,12 +42,11 @@ from ctrl_ray.flow_testbed_config import (
     read_latent_testbed,
 )
 from ctrl_ray.latent_testbed import _posterior, testbed_metadata
+from ctrl_ray.models.flow import SD3, save_flow_pipeline
 from ctrl_ray.models.text_encoder import PromptEncoder, load_pretrained_encoder
 from ctrl_ray.pretrain import _warmup_cosine, step_with_ema
-from ctrl_ray.storage import atomic_directory, write_json
 
 BUILT_BY = "ctrl_ray.flow_testbed"
-KIND = "sd3"
 POOLING = "mean"  # how `pooled_projections` come from the token states (encode_with_embedding)
 
 
@@ -90,8 +90,9 @@ def build_flow_testbed(config: FlowTestbedConfig, progress: bool = True) -> Flow
             "vae_scaling_factor": float(parts.vae.config.scaling_factor),
             "mlflow_run_id": active.info.run_id,
         }
-        model_dir = save_flow_testbed(config.output_dir, transformer,
-                                      build_flow_scheduler(config.scheduler), parts, metadata)
+        model_dir = save_flow_pipeline(config.output_dir, transformer,
+                                       build_flow_scheduler(config.scheduler), parts.vae,
+                                       parts.encoder, metadata)
         model_uri = None
         if config.registered_model:
             model_uri = registry.log_model({"base_model": model_dir}, config.registered_model,
@@ -206,7 +207,7 @@ def flow_metadata(config: FlowTestbedConfig, facts: LatentTestbedFacts) -> dict:
     metadata = testbed_metadata(latent)
     metadata.update({
         "built_by": BUILT_BY,
-        "kind": KIND,
+        "kind": SD3,
         "num_contexts": len(metadata["prompts"]),
         "image_shape": [1, facts.image_size, facts.image_size],
         "latent_shape": [facts.latent_channels, facts.latent_size, facts.latent_size],
@@ -214,28 +215,6 @@ def flow_metadata(config: FlowTestbedConfig, facts: LatentTestbedFacts) -> dict:
         "latent_testbed": str(config.latent_testbed),
     })
     return metadata
-
-
-def save_flow_testbed(out_dir: str | Path, transformer: SD3Transformer2DModel,
-                      scheduler: FlowMatchEulerDiscreteScheduler, parts: FlowTestbedParts,
-                      metadata: dict) -> Path:
-    """Write the SD3-format folder atomically: diffusers' `StableDiffusion3Pipeline` layout
-    with MiniLM as `text_encoder`/`tokenizer` (saved as the latent testbed saves them) and no
-    second or third encoder."""
-    from diffusers import StableDiffusion3Pipeline
-
-    encoder = parts.encoder
-    encoder.model.config.use_attention_mask = True
-    encoder.tokenizer.model_max_length = encoder.max_length
-    pipeline = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=scheduler, vae=parts.vae,
-        text_encoder=encoder.model, tokenizer=encoder.tokenizer, text_encoder_2=None,
-        tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as staging:
-        pipeline.save_pretrained(staging)
-        write_json(staging / "ctrl_ray.json", metadata)
-    return out_dir
 
 
 @torch.no_grad()
