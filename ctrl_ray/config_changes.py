@@ -20,6 +20,8 @@ from ctrl_ray.errors import InputError
 FREE_KEYS = ("iterations", "checkpoint_every", "output_dir", "judge", "evaluate",
              "evaluate_base", "optimum_samples_per_context", "objective.report_every")
 FREE_PREFIXES = ("evaluation.", "distributed.")
+# How far rollouts may run ahead of the learner changes which policy samples each batch.
+TRAINING_KEYS = ("distributed.max_staleness",)
 RESUME_CHANGES_TAG = "resume_changes"
 
 Change = tuple[str, Any, Any]
@@ -43,7 +45,8 @@ def config_changes(saved: dict[str, Any], config: Any) -> list[Change]:
 
 
 def alters_training(key: str) -> bool:
-    return key not in FREE_KEYS and not key.startswith(FREE_PREFIXES)
+    return key in TRAINING_KEYS or (key not in FREE_KEYS
+                                    and not key.startswith(FREE_PREFIXES))
 
 
 def describe(changes: list[Change]) -> str:

@@ -30,9 +30,13 @@ class RewardSpec:
 @dataclass
 class DistributedConfig:
     """Where the work runs: `workers: 0` is one process without Ray; N > 0 starts N Ray
-    rollout workers and a learner actor (joining `address`, or RAY_ADDRESS, or a local Ray)."""
+    rollout workers and `learners` data-parallel learner ranks (joining `address`, or
+    RAY_ADDRESS, or a local Ray). `max_staleness: k` lets rollouts run up to k policy versions
+    ahead of the learner (0: the synchronous loop)."""
 
     workers: int = 0
+    learners: int = 1
+    max_staleness: int = 0
     address: str | None = None
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -41,9 +45,13 @@ class DistributedConfig:
     max_restarts: int = 3
 
     def __post_init__(self):
-        check_bounds(self, workers="[0, 1024]", cpus_per_worker="[0, 1024]",
+        check_bounds(self, workers="[0, 1024]", learners="[1, 256]", max_staleness="[0, 64]",
+                     cpus_per_worker="[0, 1024]",
                      gpus_per_worker="[0, 64]", learner_cpus="[0, 1024]", learner_gpus="[0, 64]",
                      max_restarts="[0, 1000]")
+        if self.learners > 1 and not self.workers:
+            raise InputError(f"distributed.learners: {self.learners} learner ranks run on Ray; "
+                             f"set distributed.workers >= 1")
 
     @property
     def ray_address(self) -> str:

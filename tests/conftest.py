@@ -101,6 +101,20 @@ def tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, out,
     ]
 
 
+def rule_config_factory(tiny_base, tiny_reward, tiny_judge, root, settings, *common: str):
+    """`make(name, rule, *extra)`: a tiny CTRL config of `rule` under `root / name`, with the
+    rule's `settings[rule]` overrides, then `common`, then `extra`."""
+    from ctrl_ray.config import load_config
+    from ctrl_ray.finetune import FinetuneConfig
+
+    def make(name: str, rule: str, *extra: str):
+        overrides = tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, root / name,
+                                            rule)
+        return load_config(FinetuneConfig, overrides=[
+            *overrides, *settings[rule], "evaluate=false", *common, *extra])
+    return make
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray runtime for the whole session (2 logical CPUs, own short temp dir)."""

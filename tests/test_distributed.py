@@ -149,7 +149,7 @@ def test_a_learner_without_cpus_of_its_own_updates_on_the_workers_threads(make_c
                                                                           ray_session):
     """The workers wait while the learner updates (PPO's epochs run there), so a learner with
     `learner_cpus: 0` must not be held to one thread."""
-    from ctrl_ray.distributed.driver import start_roles
+    from ctrl_ray.distributed.actors import start_roles
 
     roles = start_roles(make_config("threads", "distributed.workers=2"))
     try:

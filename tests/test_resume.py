@@ -16,7 +16,7 @@ import mlflow
 import pytest
 import torch
 import yaml
-from conftest import tiny_finetune_overrides
+from conftest import rule_config_factory
 
 from ctrl_ray.checkpoint import ADAPTER_FILE, STATE_FILE, latest_checkpoint, read_checkpoint
 from ctrl_ray.cli import main
@@ -24,7 +24,6 @@ from ctrl_ray.config import load_config, to_dict
 from ctrl_ray.config_changes import RESUME_CHANGES_TAG
 from ctrl_ray.distributed.driver import train
 from ctrl_ray.errors import InputError
-from ctrl_ray.finetune import FinetuneConfig
 from ctrl_ray.objectives.replay import Replay
 
 RULES = {
@@ -42,12 +41,8 @@ class Interrupted(Exception):
 
 @pytest.fixture
 def make_config(tiny_base, tiny_reward, tiny_judge, tmp_path):
-    def make(name: str, rule: str, *extra: str) -> FinetuneConfig:
-        overrides = tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, tmp_path / name,
-                                            rule)
-        return load_config(FinetuneConfig, overrides=[
-            *overrides, *RULES[rule], "evaluate=false", "objective.batch_size=4", *extra])
-    return make
+    return rule_config_factory(tiny_base, tiny_reward, tiny_judge, tmp_path, RULES,
+                               "objective.batch_size=4")
 
 
 def _adapter_bytes(result_or_dir) -> bytes:
@@ -183,7 +178,6 @@ def test_the_replay_keeps_the_newest_rollouts_within_both_bounds_and_round_trips
 
 
 def test_a_key_the_checkpoint_predates_counts_as_its_default():
-    from ctrl_ray.config import load_config
     from ctrl_ray.config_changes import config_changes, resolved_config
     from ctrl_ray.finetune_config import FinetuneConfig
 

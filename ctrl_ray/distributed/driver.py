@@ -1,21 +1,19 @@
-"""The training driver: one loop over a learner and N rollout workers, in-process or on Ray.
+"""The training driver: one loop over the learner ranks and N rollout workers, in-process or
+on Ray, with checkpoints, resume and MLflow.
 
-Each iteration: draw the batch's randomness (labels, contexts, noise) from the driver's seeded
-generator, publish the learner's trainable state for the current version, hand each worker a
-shard, and let the learner apply the update. Because the randomness is drawn here and split,
-2 workers with B/2 each make the same update as one process with B. A worker that dies is
-restarted by Ray (`max_restarts`), its shard is redone, and it re-syncs on its next call.
+The loop hands batches to the workers through `ctrl_ray.distributed.pipeline` (at most
+`distributed.max_staleness` versions ahead of the learner) and applies the updates in order.
+Because each batch's randomness is drawn here and split, 2 workers with B/2 each make the same
+update as one process with B, and N learner ranks the same update as one. A worker that dies
+is restarted by Ray (`max_restarts`), its shard is redone, and it re-syncs on its next call.
 """
 
 from __future__ import annotations
 
-import copy
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import mlflow
@@ -32,120 +30,11 @@ from ctrl_ray.checkpoint import (
 )
 from ctrl_ray.config import flatten, scalar_metrics, to_dict
 from ctrl_ray.config_changes import RESUME_CHANGES_TAG, check_resume, describe, resolved_config
-from ctrl_ray.distributed.roles import Learner, RolloutWorker
+from ctrl_ray.distributed.actors import Roles, start_roles
+from ctrl_ray.distributed.pipeline import RolloutPipeline
 from ctrl_ray.errors import InputError
-from ctrl_ray.finetune_setup import FinetuneConfig, load_rewards
-from ctrl_ray.objectives.base import draw_inputs
-from ctrl_ray.registry import is_uri
+from ctrl_ray.finetune_setup import FinetuneConfig
 from ctrl_ray.run_lock import output_dir_lock
-from ctrl_ray.sampling.sampler import RolloutInputs
-
-
-@dataclass
-class Roles:
-    """The learner and workers, either plain objects (workers=0) or Ray actor handles."""
-
-    learner: Any
-    workers: list[Any]
-    remote: bool
-
-    def call(self, actor: Any, method: str, *args: Any) -> Any:
-        if not self.remote:
-            return getattr(actor, method)(*args)
-        import ray
-
-        return ray.get(getattr(actor, method).remote(*args))
-
-    def on_workers(self, method: str, calls: list[tuple], retries: int) -> list[Any]:
-        """Run `method(*calls[i])` on worker i (all at once); redo a dead worker's call."""
-        if not self.remote:
-            return [getattr(self.workers[0], method)(*args) for args in calls]
-        import ray
-        from ray.exceptions import RayActorError
-
-        futures = {i: getattr(self.workers[i], method).remote(*args)
-                   for i, args in enumerate(calls)}
-        results: dict[int, Any] = {}
-        failures = dict.fromkeys(futures, 0)
-        while futures:
-            index, future = next(iter(futures.items()))
-            try:
-                results[index] = ray.get(future)
-                del futures[index]
-            except RayActorError as error:
-                failures[index] += 1
-                if failures[index] > retries:
-                    raise RuntimeError(f"rollout worker {index} failed {failures[index]} times: "
-                                       f"{error}") from error
-                print(f"rollout worker {index} failed ({type(error).__name__}); waiting for its "
-                      f"restart to redo its shard")
-                _wait_until_alive(self.workers[index])
-                futures[index] = getattr(self.workers[index], method).remote(*calls[index])
-        return [results[i] for i in range(len(calls))]
-
-
-def _wait_until_alive(actor: Any, timeout_s: float = 300.0) -> None:
-    """Block until a restarting actor answers (Ray re-runs its constructor); raise if it died
-    for good (its restarts are used up) or does not come back in `timeout_s`."""
-    import ray
-    from ray.exceptions import ActorUnavailableError, GetTimeoutError
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            ray.get(actor.pid.remote(), timeout=10)
-            return
-        except (ActorUnavailableError, GetTimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
-
-
-def start_roles(config: FinetuneConfig) -> Roles:
-    """Build the learner and workers: in this process, or as Ray actors (joining `address`)."""
-    dist = config.distributed
-    if dist.workers == 0:  # one process: the worker shares the learner's model and reward
-        learner = Learner(config, num_threads=torch.get_num_threads())
-        worker = RolloutWorker(config, torch.get_num_threads(), setup=learner.setup)
-        return Roles(learner, [worker], remote=False)
-    import ray
-
-    _check_inputs(config)
-    if not ray.is_initialized():
-        ray.init(address=dist.ray_address, include_dashboard=False,
-                 runtime_env=tracking.actor_env())
-    config = _with_absolute_paths(config)
-    # The loop is synchronous: while the learner updates, the workers wait, so a learner that
-    # reserves no CPUs of its own (learner_cpus: 0) computes on as many threads as they hold.
-    learner_threads = int(dist.learner_cpus or dist.workers * dist.cpus_per_worker)
-    learner = ray.remote(Learner).options(
-        num_cpus=dist.learner_cpus, num_gpus=dist.learner_gpus,
-    ).remote(config, max(1, learner_threads))
-    workers = [
-        ray.remote(RolloutWorker).options(
-            num_cpus=dist.cpus_per_worker, num_gpus=dist.gpus_per_worker,
-            max_restarts=dist.max_restarts, max_task_retries=0,
-        ).remote(config, max(1, int(dist.cpus_per_worker)))
-        for _ in range(dist.workers)
-    ]
-    return Roles(learner, workers, remote=True)
-
-
-def _check_inputs(config: FinetuneConfig) -> None:
-    """Fail in the driver, with one clear line, on inputs every actor would fail on."""
-    load_rewards(config.rewards)
-    if not is_uri(config.base_model) and not Path(config.base_model).exists():
-        raise InputError(f"base_model: {str(config.base_model)!r} does not exist")
-
-
-def _with_absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
-    """A copy of `config` whose local paths are absolute, so actors find them from any cwd."""
-    config = copy.deepcopy(config)
-    if Path(config.base_model).exists():
-        config.base_model = str(Path(config.base_model).resolve())
-    for reward in config.rewards:
-        reward.path = str(Path(reward.path).resolve())
-    return config
 
 
 def train(config: FinetuneConfig, progress: bool = True, resume: bool | str = False,
@@ -178,8 +67,11 @@ def train(config: FinetuneConfig, progress: bool = True, resume: bool | str = Fa
                       f"resumed config is not compared with it")
             changes = check_resume(restored[2].get("config"), config, allow_config_change)
         roles = start_roles(config)
-        return _run(roles, config, out, progress, checkpoint, restored, changes, on_iteration,
-                    parent_run_id)
+        try:
+            return _run(roles, config, out, progress, checkpoint, restored, changes,
+                        on_iteration, parent_run_id)
+        finally:
+            roles.stop()
 
 
 def _checkpoint_to_resume(directory: Path, resume: bool | str) -> Path | None:
@@ -203,8 +95,8 @@ def _run(roles: Roles, config: FinetuneConfig, out: Path, progress: bool,
     start, run_id = 0, None
     if checkpoint is not None:
         adapter, optimizer_state, state, learner_state = restored
-        roles.call(roles.learner, "restore", adapter, optimizer_state,
-                   state["optimizer_layout"], state["version"], learner_state)
+        roles.on_learners("restore", adapter, optimizer_state, state["optimizer_layout"],
+                          state["version"], learner_state)
         generator.set_state(torch.tensor(state["generator_state"], dtype=torch.uint8))
         start, run_id = state["iteration"], state.get("mlflow_run_id")
         print(f"resumed from {checkpoint} (iteration {start}, version {state['version']})"
@@ -224,13 +116,18 @@ def _run(roles: Roles, config: FinetuneConfig, out: Path, progress: bool,
         bar = tqdm(range(start, config.iterations), desc=f"ctrl {config.mode}",
                    initial=start, total=config.iterations, disable=not progress)
         report_every = getattr(config.objective, "report_every", 1)
+
+        def report_at(iteration: int) -> bool:
+            """The first update of this process and the last are always measured."""
+            done = iteration + 1
+            return iteration == start or done % report_every == 0 or done == config.iterations
+
+        pipeline = RolloutPipeline(roles, config, info, generator, report_at)
         measured = start   # the update the latest reward and KL were measured at
         latest = {"reward": float("nan"), "kl": float("nan")}
         for iteration in bar:
             done = iteration + 1
-            # The first update of this process and the last are always measured.
-            report = iteration == start or done % report_every == 0 or done == config.iterations
-            metrics = _iteration(roles, config, info, generator, report)
+            metrics = pipeline.update(iteration)
             if "reward" in metrics:
                 measured, latest = done, metrics
             metrics["report_age"] = float(done - measured)
@@ -244,6 +141,7 @@ def _run(roles: Roles, config: FinetuneConfig, out: Path, progress: bool,
             if on_iteration is not None:
                 on_iteration(done, roles)
         train_seconds = time.perf_counter() - train_start
+        mlflow.log_metrics(pipeline.staleness_counts())
 
         final_state = roles.call(roles.learner, "trainable_state")
         policy_dir = save_checkpoint(out / "policy", final_state, info["spec"])
@@ -278,39 +176,6 @@ def _clear_earlier_checkpoints(directory: Path, resume: bool | str, overwrite: b
                          f"--overwrite to start over")
     print(f"removing the earlier run's checkpoints under {directory} (--overwrite)")
     shutil.rmtree(directory)
-
-
-def _iteration(roles: Roles, config: FinetuneConfig, info: dict,
-               generator: torch.Generator, report: bool = True) -> dict:
-    """One update: draw, publish, shard across workers, apply on the learner; ``report``: the
-    workers measure the policy's reward and KL (a rule with ``report_every`` skips it
-    otherwise; the update is the same either way)."""
-    start = time.perf_counter()
-    inputs = draw_inputs(SimpleNamespace(**info), config.objective, generator)
-    publish_start = time.perf_counter()
-    version, published, sync_bytes = roles.call(roles.learner, "publish", roles.remote)
-    publish_seconds = time.perf_counter() - publish_start
-    shards = _split(inputs, len(roles.workers))
-    calls = [(version, [published], shard, inputs.batch_size, report) for shard in shards]
-    results = roles.on_workers("work", calls, config.distributed.max_restarts)
-    # The learner's randomness is a seed drawn from (so advancing) the driver's stream: it never
-    # replays the next iteration's labels and noise.
-    seed = int(torch.randint(0, 2**62, (), generator=generator))
-    metrics = roles.call(roles.learner, "update", results, seed)
-    seconds = time.perf_counter() - start
-    metrics.update(sync_bytes=float(sync_bytes), publish_seconds=publish_seconds,
-                   iteration_seconds=seconds,
-                   sync_fraction=(publish_seconds + metrics.get("sync_seconds", 0.0)) / seconds)
-    return metrics
-
-
-def _split(inputs: RolloutInputs, parts: int) -> list[RolloutInputs]:
-    """Contiguous shards of the batch, as equal as possible."""
-    if inputs.batch_size < parts:
-        raise InputError(f"batch_size {inputs.batch_size} is smaller than the number of "
-                         f"workers {parts}")
-    bounds = [round(i * inputs.batch_size / parts) for i in range(parts + 1)]
-    return [inputs.slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
 def _save_training_checkpoint(roles: Roles, config: FinetuneConfig, info: dict, path: Path,

@@ -1,7 +1,7 @@
 """The two roles of CTRL training as plain classes: a learner and rollout workers.
 
-They run in one process as they are, or as Ray actors (`ray.remote(Learner)`); the driver in
-`ctrl_ray.distributed.driver` does not care which. Only the trainable state (LoRA + label
+They run in one process as they are, or as Ray actors (`ctrl_ray.distributed.actors`); the
+driver in `ctrl_ray.distributed.driver` does not care which. Only the trainable state (LoRA + label
 embeddings) ever travels: the learner publishes it once per policy version and workers pull it.
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ctrl_ray import data_parallel
 from ctrl_ray.checkpoint import optimizer_tensors, restore_optimizer
 from ctrl_ray.evaluation import evaluate
 from ctrl_ray.finetune_setup import FinetuneConfig, Setup, build_setup, evaluate_setup
@@ -23,10 +24,17 @@ from ctrl_ray.sampling.sampler import RolloutInputs
 
 
 class Learner:
-    """Holds the trainable state and the optimizer, applies updates, owns the policy version."""
+    """Holds the trainable state and the optimizer, applies updates, owns the policy version.
 
-    def __init__(self, config: FinetuneConfig, num_threads: int = 1):
+    One of ``world_size`` data-parallel ranks: every rank holds the same state, receives every
+    payload and computes on its share of each minibatch (`ctrl_ray.data_parallel`); rank 0
+    publishes the adapter.
+    """
+
+    def __init__(self, config: FinetuneConfig, num_threads: int = 1, rank: int = 0,
+                 world_size: int = 1):
         torch.set_num_threads(max(1, num_threads))
+        self.rank, self.world_size = rank, world_size
         self.config = config
         self.setup = _on_device(build_setup(config))
         self.rule = update_rule(config.mode)
@@ -59,20 +67,42 @@ class Learner:
             self._published = (self.version, state, nbytes)
         return self._published
 
-    def update(self, results: list[tuple[Any, dict]], seed: int) -> dict:
-        """Apply the update rule's learner step to the workers' (payload, metrics) results;
-        ``seed`` seeds the learner's own randomness (e.g. PPO's minibatch shuffling)."""
+    def group_address(self) -> str:
+        """host:port of a free port on this node, for the group's rank 0 to listen at."""
+        import socket
+
+        import ray
+
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return f"{ray.util.get_node_ip_address()}:{port}"
+
+    def join_group(self, address: str) -> None:
+        """Join the learner group (`torch.distributed`) whose rank 0 listens at `address`."""
+        data_parallel.join(address, self.rank, self.world_size)
+
+    def update(self, worker_metrics: list[dict], payloads: list[Any], seed: int) -> dict:
+        """Apply the update rule's learner step to the workers' payloads (fetched here when
+        they are Ray object references) and average their metrics; ``seed`` seeds the
+        learner's own randomness (e.g. PPO's minibatch shuffling), the same on every rank."""
+        start = time.perf_counter()
+        if payloads and _is_object_ref(payloads[0]):
+            import ray
+
+            payloads = ray.get(list(payloads))
+        fetched = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
-        metrics = _weighted_mean([m for _, m in results])
+        metrics = _weighted_mean(worker_metrics)
         progress = self.version / max(1, self.config.iterations)
         metrics["lr_factor"] = schedule_learning_rates(self.setup.optimizer,
                                                        self.setup.objective, progress)
-        metrics.update(self.rule.learner_step(self.setup.model, self.setup.optimizer,
-                                              [payload for payload, _ in results],
+        metrics.update(self.rule.learner_step(self.setup.model, self.setup.optimizer, payloads,
                                               self.setup.objective, generator, self.version))
         if not metrics.get("skipped"):
             self.version += 1
-        metrics["version"] = self.version
+        metrics.update(version=self.version, fetch_seconds=fetched - start,
+                       update_seconds=time.perf_counter() - start)
         return metrics
 
     def evaluate(self, out: str) -> dict[str, Any]:
@@ -138,12 +168,14 @@ class RolloutWorker:
         """Sync to ``version``, then the update rule's worker step on this shard of the batch
         (``normaliser`` = the full batch size); returns its payload and metrics. A rule with a
         ``report_every`` key measures the policy's reward and KL only when ``report``."""
+        start = time.perf_counter()
         sync_seconds = self.sync(version, published)
         options = {"report": report} if hasattr(self.setup.objective, "report_every") else {}
         payload, metrics = self.rule.worker_step(self.setup.model, self.setup.reward_fn, inputs,
                                                  self.setup.objective, normaliser, self.version,
                                                  **options)
-        metrics.update(sync_seconds=sync_seconds, policy_version=float(self.version))
+        metrics.update(sync_seconds=sync_seconds, policy_version=float(self.version),
+                       work_seconds=time.perf_counter() - start)
         return payload, metrics
 
     def pid(self) -> int:
@@ -160,15 +192,19 @@ def _on_device(setup):
     return setup
 
 
+def _is_object_ref(value: Any) -> bool:
+    return type(value).__name__ == "ObjectRef"
+
+
 def _weighted_mean(shard_metrics: list[dict]) -> dict[str, float]:
     """Average per-shard metrics weighted by their number of samples."""
     total = sum(m.get("num_samples", 1.0) for m in shard_metrics)
     keys = {k for m in shard_metrics for k in m if k != "num_samples"}
     averaged = {k: sum(m.get(k, 0.0) * m.get("num_samples", 1.0) for m in shard_metrics) / total
-                for k in keys if k not in ("sync_seconds", "policy_version")}
+                for k in keys if k not in ("sync_seconds", "policy_version", "work_seconds")}
     if any("loss" in m for m in shard_metrics):
         averaged["loss"] = sum(m["loss"] for m in shard_metrics if "loss" in m)
-    averaged["sync_seconds"] = max((m.get("sync_seconds", 0.0) for m in shard_metrics),
-                                   default=0.0)
+    for slowest in ("sync_seconds", "work_seconds"):
+        averaged[slowest] = max((m.get(slowest, 0.0) for m in shard_metrics), default=0.0)
     averaged["num_samples"] = total
     return averaged

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ctrl_ray import data_parallel
 from ctrl_ray.errors import InputError
 from ctrl_ray.objectives.base import (
     apply_gradients,
@@ -138,6 +139,14 @@ class RegressionBatch:
                     for name in batches[0].labels},
                    None if contexts[0] is None else torch.cat(contexts))
 
+    def rows(self, start: int, stop: int) -> RegressionBatch:
+        """Samples start:stop of the batch."""
+        return RegressionBatch(
+            self.states[:, start:stop], self.reference_means[:, start:stop],
+            self.targets[:, start:stop],
+            {name: values[start:stop] for name, values in self.labels.items()},
+            None if self.contexts is None else self.contexts[start:stop])
+
     def to(self, device: torch.device | str) -> RegressionBatch:
         return RegressionBatch(
             self.states.to(device), self.reference_means.to(device), self.targets.to(device),
@@ -215,11 +224,13 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
                               config.max_grad_norm)
     if config.regression_steps > 1:
         device = next(model.parameters()).device
-        batch = RegressionBatch.concatenate([p["batch"] for p in payloads]).to(device)
-        size = batch.states.shape[1]
+        batch = RegressionBatch.concatenate([p["batch"] for p in payloads])
+        size = batch.states.shape[1]   # the normaliser: each learner rank fits its share
+        batch = batch.rows(*data_parallel.share_bounds(size)).to(device)
         for _ in range(config.regression_steps - 1):
             optimizer.zero_grad(set_to_none=True)
-            metrics["loss_last"] = regression_backward(model, batch, config, size)
+            metrics["loss_last"] = data_parallel.total(
+                regression_backward(model, batch, config, size))
             clip_and_step(optimizer, config.max_grad_norm)
     return metrics
 

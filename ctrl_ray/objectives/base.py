@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ctrl_ray import data_parallel
 from ctrl_ray.objectives.configs import ObjectiveConfig
 from ctrl_ray.sampling.sampler import RolloutInputs
 
@@ -65,8 +66,10 @@ def schedule_learning_rates(optimizer: torch.optim.Optimizer, config: ObjectiveC
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> float:
-    """Clip the gradients of the optimizer's parameters, step, and return the pre-clip norm."""
+    """Sum the gradients over the learner's ranks (`ctrl_ray.data_parallel`; nothing on one),
+    clip them, step, and return the pre-clip norm."""
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    data_parallel.sum_gradients(parameters)
     max_norm = max_grad_norm if max_grad_norm is not None else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm).item()
     optimizer.step()
@@ -81,10 +84,12 @@ def parameter_gradients(model) -> dict[str, torch.Tensor]:
 
 def apply_gradients(model, optimizer: torch.optim.Optimizer,
                     shards: list[dict[str, torch.Tensor]], max_grad_norm: float | None) -> dict:
-    """Sum the shards' gradients (each already divided by the full batch size), clip, step."""
+    """Sum the shards' gradients (each already divided by the full batch size), clip, step;
+    each learner rank sums its share of the shards."""
     optimizer.zero_grad(set_to_none=True)
     parameters = dict(model.named_parameters())
-    for gradients in shards:
+    (mine,), _ = data_parallel.share(shards)
+    for gradients in mine:
         for name, gradient in gradients.items():
             parameter = parameters[name]
             gradient = gradient.to(parameter.device)

@@ -66,6 +66,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from ctrl_ray import data_parallel
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.augmented import AugmentedModel
 from ctrl_ray.objectives.base import clip_and_step, draw_inputs
@@ -468,10 +469,14 @@ def ppo_update(
     for _ in range(config.ppo_epochs):
         permutation = torch.randperm(num_pairs, generator=generator).to(advantages.device)
         for start in range(0, num_pairs, config.minibatch_size):
-            indices = permutation[start:start + config.minibatch_size]
+            (indices,), weight = data_parallel.share(permutation[start:start
+                                                                 + config.minibatch_size])
             optimizer.zero_grad(set_to_none=True)
-            loss, stats = ppo_loss(model, batch, schedule, indices, advantages, scale, config)
-            loss.backward()
+            stats = {}
+            if len(indices):   # a learner rank's share of a last, small minibatch can be empty
+                loss, stats = ppo_loss(model, batch, schedule, indices, advantages, scale,
+                                       config)
+                (loss * weight).backward()
             grad_norm = clip_and_step(optimizer, config.max_grad_norm)
 
             n = len(indices)
@@ -483,8 +488,11 @@ def ppo_update(
             totals["grad_norm"] += grad_norm * n
             count += n
             num_steps += 1
+    totals = {name: data_parallel.total(value) for name, value in totals.items()}
+    count = data_parallel.total(count)
     metrics.update({name: value / count for name, value in totals.items()})
-    metrics.update(ratio_max_deviation=ratio_deviation, advantage_scale=scale,
+    metrics.update(ratio_max_deviation=data_parallel.largest(ratio_deviation),
+                   advantage_scale=scale,
                    num_optimizer_steps=float(num_steps))
     return metrics
 

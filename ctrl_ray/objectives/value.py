@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from ctrl_ray import data_parallel
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.soft_value import value_loss
 from ctrl_ray.objectives.base import clip_and_step
@@ -119,12 +120,16 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
     check_which = torch.arange(timesteps.numel()).repeat(len(heldout_rows))
 
     def heldout_loss() -> float:
-        """The mean loss over the held-out pairs, in chunks (SD-sized latents stay bounded)."""
+        """The mean loss over the held-out pairs, in chunks (SD-sized latents stay bounded);
+        each learner rank measures its share and the sum is taken over ranks."""
         if not len(check_rows):
             return float("nan")
+        start, stop = data_parallel.share_bounds(len(check_rows))
         with torch.no_grad():
-            return sum(loss_on(rows, which).item() * len(rows) for rows, which in zip(
-                check_rows.split(1024), check_which.split(1024), strict=True)) / len(check_rows)
+            mine = sum(loss_on(rows, which).item() * len(rows) for rows, which in zip(
+                check_rows[start:stop].split(1024), check_which[start:stop].split(1024),
+                strict=True))
+        return data_parallel.total(mine) / len(check_rows)
 
     best_loss = heldout_loss()
     best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -135,11 +140,13 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
                                  generator=generator)
             which = torch.randint(0, timesteps.numel(), (config.regression_batch_size,),
                                   generator=generator)
-            loss = loss_on(fit_rows[pick], which)
+            (pick, which), weight = data_parallel.share(pick, which)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(pick):
+                loss = loss_on(fit_rows[pick], which) * weight
+                loss.backward()
             norms += clip_and_step(optimizer, config.max_grad_norm)
-            total += loss.item()
+            total += data_parallel.total(loss.item() if len(pick) else 0.0)
             steps += 1
         checked = heldout_loss()
         if not len(check_rows) or checked <= best_loss:   # a NaN loss is never taken

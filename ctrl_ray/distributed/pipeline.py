@@ -1,0 +1,121 @@
+"""Rollouts that overlap the learner's updates, at most `max_staleness` policy versions behind.
+
+Batch i's randomness (labels, contexts, noise, then the learner's seed) is drawn from the
+driver's generator in iteration order, so every staleness bound draws the same batches. With
+bound k, batches i+1 .. i+k are already with the workers, sampled with the newest adapter
+published when they were handed out, while the learner updates on batch i: the update of batch
+i then sees a policy k versions newer than the one that sampled it, never more (k = 0 is the
+synchronous loop). Hand-outs never run past a checkpoint, so a resumed run samples exactly what
+an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ctrl_ray.distributed.actors import Roles
+from ctrl_ray.errors import InputError
+from ctrl_ray.finetune_config import FinetuneConfig
+from ctrl_ray.objectives.base import draw_inputs
+from ctrl_ray.sampling.sampler import RolloutInputs
+
+
+@dataclass
+class HandedOut:
+    """A batch with the workers: its iteration, the policy version it samples with, the
+    learner's seed for its update, the workers' calls and their futures."""
+
+    iteration: int
+    version: int
+    seed: int
+    calls: list[tuple]
+    futures: list[tuple[Any, Any]]
+
+
+class RolloutPipeline:
+    """Hands batches to the workers ahead of the learner and applies the updates in order."""
+
+    def __init__(self, roles: Roles, config: FinetuneConfig, info: dict,
+                 generator: torch.Generator, report_at):
+        self.roles, self.config, self.info = roles, config, info
+        self.generator = generator
+        self.report_at = report_at           # iteration -> whether workers measure the policy
+        self.max_staleness = config.distributed.max_staleness
+        self.in_flight: deque[HandedOut] = deque()
+        self.next_iteration: int | None = None
+        self.published: tuple[int, Any, int] | None = None
+        self.staleness = Counter()
+
+    def update(self, iteration: int) -> dict[str, float]:
+        """The update of batch ``iteration``: hand out what the bound allows, wait for this
+        batch's workers, update every learner rank on its payloads; the metrics to log."""
+        start = time.perf_counter()
+        if self.next_iteration is None:
+            self.next_iteration = iteration
+        publish_seconds = self._hand_out(iteration)
+        batch = self.in_flight.popleft()
+        if batch.iteration != iteration:
+            raise RuntimeError(f"batch {batch.iteration} came up for update {iteration}")
+        payloads, worker_metrics = self.roles.collect(batch.futures, batch.calls,
+                                                      self.config.distributed.max_restarts)
+        collected = time.perf_counter()
+        metrics = self.roles.on_learners("update", worker_metrics, payloads, batch.seed)
+        seconds = time.perf_counter() - start
+        staleness = int(metrics["version"]) - (0 if metrics.get("skipped") else 1) - batch.version
+        self.staleness[staleness] += 1
+        busy = sum(m.get("work_seconds", 0.0) for m in worker_metrics) / len(worker_metrics)
+        metrics.update(
+            staleness=float(staleness), publish_seconds=publish_seconds,
+            sync_bytes=float(self.published[2]), iteration_seconds=seconds,
+            collect_seconds=collected - start - publish_seconds,
+            worker_idle_share=max(0.0, 1 - busy / seconds),
+            learner_idle_share=max(0.0, 1 - metrics["update_seconds"] / seconds),
+            sync_fraction=(publish_seconds + metrics.get("sync_seconds", 0.0)) / seconds)
+        return metrics
+
+    def _hand_out(self, iteration: int) -> float:
+        """Give the workers every batch up to ``iteration`` + max_staleness that stays before
+        the next checkpoint and the end of the run; seconds spent publishing."""
+        publish_seconds = 0.0
+        last = min(iteration + self.max_staleness, self.config.iterations - 1)
+        every = self.config.checkpoint_every
+        if every:
+            last = min(last, (iteration // every + 1) * every - 1)
+        while self.next_iteration <= last:
+            started = time.perf_counter()
+            self.published = self.roles.call(self.roles.learner, "publish", self.roles.remote)
+            publish_seconds += time.perf_counter() - started
+            self._hand_out_one(self.next_iteration)
+            self.next_iteration += 1
+        return publish_seconds
+
+    def _hand_out_one(self, iteration: int) -> None:
+        inputs = draw_inputs(SimpleNamespace(**self.info), self.config.objective,
+                             self.generator)
+        # The learner's randomness is a seed drawn from (so advancing) the driver's stream: it
+        # never replays a later batch's labels and noise.
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+        version, state, _ = self.published
+        calls = [(version, [state], shard, inputs.batch_size, self.report_at(iteration))
+                 for shard in split_batch(inputs, len(self.roles.workers))]
+        futures = [self.roles.submit(index, call) for index, call in enumerate(calls)]
+        self.in_flight.append(HandedOut(iteration, version, seed, calls, futures))
+
+    def staleness_counts(self) -> dict[str, float]:
+        """How many updates saw a batch that many versions old, as metrics."""
+        return {f"updates_at_staleness_{s}": float(n) for s, n in sorted(self.staleness.items())}
+
+
+def split_batch(inputs: RolloutInputs, parts: int) -> list[RolloutInputs]:
+    """Contiguous shards of the batch, as equal as possible."""
+    if inputs.batch_size < parts:
+        raise InputError(f"batch_size {inputs.batch_size} is smaller than the number of "
+                         f"workers {parts}")
+    bounds = [round(i * inputs.batch_size / parts) for i in range(parts + 1)]
+    return [inputs.slice(bounds[i], bounds[i + 1]) for i in range(parts)]

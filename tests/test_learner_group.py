@@ -1,0 +1,100 @@
+"""The learner as a data-parallel group and rollouts that overlap its updates."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from conftest import rule_config_factory
+from safetensors.torch import load_file
+
+from ctrl_ray.checkpoint import ADAPTER_FILE
+from ctrl_ray.distributed.driver import train
+from ctrl_ray.errors import InputError
+
+RULE_SETTINGS = {
+    "pathwise": ("objective.truncation.mode=random", "objective.truncation.k=3"),
+    "adjoint": ("objective.regression_steps=3",),
+    "ppo": ("objective.ppo_epochs=2", "objective.minibatch_size=12"),
+    "value": ("adapter.kind=value", "objective.regression_steps=4",
+              "objective.regression_batch_size=15", "objective.check_every=2"),
+}
+
+
+@pytest.fixture
+def make_config(tiny_base, tiny_reward, tiny_judge, tmp_path):
+    return rule_config_factory(tiny_base, tiny_reward, tiny_judge, tmp_path, RULE_SETTINGS,
+                               "iterations=2")
+
+
+def _adapter(result) -> dict:
+    return load_file(f"{result['policy_dir']}/{ADAPTER_FILE}")
+
+
+def _largest_difference(a: dict, b: dict) -> tuple[str, float]:
+    assert a.keys() == b.keys()
+    differences = {name: (a[name] - b[name]).abs().max().item() for name in a}
+    worst = max(differences, key=differences.get)
+    return worst, differences[worst]
+
+
+def _history(result, metric: str) -> list[float]:
+    return [m.value for m in mlflow.MlflowClient().get_metric_history(
+        result["mlflow_run_id"], metric)]
+
+
+@pytest.mark.parametrize("mode", list(RULE_SETTINGS))
+def test_two_learner_ranks_update_like_one(make_config, ray_session, mode):
+    """Each rank computes on its share of every minibatch and the gradients are summed across
+    ranks, so 2 ranks take the step 1 rank takes, up to the order of float additions."""
+    one = train(make_config(f"{mode}-one", mode), progress=False)
+    two = train(make_config(f"{mode}-two", mode, "distributed.workers=1",
+                            "distributed.learners=2"), progress=False)
+    a, b = _adapter(one), _adapter(two)
+    worst, difference = _largest_difference(a, b)
+    # Adam divides each entry's step by its gradient's running scale, so an entry whose gradient
+    # is at the level of float rounding (a LoRA A factor while B is ~0) may move up to ~lr
+    # either way; everything else agrees to rounding.
+    assert difference <= 0.1 * 0.005, (worst, difference)
+    total = sum(((a[n] - b[n]) ** 2).sum() for n in a).sqrt()
+    assert total <= 1e-4 * sum((a[n] ** 2).sum() for n in a).sqrt()
+    assert any(t.abs().sum() > 0 for t in _adapter(two).values())   # it did learn
+
+
+def test_rollouts_one_version_ahead_overlap_the_update_and_resume_exactly(make_config):
+    """max_staleness 1: every update after the first sees a batch its policy sampled one
+    version earlier; hand-outs stop at a checkpoint, so a resumed run ends as an uninterrupted
+    one does."""
+    settings = ("distributed.max_staleness=1", "checkpoint_every=2")
+    straight = train(make_config("ahead", "pathwise", *settings, "iterations=4"),
+                     progress=False)
+    assert _history(straight, "staleness") == [0.0, 1.0, 0.0, 1.0]
+    synchronous = train(make_config("sync", "pathwise", "iterations=4"), progress=False)
+    _, difference = _largest_difference(_adapter(straight), _adapter(synchronous))
+    assert difference > 1e-4   # a stale batch is a different update
+
+    train(make_config("resumed", "pathwise", *settings, "iterations=2"), progress=False)
+    resumed = train(make_config("resumed", "pathwise", *settings, "iterations=4"),
+                    progress=False, resume=True)
+    _, difference = _largest_difference(_adapter(straight), _adapter(resumed))
+    assert difference == 0.0
+
+
+def test_the_value_rule_trains_the_same_whatever_the_staleness(make_config, ray_session):
+    """Its regression data are base rollouts, which no policy version changes: overlapping
+    them with the update costs nothing in what is learned."""
+    synchronous = train(make_config("value-sync", "value", "iterations=3",
+                                    "distributed.workers=1"), progress=False)
+    ahead = train(make_config("value-ahead", "value", "iterations=3", "distributed.workers=1",
+                              "distributed.max_staleness=2", "checkpoint_every=0"),
+                  progress=False)
+    assert _history(ahead, "staleness") == [0.0, 1.0, 2.0]
+    _, difference = _largest_difference(_adapter(synchronous), _adapter(ahead))
+    assert difference == 0.0
+    for metric in ("worker_idle_share", "learner_idle_share", "collect_seconds",
+                   "fetch_seconds"):
+        assert len(_history(ahead, metric)) == 3, metric
+
+
+def test_learner_ranks_need_ray(make_config):
+    with pytest.raises(InputError, match="distributed.learners"):
+        make_config("no-ray", "pathwise", "distributed.learners=2")
