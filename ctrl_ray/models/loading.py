@@ -1,10 +1,12 @@
 """Save and load a pre-trained base model: a local diffusers directory (a `models:/` URI is
 resolved to one by `ctrl_ray.registry`).
 
-Three kinds of directory load: ctrl-ray's own (`unet/`, `scheduler/`, `ctrl_ray.json`) with a
+Four kinds of directory load: ctrl-ray's own (`unet/`, `scheduler/`, `ctrl_ray.json`) with a
 class-conditional UNet, the same with a text-conditioned UNet whose metadata names its text
-encoder (the digits text model), and a diffusers Stable-Diffusion-format pipeline
-(`model_index.json`). `build_backbone` wraps any of them in the matching backbone.
+encoder (the digits text model), a diffusers Stable-Diffusion-format pipeline
+(`model_index.json`), and an SD3-format flow pipeline (`model_index.json` naming
+`StableDiffusion3Pipeline`, or a `transformer/`; `ctrl_ray.models.flow`). `build_backbone` wraps
+any of them in the matching backbone.
 """
 
 from __future__ import annotations
@@ -13,11 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 
 from ctrl_ray.errors import InputError
-from ctrl_ray.models import text_to_image
+from ctrl_ray.models import flow, text_to_image
 from ctrl_ray.models.backbone import Backbone, UNetBackbone
+from ctrl_ray.models.flow_prompts import SD3Prompts, SingleEncoderPrompts
 from ctrl_ray.models.text_encoder import PromptEncoder
 from ctrl_ray.models.text_to_image import TextToImageBackbone, TextToImageOptions
 from ctrl_ray.storage import load_artifact, save_artifact
@@ -28,14 +38,16 @@ BASE_FORMAT = "ctrl_ray.base_model"
 
 @dataclass
 class BaseModel:
-    """A loaded pre-trained diffusion model p_pre(x | c) and what ctrl-ray knows about it."""
+    """A loaded pre-trained diffusion model p_pre(x | c) and what ctrl-ray knows about it: a UNet
+    with a DDPM scheduler, or (flow models) a transformer with a flow-match scheduler."""
 
-    unet: UNet2DModel | UNet2DConditionModel
-    scheduler: DDPMScheduler
+    unet: UNet2DModel | UNet2DConditionModel | None
+    scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler
     metadata: dict[str, Any]
     path: Path
     vae: AutoencoderKL | None = None
-    prompt_encoder: PromptEncoder | None = None
+    prompt_encoder: PromptEncoder | SingleEncoderPrompts | SD3Prompts | None = None
+    transformer: SD3Transformer2DModel | None = None
 
     @property
     def is_text_to_image(self) -> bool:
@@ -68,6 +80,8 @@ def load_base_model_dir(path: Path) -> BaseModel:
     if not path.is_dir():
         raise InputError(f"model directory not found: {str(path)!r}")
     if (path / "model_index.json").is_file():
+        if flow.is_flow_pipeline(path):
+            return BaseModel(unet=None, path=path, **flow.load_flow_pipeline_dir(path))
         parts = text_to_image.load_stable_diffusion_dir(path)
         return BaseModel(path=path, **parts)
     metadata, _ = load_artifact(path, BASE_FORMAT, "base model", index=METADATA_FILE,
@@ -104,6 +118,11 @@ def build_backbone(base: BaseModel, options: Any = None) -> Backbone:
                              f"{str(base.path)!r} is class-conditional")
         return UNetBackbone(base.unet, base.scheduler)
     prompts = options.prompts if options.prompts is not None else base.metadata.get("prompts", [])
+    if base.transformer is not None:
+        return flow.SD3Backbone(
+            base.transformer, base.scheduler, base.prompt_encoder, prompts, vae=base.vae,
+            guidance_scale=options.guidance_scale, mixed_precision=options.mixed_precision,
+            gradient_checkpointing=options.gradient_checkpointing, kind=base.metadata["kind"])
     return TextToImageBackbone(
         base.unet, base.scheduler, base.prompt_encoder, prompts, vae=base.vae,
         guidance_scale=options.guidance_scale, mixed_precision=options.mixed_precision,
@@ -111,6 +130,7 @@ def build_backbone(base: BaseModel, options: Any = None) -> Backbone:
 
 
 def backbone_spec(backbone: Backbone) -> dict[str, Any]:
-    """What a policy records about its backbone: the kind and, for text backbones, options."""
+    """What a policy records about its backbone: the kind (the model family: "unet",
+    "stable-diffusion", "unet2d-text-conditional", "sd3") and, for prompt backbones, options."""
     describe = getattr(backbone, "describe", None)
     return describe() if describe is not None else {"kind": "unet"}

@@ -1,13 +1,8 @@
 """Text-to-image backbones: a prompt-conditioned UNet, in latent space (Stable Diffusion) or pixels.
 
-The context c of a text backbone is a prompt. The backbone holds a list of prompts (from the
-config's ``backbone.prompts`` or the base model's metadata) and their token states, encoded
-once by the frozen text encoder; the contexts the sampler carries stay (B,) long indices into
-that list, so drawing, sharding, seeding and Ray transport are those of class contexts. A free
-prompt at sampling time (``ctrl-ray sample --prompt``, a pyfunc row with a string ``c``) is
-appended with ``add_prompt`` and gets the next index. Each prompt also has a pooled text
-embedding (``context_embedding``): the value head conditions on it, so it generalises to text it
-was never trained on instead of looking an index up in a table.
+The context c of a text backbone is a prompt, held as an index into the backbone's list of
+prompts (`ctrl_ray.models.prompt_contexts`): the frozen text encoder's token states are what the
+UNet cross-attends to, their pooled embedding what a value head reads.
 
 Classifier-free guidance on the prompt: with ``guidance_scale`` w != 1 every noise prediction is
 ``eps_uncond + w (eps_cond - eps_uncond)``, the empty prompt giving eps_uncond. The new label's
@@ -38,6 +33,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from ctrl_ray.errors import InputError
 from ctrl_ray.models.backbone import UNetBackbone
+from ctrl_ray.models.prompt_contexts import PromptContexts
 from ctrl_ray.models.text_encoder import PromptEncoder
 from ctrl_ray.models.text_to_image_options import TextToImageOptions  # noqa: F401 - re-exported
 
@@ -46,7 +42,7 @@ STABLE_DIFFUSION = "stable-diffusion"
 TEXT_PIXEL = "unet2d-text-conditional"
 
 
-class TextToImageBackbone(UNetBackbone):
+class TextToImageBackbone(PromptContexts, UNetBackbone):
     """A frozen ``UNet2DConditionModel`` conditioned on prompts, optionally in a VAE's latents.
 
     ``network`` is the UNet (LoRA goes on its attention projections); the text encoder and the
@@ -87,53 +83,13 @@ class TextToImageBackbone(UNetBackbone):
             self._image_shape = (vae.config.out_channels, height * factor, width * factor)
         else:
             self._image_shape = tuple(self.sample_shape)
-        self.prompts: list[str] = []
-        self.register_buffer("empty_prompt_states", prompt_encoder.encode([""]),
-                             persistent=False)
-        self.register_buffer("prompt_states", self.empty_prompt_states[:0].clone(),
-                             persistent=False)
-        self.register_buffer("prompt_embeddings", self.empty_prompt_states.new_zeros(
-            0, prompt_encoder.hidden_size), persistent=False)
-        for prompt in prompts:
-            self.add_prompt(prompt)
+        self.init_prompts(prompts)
 
     # -- contexts are prompts ----------------------------------------------------------------
-    @property
-    def num_contexts(self) -> int:
-        return len(self.prompts)
-
-    @num_contexts.setter
-    def num_contexts(self, value) -> None:  # UNetBackbone.__init__ assigns it; prompts decide
-        pass
-
-    def add_prompt(self, prompt: str) -> int:
-        """The context index of ``prompt``, encoding and appending it if it is new."""
-        if not isinstance(prompt, str):
-            raise InputError(f"a prompt must be a string, got {prompt!r}")
-        if prompt in self.prompts:
-            return self.prompts.index(prompt)
-        states, embedding = self.prompt_encoder.encode_with_embedding([prompt])
-        self.prompt_states = torch.cat([self.prompt_states, states.to(self.prompt_states)])
-        self.prompt_embeddings = torch.cat([self.prompt_embeddings,
-                                            embedding.to(self.prompt_embeddings)])
-        self.prompts.append(prompt)
-        return len(self.prompts) - 1
-
-    @property
-    def context_embedding_dim(self) -> int:
-        """Width of `context_embedding`: what a value head conditions on instead of an index."""
-        return self.prompt_encoder.hidden_size
-
-    def context_embedding(self, context: Tensor) -> Tensor:
-        """The pooled, unit-norm text embedding (B, D) of each row's prompt (indices (B,))."""
-        self._check_indices(context)
-        return self.prompt_embeddings[context.to(self.prompt_embeddings.device)]
-
-    def _check_indices(self, context: Tensor) -> None:
-        if context.numel() and not 0 <= int(context.min()) <= int(context.max()) < len(
-                self.prompts):
-            raise InputError(f"prompt indices must lie in 0..{len(self.prompts) - 1}, got "
-                             f"{int(context.min())}..{int(context.max())}")
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Token states (N, L, D) the UNet cross-attends to and pooled embeddings (N, D)."""
+        states, embeddings = self.prompt_encoder.encode_with_embedding(prompts)
+        return {"states": states, "embeddings": embeddings}
 
     def describe(self) -> dict[str, Any]:
         """What a policy checkpoint records to rebuild this backbone around its base model."""
@@ -143,12 +99,9 @@ class TextToImageBackbone(UNetBackbone):
 
     def context_states(self, context: Tensor | None, batch_size: int) -> Tensor:
         """Token states (B, L, D) for prompt indices (B,), given states, or None (empty prompt)."""
-        if context is None:
-            return self.empty_prompt_states.expand(batch_size, -1, -1)
-        if context.is_floating_point():
+        if context is not None and context.is_floating_point():
             return context
-        self._check_indices(context)
-        return self.prompt_states[context.to(self.prompt_states.device)]
+        return self.prompt_rows("states", context, batch_size)
 
     # -- the network calls -------------------------------------------------------------------
     def _autocast(self, like: Tensor):
