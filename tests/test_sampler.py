@@ -332,3 +332,19 @@ def test_sampling_rejects_labels_outside_the_declared_classes(pretrained_unet):
     inputs.labels["compress_class"] = torch.tensor([0, 1, 7, 2])
     with pytest.raises(InputError, match="compress_class"):
         sample(model, inputs)
+
+
+def test_drawing_a_shards_rows_equals_slicing_the_whole_draw():
+    """A rollout worker draws only its rows from the batch's seed; they must be the rows one
+    process draws for the whole batch."""
+    whole = RolloutInputs.draw(9, 7, STEPS, (1, 8, 8), LABELS, num_contexts=10)
+    for start, stop in ((0, 3), (3, 7), (5, 6)):
+        part = RolloutInputs.draw(9, 7, STEPS, (1, 8, 8), LABELS, num_contexts=10,
+                                  rows=(start, stop))
+        expected = whole.slice(start, stop)
+        assert torch.equal(part.initial_noise, expected.initial_noise)
+        assert torch.equal(part.step_noise, expected.step_noise)
+        assert torch.equal(part.contexts, expected.contexts)
+        assert all(torch.equal(part.labels[n], expected.labels[n]) for n in LABELS)
+        assert torch.equal(part.candidate_seeds, expected.candidate_seeds)
+    assert not torch.equal(whole.initial_noise[0], whole.initial_noise[1])

@@ -1,7 +1,8 @@
 """Rollouts that overlap the learner's updates, at most `max_staleness` policy versions behind.
 
-Batch i's randomness (labels, contexts, noise, then the learner's seed) is drawn from the
-driver's generator in iteration order, so every staleness bound draws the same batches. With
+Batch i's randomness is two seeds drawn from the driver's generator in iteration order, the
+batch's (each worker draws its rows' labels, contexts and noise from it) and the learner's, so
+every staleness bound draws the same batches and the driver ships no tensors. With
 bound k, batches i+1 .. i+k are already with the workers, sampled with the newest adapter
 published when they were handed out, while the learner updates on batch i: the update of batch
 i then sees a policy k versions newer than the one that sampled it, never more (k = 0 is the
@@ -14,16 +15,14 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from ctrl_ray.distributed.actors import Roles
+from ctrl_ray.distributed.roles import BatchRows
 from ctrl_ray.errors import InputError
 from ctrl_ray.finetune_config import FinetuneConfig
-from ctrl_ray.objectives.base import draw_inputs
-from ctrl_ray.sampling.sampler import RolloutInputs
 
 
 @dataclass
@@ -41,9 +40,9 @@ class HandedOut:
 class RolloutPipeline:
     """Hands batches to the workers ahead of the learner and applies the updates in order."""
 
-    def __init__(self, roles: Roles, config: FinetuneConfig, info: dict,
-                 generator: torch.Generator, report_at):
-        self.roles, self.config, self.info = roles, config, info
+    def __init__(self, roles: Roles, config: FinetuneConfig, generator: torch.Generator,
+                 report_at):
+        self.roles, self.config = roles, config
         self.generator = generator
         self.report_at = report_at           # iteration -> whether workers measure the policy
         self.max_staleness = config.distributed.max_staleness
@@ -96,14 +95,15 @@ class RolloutPipeline:
         return publish_seconds
 
     def _hand_out_one(self, iteration: int) -> None:
-        inputs = draw_inputs(SimpleNamespace(**self.info), self.config.objective,
-                             self.generator)
-        # The learner's randomness is a seed drawn from (so advancing) the driver's stream: it
-        # never replays a later batch's labels and noise.
-        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+        """Hand batch ``iteration`` out: each worker gets the batch's seed and its rows (it
+        draws its own noise), the adapter's reference and the policy version."""
+        batch_seed, seed = (int(torch.randint(0, 2**62, (), generator=self.generator))
+                            for _ in range(2))   # the batch's randomness, the learner's
         version, state, _ = self.published
-        calls = [(version, [state], shard, inputs.batch_size, self.report_at(iteration))
-                 for shard in split_batch(inputs, len(self.roles.workers))]
+        batch_size = self.config.objective.batch_size
+        calls = [(version, [state], BatchRows(batch_seed, start, stop), batch_size,
+                  self.report_at(iteration))
+                 for start, stop in split_rows(batch_size, len(self.roles.workers))]
         futures = [self.roles.submit(index, call) for index, call in enumerate(calls)]
         self.in_flight.append(HandedOut(iteration, version, seed, calls, futures))
 
@@ -112,10 +112,10 @@ class RolloutPipeline:
         return {f"updates_at_staleness_{s}": float(n) for s, n in sorted(self.staleness.items())}
 
 
-def split_batch(inputs: RolloutInputs, parts: int) -> list[RolloutInputs]:
-    """Contiguous shards of the batch, as equal as possible."""
-    if inputs.batch_size < parts:
-        raise InputError(f"batch_size {inputs.batch_size} is smaller than the number of "
-                         f"workers {parts}")
-    bounds = [round(i * inputs.batch_size / parts) for i in range(parts + 1)]
-    return [inputs.slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+def split_rows(batch_size: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous (start, stop) shards of the batch, as equal as possible."""
+    if batch_size < parts:
+        raise InputError(f"batch_size {batch_size} is smaller than the number of workers "
+                         f"{parts}")
+    bounds = [round(i * batch_size / parts) for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))

@@ -8,6 +8,7 @@ embeddings) ever travels: the learner publishes it once per policy version and w
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,18 @@ from ctrl_ray.evaluation import evaluate
 from ctrl_ray.finetune_setup import FinetuneConfig, Setup, build_setup, evaluate_setup
 from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.objectives import update_rule
-from ctrl_ray.objectives.base import schedule_learning_rates
+from ctrl_ray.objectives.base import draw_inputs, schedule_learning_rates
 from ctrl_ray.sampling.sampler import RolloutInputs
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """Rows start:stop of the batch whose randomness is drawn from ``seed`` (`draw_inputs`):
+    what a worker is handed instead of the noise itself."""
+
+    seed: int
+    start: int
+    stop: int
 
 
 class Learner:
@@ -163,13 +174,17 @@ class RolloutWorker:
         self.last_sync_seconds = time.perf_counter() - start
         return self.last_sync_seconds
 
-    def work(self, version: int, published: list, inputs: RolloutInputs,
+    def work(self, version: int, published: list, inputs: RolloutInputs | BatchRows,
              normaliser: int, report: bool = True) -> tuple[Any, dict]:
         """Sync to ``version``, then the update rule's worker step on this shard of the batch
-        (``normaliser`` = the full batch size); returns its payload and metrics. A rule with a
-        ``report_every`` key measures the policy's reward and KL only when ``report``."""
+        (given, or drawn here from the batch's seed; ``normaliser`` = the full batch size);
+        returns its payload and metrics. A rule with a ``report_every`` key measures the
+        policy's reward and KL only when ``report``."""
         start = time.perf_counter()
         sync_seconds = self.sync(version, published)
+        if isinstance(inputs, BatchRows):
+            inputs = draw_inputs(self.setup.model, self.setup.objective, inputs.seed,
+                                 rows=(inputs.start, inputs.stop))
         options = {"report": report} if hasattr(self.setup.objective, "report_every") else {}
         payload, metrics = self.rule.worker_step(self.setup.model, self.setup.reward_fn, inputs,
                                                  self.setup.objective, normaliser, self.version,

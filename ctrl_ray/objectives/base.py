@@ -16,8 +16,10 @@ from ctrl_ray.objectives.configs import ObjectiveConfig
 from ctrl_ray.sampling.sampler import RolloutInputs
 
 
-def draw_inputs(model, config: ObjectiveConfig, generator: torch.Generator | int) -> RolloutInputs:
-    """One training batch's randomness (labels, contexts, noise, truncation window), on CPU.
+def draw_inputs(model, config: ObjectiveConfig, generator: torch.Generator | int,
+                rows: tuple[int, int] | None = None) -> RolloutInputs:
+    """One training batch's randomness (labels, contexts, noise, truncation window), on CPU;
+    ``rows=(start, stop)``: only those rows (`RolloutInputs.draw`).
 
     `model` needs `sample_shape`, `label_classes`, `num_contexts`.
     """
@@ -31,6 +33,7 @@ def draw_inputs(model, config: ObjectiveConfig, generator: torch.Generator | int
         num_contexts=model.num_contexts,
         context_distribution=config.context_distribution,
         truncation=getattr(config, "truncation", None),
+        rows=rows,
     )
 
 

@@ -153,11 +153,15 @@ class RolloutInputs:
         num_contexts: int | None = None,
         context_distribution: Sequence[float] | None = None,
         truncation: Truncation | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> RolloutInputs:
-        """Draw labels, contexts, noise and the truncation window (on CPU, in that order).
+        """Draw labels, contexts, the noise seed and the truncation window (on CPU, in that
+        order), then the noise of each row from its own generator.
 
         ``label_distribution``: None (uniform over the K classes), one list of K probabilities
         for every label, or a dict name -> list. ``num_contexts=None`` means no contexts.
+        ``rows=(start, stop)``: only those rows of the batch, equal to slicing the whole draw,
+        at the cost of those rows (a rollout worker draws its own shard from the batch's seed).
         """
         if isinstance(generator, int):
             generator = torch.Generator().manual_seed(generator)
@@ -176,11 +180,14 @@ class RolloutInputs:
             probs = [1.0] * num_contexts if context_distribution is None else context_distribution
             probs = _check_distribution("context_distribution", probs, num_contexts)
             contexts = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
-        shape = tuple(sample_shape)
-        initial_noise = torch.randn((batch_size, *shape), generator=generator)
-        step_noise = torch.randn((num_steps, batch_size, *shape), generator=generator)
+        noise_seed = int(torch.randint(0, 2**62, (), generator=generator))
         window = truncation.gradient_steps(num_steps, generator) if truncation else None
-        return cls(labels, contexts, initial_noise, step_noise, window)
+        start, stop = rows if rows is not None else (0, batch_size)
+        initial_noise, step_noise = _row_noise(noise_seed, range(start, stop), num_steps,
+                                               tuple(sample_shape))
+        return cls({name: values[start:stop] for name, values in labels.items()},
+                   None if contexts is None else contexts[start:stop], initial_noise,
+                   step_noise, window)
 
     def slice(self, start: int, stop: int) -> RolloutInputs:
         """Rows start:stop of the batch (the same truncation window)."""
@@ -207,6 +214,20 @@ class RolloutInputs:
             gradient_steps=self.gradient_steps,
             candidate_seeds=self.candidate_seeds,
         )
+
+
+def _row_noise(seed: int, rows: range, num_steps: int, shape: tuple[int, ...]
+               ) -> tuple[Tensor, Tensor]:
+    """x_T (n, *shape) and the step noise (S, n, *shape) of ``rows``, each row from its own
+    generator seeded by (``seed``, row)."""
+    initial, steps = [], []
+    for row in rows:
+        generator = torch.Generator().manual_seed((seed + row * 0x9E3779B97F4A7C15) % 2**63)
+        initial.append(torch.randn(shape, generator=generator))
+        steps.append(torch.randn((num_steps, *shape), generator=generator))
+    if not initial:
+        return torch.empty((0, *shape)), torch.empty((num_steps, 0, *shape))
+    return torch.stack(initial), torch.stack(steps, 1)
 
 
 @dataclass
