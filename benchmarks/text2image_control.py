@@ -27,6 +27,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -67,18 +68,36 @@ KL_BUDGET = 1.5          # x the optimum's KL
 FRONTIER_TILTS = [0.25, 0.5, 1.0, 2.0, 4.0, 10.0, 30.0]
 
 
-def task_config(task: str, seed: int) -> FinetuneConfig:
-    rewards, gamma = TASKS[task]
-    return load_config(FinetuneConfig, CONFIG, [
+@dataclass(frozen=True)
+class Bench:
+    """What a control benchmark runs: its fine-tuning config and tasks, the update rule (None:
+    the config's own), where its runs and its optima are kept, and how its plots are named."""
+
+    config: str = CONFIG
+    out: Path = OUT
+    optima: Path = OUT
+    tasks: dict = field(default_factory=lambda: TASKS)
+    rule: str | None = None
+    plot_prefix: str = "text2image_frontier"
+    title: str = "text-to-image testbed"
+
+
+TEXT2IMAGE = Bench()
+
+
+def task_config(task: str, seed: int, bench: Bench = TEXT2IMAGE) -> FinetuneConfig:
+    rewards, gamma = bench.tasks[task]
+    rule = [f"mode={bench.rule}"] if bench.rule else []
+    return load_config(FinetuneConfig, bench.config, [
         "rewards=[" + ", ".join(f"{{path: {path}}}" for path in rewards) + "]",
         f"objective.gamma={gamma}", f"seed={seed}", "evaluate=false",
         "optimum_samples_per_context=0", "experiment=ctrl-ray-bench",
-        f"output_dir={OUT}/{task}-seed{seed}"])
+        f"output_dir={bench.out}/{task}-seed{seed}", *rule])
 
 
-def train(task: str, seed: int) -> tuple[Path, float]:
+def train(task: str, seed: int, bench: Bench = TEXT2IMAGE) -> tuple[Path, float]:
     """Fine-tune one seed (read back when its policy is on disk); its checkpoint directory."""
-    config = task_config(task, seed)
+    config = task_config(task, seed, bench)
     out = Path(config.output_dir)
     seconds = float("nan")
     if not (out / "policy").is_dir():
@@ -107,12 +126,12 @@ def evaluation(policy_dir: Path, prompts: str, seed: int, judge) -> dict:
     return report
 
 
-def optimum(task: str, prompts: str, judge, samples: int) -> dict:
+def optimum(task: str, prompts: str, judge, samples: int, bench: Bench = TEXT2IMAGE) -> dict:
     """The exact optimum at the task's gamma/alpha and along FRONTIER_TILTS, for one prompt set."""
-    cache = OUT / f"optimum-{task}-{prompts}-{samples}.json"
+    cache = bench.optima / f"optimum-{task}-{prompts}-{samples}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    config = task_config(task, 0)
+    config = task_config(task, 0, bench)
     setup = build_setup(config)
     setup.model.eval()
     tilt = config.objective.tilt_exponent(math.prod(setup.model.sample_shape))
@@ -160,11 +179,12 @@ def interval(values: list[float]) -> tuple[float, float]:
     return float(values.mean()), float(half)
 
 
-def run_task(task: str, seeds: list[int], judge, samples: int) -> dict:
+def run_task(task: str, seeds: list[int], judge, samples: int,
+             bench: Bench = TEXT2IMAGE) -> dict:
     runs, seconds = {}, {}
     for seed in seeds:
-        runs[seed], seconds[seed] = train(task, seed)
-    optima = {prompts: optimum(task, prompts, judge, samples) for prompts in PROMPT_SETS}
+        runs[seed], seconds[seed] = train(task, seed, bench)
+    optima = {prompts: optimum(task, prompts, judge, samples, bench) for prompts in PROMPT_SETS}
     reference = at_tilt(optima["training"])
     chosen, validation = choose_iteration(task, runs, judge, reference["kl"])
     result = {"chosen_iteration": chosen, "train_seconds": seconds,
@@ -194,11 +214,11 @@ def run_task(task: str, seeds: list[int], judge, samples: int) -> dict:
                evaluation(checkpoint, "training", VALIDATION_SEED, judge)["mean_kl"])
         for name, checkpoint in ((p.name, p) for p in sorted(runs[seed].iterdir())
                                  if p.name.isdigit())} for seed in seeds}
-    plot_frontier(task, result)
+    plot_frontier(task, result, bench)
     return result
 
 
-def plot_frontier(task: str, result: dict) -> Path:
+def plot_frontier(task: str, result: dict, bench: Bench = TEXT2IMAGE) -> Path:
     """Reward-KL frontier: the optimum along gamma/alpha, the runs' checkpoints, the chosen."""
     import matplotlib
 
@@ -212,16 +232,17 @@ def plot_frontier(task: str, result: dict) -> Path:
                   color="black", label=f"exact optimum ({prompts} prompts)")
     for seed, points in result["checkpoints"].items():
         kls, scores = zip(*[(kl, s) for s, kl in points.values()], strict=True)
-        axis.plot(kls, scores, ":", marker=".", alpha=0.7, label=f"value rule, seed {seed}")
+        axis.plot(kls, scores, ":", marker=".", alpha=0.7,
+                  label=f"{bench.rule or 'value'} rule, seed {seed}")
     for prompts, marker in (("training", "*"), ("paraphrase", "P")):
         chosen = result["sets"][prompts]
         axis.plot(chosen["kl"][0], chosen["score"][0], marker, markersize=12,
                   label=f"chosen, test seeds ({prompts})")
     axis.set_xlabel("mean path KL to the base (nats)")
     axis.set_ylabel("joint accuracy" if task == "joint" else "macro-F1")
-    axis.set_title(f"text-to-image testbed: {task}")
+    axis.set_title(f"{bench.title}: {task}")
     axis.legend(fontsize=7)
-    path = Path("docs") / f"text2image_frontier_{task}.png"
+    path = Path("docs") / f"{bench.plot_prefix}_{task}.png"
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -1,6 +1,7 @@
 """The flow testbed: a tiny SD3 transformer trained here on a tiny latent testbed's latents saves a
 folder with diffusers' SD3 layout that diffusers loads and samples exactly as ctrl-ray's Euler
-loop does, reusing the latent testbed's VAE and text encoder; bad configs stop naming their key."""
+loop does and ctrl-ray's loader turns into a flow backbone, reusing the latent testbed's VAE and
+text encoder; bad configs stop naming their key."""
 
 from __future__ import annotations
 
@@ -103,6 +104,24 @@ def test_diffusers_samples_it_as_our_euler_loop_does(flow_testbed):
     assert not torch.allclose(unguided, ours)
     images = pipeline(**call, output_type="np").images
     assert images.shape == (2, 8, 8, 1)
+
+
+def test_ctrl_ray_loads_it_as_a_flow_backbone(flow_testbed):
+    from ctrl_ray.evaluation import generate
+    from ctrl_ray.models.augmented import AugmentedModel
+    from ctrl_ray.models.loading import build_backbone, load_base_model_dir
+    from ctrl_ray.models.text_to_image import TextToImageOptions
+
+    base = load_base_model_dir(flow_testbed)
+    assert base.transformer is not None and base.metadata["kind"] == "sd3"
+    assert base.image_shape == (1, 8, 8) and base.num_contexts == 10
+    backbone = build_backbone(base, TextToImageOptions(
+        prompts=["the digit 3", "a sketch of a seven"], guidance_scale=3.0))
+    assert tuple(backbone.sample_shape) == (4, 4, 4)
+    model = AugmentedModel(backbone, {}, adapter="none").eval()
+    images, _ = generate(model, torch.tensor([0, 1, 1]), {}, [0, 1, 2],
+                         num_inference_steps=3, from_reference=True)
+    assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
 
 
 def test_training_times_follow_the_configured_law():
