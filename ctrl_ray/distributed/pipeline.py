@@ -57,7 +57,7 @@ class RolloutPipeline:
         start = time.perf_counter()
         if self.next_iteration is None:
             self.next_iteration = iteration
-        publish_seconds = self._hand_out(iteration)
+        publish_seconds, hand_out_seconds = self._hand_out(iteration)
         batch = self.in_flight.popleft()
         if batch.iteration != iteration:
             raise RuntimeError(f"batch {batch.iteration} came up for update {iteration}")
@@ -71,17 +71,19 @@ class RolloutPipeline:
         busy = sum(m.get("work_seconds", 0.0) for m in worker_metrics) / len(worker_metrics)
         metrics.update(
             staleness=float(staleness), publish_seconds=publish_seconds,
+            hand_out_seconds=hand_out_seconds,
             sync_bytes=float(self.published[2]), iteration_seconds=seconds,
-            collect_seconds=collected - start - publish_seconds,
+            collect_seconds=collected - start - publish_seconds - hand_out_seconds,
             worker_idle_share=max(0.0, 1 - busy / seconds),
             learner_idle_share=max(0.0, 1 - metrics["update_seconds"] / seconds),
             sync_fraction=(publish_seconds + metrics.get("sync_seconds", 0.0)) / seconds)
         return metrics
 
-    def _hand_out(self, iteration: int) -> float:
+    def _hand_out(self, iteration: int) -> tuple[float, float]:
         """Give the workers every batch up to ``iteration`` + max_staleness that stays before
-        the next checkpoint and the end of the run; seconds spent publishing."""
-        publish_seconds = 0.0
+        the next checkpoint and the end of the run; seconds spent publishing the adapter and
+        handing out the calls."""
+        publish_seconds = hand_out_seconds = 0.0
         last = min(iteration + self.max_staleness, self.config.iterations - 1)
         every = self.config.checkpoint_every
         if every:
@@ -89,10 +91,12 @@ class RolloutPipeline:
         while self.next_iteration <= last:
             started = time.perf_counter()
             self.published = self.roles.call(self.roles.learner, "publish", self.roles.remote)
-            publish_seconds += time.perf_counter() - started
+            published = time.perf_counter()
             self._hand_out_one(self.next_iteration)
             self.next_iteration += 1
-        return publish_seconds
+            publish_seconds += published - started
+            hand_out_seconds += time.perf_counter() - published
+        return publish_seconds, hand_out_seconds
 
     def _hand_out_one(self, iteration: int) -> None:
         """Hand batch ``iteration`` out: each worker gets the batch's seed and its rows (it

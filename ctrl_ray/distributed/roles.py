@@ -79,15 +79,7 @@ class Learner:
         return self._published
 
     def group_address(self) -> str:
-        """host:port of a free port on this node, for the group's rank 0 to listen at."""
-        import socket
-
-        import ray
-
-        with socket.socket() as probe:
-            probe.bind(("", 0))
-            port = probe.getsockname()[1]
-        return f"{ray.util.get_node_ip_address()}:{port}"
+        return free_address()
 
     def join_group(self, address: str) -> None:
         """Join the learner group (`torch.distributed`) whose rank 0 listens at `address`."""
@@ -197,6 +189,18 @@ class RolloutWorker:
         import os
 
         return os.getpid()
+
+
+def free_address() -> str:
+    """host:port of a free port on this node, for a learner group's rank 0 to listen at."""
+    import socket
+
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    return f"{ray.util.get_node_ip_address()}:{port}"
 
 
 def _on_device(setup):
