@@ -38,7 +38,6 @@ SD3 = "sd3"
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 METADATA_FILE = "ctrl_ray.json"
 DEFAULT_MAX_SEQUENCE_LENGTH = 256  # T5 tokens of diffusers' StableDiffusion3Pipeline
-PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The joint attention's projections, image side and prompt side.
 SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0",
                     "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -114,10 +113,8 @@ class SD3Backbone(PromptContexts, FlowBackbone):
     ``network`` is the transformer (LoRA on its joint-attention projections). The new label's
     embedding is added to the transformer's conditioning vector (the output of
     ``time_text_embed``, timestep + pooled prompt) by a forward hook held for one call. The
-    options are those of the text backbones (`TextToImageOptions`): classifier-free guidance on
-    the velocity (equivalently on eps: eps = x_s + (1 - s) v is affine in v), autocast on CUDA,
-    the transformer's own gradient checkpointing for the policy's calls only (the reference's
-    would recompute after ``AugmentedModel.reference()`` closed, as in `TextToImageBackbone`).
+    options are those of every prompt backbone (`ctrl_ray.models.prompt_contexts`); guidance
+    acts on the velocity, equivalently on eps (eps = x_s + (1 - s) v is affine in v).
     """
 
     def __init__(self, transformer: SD3Transformer2DModel,
@@ -139,7 +136,6 @@ class SD3Backbone(PromptContexts, FlowBackbone):
         self.network = transformer
         self.vae = vae
         self.prompt_encoder = prompt_encoder
-        self.kind = kind
         size = config.sample_size
         self.sample_shape = (config.in_channels, size, size)
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
@@ -149,14 +145,8 @@ class SD3Backbone(PromptContexts, FlowBackbone):
         self.default_lora_targets = list(SD3_LORA_TARGETS)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._image_shape = (vae.config.out_channels, size * factor, size * factor)
-        self.guidance_scale = float(guidance_scale)
-        self.mixed_precision = mixed_precision
-        self.autocast_dtype = PRECISIONS[mixed_precision]
-        self.gradient_checkpointing = bool(gradient_checkpointing)
-        if self.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        self._checkpointed_blocks = [m for m in transformer.modules()
-                                     if getattr(m, "gradient_checkpointing", False)]
+        self.init_options(transformer, kind, guidance_scale, mixed_precision,
+                          gradient_checkpointing)
         self.init_prompts(prompts)
 
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
@@ -164,12 +154,6 @@ class SD3Backbone(PromptContexts, FlowBackbone):
         states, pooled = self.prompt_encoder.encode(prompts)
         return {"states": states, "pooled": pooled,
                 "embeddings": nn.functional.normalize(pooled, dim=-1)}
-
-    def describe(self) -> dict[str, Any]:
-        """What a policy checkpoint records to rebuild this backbone around its base model."""
-        return {"kind": self.kind, "prompts": list(self.prompts),
-                "guidance_scale": self.guidance_scale, "mixed_precision": self.mixed_precision,
-                "gradient_checkpointing": self.gradient_checkpointing}
 
     def predict_velocity(self, x_s: Tensor, t: Tensor, context: Tensor | None,
                          extra_embedding: Tensor | None = None) -> Tensor:
@@ -190,15 +174,9 @@ class SD3Backbone(PromptContexts, FlowBackbone):
         unconditional, conditional = velocity.chunk(2)
         return unconditional + self.guidance_scale * (conditional - unconditional)
 
-    def _autocast(self, like: Tensor):
-        enabled = self.autocast_dtype is not None and like.is_cuda
-        return torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16,
-                              enabled=enabled)
-
     def _transformer(self, x_s: Tensor, timestep: Tensor, states: Tensor, pooled: Tensor,
                      extra: Tensor | None) -> Tensor:
-        for block in self._checkpointed_blocks:  # policy calls only (class docstring)
-            block.gradient_checkpointing = extra is not None
+        self.checkpoint_calls(policy_call=extra is not None)
 
         def add_extra_embedding(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
             return output + extra.to(output.dtype)
@@ -206,7 +184,7 @@ class SD3Backbone(PromptContexts, FlowBackbone):
         handle = None if extra is None else \
             self.network.time_text_embed.register_forward_hook(add_extra_embedding)
         try:
-            with self._autocast(x_s):
+            with self.autocast(x_s):
                 velocity = self.network(hidden_states=x_s, encoder_hidden_states=states,
                                         pooled_projections=pooled, timestep=timestep,
                                         return_dict=False)[0]
@@ -228,7 +206,7 @@ class SD3Backbone(PromptContexts, FlowBackbone):
         the sampler ends on), then the SD3 VAE's latent normalisation and its decoder."""
         latents = self.flow_state(samples, 0)
         shift = self.vae.config.get("shift_factor") or 0.0
-        with self._autocast(samples):
+        with self.autocast(samples):
             images = self.vae.decode(latents / self.vae.config.scaling_factor + shift).sample
         return images.to(samples.dtype)
 

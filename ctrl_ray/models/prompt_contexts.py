@@ -1,4 +1,5 @@
-"""Contexts that are prompts: a backbone's list of prompts and their encodings, by index.
+"""Contexts that are prompts: a backbone's list of prompts and their encodings, by index, and
+the options every prompt backbone takes (`TextToImageOptions`).
 
 A prompt-conditioned backbone (the text UNets, the SD3 flow transformer) holds a list of prompts
 (from the config's ``backbone.prompts`` or the base model's metadata) and what its frozen text
@@ -8,14 +9,26 @@ prompt at sampling time (``ctrl-ray sample --prompt``, a pyfunc row with a strin
 appended with ``add_prompt`` and gets the next index. Each prompt also has a unit-norm pooled text
 embedding (``context_embedding``): the value head conditions on it, so it generalises to text it
 was never trained on instead of looking an index up in a table.
+
+The options: classifier-free guidance on the prompt (``guidance_scale``), autocast of the network
+and the VAE on CUDA tensors only (``mixed_precision``), and the network's own activation
+checkpointing for the policy's calls (those that carry a label embedding). The reference's calls
+run inside ``AugmentedModel.reference()`` (adapters off, or the original weights swapped in): a
+checkpoint inside the network would be recomputed lazily in backward, after that context has
+closed, i.e. with the policy's weights, so they are never checkpointed inside the network (the
+sampler's own checkpoint around each whole network call still applies to them).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ctrl_ray.errors import InputError
+
+PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class PromptContexts:
@@ -79,6 +92,36 @@ class PromptContexts:
         self._check_indices(context)
         rows = getattr(self, f"prompt_{name}")
         return rows[context.to(rows.device)]
+
+    def init_options(self, network: nn.Module, kind: str, guidance_scale: float,
+                     mixed_precision: str, gradient_checkpointing: bool) -> None:
+        """Keep the options (and the model family ``kind``); turn on the network's checkpointing."""
+        self.kind = kind
+        self.guidance_scale = float(guidance_scale)
+        self.mixed_precision = mixed_precision
+        self.autocast_dtype = PRECISIONS[mixed_precision]
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        if self.gradient_checkpointing:
+            network.enable_gradient_checkpointing()
+        self._checkpointed_blocks = [m for m in network.modules()
+                                     if getattr(m, "gradient_checkpointing", False)]
+
+    def describe(self) -> dict[str, Any]:
+        """What a policy checkpoint records to rebuild this backbone around its base model."""
+        return {"kind": self.kind, "prompts": list(self.prompts),
+                "guidance_scale": self.guidance_scale, "mixed_precision": self.mixed_precision,
+                "gradient_checkpointing": self.gradient_checkpointing}
+
+    def autocast(self, like: Tensor):
+        """The ``mixed_precision`` autocast context, on for CUDA tensors only."""
+        enabled = self.autocast_dtype is not None and like.is_cuda
+        return torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16,
+                              enabled=enabled)
+
+    def checkpoint_calls(self, policy_call: bool) -> None:
+        """Checkpoint inside the network for the policy's calls only (module docstring)."""
+        for block in self._checkpointed_blocks:
+            block.gradient_checkpointing = policy_call
 
     def _check_indices(self, context: Tensor) -> None:
         if context.numel() and not 0 <= int(context.min()) <= int(context.max()) < len(

@@ -11,13 +11,8 @@ adapters off, so the per-step KL compares the guided policy with the guided pre-
 
 A latent backbone (``vae`` given) samples latents of ``sample_shape`` and ``decode`` maps them
 through the VAE decoder to images of ``image_shape``; the reward and the evaluation read the
-decoded images. ``mixed_precision`` (bf16 / fp16 autocast of the UNet and VAE) is applied only
-to CUDA tensors; ``gradient_checkpointing`` turns on the UNet's own activation checkpointing for
-the policy's calls (those that carry a label embedding). The reference's calls run inside
-``AugmentedModel.reference()`` (adapters off, or the original weights swapped in): a checkpoint
-inside the UNet would be recomputed lazily in backward, after that context has closed, i.e. with
-the policy's weights, so they are never checkpointed inside the UNet (the sampler's own
-checkpoint around each whole network call still applies to them).
+decoded images. ``mixed_precision`` and ``gradient_checkpointing`` are those of every prompt
+backbone (`ctrl_ray.models.prompt_contexts`).
 """
 
 from __future__ import annotations
@@ -37,7 +32,6 @@ from ctrl_ray.models.prompt_contexts import PromptContexts
 from ctrl_ray.models.text_encoder import PromptEncoder
 from ctrl_ray.models.text_to_image_options import TextToImageOptions  # noqa: F401 - re-exported
 
-PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STABLE_DIFFUSION = "stable-diffusion"
 TEXT_PIXEL = "unet2d-text-conditional"
 
@@ -62,17 +56,9 @@ class TextToImageBackbone(PromptContexts, UNetBackbone):
             raise InputError(f"the UNet cross-attends to {cross_dim}-d states but the text "
                              f"encoder makes {prompt_encoder.hidden_size}-d ones")
         super().__init__(unet, scheduler)
-        self.kind = kind
         self.prompt_encoder = prompt_encoder
         self.vae = vae
-        self.guidance_scale = float(guidance_scale)
-        self.mixed_precision = mixed_precision
-        self.autocast_dtype = PRECISIONS[mixed_precision]
-        self.gradient_checkpointing = bool(gradient_checkpointing)
-        if self.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        self._checkpointed_blocks = [m for m in unet.modules()
-                                     if getattr(m, "gradient_checkpointing", False)]
+        self.init_options(unet, kind, guidance_scale, mixed_precision, gradient_checkpointing)
         self.default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
         if vae is not None:
             vae.requires_grad_(False)
@@ -91,12 +77,6 @@ class TextToImageBackbone(PromptContexts, UNetBackbone):
         states, embeddings = self.prompt_encoder.encode_with_embedding(prompts)
         return {"states": states, "embeddings": embeddings}
 
-    def describe(self) -> dict[str, Any]:
-        """What a policy checkpoint records to rebuild this backbone around its base model."""
-        return {"kind": self.kind, "prompts": list(self.prompts),
-                "guidance_scale": self.guidance_scale, "mixed_precision": self.mixed_precision,
-                "gradient_checkpointing": self.gradient_checkpointing}
-
     def context_states(self, context: Tensor | None, batch_size: int) -> Tensor:
         """Token states (B, L, D) for prompt indices (B,), given states, or None (empty prompt)."""
         if context is not None and context.is_floating_point():
@@ -104,15 +84,9 @@ class TextToImageBackbone(PromptContexts, UNetBackbone):
         return self.prompt_rows("states", context, batch_size)
 
     # -- the network calls -------------------------------------------------------------------
-    def _autocast(self, like: Tensor):
-        enabled = self.autocast_dtype is not None and like.is_cuda
-        return torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16,
-                              enabled=enabled)
-
     def _unet(self, x_t: Tensor, t: Tensor, states: Tensor, extra: Tensor | None) -> Tensor:
-        for block in self._checkpointed_blocks:  # policy calls only (module docstring)
-            block.gradient_checkpointing = extra is not None
-        with self._autocast(x_t):
+        self.checkpoint_calls(policy_call=extra is not None)
+        with self.autocast(x_t):
             eps = super().predict_noise(x_t, t, states, extra)
         return eps.to(x_t.dtype)
 
@@ -142,7 +116,7 @@ class TextToImageBackbone(PromptContexts, UNetBackbone):
     def decode(self, samples: Tensor) -> Tensor:
         if self.vae is None:
             return samples
-        with self._autocast(samples):
+        with self.autocast(samples):
             images = self.vae.decode(samples / self.vae.config.scaling_factor).sample
         return images.to(samples.dtype)
 
