@@ -38,6 +38,7 @@ from text2image_control import (  # noqa: E402
     VALIDATION_SEED,
     Bench,
     run_task,
+    validation_lines,
 )
 
 from ctrl_ray import tracking  # noqa: E402
@@ -82,12 +83,7 @@ def markdown(data: dict) -> list[str]:
                 f"{f:.3f} | {opt['score']:.3f} @ {opt['kl']:.2f} ({opt['ess_min']:.0f}) | "
                 f"{row['score_ratio']:.2f}x | {row['kl_ratio']:.2f}x | "
                 f"{row['base']['score']:.3f} |")
-    lines += ["", "Validation (training prompts, mean over seeds): updates -> score @ KL", ""]
-    for key, result in sorted(data["runs"].items()):
-        cells = ", ".join(f"{i}: {s:.3f} @ {k:.2f}"
-                          for i, (s, k) in sorted(result["validation"].items(),
-                                                  key=lambda item: int(item[0])))
-        lines.append(f"- {key}: {cells}")
+    lines += validation_lines(dict(sorted(data["runs"].items())))
     lines += ["", "Frontier plots: " + ", ".join(
         f"[{key}](../../docs/flow_frontier_{key.split('/')[1]}_{key.split('/')[0]}.png)"
         for key in sorted(data["runs"]))]

@@ -272,14 +272,20 @@ def markdown(data: dict) -> list[str]:
                 f"{k:.2f} +- {kh:.2f} | {f:.3f} | {opt['score']:.3f} @ {opt['kl']:.2f} "
                 f"({opt['ess_min']:.0f}) | {row['score_ratio']:.2f}x | {row['kl_ratio']:.2f}x | "
                 f"{row['base']['score']:.3f} |")
-    lines += ["", "Validation (training prompts, mean over seeds): updates -> score @ KL", ""]
-    for task, result in data["tasks"].items():
+    lines += validation_lines(data["tasks"])
+    lines += ["", "Frontier plots: " + ", ".join(
+        f"[{task}](../../docs/text2image_frontier_{task}.png)" for task in data["tasks"])]
+    return lines
+
+
+def validation_lines(results: dict[str, dict]) -> list[str]:
+    """Markdown: each run's validation table (updates -> score @ KL, mean over seeds)."""
+    lines = ["", "Validation (training prompts, mean over seeds): updates -> score @ KL", ""]
+    for name, result in results.items():
         cells = ", ".join(f"{i}: {s:.3f} @ {k:.2f}"
                           for i, (s, k) in sorted(result["validation"].items(),
                                                   key=lambda item: int(item[0])))
-        lines.append(f"- {task}: {cells}")
-    lines += ["", "Frontier plots: " + ", ".join(
-        f"[{task}](../../docs/text2image_frontier_{task}.png)" for task in data["tasks"])]
+        lines.append(f"- {name}: {cells}")
     return lines
 
 
