@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from ctrl_ray.checkpoint import ADAPTER_FILE
 from ctrl_ray.distributed.driver import train
 from ctrl_ray.errors import InputError
+from ctrl_ray.finetune import FinetuneConfig
 
 RULE_SETTINGS = {
     "pathwise": ("objective.truncation.mode=random", "objective.truncation.k=3"),
@@ -35,6 +36,17 @@ def _largest_difference(a: dict, b: dict) -> tuple[str, float]:
     differences = {name: (a[name] - b[name]).abs().max().item() for name in a}
     worst = max(differences, key=differences.get)
     return worst, differences[worst]
+
+
+def _interrupted_then_resumed(config: FinetuneConfig) -> dict:
+    """Run `config` (checkpoints at 2 and 4 of 4 updates), stop it after update 3, resume."""
+    def stop_after_update_3(done, roles):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False, on_iteration=stop_after_update_3)
+    return train(config, progress=False, resume=True)
 
 
 def _history(result, metric: str) -> list[float]:
@@ -72,9 +84,8 @@ def test_rollouts_one_version_ahead_overlap_the_update_and_resume_exactly(make_c
     _, difference = _largest_difference(_adapter(straight), _adapter(synchronous))
     assert difference > 1e-4   # a stale batch is a different update
 
-    train(make_config("resumed", "pathwise", *settings, "iterations=2"), progress=False)
-    resumed = train(make_config("resumed", "pathwise", *settings, "iterations=4"),
-                    progress=False, resume=True)
+    resumed = _interrupted_then_resumed(make_config("resumed", "pathwise", *settings,
+                                                    "iterations=4"))
     _, difference = _largest_difference(_adapter(straight), _adapter(resumed))
     assert difference == 0.0
 
@@ -98,3 +109,13 @@ def test_the_value_rule_trains_the_same_whatever_the_staleness(make_config, ray_
 def test_learner_ranks_need_ray(make_config):
     with pytest.raises(InputError, match="distributed.learners"):
         make_config("no-ray", "pathwise", "distributed.learners=2")
+
+
+def test_a_learner_group_resumes_bit_identically(make_config, ray_session):
+    """Rank 0 writes the checkpoint; every rank restores it, so the group continues exactly."""
+    group = ("distributed.workers=1", "distributed.learners=2", "checkpoint_every=2",
+             "iterations=4")
+    straight = train(make_config("group-straight", "value", *group), progress=False)
+    resumed = _interrupted_then_resumed(make_config("group-resumed", "value", *group))
+    _, difference = _largest_difference(_adapter(straight), _adapter(resumed))
+    assert difference == 0.0
