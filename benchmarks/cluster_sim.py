@@ -148,6 +148,10 @@ def summarise(metrics: dict, compute_seconds: float) -> dict:
                                   strict=True)) / iteration,
         "fan_in": statistics.mean(metrics["fetch_seconds"]) / iteration,
     }
+    # The rest: scheduling and the round trips of each call, the workers' results into the
+    # object store, the group's all-reduce.
+    shares["other"] = max(0.0, shares["overhead"] - shares["hand_out"] - shares["publication"]
+                          - shares["fan_in"])
     return {"iteration_seconds": iteration, "compute_seconds": compute_seconds,
             "staleness": sorted(set(metrics["staleness"])), "shares": shares,
             "iteration_seconds_all": metrics["iteration_seconds"]}
@@ -198,19 +202,24 @@ def write(results: list[dict], args, startup: float) -> None:
         f" update {args.update_seconds} s; adapter {ADAPTER_BYTES / MB:.0f} MiB, one "
         f"trajectory batch per worker of {np.prod(PAYLOAD_SHAPE) * 4 / MB:.1f} MiB "
         f"(4x64x64 x 50 steps, float32). Mean of iterations 3..{args.iterations}; "
-        f"{max(args.workers)} actors started in {startup:.0f} s.",
+        f"{max(args.workers)} actors started in {startup:.0f} s. Overhead = (iteration - "
+        f"compute) / iteration; publication = the driver's publish call + the slowest "
+        f"worker's adapter pull; fan-in = the learner fetching every payload; other = the "
+        f"rest (scheduling and call round trips, results into the object store, the "
+        f"all-reduce). Machine load average at the end: {os.getloadavg()[0]:.1f} on 2 cores "
+        f"(other jobs were running).",
         "Command: `nice .venv/bin/python benchmarks/cluster_sim.py`",
         "",
         "| workers | learner ranks | max_staleness | iteration (s) | compute (s) | overhead | "
-        "hand-out | publication | fan-in |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "hand-out | publication | fan-in | other |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         s = r["shares"]
         lines.append(f"| {r['workers']} | {r['learners']} | {r['max_staleness']} | "
                      f"{r['iteration_seconds']:.2f} | {r['compute_seconds']:.1f} | "
                      f"{s['overhead']:.1%} | {s['hand_out']:.1%} | {s['publication']:.1%} | "
-                     f"{s['fan_in']:.1%} |")
+                     f"{s['fan_in']:.1%} | {s['other']:.1%} |")
     lines += ["", "Throughput of max_staleness 1 over 0 (rollout = update):", ""]
     for count in args.workers:
         for learners in args.learners:

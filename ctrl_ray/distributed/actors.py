@@ -71,6 +71,10 @@ class Roles:
         from ray.exceptions import RayActorError
 
         futures = list(futures)
+        try:   # one round trip for all of them, the usual case
+            return [payload for payload, _ in futures], ray.get([m for _, m in futures])
+        except RayActorError:
+            pass
         metrics: list[dict | None] = [None] * len(futures)
         for index, call in enumerate(calls):
             for failures in range(retries + 1):
