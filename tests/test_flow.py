@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import test_rule_matrix
 import test_theorem
 import torch
 from flow_fixtures import build_tiny_flow_testbed, build_tiny_sd3
@@ -20,7 +19,7 @@ from ctrl_ray.models.flow_prompts import SD3Prompts, SingleEncoderPrompts
 from ctrl_ray.models.gaussian_mixture import GaussianMixtureBackbone
 from ctrl_ray.models.loading import backbone_spec, build_backbone
 from ctrl_ray.models.text_to_image_options import TextToImageOptions
-from ctrl_ray.registry import load_base_model, register_base_model
+from ctrl_ray.registry import load_base_model
 from ctrl_ray.sampling import DenoisingSchedule, RolloutInputs, sample
 
 PROMPTS = ["a handwritten seven", "a handwritten one"]
@@ -248,19 +247,3 @@ def test_the_flow_backbone_converts_the_transformer_velocity(tiny_flow_testbed):
         model.label_embeddings["compress_class"].weight[:-1].normal_()
     assert not torch.allclose(model.predict_noise(x, t, contexts, labels),
                               model.reference_noise(x, t, contexts))
-
-
-@pytest.mark.parametrize("rule", list(test_rule_matrix.RULES))
-def test_every_rule_fine_tunes_an_sd3_folder_on_ray(rule, tiny_sd3, request, tiny_reward,
-                                                    ray_session, tmp_path, capsys, monkeypatch):
-    """tests/test_rule_matrix.py's test with the SD3 folder as its backbone, registered as a base
-    model first: two updates on Ray with two workers, checkpoint, resume, register, pull back as
-    a pyfunc model and sample a prompt it never saw, guidance 2 (the value head refuses 4)."""
-    uri = register_base_model(tiny_sd3, f"tiny-sd3-{rule}")
-
-    def sd3_backbone(name: str, request) -> tuple[str, list[str]]:
-        return uri, [f"backbone.prompts={PROMPTS}", "backbone.guidance_scale=2.0"]
-
-    monkeypatch.setattr(test_rule_matrix, "_backbone", sd3_backbone)
-    test_rule_matrix.test_every_rule_builds_trains_resumes_registers_and_samples_new_text(
-        rule, "sd3", request, tiny_reward, ray_session, tmp_path, capsys)

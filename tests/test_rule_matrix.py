@@ -1,5 +1,6 @@
 """Every update rule on every backbone: the class-conditional digits UNet, the tiny random
-Stable-Diffusion-format pipeline and the trained latent text testbed. Each combination takes
+Stable-Diffusion-format pipeline, the trained latent text testbed and a tiny SD3-format flow
+folder (through its `models:/` URI). Each combination takes
 two updates on Ray with two workers, checkpoints, resumes for a third, registers, is pulled
 back as a pyfunc model and samples a prompt it never saw (a class for the digits)."""
 
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from flow_fixtures import build_tiny_sd3
 
 from ctrl_ray import registry
 from ctrl_ray.checkpoint import latest_checkpoint, read_checkpoint
@@ -36,13 +38,23 @@ def tiny_sd(tmp_path_factory):
     return build_tiny_pipeline(config, tmp_path_factory.mktemp("matrix-sd") / "tiny-sd")
 
 
+@pytest.fixture(scope="module")
+def tiny_sd3_uri(tmp_path_factory):
+    """An SD3-format flow folder with random weights (tests/flow_fixtures.py), registered as a
+    base model: runs read it through its `models:/` URI."""
+    folder = build_tiny_sd3(tmp_path_factory.mktemp("matrix-sd3") / "tiny-sd3")
+    return registry.register_base_model(folder, "tiny-sd3")
+
+
 def _backbone(name: str, request) -> tuple[str, list[str]]:
     """A backbone's base model and the overrides that point a run at it."""
     if name == "digits":
         return str(request.getfixturevalue("tiny_base").model_dir), []
     prompts = ["a handwritten seven", "a handwritten one"]
-    base = request.getfixturevalue("tiny_sd" if name == "tiny-sd" else "trained_text_testbed")
-    return str(base), [f"backbone.prompts={prompts}", "backbone.guidance_scale=2.0"]
+    fixture = {"tiny-sd": "tiny_sd", "text-testbed": "trained_text_testbed",
+               "sd3": "tiny_sd3_uri"}[name]
+    return str(request.getfixturevalue(fixture)), [f"backbone.prompts={prompts}",
+                                                   "backbone.guidance_scale=2.0"]
 
 
 def _config(base: str, backbone: list[str], reward, out, rule: str, *extra) -> FinetuneConfig:
@@ -58,7 +70,7 @@ def _config(base: str, backbone: list[str], reward, out, rule: str, *extra) -> F
     ])
 
 
-@pytest.mark.parametrize("backbone", ["digits", "tiny-sd", "text-testbed"])
+@pytest.mark.parametrize("backbone", ["digits", "tiny-sd", "text-testbed", "sd3"])
 @pytest.mark.parametrize("rule", list(RULES))
 def test_every_rule_builds_trains_resumes_registers_and_samples_new_text(
         rule, backbone, request, tiny_reward, ray_session, tmp_path, capsys):
