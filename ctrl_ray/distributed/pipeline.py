@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from ctrl_ray.distributed.actors import Roles
-from ctrl_ray.distributed.roles import BatchRows
-from ctrl_ray.errors import InputError
+from ctrl_ray.distributed.batches import BatchRows, split_rows
 from ctrl_ray.finetune_config import FinetuneConfig
 
 
@@ -114,12 +113,3 @@ class RolloutPipeline:
     def staleness_counts(self) -> dict[str, float]:
         """How many updates saw a batch that many versions old, as metrics."""
         return {f"updates_at_staleness_{s}": float(n) for s, n in sorted(self.staleness.items())}
-
-
-def split_rows(batch_size: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous (start, stop) shards of the batch, as equal as possible."""
-    if batch_size < parts:
-        raise InputError(f"batch_size {batch_size} is smaller than the number of workers "
-                         f"{parts}")
-    bounds = [round(i * batch_size / parts) for i in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))

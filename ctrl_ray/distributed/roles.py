@@ -8,7 +8,6 @@ embeddings) ever travels: the learner publishes it once per policy version and w
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +15,13 @@ import torch
 
 from ctrl_ray import data_parallel
 from ctrl_ray.checkpoint import optimizer_tensors, restore_optimizer
+from ctrl_ray.distributed.batches import BatchRows
 from ctrl_ray.evaluation import evaluate
 from ctrl_ray.finetune_setup import FinetuneConfig, Setup, build_setup, evaluate_setup
 from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.objectives import update_rule
 from ctrl_ray.objectives.base import draw_inputs, schedule_learning_rates
 from ctrl_ray.sampling.sampler import RolloutInputs
-
-
-@dataclass(frozen=True)
-class BatchRows:
-    """Rows start:stop of the batch whose randomness is drawn from ``seed`` (`draw_inputs`):
-    what a worker is handed instead of the noise itself."""
-
-    seed: int
-    start: int
-    stop: int
 
 
 class Learner:
