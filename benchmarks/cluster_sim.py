@@ -13,8 +13,10 @@ What it measures, per setting (rollout workers x learner ranks x max_staleness):
 Sleeping actors cost no CPU, so 64 of them run on a 2-core machine. Writes
 benchmarks/results/cluster_sim.{json,md} and a plot.
 
-    nice .venv/bin/python benchmarks/cluster_sim.py                 # the full run
-    nice .venv/bin/python benchmarks/cluster_sim.py --workers 8 --iterations 4   # a quick one
+    .venv/bin/python benchmarks/cluster_sim.py                 # the full run
+    .venv/bin/python benchmarks/cluster_sim.py --workers 8 --iterations 4   # a quick one
+    .venv/bin/python benchmarks/cluster_sim.py --workers 64 --learners 1 --payload-mib 0.001 \
+        --results-name cluster_sim_small_payload   # what the payloads themselves cost
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ PAYLOAD_SHAPE = (50, 4, 64, 64)
 
 class SleepingWorker:
     """A rollout worker whose sampling is a sleep: it pulls the adapter once per version and
-    returns a trajectory batch of the real size and type."""
+    returns a trajectory batch of the real size."""
 
-    def __init__(self, rollout_seconds: float):
-        self.rollout_seconds = rollout_seconds
+    def __init__(self, rollout_seconds: float, payload_shape: tuple[int, ...] = PAYLOAD_SHAPE):
+        self.rollout_seconds, self.payload_shape = rollout_seconds, payload_shape
         self.version = -1
 
     def work(self, version, published, rows, normaliser, report=True):
@@ -61,11 +63,9 @@ class SleepingWorker:
             self.version = version
         synced = time.perf_counter()
         time.sleep(self.rollout_seconds)
-        import torch
-
-        # A dict of torch tensors, as the real rules' payloads are (Ray copies a tensor on
-        # fetch; a NumPy array it would map without a copy).
-        payload = {"states": torch.full(PAYLOAD_SHAPE, float(rows.start))}
+        # NumPy, so that 64 of these actors fit in memory without torch (0.06 GB each, 0.43
+        # with torch); the learner copies each payload, as fetching a torch tensor does.
+        payload = {"states": np.full(self.payload_shape, float(rows.start), dtype=np.float32)}
         return payload, {"num_samples": float(rows.stop - rows.start),
                          "sync_seconds": synced - start,
                          "work_seconds": time.perf_counter() - start}
@@ -101,8 +101,8 @@ class SleepingLearner:
 
     def update(self, worker_metrics, payloads, seed):
         start = time.perf_counter()
-        fetched = ray.get(list(payloads))
-        checksum = sum(float(p["states"][0, 0, 0, 0]) for p in fetched)   # read each one
+        fetched = [{k: v.copy() for k, v in p.items()} for p in ray.get(list(payloads))]
+        checksum = sum(float(p["states"].flat[0]) for p in fetched)
         fetch_seconds = time.perf_counter() - start
         time.sleep(self.update_seconds)
         if self.world_size > 1:
@@ -164,6 +164,8 @@ def main() -> None:
     parser.add_argument("--rollout-seconds", type=float, default=3.0)
     parser.add_argument("--update-seconds", type=float, default=3.0)
     parser.add_argument("--iterations", type=int, default=7)
+    parser.add_argument("--payload-mib", type=float, default=np.prod(PAYLOAD_SHAPE) * 4 / MB,
+                        help="one worker's payload (default: 4x64x64 x 50 steps, float32)")
     parser.add_argument("--results-name", default="cluster_sim")
     args = parser.parse_args()
 
@@ -171,7 +173,11 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              object_store_memory=4 * 1024**3)
     start = time.perf_counter()
-    pool = [ray.remote(SleepingWorker).options(num_cpus=0).remote(args.rollout_seconds)
+    payload_shape = (max(1, round(args.payload_mib * MB / 4)),)
+    if round(args.payload_mib * MB / 4) == np.prod(PAYLOAD_SHAPE):
+        payload_shape = PAYLOAD_SHAPE
+    pool = [ray.remote(SleepingWorker).options(num_cpus=0).remote(args.rollout_seconds,
+                                                                  payload_shape)
             for _ in range(max(args.workers))]
     ray.get([worker.pid.remote() for worker in pool])
     startup = time.perf_counter() - start
@@ -200,15 +206,15 @@ def write(results: list[dict], args, startup: float) -> None:
         f"The real training loop (`RolloutPipeline`, Ray actors, a gloo learner group, "
         f"payloads by object reference) with sleeping actors: rollout {args.rollout_seconds} s,"
         f" update {args.update_seconds} s; adapter {ADAPTER_BYTES / MB:.0f} MiB, one "
-        f"trajectory batch per worker of {np.prod(PAYLOAD_SHAPE) * 4 / MB:.1f} MiB "
-        f"(4x64x64 x 50 steps, float32). Mean of iterations 3..{args.iterations}; "
+        f"payload per worker of {args.payload_mib:.3g} MiB (3.12 MiB is one trajectory batch "
+        f"of 4x64x64 latents x 50 steps, float32). Mean of iterations 3..{args.iterations}; "
         f"{max(args.workers)} actors started in {startup:.0f} s. Overhead = (iteration - "
         f"compute) / iteration; publication = the driver's publish call + the slowest "
         f"worker's adapter pull; fan-in = the learner fetching every payload; other = the "
         f"rest (scheduling and call round trips, results into the object store, the "
         f"all-reduce). Machine load average at the end: {os.getloadavg()[0]:.1f} on 2 cores "
         f"(other jobs were running).",
-        "Command: `nice .venv/bin/python benchmarks/cluster_sim.py`",
+        f"Command: `.venv/bin/python benchmarks/cluster_sim.py {' '.join(sys.argv[1:])}`",
         "",
         "| workers | learner ranks | max_staleness | iteration (s) | compute (s) | overhead | "
         "hand-out | publication | fan-in | other |",
