@@ -109,7 +109,7 @@ def test_ppo_gradient_is_the_pathwise_gradient_of_the_same_objective():
     """At the rollout parameters the PPO loss gradient, times S * scale, estimates -grad J like
     pathwise; its score part needs the return-to-go of the future KL terms."""
     model = mixture_model(perturbation=0.3)
-    size = 8192
+    size = 32768   # at 8192 the score part's Monte-Carlo error reached 0.13 on some seeds
     inputs = RolloutInputs.draw(0, size, STEPS, (2,), {"y": 2})
     parameters = [p for p in model.parameters() if p.requires_grad]
 
@@ -142,8 +142,8 @@ def test_ppo_gradient_is_the_pathwise_gradient_of_the_same_objective():
         return ((estimate - pathwise_score).norm() / pathwise_score.norm()).item()
 
     full = (ppo_gradient(advantages) - pathwise_gradient).norm() / pathwise_gradient.norm()
-    assert full < 0.03
-    assert relative_error(score) < 0.12  # measured 0.04-0.07 over seeds
+    assert full < 0.03  # measured 0.004-0.012 over seeds 0-4
+    assert relative_error(score) < 0.12  # measured 0.02-0.07 over seeds 0-4
     assert relative_error(score_without_future_kl) > 0.18  # measured 0.22-0.27: biased
 
 
