@@ -658,6 +658,7 @@ def flow_testbed(config, overwrite: bool) -> None:
 
         registry.check_name(config.registered_model, "registered_model")
 
+
 def demo(config, overwrite: bool) -> None:
     """The demo builds what is missing at its documented defaults (data, judge, pairs, base
     model) and always writes the reward, the CTRL run and its own output folder."""

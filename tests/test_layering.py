@@ -168,6 +168,7 @@ argvs = [
     ["reward", "audit", "--base", "missing"],
     ["text2image", "build", "--config", "empty.yaml", "--set", "data.path=missing.parquet"],
     ["text2image", "tiny-pipeline", "--out", "/proc/t"],
+    ["flow", "build", "--config", "empty.yaml", "--set", "latent_testbed=missing"],
 ]
 codes = [main(argv) for argv in argvs]
 print(json.dumps({"codes": codes, "heavy": [m for m in sys.argv[1:] if m in sys.modules]}))
