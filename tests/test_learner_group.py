@@ -119,3 +119,13 @@ def test_a_learner_group_resumes_bit_identically(make_config, ray_session):
     resumed = _interrupted_then_resumed(make_config("group-resumed", "value", *group))
     _, difference = _largest_difference(_adapter(straight), _adapter(resumed))
     assert difference == 0.0
+
+
+def test_overlapping_an_uncorrected_rule_is_warned_about(make_config, capsys):
+    from ctrl_ray.preflight import warn_stale_gradients
+
+    for rule, warned in (("adjoint", True), ("pathwise", True), ("ppo", False), ("value", False)):
+        warn_stale_gradients(make_config(f"warn-{rule}", rule, "distributed.max_staleness=1"))
+        assert ("uncorrected" in capsys.readouterr().out) == warned, rule
+    warn_stale_gradients(make_config("warn-sync", "adjoint"))
+    assert capsys.readouterr().out == ""
