@@ -497,6 +497,7 @@ def _flow_build(args: argparse.Namespace) -> None:
     if result.model_uri:
         print(f"registered {result.model_uri}")
 
+
 def _registry_register(args: argparse.Namespace) -> None:
     from ctrl_ray.registry import register_policy
 

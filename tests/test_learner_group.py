@@ -70,6 +70,38 @@ def test_two_learner_ranks_update_like_one(make_config, ray_session, mode):
     total = sum(((a[n] - b[n]) ** 2).sum() for n in a).sqrt()
     assert total <= 1e-4 * sum((a[n] ** 2).sum() for n in a).sqrt()
     assert any(t.abs().sum() > 0 for t in _adapter(two).values())   # it did learn
+    assert _history(two, "learner_ranks") == [2.0, 2.0]   # the group really took the steps
+
+
+def _group_member(rank: int, address: str, results) -> None:
+    """One rank of a 2-process gloo group: its share, a summed gradient, sums and maxima."""
+    import torch
+
+    from ctrl_ray import data_parallel
+
+    data_parallel.join(address, rank, 2)
+    (rows,), weight = data_parallel.share(list(range(5)))
+    reached, missed = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    reached.grad = torch.full((3,), float(rank + 1)) if rank == 0 else None
+    data_parallel.sum_gradients([reached, missed])
+    results[rank] = (rows, weight, reached.grad.tolist(), missed.grad,
+                     data_parallel.total(rank + 1.0), data_parallel.largest(float(rank)))
+
+
+def test_ranks_take_their_shares_and_sum_their_gradients():
+    """Without this, 2 ranks that each took the whole batch would still pass the test above:
+    Adam barely sees a doubled gradient."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    results = mp.Manager().dict()
+    mp.spawn(_group_member, args=(address, results), nprocs=2)
+    assert results[0] == ([0, 1], 0.4, [1.0, 1.0, 1.0], None, 3.0, 1.0)
+    assert results[1] == ([2, 3, 4], 0.6, [1.0, 1.0, 1.0], None, 3.0, 1.0)
 
 
 def test_rollouts_one_version_ahead_overlap_the_update_and_resume_exactly(make_config):

@@ -95,7 +95,8 @@ class Learner:
         if not metrics.get("skipped"):
             self.version += 1
         metrics.update(version=self.version, fetch_seconds=fetched - start,
-                       update_seconds=time.perf_counter() - start)
+                       update_seconds=time.perf_counter() - start,
+                       learner_ranks=float(data_parallel.world_size()))
         return metrics
 
     def evaluate(self, out: str) -> dict[str, Any]:
