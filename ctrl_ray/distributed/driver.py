@@ -122,7 +122,7 @@ def _run(roles: Roles, config: FinetuneConfig, out: Path, progress: bool,
             done = iteration + 1
             return iteration == start or done % report_every == 0 or done == config.iterations
 
-        pipeline = RolloutPipeline(roles, config, generator, report_at)
+        pipeline = RolloutPipeline(roles, config, generator, report_at, start)
         measured = start   # the update the latest reward and KL were measured at
         latest = {"reward": float("nan"), "kl": float("nan")}
         for iteration in bar:

@@ -40,13 +40,13 @@ class RolloutPipeline:
     """Hands batches to the workers ahead of the learner and applies the updates in order."""
 
     def __init__(self, roles: Roles, config: FinetuneConfig, generator: torch.Generator,
-                 report_at):
+                 report_at, first_iteration: int = 0):
         self.roles, self.config = roles, config
         self.generator = generator
         self.report_at = report_at           # iteration -> whether workers measure the policy
         self.max_staleness = config.distributed.max_staleness
         self.in_flight: deque[HandedOut] = deque()
-        self.next_iteration: int | None = None
+        self.next_iteration = first_iteration   # the next batch to hand out
         self.published: tuple[int, Any, int] | None = None
         self.staleness = Counter()
 
@@ -54,8 +54,6 @@ class RolloutPipeline:
         """The update of batch ``iteration``: hand out what the bound allows, wait for this
         batch's workers, update every learner rank on its payloads; the metrics to log."""
         start = time.perf_counter()
-        if self.next_iteration is None:
-            self.next_iteration = iteration
         publish_seconds, hand_out_seconds = self._hand_out(iteration)
         batch = self.in_flight.popleft()
         if batch.iteration != iteration:
