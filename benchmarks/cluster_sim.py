@@ -38,6 +38,7 @@ from plots import line_plot  # noqa: E402
 from ctrl_ray.config import load_config  # noqa: E402
 from ctrl_ray.distributed.actors import Roles, start_learner_group  # noqa: E402
 from ctrl_ray.distributed.pipeline import RolloutPipeline  # noqa: E402
+from ctrl_ray.distributed.ray_runtime import connect  # noqa: E402
 from ctrl_ray.finetune_config import FinetuneConfig  # noqa: E402
 
 MB = 1 << 20
@@ -170,8 +171,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             object_store_memory=4 * 1024**3)
+    connect("local", num_cpus=2, object_store_memory=4 * 1024**3, runtime_env=None)
     start = time.perf_counter()
     payload_shape = (max(1, round(args.payload_mib * MB / 4)),)
     if round(args.payload_mib * MB / 4) == np.prod(PAYLOAD_SHAPE):

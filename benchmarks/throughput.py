@@ -29,9 +29,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, publish  # noqa: E402
 
-from ctrl_ray import tracking  # noqa: E402
 from ctrl_ray.config import from_dict, read_yaml  # noqa: E402
 from ctrl_ray.distributed.driver import train  # noqa: E402
+from ctrl_ray.distributed.ray_runtime import connect  # noqa: E402
 from ctrl_ray.finetune_setup import FinetuneConfig, build_setup  # noqa: E402
 from ctrl_ray.objectives import value as value_rule  # noqa: E402
 from ctrl_ray.objectives.base import draw_inputs  # noqa: E402
@@ -119,8 +119,8 @@ def run_setting(args, rule: str, workers: int, iterations: int, repeat: int) -> 
 
 
 def count_update_flops(args, rule: str, iterations: int) -> float:
-    """FLOPs per update after the warm-up, counted in one untimed single-process run of the
-    same updates (the split across workers changes no arithmetic)."""
+    """FLOPs per update after the warm-up, counted in one untimed single-process run of
+    `iterations` updates (the split across workers changes no arithmetic)."""
     config = demo_config(args, rule, 0, iterations + 1, f"{args.out}/{rule}-flops")
     totals = []
     with GlobalFlopCounter() as counter:
@@ -273,6 +273,9 @@ def main() -> None:
     parser.add_argument("--other-rules-iterations", type=int, default=None,
                         help="timed updates for adjoint, pathwise, ppo (default --iterations)")
     parser.add_argument("--other-rules-repeats", type=int, default=None)
+    parser.add_argument("--flop-iterations", type=int, default=None,
+                        help="updates of the FLOP count (default --iterations; a rule whose "
+                             "updates all cost the same needs few)")
     parser.add_argument("--control-iterations", type=int, default=60,
                         help="updates of the value run whose control is measured (the demo's)")
     parser.add_argument("--eval-samples-per-target", type=int, default=4)
@@ -298,13 +301,13 @@ def main() -> None:
             args.profile_repeats)
         print(profiles["text testbed"])
 
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env=tracking.actor_env())
+    connect("local", num_cpus=4)
     rows, flops = [], {}
     for rule in args.rules:
         other = rule != "value"
         iterations = (args.other_rules_iterations if other else None) or args.iterations
         repeats = (args.other_rules_repeats if other else None) or args.repeats
-        flops[rule] = count_update_flops(args, rule, iterations)
+        flops[rule] = count_update_flops(args, rule, args.flop_iterations or iterations)
         for repeat in range(repeats):
             for workers in args.workers:
                 rows.append(run_setting(args, rule, workers, iterations, repeat))

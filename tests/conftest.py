@@ -122,9 +122,11 @@ def ray_session():
 
     import ray
 
+    from ctrl_ray.distributed.ray_runtime import connect
+
     temp_dir = tempfile.mkdtemp(prefix="crt-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    connect("local", num_cpus=2, _temp_dir=temp_dir,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()
 

@@ -171,3 +171,15 @@ def test_the_value_rule_on_two_workers_updates_like_one_process(make_config, ray
     _assert_same_adapter(_adapter(local), _adapter(sharded), atol=1e-4)
     assert _adapter(sharded)["value_head.head.weight"].abs().sum() > 0   # it did learn
     assert all(name.startswith("value_head.") for name in _adapter(sharded))
+
+
+def test_local_ray_workers_compute_at_the_drivers_priority(ray_session):
+    """Ray starts workers at niceness +15 by default, so on a shared machine any other process
+    starves the rollouts; a local Ray started by ctrl-ray keeps them at the driver's."""
+    import os
+
+    @ray_session.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+    assert ray_session.get(niceness.remote()) == os.getpriority(os.PRIO_PROCESS, 0)

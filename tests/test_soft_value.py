@@ -224,3 +224,30 @@ def test_the_learner_holds_out_every_kth_rollout_and_never_takes_a_worse_head():
     metrics = learner_step(model, make_optimizer(model, sensible), [payload], sensible,
                            torch.Generator().manual_seed(0), 0)
     assert any(not torch.equal(before[k], model.value_head.state_dict()[k]) for k in before)
+
+
+def test_a_smaller_held_out_check_reads_fewer_pairs_and_leaves_the_fit_draws_alone():
+    """`heldout_pairs` subsamples the check's (state, timestep) pairs from the version's own
+    generator: the fit draws the same minibatches, so where every check accepts the head ends
+    identical, while the checked loss is a different (smaller) sample's."""
+    from ctrl_ray.objectives.base import make_optimizer
+    from ctrl_ray.objectives.value import ValueConfig, learner_step
+
+    inputs = RolloutInputs.draw(0, 64, 8, (2,), {"y": 2})
+    ends, losses = [], []
+    for pairs in (0, 24):
+        torch.manual_seed(0)
+        model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value")
+        base = sample(model, inputs, from_reference=True)
+        log_targets = torch.stack([-torch.nn.functional.softplus(-base.x0[:, 0] * s)
+                                   for s in (1.0, -1.0)], 1)
+        payload = {"states": base.states, "log_targets": log_targets, "contexts": None}
+        config = ValueConfig(batch_size=64, num_inference_steps=8, regression_steps=10,
+                             check_every=10, lr_adapter=3e-3, heldout_pairs=pairs)
+        metrics = learner_step(model, make_optimizer(model, config), [payload], config,
+                               torch.Generator().manual_seed(0), 3)
+        ends.append(model.value_head.state_dict())
+        losses.append(metrics["heldout_loss"])
+    # 8 of 64 rollouts held out, 9 states each: 72 pairs, of which the check reads 24
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+    assert abs(losses[0] - losses[1]) > 1e-6

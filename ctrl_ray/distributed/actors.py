@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ctrl_ray import tracking
+from ctrl_ray.distributed.ray_runtime import connect
 from ctrl_ray.distributed.roles import Learner, RolloutWorker
 from ctrl_ray.errors import InputError
 from ctrl_ray.finetune_setup import FinetuneConfig, load_rewards
@@ -131,9 +131,7 @@ def start_roles(config: FinetuneConfig) -> Roles:
     import ray
 
     _check_inputs(config)
-    if not ray.is_initialized():
-        ray.init(address=dist.ray_address, include_dashboard=False,
-                 runtime_env=tracking.actor_env())
+    connect(dist.ray_address)
     config = _with_absolute_paths(config)
     learners, group = start_learner_group(ray.remote(Learner), dist, config)
     workers = [

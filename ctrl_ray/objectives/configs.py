@@ -155,6 +155,7 @@ class ValueConfig(ObjectiveConfig):
     heldout_every: int = 8              # every k-th base rollout is held out of the fit (0: none)
     heldout_rollouts: int = 256         # the newest held-out rollouts the check reads (all states)
     check_every: int = 10               # head steps between held-out checks (early stopping)
+    heldout_pairs: int = 1024           # (state, timestep) pairs a check reads (0: every one)
     replay_bytes: int = 256 * 2**20     # the replay's bound in bytes (the oldest dropped)
     report_every: int = 5               # sample the policy for reward/KL every k-th update
 
@@ -168,6 +169,8 @@ class ValueConfig(ObjectiveConfig):
                              f"{self.replay_rollouts} and {self.replay_bytes}")
         if self.report_every < 1:
             raise InputError(f"report_every must be >= 1, got {self.report_every}")
+        if self.heldout_pairs < 0:
+            raise InputError(f"heldout_pairs must be >= 0, got {self.heldout_pairs}")
         if self.heldout_rollouts < 1:
             raise InputError(f"heldout_rollouts must be >= 1, got {self.heldout_rollouts}")
         if self.heldout_every < 0 or self.heldout_every == 1 or self.check_every < 1:

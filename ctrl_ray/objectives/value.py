@@ -114,10 +114,16 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
                           None if context is None else context.to(device),
                           log_targets[rows].to(device))
 
-    # The held-out pairs: every state of up to 256 held-out rollouts, fixed within the update.
+    # The held-out pairs: states of up to 256 held-out rollouts, fixed within the update; a
+    # random `heldout_pairs` of them, drawn from the version's own generator so that the fit's
+    # draws do not depend on the check's size.
     heldout_rows = heldout_rows[-config.heldout_rollouts:]
     check_rows = heldout_rows.repeat_interleave(timesteps.numel())
     check_which = torch.arange(timesteps.numel()).repeat(len(heldout_rows))
+    if 0 < config.heldout_pairs < len(check_rows):
+        chosen = torch.randperm(len(check_rows), generator=torch.Generator().manual_seed(
+            version))[:config.heldout_pairs].sort().values
+        check_rows, check_which = check_rows[chosen], check_which[chosen]
 
     def heldout_loss() -> float:
         """The mean loss over the held-out pairs, in chunks (SD-sized latents stay bounded);

@@ -10,6 +10,7 @@ import mlflow
 
 from ctrl_ray import registry, tracking
 from ctrl_ray.config import flatten, to_dict
+from ctrl_ray.distributed.ray_runtime import connect
 from ctrl_ray.registry import is_uri
 from ctrl_ray.tuning.configs import TuneConfig, check_inputs
 from ctrl_ray.tuning.table import TrialRow, format_params, pick_best, score, trial_rows, write_table
@@ -33,7 +34,6 @@ def run_sweep(config: TuneConfig, progress: bool = True) -> SweepResult:
     """Run the sweep on Ray Tune (joining `finetune.distributed.address` or RAY_ADDRESS, else
     starting a local Ray, unless one runs in this process); tabulate, pick and register the
     best trial."""
-    import ray
     from ray import tune
 
     check_inputs(config)
@@ -44,9 +44,7 @@ def run_sweep(config: TuneConfig, progress: bool = True) -> SweepResult:
         storage = str(Path(storage).resolve())
     base = trial_base_config(config)
     uri = tracking.tracking_uri()
-    if not ray.is_initialized():
-        ray.init(address=config.finetune.distributed.ray_address, include_dashboard=False,
-                 runtime_env=tracking.actor_env())
+    connect(config.finetune.distributed.ray_address)
 
     with tracking.run(config.experiment, config.name, flatten(to_dict(config))) as parent:
         parent_id = parent.info.run_id

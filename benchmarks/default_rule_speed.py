@@ -1,0 +1,126 @@
+"""Updates per second of the default (value) rule on the demo's CTRL run, against the default
+when issue 25 was filed, at the same control: every setting trains the same seeds and is
+evaluated on the same evaluation seed, next to the exact optimum.
+
+The run is configs/ctrl_digits_ink.yaml as the demo runs it (its base model, 60 updates of 32,
+4 evaluation samples per target), one process and one torch thread unless `--workers`. The
+settings differ only in how the run is executed and checked, never in its objective:
+
+- the filing-time default: the first-order step, the policy sampled every update (for the
+  reported reward and KL only) and every held-out state read at every check;
+- `report_every: 5` (the policy sampled every 5th update, its numbers shown with their age);
+- `heldout_pairs: 1024` (each early-stopping check reads 1,024 held-out (state, timestep) pairs
+  of the up to 5,376 it read before);
+- the same for today's tilted step (8 candidates), with and without the smaller check.
+
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/default_rule_speed.py [--seeds 0 1 2]
+
+Writes benchmarks/results/default_rule_speed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, publish  # noqa: E402
+from text2image_control import TEST_SEED, interval  # noqa: E402
+
+from ctrl_ray import finetune  # noqa: E402
+
+SETTINGS = {
+    "first-order, report every update, full check (filing-time default)":
+        ["adapter.value_head.step_candidates=0", "objective.report_every=1",
+         "objective.heldout_pairs=0"],
+    "first-order, report_every 5, full check":
+        ["adapter.value_head.step_candidates=0", "objective.heldout_pairs=0"],
+    "first-order, report_every 5, heldout_pairs 1024":
+        ["adapter.value_head.step_candidates=0"],
+    "tilted, report_every 5, full check (the default before)": ["objective.heldout_pairs=0"],
+    "tilted, report_every 5, heldout_pairs 1024 (the default)": [],
+}
+BASELINE = next(iter(SETTINGS))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--settings", nargs="+", type=int, default=list(range(len(SETTINGS))),
+                        help="indices into the settings (default all)")
+    args = parser.parse_args()
+    names = [list(SETTINGS)[i] for i in args.settings]
+    command = " ".join(["python", *sys.argv])
+    rows, optimum = [], None
+    for seed in args.seeds:
+        for name in names:
+            out = Path("outputs/default-rule-speed") / f"s{seed}-{list(SETTINGS).index(name)}"
+            start = time.perf_counter()
+            result = finetune.run("configs/ctrl_digits_ink.yaml", [
+                "base_model=outputs/base-digits16-demo", *SETTINGS[name],
+                f"iterations={args.iterations}", f"seed={seed}", "checkpoint_every=0",
+                f"distributed.workers={args.workers}", "evaluation.samples_per_target=4",
+                f"evaluation.seed={TEST_SEED}", "evaluate_base=false",
+                f"optimum_samples_per_context={200 if optimum is None else 0}",
+                "optimum_max_samples_per_context=1500", f"output_dir={out}",
+            ], overwrite=True, progress=False)
+            optimum = optimum or result["optimum"]
+            rows.append({"setting": name, "seed": seed, "macro_f1": result["ctrl"]["macro_f1"],
+                         "kl": result["ctrl"]["mean_kl"],
+                         "train_seconds": result["train_seconds"],
+                         "updates_per_second": args.iterations / result["train_seconds"],
+                         "wall_seconds": time.perf_counter() - start})
+            print(rows[-1], flush=True)
+    optimum = {"macro_f1": optimum["macro_f1"], "kl": optimum["kl"],
+               "ess_min": optimum["ess_min"]}
+    publish("default_rule_speed", {"machine": machine(), "command": command,
+                                   "settings": SETTINGS, "rows": rows, "optimum": optimum},
+            markdown(rows, optimum, names, command, args))
+
+
+def markdown(rows: list[dict], optimum: dict, names: list[str], command: str, args) -> list[str]:
+    """The results page: per setting, updates/s (median over seeds, min-max) against the
+    filing-time default, and the control (mean over seeds, 95% interval) next to the optimum."""
+    baseline = statistics.median(r["updates_per_second"] for r in rows
+                                 if r["setting"] == BASELINE) if BASELINE in names else None
+    lines = [
+        "# The default rule's updates per second, at the same control", "",
+        f"`{command}` on {machine()['date']}: configs/ctrl_digits_ink.yaml on the demo's base "
+        f"(outputs/base-digits16-demo), {args.iterations} updates of 32, "
+        f"{'one process' if args.workers == 0 else f'Ray, {args.workers} workers'}, one torch "
+        f"thread; seeds {args.seeds}; TEST evaluation seed {TEST_SEED}, 4 samples per "
+        f"(ink class, digit). Exact optimum: macro-F1 {optimum['macro_f1']:.3f} at "
+        f"{optimum['kl']:.2f} nats (ESS min {optimum['ess_min']:.0f}). Updates/s = updates / "
+        "training seconds (evaluation excluded), median (min-max) over the seeds; macro-F1 "
+        "and KL: mean +- 95% t-interval over the seeds.", "",
+        "| setting | updates/s (min-max) | vs filing-time | macro-F1 | KL (nats) | score ratio "
+        "| KL ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        runs = [r for r in rows if r["setting"] == name]
+        rates = [r["updates_per_second"] for r in runs]
+        f1 = [r["macro_f1"] for r in runs]
+        kl = [r["kl"] for r in runs]
+        speed = f"{statistics.median(rates) / baseline:.2f}x" if baseline else "-"
+        lines.append(
+            f"| {name} | {statistics.median(rates):.3f} ({min(rates):.3f}-{max(rates):.3f}) | "
+            f"{speed} | {statistics.mean(f1):.3f} +- {interval(f1)[1]:.3f} | "
+            f"{statistics.mean(kl):.2f} +- {interval(kl)[1]:.2f} | "
+            f"{statistics.mean(f1) / optimum['macro_f1']:.2f}x | "
+            f"{statistics.mean(kl) / optimum['kl']:.2f}x |")
+    lines += ["", "Per seed (macro-F1 at KL, training seconds):", ""]
+    for name in names:
+        cells = [f"seed {r['seed']}: {r['macro_f1']:.3f} at {r['kl']:.2f} "
+                 f"({r['train_seconds']:.0f} s)" for r in rows if r["setting"] == name]
+        lines.append(f"- {name}: " + "; ".join(cells))
+    return lines
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Probe: is the value head short of data or of capacity on the text testbed? Trains the ink
+config (seed 0) with one change and scores its checkpoints on the VALIDATION seed with the
+training prompts, next to the baseline run of benchmarks/text2image_control.py (read from
+outputs/bench-text2image/ink-seed0). Prints to stdout.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/head_data.py NAME key=value ...
+
+e.g. `batch128 objective.batch_size=128 objective.replay_rollouts=16384`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, "benchmarks")
+from text2image_control import CONFIG, VALIDATION_SEED, evaluation  # noqa: E402
+
+from ctrl_ray.config import load_config  # noqa: E402
+from ctrl_ray.finetune import FinetuneConfig, finetune  # noqa: E402
+from ctrl_ray.models.judge import DigitJudge  # noqa: E402
+
+name, overrides = sys.argv[1], sys.argv[2:]
+out = Path("outputs/probe-head") / name
+config = load_config(FinetuneConfig, CONFIG, [
+    "seed=0", "evaluate=false", "optimum_samples_per_context=0", "experiment=ctrl-ray-probe",
+    f"output_dir={out}", *overrides])
+start = time.perf_counter()
+if not (out / "policy").is_dir():
+    finetune(config, progress=False, resume="if-present")
+print(f"{name}: trained in {time.perf_counter() - start:.0f} s", flush=True)
+judge = DigitJudge.load(config.judge)
+for label, checkpoints in ((name, out / "checkpoints"),
+                           ("baseline", Path("outputs/bench-text2image/ink-seed0/checkpoints"))):
+    for checkpoint in sorted(p for p in checkpoints.iterdir() if p.name.isdigit()):
+        report = evaluation(checkpoint, "training", VALIDATION_SEED, judge)
+        print(f"{label} {checkpoint.name}: macro-F1 {report['macro_f1']:.3f} at "
+              f"{report['mean_kl']:.2f} nats", flush=True)
