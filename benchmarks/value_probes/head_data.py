@@ -33,8 +33,8 @@ if not (out / "policy").is_dir():
 print(f"{name}: trained in {time.perf_counter() - start:.0f} s", flush=True)
 judge = DigitJudge.load(config.judge)
 rows = []
-for label, checkpoints in ((name, out / "checkpoints"),
-                           ("baseline", Path("outputs/bench-text2image/ink-seed0/checkpoints"))):
+baseline = Path(f"outputs/bench-text2image/ink-seed{config.seed}/checkpoints")
+for label, checkpoints in ((name, out / "checkpoints"), ("baseline", baseline)):
     for checkpoint in sorted(p for p in checkpoints.iterdir() if p.name.isdigit()):
         report = evaluation(checkpoint, "training", VALIDATION_SEED, judge)
         rows.append({"run": label, "updates": int(checkpoint.name),
@@ -42,9 +42,9 @@ for label, checkpoints in ((name, out / "checkpoints"),
         print(rows[-1], flush=True)
 lines = [f"# Value head probe on the text testbed: {name}", "",
          f"`python benchmarks/value_probes/head_data.py {' '.join(sys.argv[1:])}` on "
-         f"{machine()['date']}: configs/ctrl_text2image_ink.yaml, seed 0, with "
+         f"{machine()['date']}: configs/ctrl_text2image_ink.yaml, seed {config.seed}, with "
          f"`{' '.join(overrides)}`, against the same config's run in "
-         "outputs/bench-text2image/ink-seed0 (batch 32); VALIDATION evaluation seed "
+         f"outputs/bench-text2image/ink-seed{config.seed} (batch 32); VALIDATION evaluation seed "
          f"{VALIDATION_SEED}, training prompts, 8 samples per (ink class, prompt). The exact "
          "optimum on these prompts: 0.950 at 1.36 nats (text2image_control.md).", "",
          "| run | updates | base rollouts | macro-F1 | KL (nats) |", "|---|---|---|---|---|"]
