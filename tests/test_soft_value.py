@@ -85,6 +85,26 @@ def test_the_tilted_step_is_the_mean_of_the_tilted_transition():
     assert (shift - first_order).norm() > 0.2 * first_order.norm(), (shift, first_order)
 
 
+def test_the_step_scale_multiplies_either_step_and_must_be_positive():
+    """`step_scale` multiplies the first-order and the tilted shift of the same head."""
+    torch.manual_seed(0)
+    nets = [SoftValueNet(SoftValueSpec([2], {"y": 2}, None, hidden_dim=16, step_scale=scale))
+            for scale in (1.0, 1.5)]
+    for parameter in nets[0].parameters():
+        torch.nn.init.normal_(parameter, std=0.4)
+    nets[1].load_state_dict(nets[0].state_dict())
+    mean, t, labels = torch.tensor([[0.3, -0.2]]), torch.full((1,), 400), {"y": torch.tensor([1])}
+    offsets = torch.randn((4, 1, 2), generator=torch.Generator().manual_seed(1))
+    for step in (offsets, None):
+        one, scaled = (net.mean_shift(mean, torch.tensor(0.5), t, None, labels, step)
+                       for net in nets)
+        assert one.norm() > 1e-3
+        assert torch.allclose(scaled, 1.5 * one, rtol=1e-5, atol=1e-7)
+    for bad in (0, -1.0, True, "2"):
+        with pytest.raises(InputError, match="step_scale"):
+            SoftValueSpec([2], {"y": 2}, step_scale=bad)
+
+
 def test_a_rows_step_candidates_are_its_own_alone_or_in_any_batch():
     inputs = RolloutInputs.draw(0, 5, 3, (1, 4, 4), {"y": 2})
     whole = inputs.candidate_noise(2, 3)

@@ -12,7 +12,7 @@ from ctrl_ray.errors import InputError
 
 ADAPTERS = ("lora", "full", "none", "value")
 WIDTH_KEYS = ("channels", "hidden_dim", "time_embedding_dim")
-VALUE_HEAD_KEYS = (*WIDTH_KEYS, "step_candidates")   # the widths, and the policy's step
+VALUE_HEAD_KEYS = (*WIDTH_KEYS, "step_candidates", "step_scale")   # widths, the policy's step
 
 
 @dataclass
@@ -41,6 +41,14 @@ class AdapterConfig:
                                   self.value_head[unknown[0]], ", ".join(VALUE_HEAD_KEYS))
         if "step_candidates" in self.value_head:
             check_step_candidates(self.value_head["step_candidates"])
+        if "step_scale" in self.value_head:
+            check_step_scale(self.value_head["step_scale"])
+
+
+def check_step_scale(value: Any) -> None:
+    """The value head's step multiplier: a number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InputError(f"value_head.step_scale: need a number > 0, got {value!r}")
 
 
 def check_step_candidates(value: Any) -> None:

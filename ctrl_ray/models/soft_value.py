@@ -25,7 +25,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
 from ctrl_ray.errors import InputError
-from ctrl_ray.models.adapter_config import check_step_candidates
+from ctrl_ray.models.adapter_config import check_step_candidates, check_step_scale
 from ctrl_ray.models.classifier import conv_stages
 
 
@@ -43,6 +43,7 @@ class SoftValueSpec:
     hidden_dim: int = 128                                            # MLP width (vectors)
     time_embedding_dim: int = 64
     step_candidates: int = 8      # the step: 0 first-order, else this many base candidates
+    step_scale: float = 1.0       # the step's multiple (> 1: a head early stopping left flat)
 
     def __post_init__(self):
         self.channels = [int(width) for width in self.channels]
@@ -56,6 +57,7 @@ class SoftValueSpec:
             raise InputError(f"value_head.time_embedding_dim: need an even width, got "
                              f"{self.time_embedding_dim}")
         check_step_candidates(self.step_candidates)
+        check_step_scale(self.step_scale)
         if self.num_contexts and self.context_dim:
             raise InputError("a value head conditions on class indices or on prompt "
                              "embeddings, not both")
@@ -160,9 +162,11 @@ class SoftValueNet(nn.Module):
         candidates x' = mean +- sigma offsets weighted by h_t(x'). The first-order step follows
         the head's gradient at one point, where an over-fit head's spurious high-frequency
         components cost KL for no control; the tilted mean averages them out (measured:
-        docs/update_rules.md, section 8)."""
+        docs/update_rules.md, section 8). Either is multiplied by ``step_scale``: a head fitted
+        with early stopping is flatter than h (section 9)."""
+        scale = self.spec.step_scale
         if offsets is None:
-            return sigma**2 * self.grad_log_value(mean, t, contexts, labels)
+            return scale * sigma**2 * self.grad_log_value(mean, t, contexts, labels)
         candidates = len(offsets) * 2
         noise = torch.cat([offsets, -offsets]).to(mean)            # antithetic: mean exactly
         x = (mean[None] + sigma * noise).flatten(0, 1)
@@ -180,7 +184,8 @@ class SoftValueNet(nn.Module):
         tilted = (weights.view(*weights.shape, *[1] * (mean.dim() - 1)) *
                   gradient.view(shape)).sum(0)
         active = active.view(candidates, -1)[0]
-        return sigma**2 * tilted * active.view(-1, *[1] * (mean.dim() - 1)).to(tilted.dtype)
+        return scale * sigma**2 * tilted * active.view(-1, *[1] * (mean.dim() - 1)).to(
+            tilted.dtype)
 
 
 def value_loss(network: SoftValueNet, x: Tensor, t: Tensor, contexts: Tensor | None,
