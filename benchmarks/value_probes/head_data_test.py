@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, "benchmarks")
 from common import machine, publish  # noqa: E402
+from plots import frontier_plot  # noqa: E402
 from text2image_control import (  # noqa: E402
     OUT,
     PROMPT_SETS,
@@ -55,7 +56,7 @@ def scaled_evaluation(checkpoint: Path, prompts: str, seed: int, judge, scale: f
     return report
 
 RUNS = {
-    "batch 32 (the config)": {seed: OUT / f"ink-seed{seed}/checkpoints" for seed in range(3)},
+    "batch 32 (the earlier config)": {seed: OUT / f"ink-seed{seed}/checkpoints" for seed in range(3)},
     "batch 128, replay 16,384": {
         seed: Path("outputs/probe-head") / (f"batch128-seed{seed}" if seed else "batch128")
         / "checkpoints" for seed in range(3)},
@@ -65,7 +66,8 @@ RUNS = {
 def main() -> None:
     tracking.configure()
     judge = DigitJudge.load("outputs/judge-digits16")
-    optima = {prompts: at_tilt(optimum("ink", prompts, judge, 1000)) for prompts in PROMPT_SETS}
+    full = {prompts: optimum("ink", prompts, judge, 1000) for prompts in PROMPT_SETS}
+    optima = {prompts: at_tilt(result) for prompts, result in full.items()}
     rows = []
     for name, runs in RUNS.items():
         chosen, _ = choose_iteration("ink", runs, judge, optima["training"]["kl"])
@@ -106,7 +108,7 @@ def main() -> None:
         "# Four times the base rollouts on the text testbed, 3 seeds, test seed", "",
         "`python benchmarks/value_probes/head_data_test.py` on "
         f"{machine()['date']}: configs/ctrl_text2image_ink.yaml (value rule, CFG 2, 20 steps) "
-        "with batch 32 (the 3-seed runs of text2image_control.py) and with batch 128 and a "
+        "with batch 32 (the 3-seed runs of text2image_control.py, the config before) and with batch 128 and a "
         "replay of up to 16,384 rollouts (benchmarks/value_probes/head_data.py), seeds 0-2, "
         f"100 updates each. Updates chosen on VALIDATION seed {VALIDATION_SEED} (training "
         f"prompts), reported on TEST seed {TEST_SEED}, 8 samples per (ink class, prompt); "
@@ -127,6 +129,16 @@ def main() -> None:
               f"the seeds, batch 128 at {chosen} updates; KL budget {budget:.2f} nats): "
               + "; ".join(f"{s}: {f1:.3f} at {kl:.2f}" for s, (f1, kl) in table.items())
               + f"; chosen: {best}."]
+    plot = frontier_plot({f"ink, {prompts} prompts": {
+        "tilt": 1.0,
+        "optimum": {"levels": [{"kl": lv["kl"], "score": lv["macro_f1"],
+                                "gamma_over_alpha": lv["gamma_over_alpha"]}
+                               for lv in full[prompts]["levels"]],
+                    "base": {"score": full[prompts]["base"]["macro_f1"]}},
+        "runs": [{"kl": r["kl"][0], "score": r["macro_f1"][0], "kind": "ctrl",
+                  "method": r["run"]} for r in rows if r["prompts"] == prompts]}
+        for prompts in PROMPT_SETS}, "docs/text2image_frontier_ink_config.png")
+    lines += ["", f"![frontier](../../{plot})"]
     publish("head_data_test", {"machine": machine(), "rows": rows,
                                "scale_validation": {str(k): v for k, v in table.items()},
                                "chosen_scale": best}, lines)
