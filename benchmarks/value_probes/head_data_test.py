@@ -56,7 +56,8 @@ def scaled_evaluation(checkpoint: Path, prompts: str, seed: int, judge, scale: f
     return report
 
 RUNS = {
-    "batch 32 (the earlier config)": {seed: OUT / f"ink-seed{seed}/checkpoints" for seed in range(3)},
+    "batch 32 (the earlier config)": {
+        seed: OUT / f"ink-seed{seed}/checkpoints" for seed in range(3)},
     "batch 128, replay 16,384": {
         seed: Path("outputs/probe-head") / (f"batch128-seed{seed}" if seed else "batch128")
         / "checkpoints" for seed in range(3)},
@@ -108,8 +109,9 @@ def main() -> None:
         "# Four times the base rollouts on the text testbed, 3 seeds, test seed", "",
         "`python benchmarks/value_probes/head_data_test.py` on "
         f"{machine()['date']}: configs/ctrl_text2image_ink.yaml (value rule, CFG 2, 20 steps) "
-        "with batch 32 (the 3-seed runs of text2image_control.py, the config before) and with batch 128 and a "
-        "replay of up to 16,384 rollouts (benchmarks/value_probes/head_data.py), seeds 0-2, "
+        "with batch 32 (the 3-seed runs of text2image_control.py, the config before) and "
+        "with batch 128 and a replay of up to 16,384 rollouts "
+        "(benchmarks/value_probes/head_data.py), seeds 0-2, "
         f"100 updates each. Updates chosen on VALIDATION seed {VALIDATION_SEED} (training "
         f"prompts), reported on TEST seed {TEST_SEED}, 8 samples per (ink class, prompt); "
         "mean +- 95% t-interval over the seeds; the exact optimum from 1,000 base samples per "
