@@ -112,11 +112,17 @@ def score(report: dict, task: str) -> float:
     return report["joint_accuracy"] if task == "joint" else report["macro_f1"]
 
 
-def evaluation(policy_dir: Path, prompts: str, seed: int, judge) -> dict:
-    cache = policy_dir / f"eval-{prompts}-{seed}.json"
+def evaluation(policy_dir: Path, prompts: str, seed: int, judge,
+               step_scale: float | None = None) -> dict:
+    """One prompt set on one evaluation seed (cached beside the policy); `step_scale` samples a
+    value head with its step multiplied (the fit does not depend on it)."""
+    suffix = "" if step_scale is None else f"-scale{step_scale}"
+    cache = policy_dir / f"eval-{prompts}-{seed}{suffix}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     loaded = load_any(policy_dir)
+    if step_scale is not None:
+        loaded.model.value_head.spec.step_scale = step_scale
     config = EvaluationConfig(samples_per_target=SAMPLES_PER_TARGET,
                               contexts=PROMPT_SETS[prompts], context_digits=list(range(10)),
                               num_inference_steps=20, seed=seed)

@@ -13,7 +13,6 @@ Writes benchmarks/results/head_data_test.{json,md}.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -34,26 +33,10 @@ from text2image_control import (  # noqa: E402
 )
 
 from ctrl_ray import tracking  # noqa: E402
-from ctrl_ray.evaluation import EvaluationConfig, evaluate  # noqa: E402
 from ctrl_ray.models.judge import DigitJudge  # noqa: E402
-from ctrl_ray.policy import load_any  # noqa: E402
 
 SCALES = (1.2, 1.35)
 
-
-def scaled_evaluation(checkpoint: Path, prompts: str, seed: int, judge, scale: float) -> dict:
-    """`evaluation` with the head's step multiplied by `scale` (cached beside it)."""
-    cache = checkpoint / f"eval-{prompts}-{seed}-scale{scale}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    loaded = load_any(checkpoint)
-    loaded.model.value_head.spec.step_scale = scale
-    config = EvaluationConfig(samples_per_target=8, contexts=PROMPT_SETS[prompts],
-                              context_digits=list(range(10)), num_inference_steps=20, seed=seed)
-    report = {k: v for k, v in evaluate(loaded.model, loaded.label_info, judge, config).items()
-              if k != "grid"}
-    cache.write_text(json.dumps(report))
-    return report
 
 RUNS = {
     "batch 32 (the earlier config)": {
@@ -87,7 +70,7 @@ def main() -> None:
     table = {1.0: (statistics.mean(r["macro_f1"] for r in unscaled),
                    statistics.mean(r["mean_kl"] for r in unscaled))}
     for scale in SCALES:
-        reports = [scaled_evaluation(runs[seed] / f"{chosen:06d}", "training",
+        reports = [evaluation(runs[seed] / f"{chosen:06d}", "training",
                                      VALIDATION_SEED, judge, scale) for seed in runs]
         table[scale] = (statistics.mean(r["macro_f1"] for r in reports),
                         statistics.mean(r["mean_kl"] for r in reports))
@@ -97,7 +80,7 @@ def main() -> None:
                default=None)
     if best is not None:
         for prompts in PROMPT_SETS:
-            reports = [scaled_evaluation(runs[seed] / f"{chosen:06d}", prompts, TEST_SEED,
+            reports = [evaluation(runs[seed] / f"{chosen:06d}", prompts, TEST_SEED,
                                          judge, best) for seed in runs]
             rows.append({"run": f"batch 128, step_scale {best}", "updates": chosen,
                          "prompts": prompts,
