@@ -80,6 +80,7 @@ class Bench:
     rule: str | None = None
     plot_prefix: str = "text2image_frontier"
     title: str = "text-to-image testbed"
+    step_scales: tuple = (None,)   # value-head step scales chosen among (None: the config's)
 
 
 TEXT2IMAGE = Bench()
@@ -158,20 +159,29 @@ def at_tilt(result: dict) -> dict:
                 if math.isclose(level["gamma_over_alpha"], result["tilt"]))
 
 
-def choose_iteration(task: str, runs: dict[int, Path], judge, optimum_kl: float) -> tuple:
-    """The number of updates, chosen on validation seeds (training prompts), and its table."""
-    candidates: dict[int, list[dict]] = {}
+def choose_iteration(task: str, runs: dict[int, Path], judge, optimum_kl: float,
+                     step_scales: tuple = (None,)) -> tuple:
+    """The number of updates and the step scale, chosen on validation seeds (training prompts),
+    and the table of every candidate: (updates, scale) -> (mean score, mean KL)."""
+    candidates: dict[tuple, list[dict]] = {}
     for checkpoints in runs.values():
         for checkpoint in sorted(p for p in checkpoints.iterdir() if p.name.isdigit()):
-            report = evaluation(checkpoint, "training", VALIDATION_SEED, judge)
-            candidates.setdefault(int(checkpoint.name), []).append(report)
-    table = {iteration: (float(np.mean([score(r, task) for r in reports])),
-                         float(np.mean([r["mean_kl"] for r in reports])))
-             for iteration, reports in candidates.items()}
-    within = [i for i, (_, kl) in table.items() if kl <= KL_BUDGET * optimum_kl]
-    chosen = max(within, key=lambda i: table[i][0]) if within else \
-        min(table, key=lambda i: table[i][1])
+            for scale in step_scales:
+                report = evaluation(checkpoint, "training", VALIDATION_SEED, judge, scale)
+                candidates.setdefault((int(checkpoint.name), scale), []).append(report)
+    table = {key: (float(np.mean([score(r, task) for r in reports])),
+                   float(np.mean([r["mean_kl"] for r in reports])))
+             for key, reports in candidates.items()}
+    within = [key for key, (_, kl) in table.items() if kl <= KL_BUDGET * optimum_kl]
+    chosen = max(within, key=lambda key: table[key][0]) if within else \
+        min(table, key=lambda key: table[key][1])
     return chosen, table
+
+
+def candidate_name(key: tuple) -> str:
+    """'updates' or 'updates x scale' for a validation table's key."""
+    iteration, scale = key
+    return str(iteration) if scale is None else f"{iteration} x{scale:g}"
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -192,12 +202,13 @@ def run_task(task: str, seeds: list[int], judge, samples: int,
         runs[seed], seconds[seed] = train(task, seed, bench)
     optima = {prompts: optimum(task, prompts, judge, samples, bench) for prompts in PROMPT_SETS}
     reference = at_tilt(optima["training"])
-    chosen, validation = choose_iteration(task, runs, judge, reference["kl"])
-    result = {"chosen_iteration": chosen, "train_seconds": seconds,
-              "validation": {str(k): v for k, v in validation.items()}, "sets": {}}
+    (chosen, scale), validation = choose_iteration(task, runs, judge, reference["kl"],
+                                                   bench.step_scales)
+    result = {"chosen_iteration": chosen, "chosen_step_scale": scale, "train_seconds": seconds,
+              "validation": {candidate_name(k): v for k, v in validation.items()}, "sets": {}}
     for prompts, opt in optima.items():
         level, base = at_tilt(opt), opt["base"]
-        reports = [evaluation(runs[seed] / f"{chosen:06d}", prompts, TEST_SEED, judge)
+        reports = [evaluation(runs[seed] / f"{chosen:06d}", prompts, TEST_SEED, judge, scale)
                    for seed in seeds]
         scores = [score(r, task) for r in reports]
         kls = [r["mean_kl"] for r in reports]
@@ -216,10 +227,10 @@ def run_task(task: str, seeds: list[int], judge, samples: int,
                           "kl": lv["kl"], "ess_min": lv["ess_min"]} for lv in opt["levels"]],
         }
     result["checkpoints"] = {str(seed): {
-        name: (score(evaluation(checkpoint, "training", VALIDATION_SEED, judge), task),
-               evaluation(checkpoint, "training", VALIDATION_SEED, judge)["mean_kl"])
-        for name, checkpoint in ((p.name, p) for p in sorted(runs[seed].iterdir())
-                                 if p.name.isdigit())} for seed in seeds}
+        name: (score(report, task), report["mean_kl"])
+        for name, report in ((p.name, evaluation(p, "training", VALIDATION_SEED, judge, scale))
+                             for p in sorted(runs[seed].iterdir()) if p.name.isdigit())}
+        for seed in seeds}
     plot_frontier(task, result, bench)
     return result
 
@@ -290,7 +301,8 @@ def validation_lines(results: dict[str, dict]) -> list[str]:
     for name, result in results.items():
         cells = ", ".join(f"{i}: {s:.3f} @ {k:.2f}"
                           for i, (s, k) in sorted(result["validation"].items(),
-                                                  key=lambda item: int(item[0])))
+                                                  key=lambda item: (int(item[0].split()[0]),
+                                                                    item[0])))
         lines.append(f"- {name}: {cells}")
     return lines
 

@@ -246,28 +246,48 @@ def test_the_learner_holds_out_every_kth_rollout_and_never_takes_a_worse_head():
     assert any(not torch.equal(before[k], model.value_head.state_dict()[k]) for k in before)
 
 
-def test_a_smaller_held_out_check_reads_fewer_pairs_and_leaves_the_fit_draws_alone():
-    """`heldout_pairs` subsamples the check's (state, timestep) pairs from the version's own
-    generator: the fit draws the same minibatches, so where every check accepts the head ends
-    identical, while the checked loss is a different (smaller) sample's."""
+def _one_learner_step(**settings) -> tuple[dict, float]:
+    """The value head after one learner step on 64 mixture rollouts (8 steps, 2 targets) with
+    `settings` of ValueConfig, and the held-out loss it reports."""
     from ctrl_ray.objectives.base import make_optimizer
     from ctrl_ray.objectives.value import ValueConfig, learner_step
 
     inputs = RolloutInputs.draw(0, 64, 8, (2,), {"y": 2})
-    ends, losses = [], []
-    for pairs in (0, 24):
-        torch.manual_seed(0)
-        model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value")
-        base = sample(model, inputs, from_reference=True)
-        log_targets = torch.stack([-torch.nn.functional.softplus(-base.x0[:, 0] * s)
-                                   for s in (1.0, -1.0)], 1)
-        payload = {"states": base.states, "log_targets": log_targets, "contexts": None}
-        config = ValueConfig(batch_size=64, num_inference_steps=8, regression_steps=10,
-                             check_every=10, lr_adapter=3e-3, heldout_pairs=pairs)
-        metrics = learner_step(model, make_optimizer(model, config), [payload], config,
-                               torch.Generator().manual_seed(0), 3)
-        ends.append(model.value_head.state_dict())
-        losses.append(metrics["heldout_loss"])
+    torch.manual_seed(0)
+    model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value")
+    base = sample(model, inputs, from_reference=True)
+    log_targets = torch.stack([-torch.nn.functional.softplus(-base.x0[:, 0] * s)
+                               for s in (1.0, -1.0)], 1)
+    payload = {"states": base.states, "log_targets": log_targets, "contexts": None}
+    config = ValueConfig(batch_size=64, num_inference_steps=8, check_every=10, lr_adapter=3e-3,
+                         **settings)
+    metrics = learner_step(model, make_optimizer(model, config), [payload], config,
+                           torch.Generator().manual_seed(0), 3)
+    return model.value_head.state_dict(), metrics["heldout_loss"]
+
+
+def test_the_held_out_check_in_bf16_measures_the_fp32_loss_and_keeps_the_same_weights():
+    """`check_bf16` runs only the check's forward passes under bf16 autocast (where the CPU has
+    it natively; elsewhere the check stays fp32): the checked loss is fp32's within 1%, and
+    the fit, which stays in fp32, ends on the same weights."""
+    from ctrl_ray.objectives.value import native_bf16
+
+    (end32, loss32), (end16, loss16) = (_one_learner_step(regression_steps=20, check_bf16=b)
+                                        for b in (False, True))
+    assert all(torch.equal(end32[k], end16[k]) for k in end32)
+    assert abs(loss16 - loss32) < 0.01 * abs(loss32)
+    if native_bf16(torch.device("cpu")):
+        assert loss16 != loss32   # the check did run in bf16
+    else:
+        assert loss16 == loss32
+
+
+def test_a_smaller_held_out_check_reads_fewer_pairs_and_leaves_the_fit_draws_alone():
+    """`heldout_pairs` subsamples the check's (state, timestep) pairs from the version's own
+    generator: the fit draws the same minibatches, so where every check accepts the head ends
+    identical, while the checked loss is a different (smaller) sample's."""
+    (end_all, loss_all), (end_some, loss_some) = (
+        _one_learner_step(regression_steps=10, heldout_pairs=pairs) for pairs in (0, 24))
     # 8 of 64 rollouts held out, 9 states each: 72 pairs, of which the check reads 24
-    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
-    assert abs(losses[0] - losses[1]) > 1e-6
+    assert all(torch.equal(end_all[k], end_some[k]) for k in end_all)
+    assert abs(loss_all - loss_some) > 1e-6

@@ -54,7 +54,7 @@ def main() -> None:
     optima = {prompts: at_tilt(result) for prompts, result in full.items()}
     rows = []
     for name, runs in RUNS.items():
-        chosen, _ = choose_iteration("ink", runs, judge, optima["training"]["kl"])
+        (chosen, _), _ = choose_iteration("ink", runs, judge, optima["training"]["kl"])
         for prompts in PROMPT_SETS:
             reports = [evaluation(runs[seed] / f"{chosen:06d}", prompts, TEST_SEED, judge)
                        for seed in runs]

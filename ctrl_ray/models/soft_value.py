@@ -123,7 +123,8 @@ class SoftValueNet(nn.Module):
             hidden = block(hidden) + (shift[:, :, None, None] if self.is_image else shift)
         if self.is_image:
             hidden = hidden.mean(dim=(2, 3))
-        out = self.head(hidden)
+        with torch.autocast(x.device.type, enabled=False):   # log h in fp32 under any autocast
+            out = self.head(hidden.float())
         return F.log_softmax(out[:, :-1], dim=-1), out[:, -1]
 
     def log_value(self, x: Tensor, t: Tensor, contexts: Tensor | None,

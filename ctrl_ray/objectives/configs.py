@@ -143,7 +143,11 @@ class ValueConfig(ObjectiveConfig):
     more than a new one). 256 MiB holds 4,096 rollouts of the digits and text testbeds
     (21.5 kB each at 20 steps, 52 kB at 50). ``report_every`` samples the policy (only for
     the reward and KL a run reports; the fit never sees it) every k-th update and at the
-    last; between, the latest measured values are shown with their age."""
+    last; between, the latest measured values are shown with their age. ``check_bf16`` runs
+    the held-out check's forward passes under bf16 autocast on a device with native bf16 (a CPU
+    with AVX-512-BF16/AMX, a CUDA GPU that supports it): its losses match fp32's to 1e-3 and
+    early stopping keeps the same weights, at half the check's time; the fit itself stays in
+    fp32 (a bf16 fit was measured worse: docs/benchmarks.md, throughput)."""
 
     lr_embedding: float = 0.0
     lr_adapter: float = 3e-3
@@ -158,6 +162,7 @@ class ValueConfig(ObjectiveConfig):
     heldout_pairs: int = 1024           # (state, timestep) pairs a check reads (0: every one)
     replay_bytes: int = 256 * 2**20     # the replay's bound in bytes (the oldest dropped)
     report_every: int = 5               # sample the policy for reward/KL every k-th update
+    check_bf16: bool = True             # the held-out check under bf16 where it is native
 
     def __post_init__(self):
         super().__post_init__()

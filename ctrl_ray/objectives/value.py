@@ -21,7 +21,8 @@ report (every ``report_every`` updates), from the current policy (the reward and
 reports; the fit never sees them). The learner adds the shards to a replay of the newest base
 rollouts within ``replay_rollouts`` and ``replay_bytes`` (exact data forever: they do not depend
 on the policy; `ctrl_ray.objectives.replay`), saved with every training checkpoint, and takes
-``regression_steps`` AdamW steps on random (state, timestep) pairs of it.
+``regression_steps`` AdamW steps on random (state, timestep) pairs of it, keeping the weights
+that do best on held-out rollouts (the check's forward passes in bf16 where it is native).
 """
 
 from __future__ import annotations
@@ -108,11 +109,12 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
     if not len(fit_rows):   # the first batch of a tiny run can be all held out
         fit_rows, heldout_rows = heldout_rows, heldout_rows[:0]
 
-    def loss_on(rows: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    def loss_on(rows: torch.Tensor, which: torch.Tensor, bf16: bool = False) -> torch.Tensor:
         context = None if contexts is None else model.head_context(contexts[rows])
-        return value_loss(head, states[which, rows].to(device), timesteps[which].to(device),
-                          None if context is None else context.to(device),
-                          log_targets[rows].to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return value_loss(head, states[which, rows].to(device), timesteps[which].to(device),
+                              None if context is None else context.to(device),
+                              log_targets[rows].to(device))
 
     # The held-out pairs: states of up to 256 held-out rollouts, fixed within the update; a
     # random `heldout_pairs` of them, drawn from the version's own generator so that the fit's
@@ -132,11 +134,13 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
             return float("nan")
         start, stop = data_parallel.share_bounds(len(check_rows))
         with torch.no_grad():
-            mine = sum(loss_on(rows, which).item() * len(rows) for rows, which in zip(
+            mine = sum(loss_on(rows, which, check_bf16).item() * len(rows)
+                       for rows, which in zip(
                 check_rows[start:stop].split(1024), check_which[start:stop].split(1024),
                 strict=True))
         return data_parallel.total(mine) / len(check_rows)
 
+    check_bf16 = config.check_bf16 and native_bf16(device)
     best_loss = heldout_loss()
     best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
     total, norms, steps = 0.0, 0.0, 0
@@ -164,6 +168,13 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
     if len(check_rows):
         metrics["heldout_loss"] = best_loss
     return metrics
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast runs natively on `device` (elsewhere it is emulated, slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _replay(head, config: ValueConfig) -> Replay:
