@@ -51,14 +51,19 @@ TASKS = {"ink": ([INK], 1.0), "compress": ([COMPRESS], 10.0)}  # rewards, gamma 
 RULES = ["value", "adjoint", "pathwise", "ppo"]
 ESS_MIN = 50
 STEP_SCALES = (1.0, 1.35, 1.7)   # the value head's step scales chosen among on validation
+# The other rules: the config's chain and objective at batch 32, each rule's own defaults
+OTHER_RULES = ("adapter={}", "objective={kl_weight: 1.0, batch_size: 32, "
+               "num_inference_steps: 20, eta: 1.0}")
 RESULTS = Path(__file__).with_name("results") / "flow_control.json"
 
 
 def bench(rule: str) -> Bench:
     """One rule's runs under OUT/<rule>; the optima (the same for every rule) under OUT."""
+    value = rule == "value"
     return Bench(config=CONFIG, out=OUT / rule, optima=OUT, tasks=TASKS, rule=rule,
                  plot_prefix=f"flow_frontier_{rule}", title=f"flow testbed, {rule} rule",
-                 step_scales=STEP_SCALES if rule == "value" else (None,))
+                 step_scales=STEP_SCALES if value else (None,),
+                 overrides=() if value else OTHER_RULES)
 
 
 def markdown(data: dict) -> list[str]:

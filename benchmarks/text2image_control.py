@@ -81,6 +81,7 @@ class Bench:
     plot_prefix: str = "text2image_frontier"
     title: str = "text-to-image testbed"
     step_scales: tuple = (None,)   # value-head step scales chosen among (None: the config's)
+    overrides: tuple = ()          # config overrides before the task's (e.g. another rule's)
 
 
 TEXT2IMAGE = Bench()
@@ -90,6 +91,7 @@ def task_config(task: str, seed: int, bench: Bench = TEXT2IMAGE) -> FinetuneConf
     rewards, gamma = bench.tasks[task]
     rule = [f"mode={bench.rule}"] if bench.rule else []
     return load_config(FinetuneConfig, bench.config, [
+        *bench.overrides,
         "rewards=[" + ", ".join(f"{{path: {path}}}" for path in rewards) + "]",
         f"objective.gamma={gamma}", f"seed={seed}", "evaluate=false",
         "optimum_samples_per_context=0", "experiment=ctrl-ray-bench",

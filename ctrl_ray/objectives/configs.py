@@ -145,9 +145,9 @@ class ValueConfig(ObjectiveConfig):
     the reward and KL a run reports; the fit never sees it) every k-th update and at the
     last; between, the latest measured values are shown with their age. ``check_bf16`` runs
     the held-out check's forward passes under bf16 autocast on a device with native bf16 (a CPU
-    with AVX-512-BF16/AMX, a CUDA GPU that supports it): its losses match fp32's to 1e-3 and
-    early stopping keeps the same weights, at half the check's time; the fit itself stays in
-    fp32 (a bf16 fit was measured worse: docs/benchmarks.md, throughput)."""
+    with AVX-512-BF16/AMX, a CUDA GPU that supports it): its losses match fp32's to 1e-3, so
+    early stopping keeps the same weights but at near-ties, at half the check's time; the fit
+    itself stays in fp32 (a bf16 fit was measured worse: docs/benchmarks.md, throughput)."""
 
     lr_embedding: float = 0.0
     lr_adapter: float = 3e-3
