@@ -50,7 +50,7 @@ OUT = Path("outputs/bench-flow")
 TASKS = {"ink": ([INK], 1.0), "compress": ([COMPRESS], 10.0)}  # rewards, gamma / kl_weight
 RULES = ["value", "adjoint", "pathwise", "ppo"]
 ESS_MIN = 50
-STEP_SCALES = (1.0, 1.35, 1.7)   # the value head's step scales chosen among on validation
+STEP_SCALES = (1.0, 1.35, 1.5, 1.7)   # the value head's step scales chosen among on validation
 # The other rules: the config's chain and objective at batch 32, each rule's own defaults
 OTHER_RULES = ("adapter={}", "objective={kl_weight: 1.0, batch_size: 32, "
                "num_inference_steps: 20, eta: 1.0}")
