@@ -12,8 +12,8 @@ settings differ only in how the run is executed and checked, never in its object
 - `heldout_pairs: 1024` (each early-stopping check reads 1,024 held-out (state, timestep) pairs
   of the up to 5,376 it read before);
 - the same for today's tilted step (8 candidates), with and without the smaller check;
-- `check_bf16` (the default): the check's forward passes in bf16 where the CPU has it natively;
-- `report_every: 10`.
+- `check_bf16`: the check's forward passes in bf16 where the CPU has it natively;
+- `report_every: 10` (today's default, with the bf16 check).
 
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/default_rule_speed.py [--seeds 0 1 2]
 
@@ -34,30 +34,32 @@ from text2image_control import TEST_SEED, interval  # noqa: E402
 
 from ctrl_ray import finetune  # noqa: E402
 
-FP32_CHECK = "objective.check_bf16=false"
+FP32_CHECK, EVERY_5 = "objective.check_bf16=false", "objective.report_every=5"
 SETTINGS = {   # the index names a run's directory: append, never reorder
     "first-order, report every update, full check (filing-time default)":
         ["adapter.value_head.step_candidates=0", "objective.report_every=1",
          "objective.heldout_pairs=0", FP32_CHECK],
     "first-order, report_every 5, full check":
-        ["adapter.value_head.step_candidates=0", "objective.heldout_pairs=0", FP32_CHECK],
+        ["adapter.value_head.step_candidates=0", "objective.heldout_pairs=0", FP32_CHECK,
+         EVERY_5],
     "first-order, report_every 5, heldout_pairs 1024":
-        ["adapter.value_head.step_candidates=0", FP32_CHECK],
-    "tilted, report_every 5, full check": ["objective.heldout_pairs=0", FP32_CHECK],
-    "tilted, report_every 5, heldout_pairs 1024, fp32 check": [FP32_CHECK],
+        ["adapter.value_head.step_candidates=0", FP32_CHECK, EVERY_5],
+    "tilted, report_every 5, full check": ["objective.heldout_pairs=0", FP32_CHECK, EVERY_5],
+    "tilted, report_every 5, heldout_pairs 1024, fp32 check": [FP32_CHECK, EVERY_5],
     # the demo's execution: Ray, 2 rollout workers (both cores), synchronous unless said
     "Ray 2 workers: filing-time default":
         ["adapter.value_head.step_candidates=0", "objective.report_every=1",
          "objective.heldout_pairs=0", "distributed.workers=2", FP32_CHECK],
-    "Ray 2 workers: tilted, heldout_pairs 1024, fp32 check": ["distributed.workers=2", FP32_CHECK],
+    "Ray 2 workers: tilted, heldout_pairs 1024, fp32 check":
+        ["distributed.workers=2", FP32_CHECK, EVERY_5],
     "Ray 2 workers, max_staleness 1: tilted, heldout_pairs 1024, fp32 check":
-        ["distributed.workers=2", "distributed.max_staleness=1", FP32_CHECK],
+        ["distributed.workers=2", "distributed.max_staleness=1", FP32_CHECK, EVERY_5],
     "Ray 1 worker, max_staleness 1: tilted, heldout_pairs 1024, fp32 check":
-        ["distributed.workers=1", "distributed.max_staleness=1", FP32_CHECK],
-    "tilted, report_every 5, heldout_pairs 1024, bf16 check (the default)": [],
-    "Ray 2 workers: the default": ["distributed.workers=2"],
-    "the default, report_every 10": ["objective.report_every=10"],
-    "Ray 2 workers: the default, report_every 10":
+        ["distributed.workers=1", "distributed.max_staleness=1", FP32_CHECK, EVERY_5],
+    "tilted, report_every 5, heldout_pairs 1024, bf16 check": [EVERY_5],
+    "Ray 2 workers: report_every 5, bf16 check": ["distributed.workers=2", EVERY_5],
+    "the default (report_every 10, bf16 check)": ["objective.report_every=10"],
+    "Ray 2 workers: the default (report_every 10, bf16 check)":
         ["distributed.workers=2", "objective.report_every=10"],
 }
 RAY = "Ray 2 workers: filing-time default"

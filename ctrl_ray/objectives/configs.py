@@ -161,7 +161,7 @@ class ValueConfig(ObjectiveConfig):
     check_every: int = 10               # head steps between held-out checks (early stopping)
     heldout_pairs: int = 1024           # (state, timestep) pairs a check reads (0: every one)
     replay_bytes: int = 256 * 2**20     # the replay's bound in bytes (the oldest dropped)
-    report_every: int = 5               # sample the policy for reward/KL every k-th update
+    report_every: int = 10              # sample the policy for reward/KL every k-th update
     check_bf16: bool = True             # the held-out check under bf16 where it is native
 
     def __post_init__(self):
