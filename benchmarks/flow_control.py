@@ -7,11 +7,12 @@ SDE, checkpoints every 20 updates; the value rule at batch 128, the others at 32
 defaults) with the task's reward and gamma/alpha and `mode` = the rule, trained with each seed;
 the number of updates (and the value head's step scale, which the fit does not depend on) is
 chosen on VALIDATION evaluation seeds with the training prompts (the most macro-F1 among the
-checkpoints whose mean KL is at most 1.5x the optimum's, else the least KL) and reported on separate TEST evaluation seeds, for the
-training prompts and paraphrases of templates no training prompt used, next to the exact optimum
-at the same gamma/alpha (importance-resampled base samples of the same prompts; its ESS is
-shown and must be at least 50 per (y, prompt) for the ratio to count). Runs and optima already
-on disk are read back, so the rules, tasks and seeds can be run by separate invocations.
+checkpoints whose mean KL is at most 1.5x the optimum's, else the least KL) and reported on
+separate TEST evaluation seeds, for the training prompts and paraphrases of templates no training
+prompt used, next to the exact optimum at the same gamma/alpha (importance-resampled base samples
+of the same prompts; its ESS is shown and must be at least 50 per (y, prompt) for the ratio to
+count). Runs and optima already on disk are read back, so the rules, tasks and seeds can be run by
+separate invocations.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/flow_control.py [--tasks ink compress]
         [--rules value adjoint pathwise ppo] [--seeds 0 1 2]
