@@ -147,7 +147,7 @@ class ValueConfig(ObjectiveConfig):
     the held-out check's forward passes under bf16 autocast on a device with native bf16 (a CPU
     with AVX-512-BF16/AMX, a CUDA GPU that supports it): its losses match fp32's to 1e-3, so
     early stopping keeps the same weights but at near-ties, at half the check's time; the fit
-    itself stays in fp32 (a bf16 fit was measured worse: docs/benchmarks.md, throughput)."""
+    itself stays in fp32 (a bf16 fit was no faster: benchmarks/results/check_bf16.md)."""
 
     lr_embedding: float = 0.0
     lr_adapter: float = 3e-3

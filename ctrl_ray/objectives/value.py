@@ -120,6 +120,7 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
     # random `heldout_pairs` of them, drawn from the version's own generator so that the fit's
     # draws do not depend on the check's size.
     heldout_rows = heldout_rows[-config.heldout_rollouts:]
+    check_bf16 = config.check_bf16 and native_bf16(device)
     check_rows = heldout_rows.repeat_interleave(timesteps.numel())
     check_which = torch.arange(timesteps.numel()).repeat(len(heldout_rows))
     if 0 < config.heldout_pairs < len(check_rows):
@@ -140,7 +141,6 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
                 strict=True))
         return data_parallel.total(mine) / len(check_rows)
 
-    check_bf16 = config.check_bf16 and native_bf16(device)
     best_loss = heldout_loss()
     best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
     total, norms, steps = 0.0, 0.0, 0
