@@ -61,6 +61,12 @@ SETTINGS = {   # the index names a run's directory: append, never reorder
     "the default (report_every 10, bf16 check)": ["objective.report_every=10"],
     "Ray 2 workers: the default (report_every 10, bf16 check)":
         ["distributed.workers=2", "objective.report_every=10"],
+    "the default, check_patience 1": ["objective.check_patience=1"],
+    "the default, check_patience 2": ["objective.check_patience=2"],
+    "Ray 2 workers: the default, check_patience 1":
+        ["distributed.workers=2", "objective.check_patience=1"],
+    "Ray 2 workers: the default, check_patience 2":
+        ["distributed.workers=2", "objective.check_patience=2"],
 }
 RAY = "Ray 2 workers: filing-time default"
 

@@ -49,7 +49,8 @@ def policy_spec(model: AugmentedModel, label_info: dict[str, dict], sampling: di
             "channels": list(model.value_head.spec.channels),
             "hidden_dim": model.value_head.spec.hidden_dim,
             "time_embedding_dim": model.value_head.spec.time_embedding_dim,
-            "step_candidates": model.value_head.spec.step_candidates},
+            "step_candidates": model.value_head.spec.step_candidates,
+            "step_scale": model.value_head.spec.step_scale},
         "sampling": sampling,
         "base_model": base_model,
     }

@@ -23,7 +23,8 @@ from ctrl_ray.models.tiny_pipeline import TinyPipelineConfig, build_tiny_pipelin
 from ctrl_ray.policy import load_any
 
 RULES = {
-    "value": ["objective.regression_steps=2", "objective.regression_batch_size=8"],
+    "value": ["objective.regression_steps=2", "objective.regression_batch_size=8",
+              "objective.calibration_rollouts=8"],
     "adjoint": [],
     "pathwise": ["objective.truncation.mode=fixed", "objective.truncation.k=1"],
     "ppo": ["objective.minibatch_size=2"],
@@ -93,6 +94,9 @@ def test_every_rule_builds_trains_resumes_registers_and_samples_new_text(
     frame = pd.DataFrame({"prompt" if text else "c": [context], "y": [1], "seed": [7]})
     pulled = mlflow.pyfunc.load_model(uri).predict(frame)
     local = load_any(result["policy_dir"])
+    if rule == "value":   # the step scale the objective chose travels with the policy
+        assert local.model.value_head.spec.step_scale == \
+            result["step_calibration"]["step_scale"] > 0
     index = local.model.backbone.add_prompt(NEW_PROMPT) if text else 3
     images, _ = generate(local.model, torch.tensor([index]),
                          {"compress_class": torch.tensor([1])}, [7], **local.sampling)

@@ -246,12 +246,40 @@ def test_the_learner_holds_out_every_kth_rollout_and_never_takes_a_worse_head():
     assert any(not torch.equal(before[k], model.value_head.state_dict()[k]) for k in before)
 
 
-def _one_learner_step(**settings) -> tuple[dict, float]:
-    """The value head after one learner step on 64 mixture rollouts (8 steps, 2 targets) with
-    `settings` of ValueConfig, and the held-out loss it reports."""
-    from ctrl_ray.objectives.base import make_optimizer
-    from ctrl_ray.objectives.value import ValueConfig, learner_step
+def test_an_untrained_head_reports_its_base_rollouts_as_the_policys(monkeypatch):
+    """While the head is flat the policy is the base, so a report takes the base rollouts'
+    reward and a KL of zero instead of sampling again; once it is not, the policy is sampled."""
+    from ctrl_ray.objectives import value
+    from ctrl_ray.objectives.value import ValueConfig, worker_step
 
+    calls = []
+    monkeypatch.setattr(value, "sample", lambda *a, **k: calls.append(1) or sample(*a, **k))
+
+    def reward_fn(x0, labels, contexts):
+        return -torch.nn.functional.softplus(-x0[:, 0] * (2.0 * labels["y"] - 1.0))
+
+    torch.manual_seed(0)
+    model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value")
+    inputs = RolloutInputs.draw(0, 32, 8, (2,), {"y": 2})
+    config = ValueConfig(batch_size=32, num_inference_steps=8)
+    for trained in (False, True):
+        if trained:
+            torch.nn.init.normal_(model.value_head.head.weight, std=0.5)
+        assert model.value_head.is_flat() is not trained
+        calls.clear()
+        _, report = worker_step(model, reward_fn, inputs, config, 32, 0)
+        assert len(calls) == 1 + trained   # the base's rollouts, and the policy's if trained
+        with torch.no_grad():
+            policy = sample(model, inputs, eta=config.eta)
+        assert report["reward"] == pytest.approx(
+            reward_fn(policy.x0, policy.labels, None).mean().item(), abs=1e-6)
+        assert report["kl"] == pytest.approx(policy.path_kl.mean().item(), abs=1e-6)
+        assert (report["kl"] > 1e-3) is trained
+
+
+def _mixture_payload() -> tuple[AugmentedModel, dict]:
+    """A fresh value policy on the mixture and a payload of 64 of its base rollouts (8 steps,
+    2 targets), as a worker ships them."""
     inputs = RolloutInputs.draw(0, 64, 8, (2,), {"y": 2})
     torch.manual_seed(0)
     model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value")
@@ -259,6 +287,38 @@ def _one_learner_step(**settings) -> tuple[dict, float]:
     log_targets = torch.stack([-torch.nn.functional.softplus(-base.x0[:, 0] * s)
                                for s in (1.0, -1.0)], 1)
     payload = {"states": base.states, "log_targets": log_targets, "contexts": None}
+    return model, payload
+
+
+def test_check_patience_ends_a_fit_that_only_gets_worse():
+    """With a learning rate that wrecks the fit every check is worse than the weights the head
+    came in with: `check_patience: 1` stops after the first check, 2 after the second, 0 runs
+    every step, and each leaves the head it came in with."""
+    from ctrl_ray.objectives.base import make_optimizer
+    from ctrl_ray.objectives.value import ValueConfig, learner_step
+
+    model, payload = _mixture_payload()
+    before = {k: v.clone() for k, v in model.value_head.state_dict().items()}
+    for patience, steps in ((1, 5), (2, 10), (0, 20)):
+        config = ValueConfig(batch_size=64, num_inference_steps=8, regression_steps=20,
+                             check_every=5, lr_adapter=50.0, max_grad_norm=None,
+                             check_patience=patience)
+        metrics = learner_step(model, make_optimizer(model, config), [payload], config,
+                               torch.Generator().manual_seed(0), 0)
+        assert metrics["head_steps"] == steps and metrics["kept_steps"] == 0, (patience, metrics)
+        after = model.value_head.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(InputError, match="check_patience"):
+        ValueConfig(check_patience=-1)
+
+
+def _one_learner_step(**settings) -> tuple[dict, float]:
+    """The value head after one learner step on 64 mixture rollouts (8 steps, 2 targets) with
+    `settings` of ValueConfig, and the held-out loss it reports."""
+    from ctrl_ray.objectives.base import make_optimizer
+    from ctrl_ray.objectives.value import ValueConfig, learner_step
+
+    model, payload = _mixture_payload()
     config = ValueConfig(batch_size=64, num_inference_steps=8, check_every=10, lr_adapter=3e-3,
                          **settings)
     metrics = learner_step(model, make_optimizer(model, config), [payload], config,

@@ -34,6 +34,7 @@ from ctrl_ray.distributed.actors import Roles, start_roles
 from ctrl_ray.distributed.pipeline import RolloutPipeline
 from ctrl_ray.errors import InputError
 from ctrl_ray.finetune_setup import FinetuneConfig
+from ctrl_ray.objectives.step_scale import describe as describe_calibration
 from ctrl_ray.run_lock import output_dir_lock
 
 
@@ -143,11 +144,14 @@ def _run(roles: Roles, config: FinetuneConfig, out: Path, progress: bool,
         train_seconds = time.perf_counter() - train_start
         mlflow.log_metrics(pipeline.staleness_counts())
 
+        calibration = _calibrate_step_scale(roles)
         final_state = roles.call(roles.learner, "trainable_state")
-        policy_dir = save_checkpoint(out / "policy", final_state, info["spec"])
+        spec = roles.call(roles.learner, "describe")["spec"]
+        policy_dir = save_checkpoint(out / "policy", final_state, spec)
         mlflow.log_artifacts(str(policy_dir), artifact_path="policy")
         result = {"policy_dir": str(policy_dir), "train_seconds": train_seconds,
-                  "iterations": config.iterations, "mlflow_run_id": active.info.run_id}
+                  "iterations": config.iterations, "mlflow_run_id": active.info.run_id,
+                  **({"step_calibration": calibration} if calibration else {})}
         if config.evaluate:  # on the learner, which holds the final policy (on its GPU if any)
             result.update(roles.call(roles.learner, "evaluate", str(out.resolve())))
             for report in (result.get("base", {}), result.get("ctrl", {})):
@@ -157,6 +161,19 @@ def _run(roles: Roles, config: FinetuneConfig, out: Path, progress: bool,
             if name in result:
                 mlflow.log_metrics(scalar_metrics(result[name], f"eval_{name}_"))
     return result
+
+
+def _calibrate_step_scale(roles: Roles) -> dict | None:
+    """The value rule's step scale, chosen on the learner by the objective; logged to MLflow
+    (the chosen scale, and J per scale) and printed with the reason."""
+    calibration = roles.call(roles.learner, "calibrate_step_scale")
+    if calibration:
+        mlflow.log_metric("step_scale", calibration["step_scale"])
+        for row in calibration["table"]:
+            mlflow.log_metrics({f"calibration_{key}_x{row['step_scale']:g}": row[key]
+                                for key in ("objective", "log_likelihood", "kl")})
+        print(describe_calibration(calibration))
+    return calibration
 
 
 def _record_changes(run_id: str, iteration: int, changes: list) -> None:

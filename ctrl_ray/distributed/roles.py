@@ -21,6 +21,7 @@ from ctrl_ray.finetune_setup import FinetuneConfig, Setup, build_setup, evaluate
 from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.objectives import update_rule
 from ctrl_ray.objectives.base import draw_inputs, schedule_learning_rates
+from ctrl_ray.objectives.step_scale import calibrate_step_scale
 from ctrl_ray.sampling.sampler import RolloutInputs
 
 
@@ -98,6 +99,18 @@ class Learner:
                        update_seconds=time.perf_counter() - start,
                        learner_ranks=float(data_parallel.world_size()))
         return metrics
+
+    def calibrate_step_scale(self) -> dict[str, Any] | None:
+        """The value rule's last stage: its head's step scale chosen by the objective
+        (`ctrl_ray.objectives.step_scale`), recorded in the policy spec; None for the other
+        rules or with ``calibration_rollouts: 0``."""
+        if not getattr(self.setup.objective, "calibration_rollouts", 0):
+            return None
+        self.setup.model.eval()
+        calibration = calibrate_step_scale(self.setup.model, self.setup.reward_fn,
+                                           self.setup.objective, self.config.seed)
+        self.setup.spec["value_head"]["step_scale"] = calibration["step_scale"]
+        return calibration
 
     def evaluate(self, out: str) -> dict[str, Any]:
         """The evaluation protocol on the current policy, the base model and the exact optimum

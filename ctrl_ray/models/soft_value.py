@@ -127,6 +127,11 @@ class SoftValueNet(nn.Module):
             out = self.head(hidden.float())
         return F.log_softmax(out[:, :-1], dim=-1), out[:, -1]
 
+    def is_flat(self) -> bool:
+        """Whether log h is constant in x (the zero-started output layer, untrained): its
+        policy is then the base model exactly."""
+        return not (self.head.weight.any() or self.head.bias[:-1].any())
+
     def log_value(self, x: Tensor, t: Tensor, contexts: Tensor | None,
                   labels: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(log h_t(x; y, c) of each row's own target (B,), whether the row is controlled (B,)).

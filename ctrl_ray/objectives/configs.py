@@ -147,7 +147,12 @@ class ValueConfig(ObjectiveConfig):
     the held-out check's forward passes under bf16 autocast on a device with native bf16 (a CPU
     with AVX-512-BF16/AMX, a CUDA GPU that supports it): its losses match fp32's to 1e-3, so
     early stopping keeps the same weights but at near-ties, at half the check's time; the fit
-    itself stays in fp32 (a bf16 fit was no faster: benchmarks/results/check_bf16.md)."""
+    itself stays in fp32 (a bf16 fit was no faster: benchmarks/results/check_bf16.md).
+    ``check_patience: k`` ends an update's fit after k checks in a row without a better
+    held-out loss (the weights kept are the best so far either way), since most updates keep
+    the weights they came in with. After training the head's step scale is chosen among
+    ``step_scales`` by CTRL's objective on ``calibration_rollouts`` policy rollouts, the one
+    closest to the exact optimum (`ctrl_ray.objectives.step_scale`)."""
 
     lr_embedding: float = 0.0
     lr_adapter: float = 3e-3
@@ -163,6 +168,12 @@ class ValueConfig(ObjectiveConfig):
     replay_bytes: int = 256 * 2**20     # the replay's bound in bytes (the oldest dropped)
     report_every: int = 10              # sample the policy for reward/KL every k-th update
     check_bf16: bool = True             # the held-out check under bf16 where it is native
+    check_patience: int = 0             # checks without a better loss that end the fit (0: never)
+    # the head's step scale, chosen among these after training by the objective J on
+    # `calibration_rollouts` of the policy (0: keep adapter.value_head.step_scale)
+    step_scales: list[float] = field(default_factory=lambda: [0.7, 0.85, 1.0, 1.2, 1.35, 1.5,
+                                                               1.7])
+    calibration_rollouts: int = 128
 
     def __post_init__(self):
         super().__post_init__()
@@ -176,6 +187,13 @@ class ValueConfig(ObjectiveConfig):
             raise InputError(f"report_every must be >= 1, got {self.report_every}")
         if self.heldout_pairs < 0:
             raise InputError(f"heldout_pairs must be >= 0, got {self.heldout_pairs}")
+        if self.calibration_rollouts < 0 or (self.calibration_rollouts and (
+                not self.step_scales or min(self.step_scales) <= 0)):
+            raise InputError(f"calibration_rollouts must be >= 0 and step_scales positive "
+                             f"numbers, got {self.calibration_rollouts} and "
+                             f"{self.step_scales}")
+        if self.check_patience < 0:
+            raise InputError(f"check_patience must be >= 0, got {self.check_patience}")
         if self.heldout_rollouts < 1:
             raise InputError(f"heldout_rollouts must be >= 1, got {self.heldout_rollouts}")
         if self.heldout_every < 0 or self.heldout_every == 1 or self.check_every < 1:

@@ -59,7 +59,8 @@ Config = ValueConfig
 def worker_step(model, reward_fn: RewardFn, inputs: RolloutInputs, config: ValueConfig,
                 normaliser: int, version: int, report: bool = True) -> tuple[dict, dict]:
     """Sample the shard with the base model (the regression data, on CPU) and, if ``report``,
-    with the policy (its reward and KL: metrics only)."""
+    with the policy (its reward and KL: metrics only; the base rollouts' own while the head is
+    untrained, since the policy is the base then)."""
     if getattr(model, "value_head", None) is None:
         raise InputError("mode value trains a value head: set adapter.kind: value")
     if inputs.num_steps != config.num_inference_steps:
@@ -74,9 +75,12 @@ def worker_step(model, reward_fn: RewardFn, inputs: RolloutInputs, config: Value
     if not report:
         return payload, {"num_samples": float(inputs.batch_size)}
     with torch.no_grad():
-        policy = sample(model, inputs, eta=config.eta, kl_reduction=config.kl_reduction)
+        if model.value_head.is_flat():   # an untrained head: the policy is the base exactly
+            policy, path_kl = base, torch.zeros(inputs.batch_size)
+        else:
+            policy = sample(model, inputs, eta=config.eta, kl_reduction=config.kl_reduction)
+            path_kl = policy.path_kl
         log_likelihood = reward_fn(policy.x0, policy.labels, policy.contexts)
-    path_kl = policy.path_kl
     return payload, {
         "reward": log_likelihood.mean().item(),
         "kl": path_kl.mean().item(),
@@ -93,7 +97,7 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
     ``check_every`` steps the loss on the held-out rollouts is measured and the head keeps its
     best weights of the update (the ones it came in with included): an over-fit h steers where
     the reward says nothing, which costs KL and buys no control (docs/update_rules.md,
-    section 7)."""
+    section 7). ``check_patience`` checks in a row without a better loss end the fit."""
     head = model.value_head
     device = next(head.parameters()).device
     replay = _replay(head, config)
@@ -143,8 +147,9 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
 
     best_loss = heldout_loss()
     best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-    total, norms, steps = 0.0, 0.0, 0
-    while steps < config.regression_steps:
+    total, norms, steps, kept, worse = 0.0, 0.0, 0, 0, 0
+    while steps < config.regression_steps and not (config.check_patience and
+                                                   worse >= config.check_patience):
         for _ in range(min(config.check_every, config.regression_steps - steps)):
             pick = torch.randint(0, len(fit_rows), (config.regression_batch_size,),
                                  generator=generator)
@@ -160,13 +165,15 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
             steps += 1
         checked = heldout_loss()
         if not len(check_rows) or checked <= best_loss:   # a NaN loss is never taken
-            best_loss = checked
+            best_loss, kept, worse = checked, steps, 0
             best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        else:
+            worse += 1
     head.load_state_dict(best_state)
-    metrics = {"loss": total / steps, "grad_norm": norms / steps,
+    metrics = {"loss": total / steps, "grad_norm": norms / steps, "head_steps": float(steps),
                "replay_rollouts": float(replay.count)}
     if len(check_rows):
-        metrics["heldout_loss"] = best_loss
+        metrics.update(heldout_loss=best_loss, kept_steps=float(kept))
     return metrics
 
 
