@@ -67,6 +67,9 @@ SETTINGS = {   # the index names a run's directory: append, never reorder
         ["distributed.workers=2", "objective.check_patience=1"],
     "Ray 2 workers: the default, check_patience 2":
         ["distributed.workers=2", "objective.check_patience=2"],
+    "the default, 128 base rollouts per update (replay 16,384)":
+        ["objective.batch_size=128", "objective.replay_rollouts=16384",
+         f"objective.replay_bytes={2**30}"],
 }
 RAY = "Ray 2 workers: filing-time default"
 
@@ -109,6 +112,7 @@ def main() -> None:
             rows.append({"setting": name, "seed": seed, "macro_f1": ctrl.get("macro_f1"),
                          "kl": ctrl.get("mean_kl"),
                          "train_seconds": result["train_seconds"],
+                         "step_scale": result.get("step_calibration", {}).get("step_scale"),
                          "updates_per_second": args.iterations / result["train_seconds"],
                          "wall_seconds": time.perf_counter() - start})
             print(rows[-1], flush=True)
