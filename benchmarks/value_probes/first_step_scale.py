@@ -18,21 +18,31 @@ from ctrl_ray.objectives.step_scale import calibrate_step_scale
 from ctrl_ray.policy import load_any
 
 torch.set_num_threads(1)
-config = load_config(FinetuneConfig, "configs/ctrl_digits_ink.yaml", ["base_model=outputs/base-digits16-demo"])
-setup = build_setup(config); judge = DigitJudge.load("outputs/judge-digits16")
-loaded = load_any(sys.argv[1]); model = loaded.model.eval()
-orig = model.mean_shift
-state = {"mult": 1.0, "upto": 951}
-def shifted(mean, sigma, t, next_t, context, labels, offsets=None):
-    out = orig(mean, sigma, t, next_t, context, labels, offsets)
-    if out is not None and int(t) >= state["upto"]:
-        out = out * state["mult"]
-    return out
-model.mean_shift = shifted
-for upto in (951, 901):
-  for mult in (1.0, 2.0, 3.0, 5.0):
-    state.update(mult=mult, upto=upto)
-    c = dataclasses.replace(config.objective, step_scales=[1.2], calibration_rollouts=128)
-    r = calibrate_step_scale(model, setup.reward_fn, c, 0)["table"][0]
-    rep = evaluate(model, loaded.label_info, judge, EvaluationConfig(samples_per_target=4, num_inference_steps=20, seed=10000))
-    print(f"t>={upto} x{mult}: J {r['objective']:.3f} logp {r['log_likelihood']:.3f} KL {r['kl']:.2f} | val F1 {rep['macro_f1']:.3f} KL {rep['mean_kl']:.2f}", flush=True)
+config = load_config(FinetuneConfig, "configs/ctrl_digits_ink.yaml",
+                     ["base_model=outputs/base-digits16-demo"])
+setup = build_setup(config)
+judge = DigitJudge.load("outputs/judge-digits16")
+loaded = load_any(sys.argv[1])
+model = loaded.model.eval()
+unscaled = model.mean_shift
+first = {"multiple": 1.0, "from_t": 951}   # steps whose t >= from_t are multiplied
+
+
+def scaled_first_steps(mean, sigma, t, next_t, context, labels, offsets=None):
+    shift = unscaled(mean, sigma, t, next_t, context, labels, offsets)
+    if shift is not None and int(t) >= first["from_t"]:
+        shift = shift * first["multiple"]
+    return shift
+
+
+model.mean_shift = scaled_first_steps
+objective = dataclasses.replace(config.objective, step_scales=[1.2], calibration_rollouts=128)
+validation = EvaluationConfig(samples_per_target=4, num_inference_steps=20, seed=10000)
+for from_t in (951, 901):
+    for multiple in (1.0, 2.0, 3.0, 5.0):
+        first.update(multiple=multiple, from_t=from_t)
+        row = calibrate_step_scale(model, setup.reward_fn, objective, 0)["table"][0]
+        report = evaluate(model, loaded.label_info, judge, validation)
+        print(f"t >= {from_t} x{multiple}: J {row['objective']:.3f} log p "
+              f"{row['log_likelihood']:.3f} KL {row['kl']:.2f} | validation macro-F1 "
+              f"{report['macro_f1']:.3f} KL {report['mean_kl']:.2f}", flush=True)
