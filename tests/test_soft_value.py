@@ -115,6 +115,19 @@ def test_a_rows_step_candidates_are_its_own_alone_or_in_any_batch():
         SoftValueSpec([2], {"y": 2}, step_candidates=3)
 
 
+def test_the_policy_spec_carries_the_step_scale():
+    """A saved value policy is rebuilt with the step scale it was sampled with (before, the
+    spec left it out and a loaded policy stepped at 1)."""
+    from ctrl_ray.checkpoint import policy_spec
+
+    model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value",
+                           value_head={"step_scale": 1.35})
+    spec = policy_spec(model, {}, {}, "base", 4, None, None)
+    rebuilt = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value",
+                             value_head=spec["value_head"])
+    assert rebuilt.value_head.spec.step_scale == 1.35
+
+
 def test_a_value_policy_starts_as_the_base_and_its_trainable_state_rebuilds_it():
     torch.manual_seed(0)
     model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value")
@@ -265,6 +278,8 @@ def test_an_untrained_head_reports_its_base_rollouts_as_the_policys(monkeypatch)
     for trained in (False, True):
         if trained:
             torch.nn.init.normal_(model.value_head.head.weight, std=0.5)
+        else:   # a bias only shifts log h by a constant: the head is still flat
+            torch.nn.init.normal_(model.value_head.head.bias, std=0.5)
         assert model.value_head.is_flat() is not trained
         calls.clear()
         _, report = worker_step(model, reward_fn, inputs, config, 32, 0)

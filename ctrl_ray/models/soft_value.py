@@ -128,9 +128,9 @@ class SoftValueNet(nn.Module):
         return F.log_softmax(out[:, :-1], dim=-1), out[:, -1]
 
     def is_flat(self) -> bool:
-        """Whether log h is constant in x (the zero-started output layer, untrained): its
-        policy is then the base model exactly."""
-        return not (self.head.weight.any() or self.head.bias[:-1].any())
+        """Whether log h is constant in x (the output layer's weights zero, as started; its
+        bias only shifts log h): the policy is then the base model exactly."""
+        return not self.head.weight.any()
 
     def log_value(self, x: Tensor, t: Tensor, contexts: Tensor | None,
                   labels: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
