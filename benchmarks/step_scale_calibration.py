@@ -49,9 +49,7 @@ def ink_task() -> dict:
     return {"config": "configs/ctrl_digits_ink.yaml",
             "overrides": ["base_model=outputs/base-digits16-demo"],
             "policies": [f"outputs/default-rule-speed/s{seed}-9/policy" for seed in SEEDS],
-            "optimum": {k: data["optimum"][k] for k in ("macro_f1", "kl", "ess_min")},
-            "fixed": [(row["macro_f1"], row["kl"]) for row in data["rows"]],
-            "base_score": None}
+            "optimum": {k: data["optimum"][k] for k in ("macro_f1", "kl", "ess_min")}}
 
 
 def new_label_task(label: str) -> dict:
@@ -59,9 +57,7 @@ def new_label_task(label: str) -> dict:
     return {"config": f"outputs/new-labels/ctrl_{label}.yaml", "overrides": [],
             "policies": [f"outputs/new-labels/ctrl-{label}-seed{seed}/policy" for seed in SEEDS],
             "optimum": {"macro_f1": data["optimum"]["score"], "kl": data["optimum"]["kl"],
-                        "ess_min": data["optimum"]["ess_min"]},
-            "fixed": [(row["score"], row["kl"]) for row in data["per_seed"]],
-            "base_score": data["base"]["score"]}
+                        "ess_min": data["optimum"]["ess_min"]}}
 
 
 TASKS = {"ink": ink_task, "centre_x": lambda: new_label_task("centre_x"),
