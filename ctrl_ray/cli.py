@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = _command(commands, "finetune", "CTRL fine-tuning of the base model", _finetune)
     _config_options(finetune)
     finetune.add_argument("--workers", type=int, help="Ray rollout workers (0: one process)")
-    finetune.add_argument("--mode", choices=("adjoint", "pathwise", "ppo", "value"),
-                          help="update rule")
+    finetune.add_argument("--mode", choices=("auto", "adjoint", "pathwise", "ppo", "value"),
+                          help="update rule (default auto: chosen from the exact optimum)")
     resume = finetune.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_const", const=True, default=False,
                         help="continue from the newest checkpoint in output_dir (error if none)")
@@ -339,21 +339,22 @@ def _reward_audit(args: argparse.Namespace) -> None:
 
 def _finetune(args: argparse.Namespace) -> None:
     from ctrl_ray import preflight
-    from ctrl_ray.config import load_config
-    from ctrl_ray.finetune_config import FinetuneConfig
+    from ctrl_ray.config import load_raw
+    from ctrl_ray.rule_choice import resolve
 
     overrides = list(args.overrides)
     for key, value in (("distributed.workers", args.workers), ("mode", args.mode),
                        ("distributed.address", args.address)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    config = load_config(FinetuneConfig, args.config, overrides)
+    raw = load_raw(args.config, overrides)
+    config, rule_open = resolve(raw, args.resume)
     preflight.finetune(config, args.overwrite, resume=args.resume,
                        allow_config_change=args.allow_config_change)
-    from ctrl_ray.finetune import finetune  # torch, Ray, MLflow: only once the input is good
+    from ctrl_ray.finetune import run_checked  # torch, Ray, MLflow: only once the input is good
 
-    result = finetune(config, resume=args.resume, overwrite=args.overwrite,
-                      allow_config_change=args.allow_config_change)
+    result = run_checked(raw, config, rule_open, resume=args.resume, overwrite=args.overwrite,
+                         allow_config_change=args.allow_config_change)
     print(f"saved {result['policy_dir']} ({result['train_seconds']:.0f} s of training)")
 
 

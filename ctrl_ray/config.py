@@ -169,13 +169,18 @@ def yaml_error(err: yaml.YAMLError) -> str:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
     """Build `cls` from an optional YAML file, then apply `key.sub=value` overrides in order."""
+    return from_dict(cls, load_raw(path, overrides))
+
+
+def load_raw(path: str | Path | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The mapping of an optional YAML file with `key.sub=value` overrides applied, unparsed."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml(path)
     for override in overrides:
         key, value = parse_override(override)
         set_dotted(raw, key, value)
-    return from_dict(cls, raw)
+    return raw
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

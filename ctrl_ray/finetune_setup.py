@@ -137,21 +137,26 @@ def evaluate_setup(setup: Setup, config: FinetuneConfig, out: Path) -> dict[str,
                                out / "ctrl_grid.png")
     print(format_report(results["ctrl"], "CTRL fine-tuned"))
     if config.optimum_samples_per_context:
-        tilt = config.objective.tilt_exponent(math.prod(setup.model.sample_shape))
-        optimum = exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood, judge,
-                                OptimumConfig(
-                                    samples_per_context=config.optimum_samples_per_context,
-                                    max_samples_per_context=(
-                                        config.optimum_max_samples_per_context),
-                                    contexts=config.evaluation.contexts,
-                                    context_digits=config.evaluation.context_digits,
-                                    guidance_levels=[tilt],
-                                    num_inference_steps=config.evaluation.num_inference_steps,
-                                    eta=config.evaluation.eta,
-                                    scorers=dict(config.evaluation.scorers)))
+        optimum = run_optimum(setup, config, judge)
         print(format_optimum(optimum))
         results["optimum"] = optimum["levels"][0]
         results["against_optimum"] = against_optimum(
             results["ctrl"], results["optimum"], results.get("base", optimum["base"]))
         print(format_against_optimum(results["against_optimum"], list(setup.label_info)))
     return results
+
+
+def run_optimum(setup: Setup, config: FinetuneConfig, judge: DigitJudge | None) -> dict:
+    """The exact optimum at the run's gamma/alpha, on the evaluation's targets and sampler, from
+    `optimum_samples_per_context` base samples per context (topped up as configured)."""
+    tilt = config.objective.tilt_exponent(math.prod(setup.model.sample_shape))
+    return exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood, judge,
+                         OptimumConfig(
+                             samples_per_context=config.optimum_samples_per_context,
+                             max_samples_per_context=config.optimum_max_samples_per_context,
+                             contexts=config.evaluation.contexts,
+                             context_digits=config.evaluation.context_digits,
+                             guidance_levels=[tilt],
+                             num_inference_steps=config.evaluation.num_inference_steps,
+                             eta=config.evaluation.eta,
+                             scorers=dict(config.evaluation.scorers)))

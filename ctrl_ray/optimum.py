@@ -145,7 +145,7 @@ def optimum_at(pool: BasePool, label_info: dict[str, dict], tilt: float) -> dict
     names = list(pool.labels)
     y_true = {name: [] for name in names}
     y_pred = {name: [] for name in names}
-    sample_weight, joint, fidelity, reward, kls, esses = [], [], [], [], [], []
+    sample_weight, joint, fidelity, reward, kls, esses, fractions = [], [], [], [], [], [], []
     for target, log_likelihood in pool.log_likelihood.items():
         for c in pool.contexts:
             rows = np.flatnonzero(pool.context_of_row == c)
@@ -153,6 +153,7 @@ def optimum_at(pool: BasePool, label_info: dict[str, dict], tilt: float) -> dict
             kl, ess = weights_kl_and_ess(weights)
             kls.append(kl)
             esses.append(ess)
+            fractions.append(ess / len(rows))
             sample_weight.append(weights)
             correct = np.ones(len(rows), dtype=bool)
             for name, k in zip(names, target, strict=True):
@@ -180,7 +181,8 @@ def optimum_at(pool: BasePool, label_info: dict[str, dict], tilt: float) -> dict
         }
     report.update(joint_accuracy=float(np.mean(joint)), expected_reward=float(np.mean(reward)),
                   kl=float(np.mean(kls)), ess_min=float(np.min(esses)),
-                  ess_mean=float(np.mean(esses)))
+                  ess_mean=float(np.mean(esses)),
+                  ess_per_sample_min=float(np.min(fractions)))
     if fidelity:
         report["fidelity"] = float(np.mean(fidelity))
     if len(names) == 1:

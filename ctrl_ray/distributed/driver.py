@@ -41,7 +41,7 @@ from ctrl_ray.run_lock import output_dir_lock
 def train(config: FinetuneConfig, progress: bool = True, resume: bool | str = False,
           on_iteration: Callable[[int, Roles], None] | None = None,
           parent_run_id: str | None = None, overwrite: bool = False,
-          allow_config_change: bool = False) -> dict[str, Any]:
+          allow_config_change: bool = False, rule_choice: dict | None = None) -> dict[str, Any]:
     """Run CTRL for `config.iterations` updates; checkpoint, evaluate, log everything to MLflow.
 
     The output folder is locked for the run (`ctrl_ray.run_lock`: a second run into it is
@@ -53,7 +53,8 @@ def train(config: FinetuneConfig, progress: bool = True, resume: bool | str = Fa
     `allow_config_change` (`ctrl_ray.config_changes`). A fresh start over an earlier run's
     checkpoints is refused unless `overwrite` (then they are removed, so a later resume cannot
     pick one up). `parent_run_id` makes the run a child of that MLflow run (a Ray Tune trial
-    under its sweep).
+    under its sweep). `rule_choice` (`ctrl_ray.rule_choice`) is logged as the `rule_choice` tag
+    and metrics.
     """
     config.check_evaluation_chain()
     out = Path(config.output_dir)
@@ -70,7 +71,7 @@ def train(config: FinetuneConfig, progress: bool = True, resume: bool | str = Fa
         roles = start_roles(config)
         try:
             return _run(roles, config, out, progress, checkpoint, restored, changes,
-                        on_iteration, parent_run_id)
+                        on_iteration, parent_run_id, rule_choice)
         finally:
             roles.stop()
 
@@ -89,7 +90,7 @@ def _checkpoint_to_resume(directory: Path, resume: bool | str) -> Path | None:
 def _run(roles: Roles, config: FinetuneConfig, out: Path, progress: bool,
          checkpoint: Path | None, restored: tuple | None, changes: list | None,
          on_iteration: Callable[[int, Roles], None] | None,
-         parent_run_id: str | None) -> dict[str, Any]:
+         parent_run_id: str | None, rule_choice: dict | None) -> dict[str, Any]:
     """The run proper, in the locked output folder: restore, train, save, evaluate."""
     info = roles.call(roles.learner, "describe")
     generator = torch.Generator().manual_seed(config.seed)
@@ -113,6 +114,10 @@ def _run(roles: Roles, config: FinetuneConfig, out: Path, progress: bool,
             mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         if changes:
             _record_changes(active.info.run_id, start, changes)
+        if rule_choice:
+            mlflow.set_tag("rule_choice", rule_choice["reason"][:5000])
+            mlflow.log_metrics({f"rule_choice_{key}": rule_choice[key]
+                                for key in ("ess_per_sample", "threshold")})
         train_start = time.perf_counter()
         bar = tqdm(range(start, config.iterations), desc=f"ctrl {config.mode}",
                    initial=start, total=config.iterations, disable=not progress)

@@ -1,0 +1,127 @@
+"""The update rule of a run whose config names none (no `mode:`, or `mode: auto`): chosen
+before training from the exact optimum's importance weights on base samples, and said with its
+reason.
+
+The default (value) rule regresses the soft value h_t(x) = E_pre[p(y | x0, c)^lambda | x_t]
+(lambda = gamma / alpha) on base rollouts. What one base rollout tells it about a target is the
+optimum's effective sample size per base sample, ESS / n = E[w]^2 / E[w^2] with w = p^lambda:
+the regression's targets have a relative variance of about n / ESS. Where the smallest ESS / n
+over the targets is below `MIN_ESS_PER_SAMPLE` (fewer than one effective sample in a hundred
+base rollouts), the optimum sits where base rollouts almost never go, the head has next to
+nothing to fit there, and the run takes Adjoint Matching, which steers by the reward's
+gradient along its own rollouts, with the settings measured for it
+(configs/ctrl_digits_compress.yaml). The measurements behind the threshold are in
+docs/update_rules.md, section 11.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ctrl_ray.checkpoint_index import latest_checkpoint, saved_config
+from ctrl_ray.config import from_dict
+from ctrl_ray.finetune_config import FinetuneConfig
+from ctrl_ray.objectives.configs import DEFAULT_RULE
+
+AUTO = "auto"
+MIN_ESS_PER_SAMPLE = 0.01
+MEASURE_SAMPLES = 300   # base samples per context at least (ESS 3 at the threshold)
+FALLBACK_RULE = "adjoint"
+# What a run that falls back takes: the settings configs/ctrl_digits_compress.yaml measured.
+FALLBACK_SETTINGS = {
+    "adapter": {"kind": "lora", "rank": 4, "min_timestep": 200},
+    "objective": {"lr_embedding": 0.03, "lr_adapter": 0.003, "max_grad_norm": 1.0},
+}
+# The objective's keys every rule reads the same way; a rule's learning rates are its own.
+SHARED_KEYS = ("gamma", "kl_weight", "kl_reduction", "batch_size", "num_inference_steps", "eta",
+               "label_distribution", "context_distribution")
+
+
+def wants_choice(raw: dict[str, Any]) -> bool:
+    """Whether a raw config (YAML and overrides, before parsing) leaves the rule to ctrl-ray."""
+    return raw.get("mode", AUTO) == AUTO
+
+
+def resolve(raw: dict[str, Any], resume: bool | str = False) -> tuple[FinetuneConfig, bool]:
+    """The config to check before any work, and whether its rule is still to be chosen: as
+    given when it names one; the rule its checkpoint ran on a resume; else the default rule's
+    config (checked as such; `choose_rule` decides once the checks pass)."""
+    if not wants_choice(raw):
+        return from_dict(FinetuneConfig, raw), False
+    config = value_config(raw)
+    checkpoint = latest_checkpoint(Path(config.output_dir) / "checkpoints") if resume else None
+    saved = saved_config(checkpoint) if checkpoint is not None else None
+    if saved and saved.get("mode"):
+        print(f"rule {saved['mode']}: the rule the resumed run chose")
+        return with_rule(raw, saved["mode"])[0], False
+    return config, True
+
+
+def value_config(raw: dict[str, Any]) -> FinetuneConfig:
+    """The config as the default rule would run it (what the choice measures against)."""
+    return from_dict(FinetuneConfig, {**raw, "mode": DEFAULT_RULE})
+
+
+def decide(ess_per_sample: float, tilt: float) -> dict:
+    """The rule for the optimum's smallest ESS per base sample, with one line saying why."""
+    rule = DEFAULT_RULE if ess_per_sample >= MIN_ESS_PER_SAMPLE else FALLBACK_RULE
+    relation = ">=" if rule == DEFAULT_RULE else "<"
+    reason = (f"rule {rule}: at gamma/alpha {tilt:g} the exact optimum keeps {ess_per_sample:.4f} "
+              f"effective samples per base sample where it reaches furthest ({relation} "
+              f"{MIN_ESS_PER_SAMPLE:g}), so the value head's regression targets there have a "
+              f"relative variance of about {1 / max(ess_per_sample, 1e-12):.0f}")
+    if rule != DEFAULT_RULE:
+        reason += ": too noisy to learn h from base rollouts; Adjoint Matching steers by the " \
+                  "reward's gradient"
+    return {"mode": rule, "ess_per_sample": ess_per_sample, "gamma_over_alpha": tilt,
+            "threshold": MIN_ESS_PER_SAMPLE, "reason": reason}
+
+
+def with_rule(raw: dict[str, Any], rule: str) -> tuple[FinetuneConfig, list[str]]:
+    """The config for `rule`: the objective's shared keys as given, the rest of the objective
+    and the adapter from the rule's measured settings; also the keys left out."""
+    if rule == DEFAULT_RULE:
+        return from_dict(FinetuneConfig, {**raw, "mode": rule}), []
+    given = dict(raw.get("objective") or {})
+    dropped = [f"objective.{key}" for key in given if key not in SHARED_KEYS]
+    dropped += [f"adapter.{key}" for key in (raw.get("adapter") or {})]
+    objective = {**FALLBACK_SETTINGS["objective"],
+                 **{key: value for key, value in given.items() if key in SHARED_KEYS}}
+    settings = {**copy.deepcopy(raw), "mode": rule, "objective": objective,
+                "adapter": dict(FALLBACK_SETTINGS["adapter"])}
+    return from_dict(FinetuneConfig, settings), dropped
+
+
+def measure(config: FinetuneConfig) -> dict:
+    """The exact optimum at the run's gamma/alpha from base samples: the evaluation's estimate,
+    with at least MEASURE_SAMPLES per context (topped up as the run's optimum is)."""
+    from ctrl_ray.finetune_setup import build_setup, run_optimum
+
+    samples = max(config.optimum_samples_per_context, MEASURE_SAMPLES)
+    config = dataclasses.replace(config, optimum_samples_per_context=samples)
+    setup = build_setup(config)
+    setup.model.eval()
+    result = run_optimum(setup, config, judge=None)
+    return {"level": result["levels"][0], "samples_drawn": result["samples_drawn"]}
+
+
+def choose_rule(raw: dict[str, Any]) -> tuple[FinetuneConfig, dict]:
+    """Parse a config that leaves the rule open: measure the optimum at the run's tilt, decide,
+    and build the config of the chosen rule; the choice with its reason."""
+    config = value_config(raw)
+    measured = measure(config)
+    level = measured["level"]
+    choice = decide(level["ess_per_sample_min"], level["gamma_over_alpha"])
+    chosen, dropped = with_rule(raw, choice["mode"])
+    if dropped:
+        choice["reason"] += (f" (not used by {choice['mode']}, which takes its own settings: "
+                             f"{', '.join(dropped)})")
+    return chosen, {**choice, "dropped": dropped, "optimum_ess_min": level["ess_min"],
+                    "optimum_kl": level["kl"], "samples_drawn": measured["samples_drawn"]}
+
+
+__all__ = ["AUTO", "FALLBACK_SETTINGS", "MIN_ESS_PER_SAMPLE", "choose_rule", "decide", "measure",
+           "resolve", "wants_choice", "with_rule"]
