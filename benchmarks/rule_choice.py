@@ -187,7 +187,8 @@ def main() -> None:
     for label in args.labels:
         result = run_label(label, args.seeds, judge)
         if results.is_file():
-            data["labels"] = json.loads(results.read_text()).get("labels", {})
+            data.update({k: v for k, v in json.loads(results.read_text()).items()
+                         if k in ("labels", "choices")})
         data["labels"][label] = result
         publish("rule_choice", data, markdown(data, command))
     print(np.round([r["adjoint"]["score"][0] for r in data["labels"].values()], 3))

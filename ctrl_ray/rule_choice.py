@@ -62,7 +62,7 @@ def resolve(raw: dict[str, Any], resume: bool | str = False) -> tuple[FinetuneCo
 
 def value_config(raw: dict[str, Any]) -> FinetuneConfig:
     """The config as the default rule would run it (what the choice measures against)."""
-    return from_dict(FinetuneConfig, {**raw, "mode": DEFAULT_RULE})
+    return with_rule(raw, DEFAULT_RULE)[0]
 
 
 def decide(ess_per_sample: float, tilt: float) -> dict:
@@ -82,17 +82,23 @@ def decide(ess_per_sample: float, tilt: float) -> dict:
 
 def with_rule(raw: dict[str, Any], rule: str) -> tuple[FinetuneConfig, list[str]]:
     """The config for `rule`: the objective's shared keys as given, the rest of the objective
-    and the adapter from the rule's measured settings; also the keys left out."""
-    if rule == DEFAULT_RULE:
-        return from_dict(FinetuneConfig, {**raw, "mode": rule}), []
+    and the adapter from the rule's measured settings; also the given keys it does not take
+    as given."""
+    if rule == DEFAULT_RULE:   # the value head is its adapter: another kind is left out
+        adapter = dict(raw.get("adapter") or {})
+        dropped = ["adapter.kind"] if adapter.pop("kind", "value") != "value" else []
+        return from_dict(FinetuneConfig, {**raw, "mode": rule, "adapter": adapter}), dropped
     given = dict(raw.get("objective") or {})
-    dropped = [f"objective.{key}" for key in given if key not in SHARED_KEYS]
-    dropped += [f"adapter.{key}" for key in (raw.get("adapter") or {})]
     objective = {**FALLBACK_SETTINGS["objective"],
                  **{key: value for key, value in given.items() if key in SHARED_KEYS}}
     settings = {**copy.deepcopy(raw), "mode": rule, "objective": objective,
                 "adapter": dict(FALLBACK_SETTINGS["adapter"])}
-    return from_dict(FinetuneConfig, settings), dropped
+    config = from_dict(FinetuneConfig, settings)
+    dropped = [f"{section}.{key}"
+               for section, values in (("objective", given), ("adapter", raw.get("adapter") or {}))
+               for key, value in values.items()
+               if getattr(getattr(config, section), key, None) != value]
+    return config, dropped
 
 
 def measure(config: FinetuneConfig) -> dict:
