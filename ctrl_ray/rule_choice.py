@@ -24,6 +24,7 @@ from typing import Any
 from ctrl_ray.checkpoint_index import latest_checkpoint, saved_config
 from ctrl_ray.config import from_dict
 from ctrl_ray.finetune_config import FinetuneConfig
+from ctrl_ray.models.adapter_config import AdapterConfig
 from ctrl_ray.objectives.configs import DEFAULT_RULE
 
 AUTO = "auto"
@@ -86,7 +87,8 @@ def with_rule(raw: dict[str, Any], rule: str) -> tuple[FinetuneConfig, list[str]
     as given."""
     if rule == DEFAULT_RULE:   # the value head is its adapter: another kind is left out
         adapter = dict(raw.get("adapter") or {})
-        dropped = ["adapter.kind"] if adapter.pop("kind", "value") != "value" else []
+        from_dict(AdapterConfig, adapter, prefix="adapter.")   # a bad value is refused first
+        dropped = ["adapter.kind"] if adapter.pop("kind", None) not in (None, "value") else []
         return from_dict(FinetuneConfig, {**raw, "mode": rule, "adapter": adapter}), dropped
     given = dict(raw.get("objective") or {})
     objective = {**FALLBACK_SETTINGS["objective"],
