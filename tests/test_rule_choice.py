@@ -86,3 +86,13 @@ def test_a_chosen_rule_trains_is_logged_and_resumes_as_chosen(tiny_base, tiny_re
 
     config, rule_open = resolve(load_raw(path), resume=True)
     assert config.mode == "adjoint" and not rule_open   # no new measurement on a resume
+
+
+def test_rewards_are_measured_one_by_one(tiny_base, tiny_reward, tiny_judge, tmp_path):
+    """Two copies of a reward tilt the joint optimum twice as hard, but each reward's own tilt
+    is the single reward's: the choice reads the latter, from the same base samples."""
+    single = choose_rule(_raw(tiny_base, tiny_reward, tiny_judge, tmp_path / "one"))[1]
+    pair = choose_rule(_raw(tiny_base, tiny_reward, tiny_judge, tmp_path / "two",
+                            f"rewards=[{{path: {tiny_reward}}}, {{path: {tiny_reward}}}]"))[1]
+    assert pair["ess_per_sample"] == single["ess_per_sample"]
+    assert str(tiny_reward) in pair["reason"]
