@@ -76,7 +76,7 @@ def choices() -> dict:
         level = measured["level"]
         choice = decide(level["ess_per_sample_min"], level["gamma_over_alpha"])
         rows[task] = {**choice, "ess_min": level["ess_min"], "optimum_kl": level["kl"],
-                      "samples_drawn": measured["samples_drawn"]}
+                      "samples_drawn": measured["samples_drawn"], "reward": measured["reward"]}
         print(task, rows[task]["reason"], flush=True)
     return rows
 
@@ -135,10 +135,12 @@ def markdown(data: dict, command: str) -> list[str]:
                   "`mode:` on the demo's base, measured as `ctrl-ray finetune` does "
                   "(`ctrl_ray.rule_choice`: at least 300 base samples per context, topped up "
                   "as the config says).", "",
-                  "| task | gamma/alpha | optimum ESS min (base samples per context) | "
-                  "ESS per base sample, min | rule picked |", "|---|---|---|---|---|"]
+                  "| task | gamma/alpha | the sharpest reward | its optimum's ESS min (base "
+                  "samples per context) | ESS per base sample, min | rule picked |",
+                  "|---|---|---|---|---|---|"]
         for task, row in data["choices"].items():
-            lines.append(f"| {task} | {row['gamma_over_alpha']:g} | {row['ess_min']:.1f} "
+            lines.append(f"| {task} | {row['gamma_over_alpha']:g} | {row['reward']} | "
+                         f"{row['ess_min']:.1f} "
                          f"({min(row['samples_drawn'])}-{max(row['samples_drawn'])}) | "
                          f"{row['ess_per_sample']:.4f} | {row['mode']} |")
         lines.append("")

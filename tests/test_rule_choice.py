@@ -31,7 +31,7 @@ def _raw(tiny_base, tiny_reward, tiny_judge, out, *extra: str) -> dict:
 
 def test_the_threshold_decides_and_says_why():
     kept = decide(2 * MIN_ESS_PER_SAMPLE, 1.0)
-    assert kept["mode"] == "value" and "0.0200" in kept["reason"]
+    assert kept["mode"] == "value" and f"{2 * MIN_ESS_PER_SAMPLE:.4f}" in kept["reason"]
     fallen = decide(MIN_ESS_PER_SAMPLE / 2, 10.0)
     assert fallen["mode"] == "adjoint"
     assert "gamma/alpha 10" in fallen["reason"] and "Adjoint Matching" in fallen["reason"]
@@ -68,7 +68,7 @@ def test_the_measured_optimum_chooses_by_the_tilt(tiny_base, tiny_reward, tiny_j
                  f"objective.gamma={SHARP_TILT}")
     config, choice = choose_rule(sharp)
     assert choice["mode"] == config.mode == "adjoint"
-    assert choice["ess_per_sample"] <= MIN_ESS_PER_SAMPLE / 2
+    assert choice["ess_per_sample"] <= 0.7 * MIN_ESS_PER_SAMPLE   # ESS 1 of 300: the floor
     assert config.objective.gamma == SHARP_TILT and config.adapter.kind == "lora"
     assert "objective.regression_steps" in choice["dropped"]
 
