@@ -106,10 +106,11 @@ def with_rule(raw: dict[str, Any], rule: str) -> tuple[FinetuneConfig, list[str]
 
 
 def measure(config: FinetuneConfig) -> dict:
-    """The exact optimum at the run's gamma/alpha from base samples, reward by reward (the
-    same base samples each time): the evaluation's estimate, with at least MEASURE_SAMPLES
-    per context (topped up as the run's optimum is); the reward whose optimum keeps the
-    fewest effective samples per base sample."""
+    """The exact optimum at the run's gamma/alpha from base samples, reward by reward: the
+    evaluation's estimate, with at least MEASURE_SAMPLES per context (topped up as the run's
+    optimum is); the reward whose optimum keeps the fewest effective samples per base sample.
+    Each reward draws its pool again (the same seeds, so the same first samples; its own
+    top-ups): k rewards cost k estimates."""
     from ctrl_ray.finetune_setup import build_setup, run_optimum
 
     samples = max(config.optimum_samples_per_context, MEASURE_SAMPLES)
