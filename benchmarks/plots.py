@@ -26,7 +26,8 @@ def _save(fig, path: str | Path, dpi: int = 110) -> Path:
 
 def frontier_plot(tasks: dict, path: str | Path) -> Path:
     """One panel per task: score against mean path KL (log scale) for the exact optimum's
-    curve over gamma/alpha, every CTRL update rule and every guided baseline."""
+    curve over gamma/alpha, each guided baseline's curve over its guidance scale, and every
+    CTRL rule (mean over seeds, 95% intervals)."""
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.4), squeeze=False)
     for ax, (task, result) in zip(axes[0], tasks.items(), strict=True):
         levels = result["optimum"]["levels"]
@@ -37,9 +38,18 @@ def frontier_plot(tasks: dict, path: str | Path) -> Path:
                                                           level["score"]),
                         textcoords="offset points", xytext=(3, -10), fontsize=7)
         ax.axhline(result["optimum"]["base"]["score"], color="grey", ls=":", label="base model")
-        for run in result["runs"]:
-            ax.scatter(max(run["kl"], 1e-2), run["score"], marker=MARKERS.get(run["kind"], "x"),
-                       s=45, label=run["method"], zorder=3)
+        rows = result["methods"]
+        for kind in dict.fromkeys(row["kind"] for row in rows if row["kind"] != "ctrl"):
+            curve = sorted((max(row["kl"], 1e-2), row["score"], row["guidance_scale"])
+                           for row in rows if row["kind"] == kind)
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], marker=MARKERS.get(kind, "x"),
+                    ms=5, lw=1, label=f"{kind} (scale {', '.join(f'{c[2]:g}' for c in curve)})")
+        for row in (row for row in rows if row["kind"] == "ctrl"):
+            ax.errorbar(max(row["kl"], 1e-2), row["score"],
+                        xerr=None if math.isnan(row["kl_half"]) else row["kl_half"],
+                        yerr=None if math.isnan(row["score_half"]) else row["score_half"],
+                        fmt=MARKERS["ctrl"], ms=7, capsize=3, zorder=3,
+                        label=f"{row['method']} ({row['rule']})")
         ax.set_xscale("log")
         ax.set_xlabel("mean path KL to the base model (nats)")
         ax.set_ylabel("joint accuracy" if task == "multi" else "macro-F1")
