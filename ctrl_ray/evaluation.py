@@ -37,6 +37,23 @@ def generate(model, contexts: torch.Tensor | None, labels: dict[str, torch.Tenso
     Returns the images (N, C, H, W) (`model.decode` of the samples: a latent model's VAE decode,
     identity for pixel models) and, when `compute_kl`, each path's KL to the reference.
     """
+    images, kls = [], []
+    for trajectory in sample_rows(model, contexts, labels, seeds,
+                                  num_inference_steps=num_inference_steps, eta=eta,
+                                  from_reference=from_reference, batch_size=batch_size,
+                                  compute_kl=compute_kl):
+        with torch.no_grad():
+            images.append(model.decode(trajectory.x0).cpu())
+        if compute_kl:
+            kls.append(trajectory.path_kl.cpu())
+    return torch.cat(images), (torch.cat(kls) if compute_kl else None)
+
+
+def sample_rows(model, contexts: torch.Tensor | None, labels: dict[str, torch.Tensor],
+                seeds: Sequence[int], *, num_inference_steps: int = 50, eta: float = 1.0,
+                from_reference: bool = False, batch_size: int = 256,
+                compute_kl: bool = False):
+    """The trajectories of `generate`, batch by batch (each row from its own seed)."""
     from ctrl_ray.sampling.sampler import RolloutInputs, sample
 
     shape = tuple(model.sample_shape)
@@ -47,15 +64,9 @@ def generate(model, contexts: torch.Tensor | None, labels: dict[str, torch.Tenso
         steps.append(torch.randn((num_inference_steps, *shape), generator=generator))
     inputs = RolloutInputs(labels=dict(labels), contexts=contexts,
                            initial_noise=torch.stack(initial), step_noise=torch.stack(steps, 1))
-    images, kls = [], []
     for start in range(0, len(initial), batch_size):
-        trajectory = sample(model, inputs.slice(start, start + batch_size), eta=eta,
-                            compute_kl=compute_kl, from_reference=from_reference)
-        with torch.no_grad():
-            images.append(model.decode(trajectory.x0).cpu())
-        if compute_kl:
-            kls.append(trajectory.path_kl.cpu())
-    return torch.cat(images), (torch.cat(kls) if compute_kl else None)
+        yield sample(model, inputs.slice(start, start + batch_size), eta=eta,
+                     compute_kl=compute_kl, from_reference=from_reference)
 
 
 def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig,

@@ -83,13 +83,17 @@ class FinetuneConfig:
     evaluate_base: bool = True
     optimum_samples_per_context: int = 100   # the exact optimum next to the run's numbers; 0: off
     optimum_max_samples_per_context: int = 0  # a low-ESS context topped up to this; 0: no
+    # Where the base samples' optimum keeps ESS < 50: as many samples of the fine-tuned policy
+    # per target and context, weighted to the optimum by their path ratio; 0: off.
+    optimum_policy_samples: int = 0
     output_dir: str = "outputs/ctrl-digits-compress"
     experiment: str = "ctrl-ray-finetune"
 
     def __post_init__(self):
         check_bounds(self, iterations="[1, 100000000]", seed=SEED, checkpoint_every=">= 0",
                      optimum_samples_per_context="[0, 100000]",
-                     optimum_max_samples_per_context="[0, 1000000]")
+                     optimum_max_samples_per_context="[0, 1000000]",
+                     optimum_policy_samples="[0, 100000]")
         # The one place the update rule is chosen: `objective` becomes the rule's own config.
         rule_config = objective_config(self.mode)
         if self.adapter.kind is None:

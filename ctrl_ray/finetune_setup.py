@@ -139,20 +139,29 @@ def evaluate_setup(setup: Setup, config: FinetuneConfig, out: Path) -> dict[str,
     if config.optimum_samples_per_context:
         optimum = run_optimum(setup, config, judge)
         print(format_optimum(optimum))
-        results["optimum"] = optimum["levels"][0]
-        results["against_optimum"] = against_optimum(
-            results["ctrl"], results["optimum"], results.get("base", optimum["base"]))
+        base = results.get("base", optimum["base"])
+        if config.optimum_policy_samples and not optimum["levels"][0]["trustworthy"]:
+            by_policy = run_optimum(setup, config, judge, proposal=setup.model)
+            print(format_optimum(by_policy))
+            if by_policy["levels"][0]["ess_min"] > optimum["levels"][0]["ess_min"]:
+                optimum = by_policy
+        results["optimum"] = {**optimum["levels"][0], "proposal": optimum["proposal"]}
+        results["against_optimum"] = against_optimum(results["ctrl"], results["optimum"], base)
         print(format_against_optimum(results["against_optimum"], list(setup.label_info)))
     return results
 
 
-def run_optimum(setup: Setup, config: FinetuneConfig, judge: DigitJudge | None) -> dict:
+def run_optimum(setup: Setup, config: FinetuneConfig, judge: DigitJudge | None,
+                proposal=None) -> dict:
     """The exact optimum at the run's gamma/alpha, on the evaluation's targets and sampler, from
-    `optimum_samples_per_context` base samples per context (topped up as configured)."""
+    `optimum_samples_per_context` base samples per context (topped up as configured), or from
+    `optimum_policy_samples` samples per target of a `proposal` policy."""
     tilt = config.objective.tilt_exponent(math.prod(setup.model.sample_shape))
+    samples = (config.optimum_samples_per_context if proposal is None
+               else config.optimum_policy_samples)
     return exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood, judge,
-                         OptimumConfig(
-                             samples_per_context=config.optimum_samples_per_context,
+                         proposal=proposal, config=OptimumConfig(
+                             samples_per_context=samples,
                              max_samples_per_context=config.optimum_max_samples_per_context,
                              contexts=config.evaluation.contexts,
                              context_digits=config.evaluation.context_digits,

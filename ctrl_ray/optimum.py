@@ -8,6 +8,13 @@ expectations a resample of it would give, its KL to the base is sum_i w_i log(M 
 limit of log M - H(w)), and the effective sample size 1 / sum_i w_i^2 says whether to trust
 it. Base samples come from the same discretised sampler the policies use, so discretisation
 error cancels.
+
+Where the optimum sits where base samples rarely go (ESS < 50 from thousands of base samples),
+a trained policy q can be the proposal instead (`proposal_pool`): M policy samples per target
+(c, y), weighted by p(y | x0, c)^(gamma / alpha) p_pre(path) / q(path), the path ratio exact
+from the sampler's Gaussian steps. Its KL to the base is E_w[(gamma / alpha) log p(y | x0, c)]
+- log mean(p^(gamma / alpha) p_pre / q), which is the base pool's formula when q = p_pre. The
+ESS still says how far to trust it, except about regions the proposal never visits.
 """
 
 from __future__ import annotations
@@ -25,9 +32,9 @@ from sklearn.metrics import accuracy_score, f1_score
 from ctrl_ray.evaluation import (
     class_names,
     context_labels,
-    generate,
     judge_view,
     resolve_contexts,
+    sample_rows,
     save_grid,
     target_labels,
 )
@@ -39,9 +46,11 @@ ImageLogLikelihood = Callable[[torch.Tensor, dict, torch.Tensor | None], torch.T
 
 
 @dataclass
-class BasePool:
-    """M base samples per context: images, their labels by each label's scorer, the judge's
-    digit and log p(y | x) for every target y (a tuple of classes, one per label)."""
+class SamplePool:
+    """Samples per context: images, their labels by each label's scorer, the judge's digit and
+    log p(y | x) for every target y (a tuple of classes, one per label). Base samples serve
+    every target; a proposal's rows (`target_of_row`: the index of the target in
+    `log_likelihood` each was drawn for) carry log q/p_pre of their path (`log_ratio`)."""
 
     contexts: list[int]
     context_of_row: np.ndarray                   # (N,)
@@ -51,10 +60,24 @@ class BasePool:
     log_likelihood: dict[tuple, np.ndarray]      # target -> (N,)
     scorers: dict[str, str]
     context_digits: dict[int, int] = field(default_factory=dict)   # context -> judged digit
+    log_ratio: np.ndarray | None = None          # (N,) log q/p_pre of the path; None: base
+    target_of_row: np.ndarray | None = None      # (N,) the proposal's target; None: every one
+
+    def rows(self, context: int, target_index: int) -> np.ndarray:
+        """The rows that sample the optimum of (context, target)."""
+        mask = self.context_of_row == context
+        if self.target_of_row is not None:
+            mask &= self.target_of_row == target_index
+        return np.flatnonzero(mask)
+
+    def log_weights(self, target: tuple, rows: np.ndarray, tilt: float) -> np.ndarray:
+        """Unnormalised log weights of `rows` for the optimum of `target` at `tilt`."""
+        logits = tilt * self.log_likelihood[target][rows]
+        return logits if self.log_ratio is None else logits - self.log_ratio[rows]
 
 
 def base_pool(model, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood, judge,
-              config: OptimumConfig) -> BasePool:
+              config: OptimumConfig) -> SamplePool:
     """Sample the base model M times per context and score every sample for every target; then
     top up each context whose ESS (at any target and guidance level) is below `min_ess`, by as
     many samples as the ESS asks for (it grows in proportion), up to `max_samples_per_context`."""
@@ -63,7 +86,7 @@ def base_pool(model, label_info: dict[str, dict], log_likelihood: ImageLogLikeli
                for name in names}
     contexts, context_digits = resolve_contexts(model, config.contexts, config.context_digits)
     judge = judge if model.num_contexts and context_digits is not None else None
-    pool = BasePool(contexts, np.zeros(0, dtype=np.int64), torch.zeros(0), {}, None, {},
+    pool = SamplePool(contexts, np.zeros(0, dtype=np.int64), torch.zeros(0), {}, None, {},
                     {name: scorers[name].description for name in names},
                     dict(zip(contexts, context_digits or [], strict=False)))
     more = {c: config.samples_per_context for c in contexts}
@@ -75,30 +98,47 @@ def base_pool(model, label_info: dict[str, dict], log_likelihood: ImageLogLikeli
     return pool
 
 
-def _add_samples(pool: BasePool, model, scorers: dict, log_likelihood: ImageLogLikelihood,
-                 judge, rows: list[int], first_seed: int, config: OptimumConfig) -> None:
-    """Draw one base sample per entry of `rows` (its context; seeds from `first_seed` on),
+def _add_samples(pool: SamplePool, model, scorers: dict, log_likelihood: ImageLogLikelihood,
+                 judge, rows: list[int], first_seed: int, config: OptimumConfig,
+                 target: tuple | None = None) -> None:
+    """Draw one sample per entry of `rows` (its context; seeds from `first_seed` on), from the
+    base, or from the policy `model` conditioned on `target` (with each path's log q/p_pre);
     score it for every target and append it to `pool`."""
     names = list(scorers)
     context_tensor = torch.tensor(rows) if model.num_contexts else None
-    unused = {name: torch.zeros(len(rows), dtype=torch.long) for name in names}
-    images, _ = generate(model, context_tensor, unused,
-                         [first_seed + i for i in range(len(rows))],
-                         num_inference_steps=config.num_inference_steps, eta=config.eta,
-                         from_reference=True, batch_size=config.batch_size)
+    drawn_labels = {name: torch.full((len(rows),), 0 if target is None else k, dtype=torch.long)
+                    for name, k in zip(names, target or [0] * len(names), strict=True)}
+    images, log_ratios = [], []
+    for trajectory in sample_rows(model, context_tensor, drawn_labels,
+                                  [first_seed + i for i in range(len(rows))],
+                                  num_inference_steps=config.num_inference_steps, eta=config.eta,
+                                  from_reference=target is None, batch_size=config.batch_size,
+                                  compute_kl=target is not None):
+        with torch.no_grad():
+            images.append(model.decode(trajectory.x0).cpu())
+        if target is not None:
+            log_ratios.append(trajectory.path_log_ratio.double().cpu().numpy())
+    images = torch.cat(images)
     targets = itertools.product(*(range(model.label_classes[name]) for name in names))
     with torch.no_grad():
-        for target in targets:
+        for each in targets:
             labels = {name: torch.full((len(rows),), k, dtype=torch.long)
-                      for name, k in zip(names, target, strict=True)}
+                      for name, k in zip(names, each, strict=True)}
             scores = torch.cat([
                 log_likelihood(images[i:i + config.batch_size],
                                {n: v[i:i + config.batch_size] for n, v in labels.items()},
                                None if context_tensor is None else
                                context_tensor[i:i + config.batch_size]).double().cpu()
                 for i in range(0, len(rows), config.batch_size)]).numpy()
-            pool.log_likelihood[target] = np.concatenate(
-                [pool.log_likelihood.get(target, np.zeros(0)), scores])
+            pool.log_likelihood[each] = np.concatenate(
+                [pool.log_likelihood.get(each, np.zeros(0)), scores])
+    if target is not None:
+        index = list(pool.log_likelihood).index(target)
+        pool.log_ratio = np.concatenate([pool.log_ratio if pool.log_ratio is not None
+                                         else np.zeros(0), *log_ratios])
+        pool.target_of_row = np.concatenate([
+            pool.target_of_row if pool.target_of_row is not None else np.zeros(0, np.int64),
+            np.full(len(rows), index)])
     for name in names:
         pool.labels[name] = np.concatenate([pool.labels.get(name, np.zeros(0, np.int64)),
                                             scorers[name].label(images)])
@@ -110,7 +150,27 @@ def _add_samples(pool: BasePool, model, scorers: dict, log_likelihood: ImageLogL
     pool.context_of_row = np.concatenate([pool.context_of_row, np.asarray(rows)])
 
 
-def _top_up(pool: BasePool, config: OptimumConfig) -> dict[int, int]:
+def proposal_pool(policy, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood,
+                  judge, config: OptimumConfig) -> SamplePool:
+    """`samples_per_context` samples of the policy per target and context, each with its
+    path's log q/p_pre: the optimum's importance sample where base samples rarely reach it."""
+    names = list(policy.label_classes)
+    scorers = {name: get_scorer(name, label_info[name], config.scorers.get(name))
+               for name in names}
+    contexts, context_digits = resolve_contexts(policy, config.contexts, config.context_digits)
+    judge = judge if policy.num_contexts and context_digits is not None else None
+    pool = SamplePool(contexts, np.zeros(0, dtype=np.int64), torch.zeros(0), {}, None, {},
+                      {name: scorers[name].description for name in names},
+                      dict(zip(contexts, context_digits or [], strict=False)))
+    targets = list(itertools.product(*(range(policy.label_classes[name]) for name in names)))
+    for index, target in enumerate(targets):
+        rows = [c for c in contexts for _ in range(config.samples_per_context)]
+        _add_samples(pool, policy, scorers, log_likelihood, judge, rows,
+                     config.seed + index * len(rows), config, target=target)
+    return pool
+
+
+def _top_up(pool: SamplePool, config: OptimumConfig) -> dict[int, int]:
     """How many more samples each context whose lowest ESS is below `min_ess` needs (20% over
     the proportional estimate, within `max_samples_per_context`)."""
     more = {}
@@ -128,9 +188,20 @@ def _top_up(pool: BasePool, config: OptimumConfig) -> dict[int, int]:
 
 def tilted_weights(log_likelihood: np.ndarray, tilt: float) -> np.ndarray:
     """Self-normalised weights proportional to p(y | x)^tilt (computed in log space)."""
-    logits = tilt * log_likelihood
-    weights = np.exp(logits - logits.max())
+    return normalised(tilt * log_likelihood)
+
+
+def normalised(log_weights: np.ndarray) -> np.ndarray:
+    """Self-normalised weights from unnormalised log weights."""
+    weights = np.exp(log_weights - log_weights.max())
     return weights / weights.sum()
+
+
+def tilted_kl(log_weights: np.ndarray, weights: np.ndarray, tilted: np.ndarray) -> float:
+    """KL(optimum || base) from an importance sample: E_w[tilt log p] - log mean(exp(log_weights))
+    (= sum_i w_i log(M w_i) for base samples, whose log weights are the tilted log p)."""
+    log_mean = float(np.logaddexp.reduce(log_weights) - math.log(len(log_weights)))
+    return max(float(weights @ tilted) - log_mean, 0.0)
 
 
 def weights_kl_and_ess(weights: np.ndarray) -> tuple[float, float]:
@@ -140,17 +211,19 @@ def weights_kl_and_ess(weights: np.ndarray) -> tuple[float, float]:
     return max(kl, 0.0), float(1.0 / (weights**2).sum())  # >= 0; rounding gave -0.00 at w = 1/M
 
 
-def optimum_at(pool: BasePool, label_info: dict[str, dict], tilt: float) -> dict:
+def optimum_at(pool: SamplePool, label_info: dict[str, dict], tilt: float) -> dict:
     """The optimum's report at gamma / alpha = ``tilt``, in the evaluation protocol's terms."""
     names = list(pool.labels)
     y_true = {name: [] for name in names}
     y_pred = {name: [] for name in names}
     sample_weight, joint, fidelity, reward, kls, esses, fractions = [], [], [], [], [], [], []
-    for target, log_likelihood in pool.log_likelihood.items():
+    for index, (target, log_likelihood) in enumerate(pool.log_likelihood.items()):
         for c in pool.contexts:
-            rows = np.flatnonzero(pool.context_of_row == c)
-            weights = tilted_weights(log_likelihood[rows], tilt)
-            kl, ess = weights_kl_and_ess(weights)
+            rows = pool.rows(c, index)
+            log_weights = pool.log_weights(target, rows, tilt)
+            weights = normalised(log_weights)
+            ess = float(1.0 / (weights**2).sum())
+            kl = tilted_kl(log_weights, weights, tilt * log_likelihood[rows])
             kls.append(kl)
             esses.append(ess)
             fractions.append(ess / len(rows))
@@ -191,16 +264,19 @@ def optimum_at(pool: BasePool, label_info: dict[str, dict], tilt: float) -> dict
 
 
 def exact_optimum(model, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood, judge,
-                  config: OptimumConfig, grid_path: str | Path | None = None) -> dict:
+                  config: OptimumConfig, grid_path: str | Path | None = None,
+                  proposal=None) -> dict:
     """The optimum at every guidance level (and the base model at level 0), with the ESS
     warning, and optionally a grid (rows = targets, columns = contexts) drawn from the optimum
-    at the first level."""
-    pool = base_pool(model, label_info, log_likelihood, judge, config)
+    at the first level; from base samples, or from a trained policy's (`proposal`)."""
+    pool = (base_pool(model, label_info, log_likelihood, judge, config) if proposal is None
+            else proposal_pool(proposal, label_info, log_likelihood, judge, config))
     levels = [optimum_at(pool, label_info, tilt) for tilt in config.guidance_levels]
     for level in levels:
         level["trustworthy"] = level["ess_min"] >= config.min_ess
     drawn = [int((pool.context_of_row == c).sum()) for c in pool.contexts]
-    result = {"samples_per_context": config.samples_per_context, "samples_drawn": drawn,
+    result = {"proposal": "base" if proposal is None else "policy",
+              "samples_per_context": config.samples_per_context, "samples_drawn": drawn,
               "contexts": pool.contexts,
               "num_inference_steps": config.num_inference_steps, "min_ess": config.min_ess,
               "base": optimum_at(pool, label_info, 0.0), "levels": levels}
@@ -210,17 +286,17 @@ def exact_optimum(model, label_info: dict[str, dict], log_likelihood: ImageLogLi
     return result
 
 
-def _optimum_grid(model, pool: BasePool, label_info: dict[str, dict], tilt: float, seed: int,
+def _optimum_grid(model, pool: SamplePool, label_info: dict[str, dict], tilt: float, seed: int,
                   path: str | Path) -> Path:
     """One sample per (target, context), resampled from the optimum at ``tilt``; rows and
     columns named by target and context."""
     generator = np.random.default_rng(seed)
     picks = []
-    for log_likelihood in pool.log_likelihood.values():
+    for index, target in enumerate(pool.log_likelihood):
         for c in pool.contexts:
-            rows = np.flatnonzero(pool.context_of_row == c)
-            picks.append(rows[generator.choice(len(rows), p=tilted_weights(
-                log_likelihood[rows], tilt))])
+            rows = pool.rows(c, index)
+            picks.append(rows[generator.choice(len(rows), p=normalised(
+                pool.log_weights(target, rows, tilt)))])
     return save_grid(pool.images[picks], rows=len(pool.log_likelihood), path=path,
                      row_labels=target_labels({name: label_info[name] for name in pool.labels},
                                               list(pool.log_likelihood)),
@@ -242,10 +318,13 @@ def format_optimum(result: dict) -> str:
     drawn = result.get("samples_drawn") or [result["samples_per_context"]]
     counts = f"{min(drawn)}" if min(drawn) == max(drawn) else \
         f"{min(drawn)}-{max(drawn)} (more where the ESS was low)"
-    lines = [f"exact optimum (importance-weighted base samples: {counts} per context, "
+    by_policy = result.get("proposal") == "policy"
+    source = (f"the fine-tuned policy's samples: {result['samples_per_context']} per target and "
+              f"context" if by_policy else f"base samples: {counts} per context")
+    lines = [f"exact optimum (importance-weighted {source}, "
              f"{result['num_inference_steps']} steps)", header]
     warnings = []
-    for level in [result["base"], *result["levels"]]:
+    for level in (result["levels"] if by_policy else [result["base"], *result["levels"]]):
         label = "base" if level is result["base"] else f"{level['gamma_over_alpha']:g}"
         f1s = "  ".join(f"{level['labels'][name]['macro_f1']:>16.3f}" for name in names)
         fidelity = f"{level['fidelity']:.3f}" if "fidelity" in level else "   -"

@@ -13,7 +13,7 @@ from test_theorem import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, MEANS, WEIGHTS, mix
 
 from ctrl_ray.cli import main
 from ctrl_ray.optimum import (
-    BasePool,
+    SamplePool,
     against_optimum,
     format_against_optimum,
     optimum_at,
@@ -41,13 +41,13 @@ def closed_form(y: int, tilt: float) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def mixture_pool() -> tuple[BasePool, torch.Tensor]:
+def mixture_pool() -> tuple[SamplePool, torch.Tensor]:
     """20,000 exact samples of the mixture, labelled by the sign of x_1 (the 'oracle'), and
     the samples themselves."""
     x = mixture_backbone().sample(20_000, generator=torch.Generator().manual_seed(0)).double()
     logits = (x @ CLASSIFIER_WEIGHT.double() + CLASSIFIER_BIAS).numpy()
     log_likelihood = {(0,): -np.logaddexp(0, logits), (1,): -np.logaddexp(0, -logits)}
-    return BasePool(contexts=[0], context_of_row=np.zeros(len(x), dtype=int),
+    return SamplePool(contexts=[0], context_of_row=np.zeros(len(x), dtype=int),
                     images=x, labels={"y": (x[:, 0] > 0).long().numpy()}, judged_digits=None,
                     log_likelihood=log_likelihood, scorers={"y": "sign of x_1"}), x
 
@@ -72,6 +72,37 @@ def test_weighted_base_samples_match_the_closed_form_posterior(mixture_pool, til
     assert abs(report["accuracy"] - expected_accuracy) < 0.02
     assert abs(report["kl"] - np.mean(kls)) < 0.03
     assert report["ess_min"] > 2_000
+
+
+@pytest.mark.parametrize("tilt", [1.0, 3.0])
+def test_a_proposals_weighted_samples_match_the_closed_form_posterior(tilt):
+    """Each target's samples from its own broad Gaussian, weighted by p^tilt p_pre / q."""
+    backbone = mixture_backbone()
+    rows, targets, log_ratios, images = [], [], [], []
+    torch.manual_seed(1)
+    for y, centre in ((0, -0.5), (1, 0.5)):
+        q = torch.distributions.MultivariateNormal(torch.tensor([centre, 0.0]).double(),
+                                                   1.5 * torch.eye(2).double())
+        x = q.sample((20_000,))
+        with torch.no_grad():
+            log_ratios.append((q.log_prob(x) - backbone.log_prob(x.float()).double()).numpy())
+        images.append(x)
+        targets.append(np.full(len(x), y))
+        rows.append(np.zeros(len(x), dtype=int))
+    x = torch.cat(images)
+    logits = (x @ CLASSIFIER_WEIGHT.double() + CLASSIFIER_BIAS).numpy()
+    pool = SamplePool(contexts=[0], context_of_row=np.concatenate(rows), images=x,
+                      labels={"y": (x[:, 0] > 0).long().numpy()}, judged_digits=None,
+                      log_likelihood={(0,): -np.logaddexp(0, logits),
+                                      (1,): -np.logaddexp(0, -logits)},
+                      scorers={"y": "sign of x_1"}, log_ratio=np.concatenate(log_ratios),
+                      target_of_row=np.concatenate(targets))
+    report = optimum_at(pool, {"y": {"num_classes": 2}}, tilt)
+    expected_accuracy = (closed_form(1, tilt)["p_positive"]
+                         + 1 - closed_form(0, tilt)["p_positive"]) / 2
+    assert report["ess_min"] > 1_000
+    assert abs(report["accuracy"] - expected_accuracy) < 0.03
+    assert abs(report["kl"] - np.mean([closed_form(y, tilt)["kl"] for y in (0, 1)])) < 0.05
 
 
 def test_flat_weights_are_the_base_with_zero_kl(mixture_pool):

@@ -109,6 +109,10 @@ def test_step_kl_and_log_prob_are_those_of_the_two_gaussians(pretrained_unet, re
             torch.testing.assert_close(trajectory.kl[step], expected, rtol=1e-4, atol=1e-7)
             log_prob = Normal(policy_mean, sigma).log_prob(trajectory.states[step + 1]).flatten(1)
             torch.testing.assert_close(trajectory.log_probs[step], log_prob.sum(1))
+            log_ratio = log_prob.sum(1) - Normal(reference_mean, sigma).log_prob(
+                trajectory.states[step + 1]).flatten(1).sum(1)
+            torch.testing.assert_close(trajectory.log_ratio[step], log_ratio, rtol=1e-4,
+                                       atol=1e-3)
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
@@ -348,3 +352,14 @@ def test_drawing_a_shards_rows_equals_slicing_the_whole_draw():
         assert all(torch.equal(part.labels[n], expected.labels[n]) for n in LABELS)
         assert torch.equal(part.candidate_seeds, expected.candidate_seeds)
     assert not torch.equal(whole.initial_noise[0], whole.initial_noise[1])
+
+
+def test_the_path_log_ratio_averages_to_the_path_kl(pretrained_unet):
+    """E_q[log q/p(path)] = KL(q || p): the weights a policy's samples carry to the base."""
+    model = make_model(pretrained_unet, perturbed=True)
+    with torch.no_grad():
+        trajectory = sample(model, make_inputs(seed=3, batch=256))
+    log_ratio, kl = trajectory.path_log_ratio, trajectory.path_kl
+    standard_error = float(log_ratio.std()) / 256**0.5
+    assert float(kl.mean()) > 5 * standard_error   # a KL the test can tell from zero
+    assert abs(float(log_ratio.mean() - kl.mean())) < 4 * standard_error

@@ -236,7 +236,9 @@ class Trajectory:
 
     states (S+1, B, ...) x_T .. x_0 and means (S, B, ...) are detached; log_probs (S, B) is
     log N(x_{t-1}; mu_policy, sigma_t^2) (None when eta = 0); kl (S, B) is the per-step KL to the
-    reference (None when not computed) and, like x0, carries gradients inside the window.
+    reference (None when not computed) and, like x0, carries gradients inside the window;
+    log_ratio (S, B), detached, is log q/p_ref of each step's draw (computed with the KL): its
+    path sum importance-weights a policy sample to the reference.
     """
 
     states: Tensor
@@ -248,6 +250,7 @@ class Trajectory:
     x0: Tensor
     labels: dict[str, Tensor] = field(default_factory=dict)
     contexts: Tensor | None = None
+    log_ratio: Tensor | None = None
 
     @property
     def path_kl(self) -> Tensor:
@@ -255,6 +258,14 @@ class Trajectory:
         if self.kl is None:
             raise InputError("the trajectory has no KL: sample it with compute_kl=True")
         return self.kl.sum(0)
+
+    @property
+    def path_log_ratio(self) -> Tensor:
+        """log P_policy(path) / P_reference(path) of each sampled path, shape (B,): its mean
+        over paths is the path KL."""
+        if self.log_ratio is None:
+            raise InputError("the trajectory has no log ratio: sample it with compute_kl=True")
+        return self.log_ratio.sum(0)
 
 
 NoiseFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (x_t, t, contexts) -> eps
@@ -344,7 +355,7 @@ def sample(
     candidates = getattr(model, "step_candidates", 0) // 2 if mean_shift is not None else 0
     next_timesteps = torch.cat([schedule.timesteps[1:], schedule.timesteps.new_zeros(1)])
     x = inputs.initial_noise
-    states, means, log_probs, kls = [x], [], [], []
+    states, means, log_probs, kls, log_ratios = [x], [], [], [], []
     for step in range(num_steps):
         sigma = schedule.sigmas[step]
         in_window = step >= first_gradient_step
@@ -366,6 +377,10 @@ def sample(
             if compute_kl:
                 kls.append(gaussian_kl(mean, mean_reference, sigma, kl_reduction))
             x = mean + sigma * inputs.step_noise[step]
+            if compute_kl:
+                with torch.no_grad():
+                    log_ratios.append((((x - mean_reference) ** 2 - (x - mean) ** 2).flatten(1)
+                                       .sum(1) / (2 * sigma**2)).detach())
         if eta > 0:
             log_probs.append(gaussian_log_prob(x.detach(), mean.detach(), sigma))
         means.append(mean.detach())
@@ -381,4 +396,5 @@ def sample(
         x0=x,
         labels=inputs.labels,
         contexts=inputs.contexts,
+        log_ratio=torch.stack(log_ratios) if log_ratios else None,
     )
