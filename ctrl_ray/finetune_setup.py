@@ -143,6 +143,8 @@ def evaluate_setup(setup: Setup, config: FinetuneConfig, out: Path) -> dict[str,
         if config.optimum_policy_samples and not optimum["levels"][0]["trustworthy"]:
             by_policy = run_optimum(setup, config, judge, proposal=setup.model)
             print(format_optimum(by_policy))
+            results["optimum_estimates"] = {"base": optimum["levels"][0],
+                                            "policy": by_policy["levels"][0]}
             if by_policy["levels"][0]["ess_min"] > optimum["levels"][0]["ess_min"]:
                 optimum = by_policy
         results["optimum"] = {**optimum["levels"][0], "proposal": optimum["proposal"]}

@@ -139,7 +139,8 @@ def tiny_run(tiny_base, tiny_reward, tiny_judge, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ctrl") / "run"
     config = load_config(FinetuneConfig, overrides=[*tiny_finetune_overrides(
-        tiny_base, tiny_reward, tiny_judge, out), "objective.lr_schedule=cosine"])
+        tiny_base, tiny_reward, tiny_judge, out), "objective.lr_schedule=cosine",
+        "optimum_policy_samples=16"])
     return out, finetune(config, progress=False)
 
 

@@ -30,6 +30,13 @@ def test_finetune_writes_policy_checkpoints_and_mlflow_run(tiny_run):
     ctrl = result["ctrl"]["labels"]["compress_class"]
     assert len(ctrl["per_class_f1"]) == 4 and sum(map(sum, ctrl["confusion_matrix"])) == 8
     assert result["base"]["mean_kl"] == 0.0 and result["ctrl"]["mean_kl"] > 0.0
+    # 16 base samples per digit cannot give the optimum an ESS of 50: the policy's samples were
+    # weighted to it too, and the run keeps the estimate with the larger ESS.
+    estimates = result["optimum_estimates"]
+    assert estimates["policy"]["ess_min"] <= 16 and estimates["base"]["ess_min"] <= 16
+    kept = max(estimates, key=lambda source: estimates[source]["ess_min"])
+    assert result["optimum"]["proposal"] == kept
+    assert result["optimum"]["kl"] == estimates[kept]["kl"]
 
 
 def test_fine_tuned_policy_differs_from_base_and_reloads(tiny_run):

@@ -165,6 +165,8 @@ def _run(roles: Roles, config: FinetuneConfig, out: Path, progress: bool,
         for name in ("base", "ctrl", "optimum", "against_optimum"):
             if name in result:
                 mlflow.log_metrics(scalar_metrics(result[name], f"eval_{name}_"))
+        if "optimum" in result:   # whose samples the optimum was weighted from
+            mlflow.set_tag("optimum_proposal", result["optimum"]["proposal"])
     return result
 
 
