@@ -90,10 +90,12 @@ def _markdown(data: dict) -> str:
     if policy_rows:
         lines += ["", "The same optima weighted from a trained policy's samples "
                   "(optimum_proposal.md):", "",
-                  "| task | macro-F1 | KL | ESS min / mean |", "|---|---|---|---|"]
+                  "| task | score | KL | ESS min / mean |", "|---|---|---|---|"]
         for row in policy_rows:
             level = row["optimum_by_policy"]
-            lines.append(f"| {row['task']} | {level['macro_f1']:.3f} | {level['kl']:.2f} | "
+            score = level["macro_f1"] if level.get("macro_f1") is not None else \
+                level["joint_accuracy"]
+            lines.append(f"| {row['task']} | {score:.3f} | {level['kl']:.2f} | "
                          f"{level['ess_min']:.1f} / {level['ess_mean']:.0f} |")
     return "\n".join(lines) + "\n"
 
