@@ -3,14 +3,15 @@ p(y | x0, c)^(gamma / alpha) p_pre(path) / q(path) (`ctrl_ray.optimum.proposal_p
 to the base samples' estimate of the same optimum.
 
 ink is the check: there the base samples' estimate is trustworthy (ESS about 50), so the two
-must agree. Compressibility at gamma/alpha 10 and slant are where the base samples' ESS stays
-at 1-9 after thousands of draws per digit.
+must agree. Compressibility at gamma/alpha 10, the compress x ink pair and slant are where the
+base samples' ESS stays at 1-9 after thousands of draws per digit.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/optimum_proposal.py [--tasks ink compress slant] \
         [--samples 200]
 
-The committed results drew 100 (ink), 300 (compress) and 200 (slant) samples per target:
-`--samples` sets them all; a task estimated before at another count is read from its cache.
+The committed results drew 200 (ink, slant), 300 (compress) and 40 (the pair: 16 targets per
+digit) samples per target: `--samples` sets them all; without it each task reads its largest
+cached estimate.
 
 Writes benchmarks/results/optimum_proposal.{json,md}; each task's estimate is cached under
 --out, so an interrupted run resumes.
@@ -69,8 +70,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = {}
     for task in args.tasks:
-        cached = sorted(Path(args.out).glob(f"{task}-*.json"))
-        samples = args.samples or (int(cached[0].stem.split("-")[1]) if cached else 200)
+        cached = [int(path.stem.split("-")[1]) for path in Path(args.out).glob(f"{task}-*.json")]
+        samples = args.samples or max(cached, default=200)
         path = Path(args.out) / f"{task}-{samples}.json"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
