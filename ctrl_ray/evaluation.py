@@ -52,8 +52,9 @@ def generate(model, contexts: torch.Tensor | None, labels: dict[str, torch.Tenso
 def sample_rows(model, contexts: torch.Tensor | None, labels: dict[str, torch.Tensor],
                 seeds: Sequence[int], *, num_inference_steps: int = 50, eta: float = 1.0,
                 from_reference: bool = False, batch_size: int = 256,
-                compute_kl: bool = False):
-    """The trajectories of `generate`, batch by batch (each row from its own seed)."""
+                compute_kl: bool = False, compute_log_ratio: bool = False):
+    """The trajectories of `generate`, batch by batch (each row from its own seed); with
+    `compute_log_ratio`, each carries its paths' log q/p_ref."""
     from ctrl_ray.sampling.sampler import RolloutInputs, sample
 
     shape = tuple(model.sample_shape)
@@ -66,7 +67,8 @@ def sample_rows(model, contexts: torch.Tensor | None, labels: dict[str, torch.Te
                            initial_noise=torch.stack(initial), step_noise=torch.stack(steps, 1))
     for start in range(0, len(initial), batch_size):
         yield sample(model, inputs.slice(start, start + batch_size), eta=eta,
-                     compute_kl=compute_kl, from_reference=from_reference)
+                     compute_kl=compute_kl or compute_log_ratio, from_reference=from_reference,
+                     compute_log_ratio=compute_log_ratio)
 
 
 def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig,

@@ -81,21 +81,29 @@ def base_pool(model, label_info: dict[str, dict], log_likelihood: ImageLogLikeli
     """Sample the base model M times per context and score every sample for every target; then
     top up each context whose ESS (at any target and guidance level) is below `min_ess`, by as
     many samples as the ESS asks for (it grows in proportion), up to `max_samples_per_context`."""
-    names = list(model.label_classes)
-    scorers = {name: get_scorer(name, label_info[name], config.scorers.get(name))
-               for name in names}
-    contexts, context_digits = resolve_contexts(model, config.contexts, config.context_digits)
-    judge = judge if model.num_contexts and context_digits is not None else None
-    pool = SamplePool(contexts, np.zeros(0, dtype=np.int64), torch.zeros(0), {}, None, {},
-                    {name: scorers[name].description for name in names},
-                    dict(zip(contexts, context_digits or [], strict=False)))
-    more = {c: config.samples_per_context for c in contexts}
+    pool, scorers, judge = _empty_pool(model, label_info, judge, config)
+    more = {c: config.samples_per_context for c in pool.contexts}
     while more:
         rows = [c for c, count in more.items() for _ in range(count)]
         _add_samples(pool, model, scorers, log_likelihood, judge, rows,
                      config.seed + len(pool.context_of_row), config)
         more = _top_up(pool, config)
     return pool
+
+
+def _empty_pool(model, label_info: dict[str, dict], judge, config: OptimumConfig
+                ) -> tuple[SamplePool, dict, object]:
+    """A pool with no samples yet, each label's scorer, and the judge (None where the model
+    has no contexts the judge can read)."""
+    names = list(model.label_classes)
+    scorers = {name: get_scorer(name, label_info[name], config.scorers.get(name))
+               for name in names}
+    contexts, context_digits = resolve_contexts(model, config.contexts, config.context_digits)
+    judge = judge if model.num_contexts and context_digits is not None else None
+    pool = SamplePool(contexts, np.zeros(0, dtype=np.int64), torch.zeros(0), {}, None, {},
+                      {name: scorers[name].description for name in names},
+                      dict(zip(contexts, context_digits or [], strict=False)))
+    return pool, scorers, judge
 
 
 def _add_samples(pool: SamplePool, model, scorers: dict, log_likelihood: ImageLogLikelihood,
@@ -113,7 +121,7 @@ def _add_samples(pool: SamplePool, model, scorers: dict, log_likelihood: ImageLo
                                   [first_seed + i for i in range(len(rows))],
                                   num_inference_steps=config.num_inference_steps, eta=config.eta,
                                   from_reference=target is None, batch_size=config.batch_size,
-                                  compute_kl=target is not None):
+                                  compute_log_ratio=target is not None):
         with torch.no_grad():
             images.append(model.decode(trajectory.x0).cpu())
         if target is not None:
@@ -154,17 +162,10 @@ def proposal_pool(policy, label_info: dict[str, dict], log_likelihood: ImageLogL
                   judge, config: OptimumConfig) -> SamplePool:
     """`samples_per_context` samples of the policy per target and context, each with its
     path's log q/p_pre: the optimum's importance sample where base samples rarely reach it."""
-    names = list(policy.label_classes)
-    scorers = {name: get_scorer(name, label_info[name], config.scorers.get(name))
-               for name in names}
-    contexts, context_digits = resolve_contexts(policy, config.contexts, config.context_digits)
-    judge = judge if policy.num_contexts and context_digits is not None else None
-    pool = SamplePool(contexts, np.zeros(0, dtype=np.int64), torch.zeros(0), {}, None, {},
-                      {name: scorers[name].description for name in names},
-                      dict(zip(contexts, context_digits or [], strict=False)))
-    targets = list(itertools.product(*(range(policy.label_classes[name]) for name in names)))
+    pool, scorers, judge = _empty_pool(policy, label_info, judge, config)
+    targets = itertools.product(*(range(count) for count in policy.label_classes.values()))
     for index, target in enumerate(targets):
-        rows = [c for c in contexts for _ in range(config.samples_per_context)]
+        rows = [c for c in pool.contexts for _ in range(config.samples_per_context)]
         _add_samples(pool, policy, scorers, log_likelihood, judge, rows,
                      config.seed + index * len(rows), config, target=target)
     return pool

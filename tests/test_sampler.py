@@ -91,7 +91,7 @@ def test_every_step_kl_is_zero_at_init(pretrained_unet):
 def test_step_kl_and_log_prob_are_those_of_the_two_gaussians(pretrained_unet, reduction):
     model = make_model(pretrained_unet, perturbed=True)
     inputs = make_inputs()
-    trajectory = sample(model, inputs, kl_reduction=reduction)
+    trajectory = sample(model, inputs, kl_reduction=reduction, compute_log_ratio=True)
     schedule = DenoisingSchedule.create(model.alphas_cumprod, STEPS, eta=1.0)
     assert torch.all(trajectory.sigmas > 0)
     assert trajectory.kl.min() > 0
@@ -358,7 +358,7 @@ def test_the_path_log_ratio_averages_to_the_path_kl(pretrained_unet):
     """E_q[log q/p(path)] = KL(q || p): the weights a policy's samples carry to the base."""
     model = make_model(pretrained_unet, perturbed=True)
     with torch.no_grad():
-        trajectory = sample(model, make_inputs(seed=3, batch=256))
+        trajectory = sample(model, make_inputs(seed=3, batch=256), compute_log_ratio=True)
     log_ratio, kl = trajectory.path_log_ratio, trajectory.path_kl
     standard_error = float(log_ratio.std()) / 256**0.5
     assert float(kl.mean()) > 5 * standard_error   # a KL the test can tell from zero

@@ -237,7 +237,7 @@ class Trajectory:
     states (S+1, B, ...) x_T .. x_0 and means (S, B, ...) are detached; log_probs (S, B) is
     log N(x_{t-1}; mu_policy, sigma_t^2) (None when eta = 0); kl (S, B) is the per-step KL to the
     reference (None when not computed) and, like x0, carries gradients inside the window;
-    log_ratio (S, B), detached, is log q/p_ref of each step's draw (computed with the KL): its
+    log_ratio (S, B), detached, is log q/p_ref of each step's draw (only when asked for): its
     path sum importance-weights a policy sample to the reference.
     """
 
@@ -264,7 +264,8 @@ class Trajectory:
         """log P_policy(path) / P_reference(path) of each sampled path, shape (B,): its mean
         over paths is the path KL."""
         if self.log_ratio is None:
-            raise InputError("the trajectory has no log ratio: sample it with compute_kl=True")
+            raise InputError("the trajectory has no log ratio: sample it with "
+                             "compute_log_ratio=True")
         return self.log_ratio.sum(0)
 
 
@@ -305,6 +306,7 @@ def sample(
     gradient_steps: int | None = None,
     checkpoint: bool = True,
     from_reference: bool = False,
+    compute_log_ratio: bool = False,
 ) -> Trajectory:
     """Run the reverse process from ``inputs`` with the policy (or the reference) and record it.
 
@@ -317,7 +319,8 @@ def sample(
     depends on the parameters and the KL gradient needs that path; with ``checkpoint`` each
     network call is recomputed in backward instead of storing its activations.
     ``compute_kl=False`` skips the reference network entirely; ``from_reference=True`` samples
-    the pre-trained model (KL is then zero and not computed).
+    the pre-trained model (KL is then zero and not computed). ``compute_log_ratio`` (with the
+    KL) also records each step's log q/p_ref of the draw, for importance weighting.
     """
     if method not in ("ddim", "ddpm"):
         raise InputError(f"method must be 'ddim' or 'ddpm', got {method!r}")
@@ -377,7 +380,7 @@ def sample(
             if compute_kl:
                 kls.append(gaussian_kl(mean, mean_reference, sigma, kl_reduction))
             x = mean + sigma * inputs.step_noise[step]
-            if compute_kl:
+            if compute_kl and compute_log_ratio:
                 with torch.no_grad():
                     log_ratios.append((((x - mean_reference) ** 2 - (x - mean) ** 2).flatten(1)
                                        .sum(1) / (2 * sigma**2)).detach())
