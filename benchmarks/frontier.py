@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, testbed_parser, write_results  # noqa: E402
 from plots import frontier_plot  # noqa: E402
-from text2image_control import interval  # noqa: E402
+from text2image_control import TEST_SEED, interval  # noqa: E402
 
 from ctrl_ray import tracking  # noqa: E402
 from ctrl_ray.audit import AuditConfig  # noqa: E402
@@ -56,7 +56,6 @@ GUIDANCE_LEVELS = [0.3, 1.0, 3.0, 10.0]   # every CTRL run is at 1 or 10
 TASK_CONFIGS = {"ink": "configs/ctrl_digits_ink.yaml",
                 "compress": "configs/ctrl_digits_compress.yaml",
                 "multi": "configs/ctrl_digits_ink.yaml"}
-TEST_SEED = 30_000   # the evaluation seed every method is scored on
 
 # Every rule at the same sampler (20 DDPM steps); budgets sized for a 2-core CPU.
 VALUE = ["mode=value", "adapter.kind=value", "adapter.min_timestep=0", "objective.batch_size=32",
@@ -302,8 +301,9 @@ def _markdown(data: dict) -> str:
              f"(y, c) target on evaluation seed {TEST_SEED}, oracle labels, digit judge for "
              f"fidelity. Score: macro-F1 (single label) or joint accuracy (two labels). KL: mean "
              f"path KL to the base model (nats); for the exact optimum, the importance weights' KL "
-             f"({data['args']['optimum_samples']} base samples per digit, topped up to "
-             f"{data['args']['optimum_max_samples']} where its ESS is below 50). Per nat: score "
+             f"({data['args']['optimum_samples']} base samples per digit"
+             + (f", topped up to {data['args']['optimum_max_samples']} where its ESS is below 50"
+                if data['args']['optimum_max_samples'] else "") + "). Per nat: score "
              f"gained over the base per nat of KL. CTRL rows: mean +- 95% t-interval over "
              f"training seeds {data['args']['seeds']}.", ""]
     for task, result in data["tasks"].items():
