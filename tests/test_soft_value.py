@@ -179,6 +179,35 @@ def test_the_head_takes_any_channel_count_and_size(shape):
     assert log_q.shape == (5, 3) and log_m.shape == (5,)
 
 
+def test_coordinate_channels_let_the_head_tell_where_the_ink_is(tiny_base):
+    """Far from the border a conv stack with a global average pool cannot tell a dot's
+    position (its features only move); with coordinate channels it can. And a head saved
+    before coordinates existed is rebuilt without them."""
+    from ctrl_ray.checkpoint import build_policy
+    from ctrl_ray.models.loading import load_base_model_dir
+
+    torch.manual_seed(0)
+    images = torch.zeros(2, 1, 32, 32)
+    images[0, 0, 14:18, 10:14] = images[1, 0, 14:18, 16:20] = 1.0   # an even shift, far
+                                                                        # from the border
+    for coordinates in (False, True):
+        net = SoftValueNet(SoftValueSpec([1, 32, 32], {"y": 2}, channels=[4, 8],
+                                         coordinates=coordinates))
+        torch.nn.init.normal_(net.head.weight)
+        log_q, log_m = net(images, torch.full((2,), 500), None)
+        outputs = torch.cat([log_q, log_m[:, None]], 1)
+        gap = (outputs[0] - outputs[1]).abs().max().item()
+        assert (gap > 1e-3) if coordinates else (gap < 1e-5)
+    old = {"channels": [4, 8], "hidden_dim": 16, "time_embedding_dim": 8,
+           "step_candidates": 0, "step_scale": 1.0}
+    spec = {"label_classes": {"y": 2}, "adapter": "value", "lora_rank": 4, "lora_alpha": None,
+            "lora_targets": None, "value_head": old}
+    base = load_base_model_dir(tiny_base.model_dir)
+    assert not build_policy(base, spec).value_head.spec.coordinates
+    new = {**spec, "value_head": {**old, "coordinates": True}}
+    assert build_policy(base, new).value_head.spec.coordinates
+
+
 def test_a_prompt_embedding_head_learns_a_prompt_dependent_value_and_reads_any_prompt():
     """Conditioned on a text embedding (not an index), the head separates two prompts by what
     follows them and gives a prompt it never saw a finite value."""

@@ -12,7 +12,7 @@ from ctrl_ray.errors import InputError
 
 ADAPTERS = ("lora", "full", "none", "value")
 WIDTH_KEYS = ("channels", "hidden_dim", "time_embedding_dim")
-VALUE_HEAD_KEYS = (*WIDTH_KEYS, "step_candidates", "step_scale")   # widths, the policy's step
+VALUE_HEAD_KEYS = (*WIDTH_KEYS, "coordinates", "step_candidates", "step_scale")
 
 
 @dataclass

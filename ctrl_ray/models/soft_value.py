@@ -44,6 +44,8 @@ class SoftValueSpec:
     time_embedding_dim: int = 64
     step_candidates: int = 8      # the step: 0 first-order, else this many base candidates
     step_scale: float = 1.0       # the step's multiple (> 1: a head early stopping left flat)
+    coordinates: bool = True      # two channels of each pixel's position (images): where
+                                  # things are survives the global average pool
 
     def __post_init__(self):
         self.channels = [int(width) for width in self.channels]
@@ -79,7 +81,8 @@ class SoftValueNet(nn.Module):
         dim = spec.time_embedding_dim
         self.is_image = len(spec.sample_shape) == 3
         if self.is_image:
-            self.blocks = conv_stages(spec.sample_shape[0], spec.channels)
+            in_channels = spec.sample_shape[0] + (2 if spec.coordinates else 0)
+            self.blocks = conv_stages(in_channels, spec.channels)
             self.head = nn.Linear(spec.channels[-1], outputs)
             widths = [block[0].out_channels for block in self.blocks]
         else:
@@ -118,6 +121,8 @@ class SoftValueNet(nn.Module):
         if self.context_projection is not None:
             embedding = embedding + self.context_projection(contexts.to(embedding.dtype))
         hidden = x if self.is_image else x.flatten(1)
+        if self.is_image and self.spec.coordinates:
+            hidden = torch.cat([hidden, _coordinate_channels(x)], dim=1)
         for block, shift in zip(self.blocks, self.shifts, strict=True):
             shift = shift(embedding)
             hidden = block(hidden) + (shift[:, :, None, None] if self.is_image else shift)
@@ -192,6 +197,15 @@ class SoftValueNet(nn.Module):
         active = active.view(candidates, -1)[0]
         return scale * sigma**2 * tilted * active.view(-1, *[1] * (mean.dim() - 1)).to(
             tilted.dtype)
+
+
+def _coordinate_channels(x: Tensor) -> Tensor:
+    """(B, 2, H, W): each pixel's row and column, scaled to [-1, 1] (CoordConv)."""
+    height, width = x.shape[-2:]
+    rows = torch.linspace(-1, 1, height, device=x.device, dtype=x.dtype)
+    cols = torch.linspace(-1, 1, width, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))
+    return grid.expand(x.shape[0], -1, -1, -1)
 
 
 def value_loss(network: SoftValueNet, x: Tensor, t: Tensor, contexts: Tensor | None,
