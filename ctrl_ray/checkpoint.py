@@ -51,6 +51,7 @@ def policy_spec(model: AugmentedModel, label_info: dict[str, dict], sampling: di
             "time_embedding_dim": model.value_head.spec.time_embedding_dim,
             "coordinates": model.value_head.spec.coordinates,
             "step_candidates": model.value_head.spec.step_candidates,
+            "initial_candidates": model.value_head.spec.initial_candidates,
             "step_scale": model.value_head.spec.step_scale},
         "sampling": sampling,
         "base_model": base_model,
@@ -186,8 +187,9 @@ def build_policy(base: BaseModel, spec: dict[str, Any]) -> AugmentedModel:
         lora_targets=spec["lora_targets"],
         min_timestep=int(spec.get("min_timestep", 0)),
         time_buckets=int(spec.get("time_buckets", 1)),
-        # A head saved before it could see coordinates had none.
-        value_head=spec.get("value_head") and {"coordinates": False, **spec["value_head"]},
+        # A head saved before coordinates and the tilt of x_T existed had neither.
+        value_head=spec.get("value_head") and {"coordinates": False, "initial_candidates": 0,
+                                               **spec["value_head"]},
     )
 
 

@@ -115,6 +115,33 @@ def test_a_rows_step_candidates_are_its_own_alone_or_in_any_batch():
         SoftValueSpec([2], {"y": 2}, step_candidates=3)
 
 
+def test_the_tilt_of_x_T_is_the_tilted_prior_mean_and_its_kl_joins_step_one():
+    """With log h linear, log h(x) = a.x, N(0, I) h / E[h] is N(a, I): x_T moves by a exactly,
+    step 1's KL gains |a|^2 / 2 (its own shift sigma^2 a costs sigma^2 |a|^2 / 2), and the
+    path's log ratio still averages to its KL."""
+    torch.manual_seed(0)
+    a = torch.tensor([0.6, -0.3])
+    model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value",
+                           value_head={"initial_candidates": 8, "step_candidates": 4})
+    model.value_head.log_value = lambda x, t, contexts, labels: (
+        x @ a, torch.ones(len(x), dtype=torch.bool))
+    inputs = RolloutInputs.draw(0, 512, 8, (2,), {"y": 2})
+    with torch.no_grad():
+        trajectory = sample(model, inputs, compute_log_ratio=True)
+    torch.testing.assert_close(trajectory.states[0], inputs.initial_noise + a)
+    sigma = trajectory.sigmas[0]
+    expected = (sigma**2 + 1) * (a**2).sum() / 2
+    torch.testing.assert_close(trajectory.kl[0], expected.expand(512), rtol=1e-4, atol=1e-6)
+    log_ratio, kl = trajectory.path_log_ratio, trajectory.path_kl
+    assert abs(float(log_ratio.mean() - kl.mean())) < 4 * float(log_ratio.std()) / 512**0.5
+    model.value_head.spec.initial_candidates = 0
+    with torch.no_grad():
+        untilted = sample(model, inputs)
+    assert torch.equal(untilted.states[0], inputs.initial_noise)
+    with pytest.raises(InputError, match="initial_candidates"):
+        SoftValueSpec([2], {"y": 2}, initial_candidates=5)
+
+
 def test_the_policy_spec_carries_the_step_scale():
     """A saved value policy is rebuilt with the step scale it was sampled with (before, the
     spec left it out and a loaded policy stepped at 1)."""

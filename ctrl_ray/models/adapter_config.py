@@ -12,7 +12,8 @@ from ctrl_ray.errors import InputError
 
 ADAPTERS = ("lora", "full", "none", "value")
 WIDTH_KEYS = ("channels", "hidden_dim", "time_embedding_dim")
-VALUE_HEAD_KEYS = (*WIDTH_KEYS, "coordinates", "step_candidates", "step_scale")
+VALUE_HEAD_KEYS = (*WIDTH_KEYS, "coordinates", "step_candidates", "initial_candidates",
+                   "step_scale")
 
 
 @dataclass
@@ -39,8 +40,9 @@ class AdapterConfig:
         if unknown:
             raise UnknownKeyError(f"adapter.value_head.{unknown[0]}",
                                   self.value_head[unknown[0]], ", ".join(VALUE_HEAD_KEYS))
-        if "step_candidates" in self.value_head:
-            check_step_candidates(self.value_head["step_candidates"])
+        for key in ("step_candidates", "initial_candidates"):
+            if key in self.value_head:
+                check_step_candidates(self.value_head[key], key)
         if "step_scale" in self.value_head:
             check_step_scale(self.value_head["step_scale"])
 
@@ -51,8 +53,8 @@ def check_step_scale(value: Any) -> None:
         raise InputError(f"value_head.step_scale: need a number > 0, got {value!r}")
 
 
-def check_step_candidates(value: Any) -> None:
-    """The value head's step takes 0 (first-order) or an even number of antithetic candidates."""
+def check_step_candidates(value: Any, key: str = "step_candidates") -> None:
+    """The value head's steps take 0 (first-order; for x_T: no tilt) or an even number of
+    antithetic candidates."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value % 2:
-        raise InputError(f"value_head.step_candidates: need 0 (the first-order step) or an even "
-                         f"number >= 2, got {value!r}")
+        raise InputError(f"value_head.{key}: need 0 or an even number >= 2, got {value!r}")

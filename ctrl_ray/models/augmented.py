@@ -239,6 +239,25 @@ class AugmentedModel(nn.Module):
         return self.value_head.mean_shift(mean, sigma, next_t, self.head_context(context),
                                           labels, offsets)
 
+    def initial_shift(self, x_t: Tensor, t: Tensor, context: Tensor | None,
+                      labels: Mapping[str, Tensor], offsets: Tensor) -> Tensor | None:
+        """The value head's tilt of x_T ~ N(0, I): the shift of its mean toward that of
+        N(0, I) h_T(x) / E[h_T], from ``offsets`` (`initial_candidates` / 2 rows of noise per
+        sample; None without a head or its tilt, in reference mode, or at t < min_timestep).
+        The optimum tilts x_T itself; a policy that starts from N(0, I) can only make up for it
+        in the first step, at 1 / sigma^2 the KL (docs/update_rules.md, section 13)."""
+        if (self.value_head is None or self._reference_mode or int(t) < self.min_timestep
+                or not self.value_head.spec.initial_candidates):
+            return None
+        return self.value_head.mean_shift(torch.zeros_like(x_t), torch.ones((), dtype=x_t.dtype,
+                                          device=x_t.device), t, self.head_context(context),
+                                          labels, offsets)
+
+    @property
+    def initial_candidates(self) -> int:
+        """Base candidates per sample of the value head's tilt of x_T (0: none)."""
+        return 0 if self.value_head is None else self.value_head.spec.initial_candidates
+
     @property
     def step_candidates(self) -> int:
         """Base candidates per sample of the value head's step (0: the first-order step)."""

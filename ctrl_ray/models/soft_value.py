@@ -44,6 +44,7 @@ class SoftValueSpec:
     time_embedding_dim: int = 64
     step_candidates: int = 8      # the step: 0 first-order, else this many base candidates
     step_scale: float = 1.0       # the step's multiple (> 1: a head early stopping left flat)
+    initial_candidates: int = 32  # the tilt of x_T: 0 none, else this many base candidates
     coordinates: bool = True      # two channels of each pixel's position (images): where
                                   # things are survives the global average pool
 
@@ -59,6 +60,7 @@ class SoftValueSpec:
             raise InputError(f"value_head.time_embedding_dim: need an even width, got "
                              f"{self.time_embedding_dim}")
         check_step_candidates(self.step_candidates)
+        check_step_candidates(self.initial_candidates, "initial_candidates")
         check_step_scale(self.step_scale)
         if self.num_contexts and self.context_dim:
             raise InputError("a value head conditions on class indices or on prompt "

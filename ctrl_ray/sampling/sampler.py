@@ -358,6 +358,18 @@ def sample(
     candidates = getattr(model, "step_candidates", 0) // 2 if mean_shift is not None else 0
     next_timesteps = torch.cat([schedule.timesteps[1:], schedule.timesteps.new_zeros(1)])
     x = inputs.initial_noise
+    initial_kl = initial_log_ratio = None
+    initial = getattr(model, "initial_candidates", 0) // 2 if mean_shift is not None else 0
+    if initial and 0 in adapted:
+        # The value head's tilt of x_T, a Gaussian shift of N(0, I): its KL joins step 1's.
+        shift = model.initial_shift(x, schedule.timesteps[0], inputs.contexts, inputs.labels,
+                                    inputs.candidate_noise(-1, initial))
+        if shift is not None:
+            x = x + shift
+            if compute_kl:
+                initial_kl = gaussian_kl(shift, torch.zeros_like(shift), torch.ones_like(
+                    schedule.sigmas[0]), kl_reduction)
+                initial_log_ratio = ((x**2 - (x - shift) ** 2).flatten(1).sum(1) / 2).detach()
     states, means, log_probs, kls, log_ratios = [x], [], [], [], []
     for step in range(num_steps):
         sigma = schedule.sigmas[step]
@@ -389,6 +401,10 @@ def sample(
         means.append(mean.detach())
         states.append(x.detach())
 
+    if initial_kl is not None:
+        kls[0] = kls[0] + initial_kl
+        if log_ratios:
+            log_ratios[0] = log_ratios[0] + initial_log_ratio
     return Trajectory(
         states=torch.stack(states),
         means=torch.stack(means),
