@@ -3,6 +3,8 @@ that starts as the base model and that its trainable state rebuilds."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_theorem import mixture_backbone
@@ -313,6 +315,29 @@ def test_the_learner_holds_out_every_kth_rollout_and_never_takes_a_worse_head():
     metrics = learner_step(model, make_optimizer(model, sensible), [payload], sensible,
                            torch.Generator().manual_seed(0), 0)
     assert any(not torch.equal(before[k], model.value_head.state_dict()[k]) for k in before)
+
+
+def test_the_final_fit_continues_on_the_whole_replay_and_never_ends_worse():
+    """After a short online fit the final fit lowers the held-out loss further (it keeps its
+    best weights, so it never raises it); none without steps or a replay."""
+    from ctrl_ray.objectives.base import make_optimizer
+    from ctrl_ray.objectives.value import ValueConfig, final_fit, learner_step
+
+    torch.manual_seed(0)
+    model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value")
+    config = ValueConfig(batch_size=256, num_inference_steps=8, regression_steps=5,
+                         check_every=5, final_fit_steps=300, final_fit_lr=3e-3)
+    assert final_fit(model, config, 0) == {}
+    base = sample(model, RolloutInputs.draw(0, 256, 8, (2,), {"y": 2}), from_reference=True)
+    log_targets = torch.stack([-torch.nn.functional.softplus(-3 * base.x0[:, 0] * s)
+                               for s in (1.0, -1.0)], 1)
+    payload = {"states": base.states, "log_targets": log_targets, "contexts": None}
+    online = learner_step(model, make_optimizer(model, config), [payload], config,
+                          torch.Generator().manual_seed(0), 0)
+    final = final_fit(model, config, 0)
+    assert final["final_fit_heldout_loss"] < online["heldout_loss"] - 0.01, (online, final)
+    assert final["final_fit_kept_steps"] > 0
+    assert final_fit(model, dataclasses.replace(config, final_fit_steps=0), 0) == {}
 
 
 def test_an_untrained_head_reports_its_base_rollouts_as_the_policys(monkeypatch):

@@ -149,6 +149,9 @@ def _run(roles: Roles, config: FinetuneConfig, out: Path, progress: bool,
         train_seconds = time.perf_counter() - train_start
         mlflow.log_metrics(pipeline.staleness_counts())
 
+        final_fit = roles.on_learners("final_fit")
+        if final_fit:
+            mlflow.log_metrics(final_fit)
         calibration = _calibrate_step_scale(roles)
         final_state = roles.call(roles.learner, "trainable_state")
         spec = roles.call(roles.learner, "describe")["spec"]

@@ -100,6 +100,15 @@ class Learner:
                        learner_ranks=float(data_parallel.world_size()))
         return metrics
 
+    def final_fit(self) -> dict[str, float]:
+        """The rule's last fit after the last update (the value rule's; on every learner rank,
+        which meet in its collectives); empty for the other rules."""
+        final_fit = getattr(self.rule, "final_fit", None)
+        if final_fit is None:
+            return {}
+        self.setup.model.train()
+        return final_fit(self.setup.model, self.setup.objective, self.config.seed)
+
     def calibrate_step_scale(self) -> dict[str, Any] | None:
         """The value rule's last stage: its head's step scale chosen by the objective
         (`ctrl_ray.objectives.step_scale`), recorded in the policy spec; None for the other

@@ -150,7 +150,10 @@ class ValueConfig(ObjectiveConfig):
     itself stays in fp32 (a bf16 fit was no faster: benchmarks/results/check_bf16.md).
     ``check_patience: k`` ends an update's fit after k checks in a row without a better
     held-out loss (the weights kept are the best so far either way), since most updates keep
-    the weights they came in with. After training the head's step scale is chosen among
+    the weights they came in with. After the last update the head takes ``final_fit_steps``
+    more steps on the whole replay at ``final_fit_lr`` (best held-out weights kept): the online
+    fits, 30 annealed steps per update on a growing replay, end under-fit. Then its step scale
+    is chosen among
     ``step_scales`` by CTRL's objective on ``calibration_rollouts`` policy rollouts, the one
     closest to the exact optimum (`ctrl_ray.objectives.step_scale`)."""
 
@@ -174,9 +177,14 @@ class ValueConfig(ObjectiveConfig):
     step_scales: list[float] = field(default_factory=lambda: [0.7, 0.85, 1.0, 1.2, 1.35, 1.5,
                                                                1.7])
     calibration_rollouts: int = 128
+    final_fit_steps: int = 1000         # head steps on the whole replay after the last update
+    final_fit_lr: float = 1e-3          # (0 steps: none)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.final_fit_steps < 0 or not self.final_fit_lr > 0:
+            raise InputError(f"final_fit_steps must be >= 0 and final_fit_lr > 0, got "
+                             f"{self.final_fit_steps} and {self.final_fit_lr}")
         if self.regression_steps < 1 or self.regression_batch_size < 1:
             raise InputError(f"regression_steps and regression_batch_size must be >= 1, got "
                              f"{self.regression_steps} and {self.regression_batch_size}")

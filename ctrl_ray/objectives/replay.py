@@ -50,6 +50,8 @@ class Replay:
 
     def add(self, payloads: list[dict]) -> None:
         """Append the payloads' rollouts in order, dropping the oldest beyond the bounds."""
+        if not payloads:
+            return
         new = sum(p["log_targets"].shape[0] for p in payloads)
         order = torch.arange(self.added, self.added + new)
         heldout = order % self.heldout_every == 0 if self.heldout_every else \

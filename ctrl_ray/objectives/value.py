@@ -27,6 +27,7 @@ that do best on held-out rollouts (the check's forward passes in bf16 where it i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -175,6 +176,22 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
     if len(check_rows):
         metrics.update(heldout_loss=best_loss, kept_steps=float(kept))
     return metrics
+
+
+def final_fit(model, config: ValueConfig, seed: int) -> dict:
+    """The rule's last fit: ``final_fit_steps`` head steps on the whole replay at a fresh
+    ``final_fit_lr``, best held-out weights kept. Online, each update's fit is short and its
+    rate annealed toward zero, so the head leaves training under-fit on the rollouts it holds
+    (measured: docs/update_rules.md, section 14). Empty without steps or a replay."""
+    replay = getattr(model.value_head, "replay", None)
+    if not config.final_fit_steps or replay is None or not replay.count:
+        return {}
+    optimizer = torch.optim.AdamW(model.value_head.parameters(), lr=config.final_fit_lr,
+                                  weight_decay=config.weight_decay)
+    fit = dataclasses.replace(config, regression_steps=config.final_fit_steps,
+                              check_every=max(config.check_every, 50))
+    metrics = learner_step(model, optimizer, [], fit, torch.Generator().manual_seed(seed), seed)
+    return {f"final_fit_{key}": value for key, value in metrics.items()}
 
 
 def native_bf16(device: torch.device) -> bool:
