@@ -152,6 +152,10 @@ def _run(roles: Roles, config: FinetuneConfig, out: Path, progress: bool,
         final_fit = roles.on_learners("final_fit")
         if final_fit:
             mlflow.log_metrics(final_fit)
+            print(f"final fit of the value head on its {final_fit['final_fit_replay_rollouts']:.0f}"
+                  f" rollouts: kept step {final_fit.get('final_fit_kept_steps', 0):.0f} of "
+                  f"{final_fit['final_fit_head_steps']:.0f} "
+                  f"({final_fit['final_fit_seconds']:.0f} s)")
         calibration = _calibrate_step_scale(roles)
         final_state = roles.call(roles.learner, "trainable_state")
         spec = roles.call(roles.learner, "describe")["spec"]

@@ -107,7 +107,9 @@ class Learner:
         if final_fit is None:
             return {}
         self.setup.model.train()
-        return final_fit(self.setup.model, self.setup.objective, self.config.seed)
+        start = time.perf_counter()
+        metrics = final_fit(self.setup.model, self.setup.objective, self.config.seed)
+        return {**metrics, "final_fit_seconds": time.perf_counter() - start} if metrics else {}
 
     def calibrate_step_scale(self) -> dict[str, Any] | None:
         """The value rule's last stage: its head's step scale chosen by the objective
