@@ -328,6 +328,21 @@ def run_label(label: str, names: list[str], seeds: list[int], judge, nested: boo
         "per_step_kl": {"mean": steps.mean(0).tolist(), "per_seed": steps.tolist(),
                         "total": float(steps.sum(1).mean())},
     }
+    if result["runs_complete"]:
+        # What `ctrl-ray finetune` saves and a user samples: the last update, then the value
+        # rule's final fit and the step scale chosen by J (a checkpoint has neither).
+        saved = [evaluation(run.parent / "policy", TEST_SEED, judge) for run in runs.values()]
+        scores, kls = [r["macro_f1"] for r in saved], [r["mean_kl"] for r in saved]
+        result["saved_policy"] = {
+            "score": interval(scores), "kl": interval(kls),
+            "score_ratio": float(np.mean(scores)) / level["macro_f1"],
+            "kl_ratio": float(np.mean(kls)) / level["kl"],
+            "per_nat": (float(np.mean(scores)) - base_score) / float(np.mean(kls)),
+            "step_scales": [(json.loads((run.parent / "policy" / "policy.json").read_text())
+                             .get("value_head") or {}).get("step_scale")
+                            for run in runs.values()],
+            "per_seed": [{"seed": s, "score": f, "kl": k}
+                         for s, f, k in zip(seeds, scores, kls, strict=True)]}
     if nested:
         result["optimum_first_step_kl"] = first_step_optimum_kl(label)
     return result
@@ -362,6 +377,18 @@ def markdown(data: dict) -> list[str]:
             f"| {s:.3f} +- {sh:.3f} | {k:.2f} +- {kh:.2f} | {opt['score']:.3f} @ "
             f"{opt['kl']:.2f} ({opt['ess_min']:.0f}) | {r['score_ratio']:.2f}x | "
             f"{r['kl_ratio']:.2f}x | {r['per_nat']['ctrl']:.3f} | {r['per_nat']['optimum']:.3f} |")
+    saved = {label: r["saved_policy"] for label, r in data["labels"].items()
+             if "saved_policy" in r}
+    if saved:
+        lines += ["", "The policy each run saved (the last update, then the value rule's final "
+                  "fit and the step scale chosen by J; a checkpoint above has neither), test "
+                  "seed:", "", "| label | macro-F1 | KL | score ratio | KL ratio | per nat | "
+                  "step scales |", "|---|---|---|---|---|---|---|"]
+        for label, r in saved.items():
+            (s, sh), (k, kh) = r["score"], r["kl"]
+            lines.append(f"| {label} | {s:.3f} +- {sh:.3f} | {k:.2f} +- {kh:.2f} | "
+                         f"{r['score_ratio']:.2f}x | {r['kl_ratio']:.2f}x | {r['per_nat']:.3f} | "
+                         f"{r['step_scales']} |")
     lines.append("")
     for label, r in data["labels"].items():
         lines.append(

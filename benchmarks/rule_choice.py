@@ -121,7 +121,10 @@ def run_label(label: str, seeds: list[int], judge) -> dict:
             "adjoint": {"score": interval(scores), "kl": interval(kls),
                         "per_seed": [{"seed": s, "score": f, "kl": k}
                                      for s, f, k in zip(seeds, scores, kls, strict=True)]},
-            "value": {"score": value["score"], "kl": value["kl"]},
+            # the value rule's saved policy (final fit, step scale by J) where the runs have one
+            "value": {"score": value.get("saved_policy", value)["score"],
+                      "kl": value.get("saved_policy", value)["kl"],
+                      "saved_policy": "saved_policy" in value},
             "base": opt["base"]["macro_f1"],
             "optimum": {"score": level["macro_f1"], "kl": level["kl"],
                         "ess_min": level["ess_min"]}}
@@ -157,8 +160,9 @@ def markdown(data: dict, command: str) -> list[str]:
         for rule in ("value", "adjoint"):
             score, kl = result[rule]["score"], result[rule]["kl"]
             seeds = len(result[rule].get("per_seed", [])) or 3
+            name = "value (saved policy)" if result[rule].get("saved_policy") else rule
             lines.append(
-                f"| {label} | {cell} | {result['base']:.3f} | {rule} | {seeds} | "
+                f"| {label} | {cell} | {result['base']:.3f} | {name} | {seeds} | "
                 f"{score[0]:.3f} +- {score[1]:.3f} | {kl[0]:.2f} +- {kl[1]:.2f} | "
                 f"{score[0] / opt['score']:.2f}x | {kl[0] / opt['kl']:.2f}x | "
                 f"{(score[0] - result['base']) / kl[0]:.3f} |")
