@@ -87,7 +87,8 @@ def tiny_finetune_overrides(tiny_base, tiny_reward, tiny_judge, out,
         "objective.batch_size=8",
         "objective.num_inference_steps=4",
         *(truncation if mode == "pathwise" else []),
-        *(["objective.calibration_rollouts=16"] if mode == "value" else []),
+        *(["objective.calibration_rollouts=16", "objective.final_fit_steps=20"]
+          if mode == "value" else []),
         "adapter.min_timestep=100",  # the last of the 4 steps (t = 1) stays pre-trained
         "adapter.time_buckets=2",
         "objective.lr_embedding=0.05",

@@ -22,6 +22,7 @@ def test_demo_runs_every_stage_and_pulls_from_the_registry(digits8, tiny_base, r
         f"finetune.rewards=[{{path: {tmp_path}/reward}}]", f"finetune.judge={tmp_path}/judge",
         "finetune.objective.batch_size=4", "finetune.objective.num_inference_steps=4",
         "finetune.iterations=2", "finetune.checkpoint_every=0",
+        "finetune.objective.final_fit_steps=20",
         "finetune.evaluation.samples_per_target=1", "finetune.evaluation.contexts=[0]",
         "finetune.evaluation.num_inference_steps=4", "finetune.distributed.workers=2",
         "finetune.optimum_samples_per_context=8", "finetune.optimum_max_samples_per_context=400",

@@ -24,7 +24,7 @@ from ctrl_ray.policy import load_any
 
 RULES = {
     "value": ["objective.regression_steps=2", "objective.regression_batch_size=8",
-              "objective.calibration_rollouts=8"],
+              "objective.calibration_rollouts=8", "objective.final_fit_steps=20"],
     "adjoint": [],
     "pathwise": ["objective.truncation.mode=fixed", "objective.truncation.k=1"],
     "ppo": ["objective.minibatch_size=2"],
