@@ -23,8 +23,8 @@ from ctrl_ray.evaluation import evaluate
 from ctrl_ray.finetune_setup import FinetuneConfig, build_setup
 from ctrl_ray.models.judge import DigitJudge
 from ctrl_ray.models.soft_value import value_loss
-from ctrl_ray.objectives.value import target_log_likelihoods
-from ctrl_ray.sampling.sampler import DenoisingSchedule, RolloutInputs, sample
+from ctrl_ray.objectives.value import worker_step
+from ctrl_ray.sampling.sampler import DenoisingSchedule, RolloutInputs
 
 config_path, rollouts, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 overrides = ["mode=value", "adapter.kind=value", "evaluation.seed=10000",
@@ -42,19 +42,16 @@ cfg, setup = setup_for(False)
 model = setup.model.eval()
 S = cfg.objective.num_inference_steps
 start = time.time()
-states, log_targets, contexts = [], [], []
-for i in range(0, rollouts, 256):
-    inputs = RolloutInputs.draw(i + 1, 256, S, model.sample_shape, model.label_classes,
-                                num_contexts=model.num_contexts)
-    with torch.no_grad():
-        base = sample(model, inputs, eta=1.0, compute_kl=False, from_reference=True)
-        log_targets.append(cfg.objective.gamma / cfg.objective.kl_weight *
-                           target_log_likelihoods(model, setup.image_log_likelihood,
-                                                  base.x0, base.contexts))
-    states.append(base.states)
-    contexts.append(base.contexts)
-states, log_targets, contexts = torch.cat(states, 1), torch.cat(log_targets), torch.cat(contexts)
-schedule = DenoisingSchedule.create(model.alphas_cumprod, S, 1.0)
+payloads = [worker_step(model, setup.reward_fn,
+                        RolloutInputs.draw(i + 1, 256, S, model.sample_shape, model.label_classes,
+                                           num_contexts=model.num_contexts),
+                        cfg.objective, 256, 0, report=False)[0]
+            for i in range(0, rollouts, 256)]
+states, log_targets = (torch.cat([p[key] for p in payloads], dim) for key, dim in
+                       (("states", 1), ("log_targets", 0)))
+contexts = None if payloads[0]["contexts"] is None else torch.cat([p["contexts"]
+                                                                   for p in payloads])
+schedule = DenoisingSchedule.create(model.alphas_cumprod, S, cfg.objective.eta)
 timesteps = torch.cat([schedule.timesteps, schedule.timesteps.new_zeros(1)]).long()
 train = int(0.9 * states.shape[1])
 held_out = torch.arange(train, states.shape[1])

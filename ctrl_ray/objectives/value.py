@@ -182,7 +182,9 @@ def final_fit(model, config: ValueConfig, seed: int) -> dict:
     """The rule's last fit: ``final_fit_steps`` head steps on the whole replay at a fresh
     ``final_fit_lr``, best held-out weights kept. Online, each update's fit is short and its
     rate annealed toward zero, so the head leaves training under-fit on the rollouts it holds
-    (measured: docs/update_rules.md, section 14). Empty without steps or a replay."""
+    (measured: docs/update_rules.md, section 14). The held-out check runs every 50 steps or
+    ``check_every``, whichever is more (a long fit needs fewer). Empty without steps or a
+    replay."""
     replay = getattr(model.value_head, "replay", None)
     if not config.final_fit_steps or replay is None or not replay.count:
         return {}
