@@ -273,6 +273,9 @@ def test_value_head_widths_come_from_the_config_and_a_wrong_key_is_refused():
     with pytest.raises(InputError, match="step_candidates"):
         load_config(FinetuneConfig,
                     overrides=["mode=value", "adapter.value_head={step_candidates: 3}"])
+    with pytest.raises(InputError, match="coordinates"):
+        load_config(FinetuneConfig,
+                    overrides=["mode=value", "adapter.value_head={coordinates: maybe}"])
 
 
 def test_the_evaluation_samples_the_chain_the_head_is_fitted_on_unless_told_otherwise():

@@ -45,6 +45,9 @@ class AdapterConfig:
                 check_step_candidates(self.value_head[key], key)
         if "step_scale" in self.value_head:
             check_step_scale(self.value_head["step_scale"])
+        if not isinstance(self.value_head.get("coordinates", True), bool):
+            raise InputError(f"adapter.value_head.coordinates: need true or false, got "
+                             f"{self.value_head['coordinates']!r}")
 
 
 def check_step_scale(value: Any) -> None:
