@@ -15,6 +15,7 @@ import argparse
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -105,7 +106,11 @@ def main() -> None:
 
     rows = []
     for rule in args.rules:
-        rows.append(measure(rule, args.batch, args.steps, args.updates, "cuda"))
+        try:
+            rows.append(measure(rule, args.batch, args.steps, args.updates, "cuda"))
+        except Exception as error:   # one rule's failure must not hide the others' numbers
+            traceback.print_exc()
+            rows.append({"rule": rule, "error": f"{type(error).__name__}: {error}"})
         print(rows[-1], flush=True)
         torch.cuda.empty_cache()
     device = torch.cuda.get_device_name()
@@ -118,7 +123,8 @@ def main() -> None:
              f"defaults (LoRA rank 4; the value rule's head), batch {args.batch}, "
              f"{args.steps} DDPM steps; median of {args.updates} updates after a warm-up.", "",
              "| rule | s / update | rollouts/s | peak memory (GiB) |", "|---|---|---|---|"]
-    lines += [f"| {r['rule']} | {r['seconds_per_update']:.2f} | {r['rollouts_per_second']:.2f} "
+    lines += [f"| {r['rule']} | failed: {r['error']} | | |" if "error" in r else
+              f"| {r['rule']} | {r['seconds_per_update']:.2f} | {r['rollouts_per_second']:.2f} "
               f"| {r['peak_memory_gib']:.1f} |" for r in rows]
     publish("gpu_check", data, lines)
 

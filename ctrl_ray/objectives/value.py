@@ -77,7 +77,7 @@ def worker_step(model, reward_fn: RewardFn, inputs: RolloutInputs, config: Value
         return payload, {"num_samples": float(inputs.batch_size)}
     with torch.no_grad():
         if model.value_head.is_flat():   # an untrained head: the policy is the base exactly
-            policy, path_kl = base, torch.zeros(inputs.batch_size)
+            policy, path_kl = base, torch.zeros(inputs.batch_size, device=base.x0.device)
         else:
             policy = sample(model, inputs, eta=config.eta, kl_reduction=config.kl_reduction)
             path_kl = policy.path_kl
