@@ -1,5 +1,5 @@
 """Which rule a label needs: what `ctrl_ray.rule_choice` measures before training on every task
-(the optimum's smallest ESS per base sample at the run's tilt, and the rule it picks), and
+(the ESS per base rollout of the value targets' mass at the run's tilt, and the rule it picks), and
 Adjoint Matching on the two labels no config was tuned on, next to the default (value) rule's
 numbers from `benchmarks/new_labels.py` and the exact optimum.
 
@@ -49,7 +49,12 @@ from text2image_control import TEST_SEED, interval  # noqa: E402
 from ctrl_ray import tracking  # noqa: E402
 from ctrl_ray.config import load_raw  # noqa: E402
 from ctrl_ray.models.judge import DigitJudge  # noqa: E402
-from ctrl_ray.rule_choice import decide, measure, value_config  # noqa: E402
+from ctrl_ray.rule_choice import (  # noqa: E402
+    MIN_MASS_ESS_PER_SAMPLE,
+    decide,
+    measure,
+    value_config,
+)
 
 DEMO_BASE = "outputs/base-digits16-demo"
 # Each task as a user would write it with no `mode:` (the rule-specific keys left as they are:
@@ -71,12 +76,9 @@ def choices() -> dict:
     for task, (path, extra) in TASKS.items():
         raw = load_raw(path, [f"base_model={DEMO_BASE}", *extra])
         raw.pop("mode", None)
-        config = value_config(raw)
-        measured = measure(config)
-        level = measured["level"]
-        choice = decide(level["ess_per_sample_min"], level["gamma_over_alpha"])
-        rows[task] = {**choice, "ess_min": level["ess_min"], "optimum_kl": level["kl"],
-                      "samples_drawn": measured["samples_drawn"], "reward": measured["reward"]}
+        measured = measure(value_config(raw))
+        choice = decide(measured["mass_ess_per_sample"], measured["gamma_over_alpha"])
+        rows[task] = {**choice, "rollouts": measured["rollouts"], "groups": measured["groups"]}
         print(task, rows[task]["reason"], flush=True)
     return rows
 
@@ -136,16 +138,16 @@ def markdown(data: dict, command: str) -> list[str]:
         lines += ["## What the product measures before training, and picks", "",
                   f"`{data.get('choices_command', command)}`: each task's config with no "
                   "`mode:` on the demo's base, measured as `ctrl-ray finetune` does "
-                  "(`ctrl_ray.rule_choice`: at least 300 base samples per context, topped up "
-                  "as the config says).", "",
-                  "| task | gamma/alpha | the sharpest reward | its optimum's ESS min (base "
-                  "samples per context) | ESS per base sample, min | rule picked |",
-                  "|---|---|---|---|---|---|"]
+                  "(`ctrl_ray.rule_choice`: the value rule's targets lambda log p(y | x0, c) on "
+                  "base rollouts of the training distribution, 300 per context; the smallest "
+                  "ESS per rollout of their mass sum_y p(y | x0, c)^lambda over the contexts; "
+                  f"the value rule at {MIN_MASS_ESS_PER_SAMPLE:g} or more).", "",
+                  "| task | gamma/alpha | base rollouts (contexts) | the mass's ESS per "
+                  "rollout, min | rule picked |", "|---|---|---|---|---|"]
         for task, row in data["choices"].items():
-            lines.append(f"| {task} | {row['gamma_over_alpha']:g} | {row['reward']} | "
-                         f"{row['ess_min']:.1f} "
-                         f"({min(row['samples_drawn'])}-{max(row['samples_drawn'])}) | "
-                         f"{row['ess_per_sample']:.4f} | {row['mode']} |")
+            lines.append(f"| {task} | {row['gamma_over_alpha']:g} | {row['rollouts']} "
+                         f"({row['groups']}) | {row['mass_ess_per_sample']:.3f} | "
+                         f"{row['mode']} |")
         lines.append("")
     commands = sorted({r.get("command", command) for r in data["labels"].values()})
     lines += ["## Adjoint against the default (value) rule", "",

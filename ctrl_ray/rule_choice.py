@@ -1,25 +1,29 @@
 """The update rule of a run whose config names none (no `mode:`, or `mode: auto`): chosen
-before training from the exact optimum's importance weights on base samples, and said with its
-reason.
+before training from the value rule's own regression targets on base rollouts, and said with
+its reason.
 
 The default (value) rule regresses the soft value h_t(x) = E_pre[p(y | x0, c)^lambda | x_t]
-(lambda = gamma / alpha) on base rollouts. What one base rollout tells it about a target is the
-optimum's effective sample size per base sample, ESS / n = E[w]^2 / E[w^2] with w = p^lambda:
-the regression's targets have a relative variance of about n / ESS. It is measured reward by
-reward (each reward's own tilt; on the compress x ink pair the joint targets' ESS was as low as
-compressibility's at gamma/alpha 10, yet the value rule did far better there). Where the
-smallest ESS / n over a reward's targets is below `MIN_ESS_PER_SAMPLE` (one effective sample in
-two hundred base rollouts: the optimum's weights collapse on one or two of 300 base samples),
-the optimum sits where base rollouts almost never go, the head has next to nothing to fit
-there, and the run takes Adjoint Matching, which steers by the reward's gradient along its own
-rollouts, with the settings measured for it (configs/ctrl_digits_compress.yaml). The
-measurements behind the threshold are in docs/update_rules.md, section 11.
+(lambda = gamma / alpha) on base rollouts, for every target y at once: its loss is a
+cross-entropy over targets weighted by, plus a Poisson regression of, the targets' mass
+m(x0, c) = sum_y p(y | x0, c)^lambda. At lambda = 1 the mass is 1 for any classifier reward
+(and any product of them): h is the classifier p(y | x_t, c) of noisy states, which base
+rollouts teach like any classifier's training set, however rare a class. Above 1 the mass is a
+moment of p dominated by the rollouts on which the reward is confident; where the reward is
+weak (compressibility, 0.53 accuracy, at lambda = 10) a few base rollouts in a hundred carry
+it, the head learns little beyond its mean, and Adjoint Matching, which steers by the reward's
+gradient along its own rollouts, does better. What is measured is the effective sample size per
+base rollout of m, ESS / n = E[m]^2 / E[m^2], context by context; below
+`MIN_MASS_ESS_PER_SAMPLE` the run takes Adjoint Matching with the settings measured for it
+(configs/ctrl_digits_compress.yaml). The measurements behind it are in docs/update_rules.md,
+sections 11 and 15 (the optimum's own ESS, the earlier criterion, ranked the labels otherwise
+once the head improved).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +34,12 @@ from ctrl_ray.models.adapter_config import AdapterConfig
 from ctrl_ray.objectives.configs import DEFAULT_RULE
 
 AUTO = "auto"
-MIN_ESS_PER_SAMPLE = 0.005
-MEASURE_SAMPLES = 300   # base samples per context at least (ESS 1.5 at the threshold)
+MIN_MASS_ESS_PER_SAMPLE = 0.1
+MEASURE_SAMPLES = 300   # base rollouts per context on average
+MEASURE_MAX = 3000      # base rollouts at most
+MEASURE_BATCH = 256
+MEASURE_SEED = 9_999_999
+MIN_CONTEXT_ROWS = 50   # a context with fewer rollouts is measured with the rest, pooled
 FALLBACK_RULE = "adjoint"
 # What a run that falls back takes: the settings configs/ctrl_digits_compress.yaml measured.
 FALLBACK_SETTINGS = {
@@ -68,19 +76,21 @@ def value_config(raw: dict[str, Any]) -> FinetuneConfig:
     return with_rule(raw, DEFAULT_RULE)[0]
 
 
-def decide(ess_per_sample: float, tilt: float) -> dict:
-    """The rule for the optimum's smallest ESS per base sample, with one line saying why."""
-    rule = DEFAULT_RULE if ess_per_sample >= MIN_ESS_PER_SAMPLE else FALLBACK_RULE
+def decide(mass_ess_per_sample: float, tilt: float) -> dict:
+    """The rule for the smallest ESS per base rollout of the value targets' mass, with one line
+    saying why."""
+    rule = DEFAULT_RULE if mass_ess_per_sample >= MIN_MASS_ESS_PER_SAMPLE else FALLBACK_RULE
     relation = ">=" if rule == DEFAULT_RULE else "<"
-    reason = (f"rule {rule}: at gamma/alpha {tilt:g} the exact optimum keeps {ess_per_sample:.4f} "
-              f"effective samples per base sample where it reaches furthest ({relation} "
-              f"{MIN_ESS_PER_SAMPLE:g}), so the value head's regression targets there have a "
-              f"relative variance of about {1 / max(ess_per_sample, 1e-12):.0f}")
-    if rule != DEFAULT_RULE:
-        reason += ": too noisy to learn h from base rollouts; Adjoint Matching steers by the " \
-                  "reward's gradient"
-    return {"mode": rule, "ess_per_sample": ess_per_sample, "gamma_over_alpha": tilt,
-            "threshold": MIN_ESS_PER_SAMPLE, "reason": reason}
+    reason = (f"rule {rule}: at gamma/alpha {tilt:g} the value head's regression targets on base "
+              f"rollouts, p(y | x0)^{tilt:g} summed over targets, keep {mass_ess_per_sample:.3f} "
+              f"effective rollouts per base rollout ({relation} {MIN_MASS_ESS_PER_SAMPLE:g})")
+    if rule == DEFAULT_RULE and mass_ess_per_sample > 0.999:
+        reason += ": their mass is 1, so h is a classifier of noisy states"
+    elif rule != DEFAULT_RULE:
+        reason += (": a few rollouts where the reward is confident carry them, too few to learn "
+                   "h from; Adjoint Matching steers by the reward's gradient")
+    return {"mode": rule, "mass_ess_per_sample": mass_ess_per_sample, "gamma_over_alpha": tilt,
+            "threshold": MIN_MASS_ESS_PER_SAMPLE, "reason": reason}
 
 
 def with_rule(raw: dict[str, Any], rule: str) -> tuple[FinetuneConfig, list[str]]:
@@ -106,24 +116,68 @@ def with_rule(raw: dict[str, Any], rule: str) -> tuple[FinetuneConfig, list[str]
 
 
 def measure(config: FinetuneConfig) -> dict:
-    """The exact optimum at the run's gamma/alpha from base samples, reward by reward: the
-    evaluation's estimate, with at least MEASURE_SAMPLES per context (topped up as the run's
-    optimum is); the reward whose optimum keeps the fewest effective samples per base sample.
-    Each reward draws its pool again (the same seeds, so the same first samples; its own
-    top-ups): k rewards cost k estimates."""
-    from ctrl_ray.finetune_setup import build_setup, run_optimum
+    """The smallest ESS per base rollout of the value targets' mass (`mass_ess_per_sample`) at
+    the run's tilt, on `base_log_likelihoods`."""
+    log_likelihoods, contexts, tilt = base_log_likelihoods(config)
+    fractions = mass_ess_per_sample(tilt * log_likelihoods, contexts)
+    return {"mass_ess_per_sample": min(fractions), "gamma_over_alpha": tilt,
+            "rollouts": len(log_likelihoods), "groups": len(fractions)}
 
-    samples = max(config.optimum_samples_per_context, MEASURE_SAMPLES)
-    measured = []
-    for reward in config.rewards:
-        single = dataclasses.replace(config, rewards=[reward],
-                                     optimum_samples_per_context=samples)
-        setup = build_setup(single)
-        setup.model.eval()
-        result = run_optimum(setup, single, judge=None)
-        measured.append({"level": result["levels"][0], "reward": reward.path,
-                         "samples_drawn": result["samples_drawn"]})
-    return min(measured, key=lambda m: m["level"]["ess_per_sample_min"])
+
+def base_log_likelihoods(config: FinetuneConfig):
+    """log p(y | x0, c) for every target of the value head (all rewards jointly, as it regresses
+    them) on base rollouts of the training distribution of labels and contexts, MEASURE_SAMPLES
+    per context on average (MEASURE_MAX at most): (N, J) float64, the (N,) class-id contexts
+    (None where contexts are not class ids), and the run's tilt gamma / alpha."""
+    import torch  # the CLI's checks import this module: the heavy imports wait for a measurement
+
+    from ctrl_ray.finetune_setup import build_setup
+    from ctrl_ray.objectives.base import draw_inputs
+    from ctrl_ray.objectives.value import target_log_likelihoods
+    from ctrl_ray.sampling.sampler import sample
+
+    setup = build_setup(config)
+    model = setup.model.eval()
+    objective = config.objective
+    total = min(MEASURE_MAX, MEASURE_SAMPLES * max(1, model.num_contexts or 1))
+    log_likelihoods, contexts = [], []
+    for start in range(0, total, MEASURE_BATCH):
+        inputs = draw_inputs(model, dataclasses.replace(
+            objective, batch_size=min(MEASURE_BATCH, total - start)), MEASURE_SEED + start)
+        with torch.no_grad():
+            base = sample(model, inputs, eta=objective.eta, compute_kl=False,
+                          from_reference=True)
+            log_likelihoods.append(target_log_likelihoods(
+                model, setup.reward_fn, base.x0, base.contexts).double().cpu())
+        contexts.append(None if inputs.contexts is None or inputs.contexts.dim() != 1
+                        else inputs.contexts)
+    tilt = objective.tilt_exponent(math.prod(model.sample_shape))
+    return (torch.cat(log_likelihoods),
+            torch.cat(contexts) if all(c is not None for c in contexts) else None, tilt)
+
+
+def mass_ess_per_sample(log_targets, contexts) -> list[float]:
+    """ESS per rollout of the targets' mass sum_y exp(log_targets) (N, J), context by context
+    for the contexts with MIN_CONTEXT_ROWS rollouts or more, the others pooled."""
+    import torch
+
+    log_mass = torch.logsumexp(log_targets, 1)
+    if contexts is None:
+        return [ess_per_sample(log_mass)]
+    values, counts = contexts.unique(return_counts=True)
+    large = values[counts >= MIN_CONTEXT_ROWS]
+    rest = ~torch.isin(contexts, large)
+    return [ess_per_sample(log_mass[contexts == c]) for c in large] + (
+        [ess_per_sample(log_mass[rest])] if rest.any() else [])
+
+
+def ess_per_sample(log_weights) -> float:
+    """E[w]^2 / E[w^2] of weights given by their logs (a tensor): 1 when all are equal, 1/n at
+    worst."""
+    import torch
+
+    return float((2 * torch.logsumexp(log_weights, 0) - torch.logsumexp(2 * log_weights, 0)
+                  - math.log(len(log_weights))).exp())
 
 
 def choose_rule(raw: dict[str, Any]) -> tuple[FinetuneConfig, dict]:
@@ -131,18 +185,14 @@ def choose_rule(raw: dict[str, Any]) -> tuple[FinetuneConfig, dict]:
     and build the config of the chosen rule; the choice with its reason."""
     config = value_config(raw)
     measured = measure(config)
-    level = measured["level"]
-    choice = decide(level["ess_per_sample_min"], level["gamma_over_alpha"])
-    if len(config.rewards) > 1:
-        choice["reason"] += f" (the sharpest of the rewards: {measured['reward']})"
+    choice = decide(measured["mass_ess_per_sample"], measured["gamma_over_alpha"])
     chosen, dropped = with_rule(raw, choice["mode"])
     if dropped:
         choice["reason"] += (f" (not used by {choice['mode']}, which takes its own settings: "
                              f"{', '.join(dropped)})")
-    return chosen, {**choice, "dropped": dropped, "optimum_ess_min": level["ess_min"],
-                    "optimum_kl": level["kl"], "reward": measured["reward"],
-                    "samples_drawn": measured["samples_drawn"]}
+    return chosen, {**choice, "dropped": dropped, "rollouts": measured["rollouts"]}
 
 
-__all__ = ["AUTO", "FALLBACK_SETTINGS", "MIN_ESS_PER_SAMPLE", "choose_rule", "decide", "measure",
-           "resolve", "wants_choice", "with_rule"]
+__all__ = ["AUTO", "FALLBACK_SETTINGS", "MIN_MASS_ESS_PER_SAMPLE", "choose_rule", "decide",
+           "base_log_likelihoods", "ess_per_sample", "mass_ess_per_sample", "measure", "resolve",
+           "wants_choice", "with_rule"]

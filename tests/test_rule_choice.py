@@ -1,8 +1,11 @@
-"""The rule of a config that names none: chosen from the exact optimum before training."""
+"""The rule of a config that names none: chosen before training from the value rule's targets on
+base rollouts."""
 
 from __future__ import annotations
 
 import mlflow
+import pytest
+import torch
 import yaml
 from conftest import tiny_finetune_overrides
 
@@ -10,9 +13,11 @@ from ctrl_ray.config import load_raw
 from ctrl_ray.finetune import run
 from ctrl_ray.rule_choice import (
     FALLBACK_SETTINGS,
-    MIN_ESS_PER_SAMPLE,
+    MIN_MASS_ESS_PER_SAMPLE,
     choose_rule,
     decide,
+    ess_per_sample,
+    mass_ess_per_sample,
     resolve,
     with_rule,
 )
@@ -30,9 +35,10 @@ def _raw(tiny_base, tiny_reward, tiny_judge, out, *extra: str) -> dict:
 
 
 def test_the_threshold_decides_and_says_why():
-    kept = decide(2 * MIN_ESS_PER_SAMPLE, 1.0)
-    assert kept["mode"] == "value" and f"{2 * MIN_ESS_PER_SAMPLE:.4f}" in kept["reason"]
-    fallen = decide(MIN_ESS_PER_SAMPLE / 2, 10.0)
+    kept = decide(1.0, 1.0)
+    assert kept["mode"] == "value" and "classifier of noisy states" in kept["reason"]
+    assert decide(2 * MIN_MASS_ESS_PER_SAMPLE, 3.0)["mode"] == "value"
+    fallen = decide(MIN_MASS_ESS_PER_SAMPLE / 2, 10.0)
     assert fallen["mode"] == "adjoint"
     assert "gamma/alpha 10" in fallen["reason"] and "Adjoint Matching" in fallen["reason"]
 
@@ -58,17 +64,17 @@ def test_a_named_rule_is_never_chosen_over():
     assert config.mode == "value" and rule_open
 
 
-def test_the_measured_optimum_chooses_by_the_tilt(tiny_base, tiny_reward, tiny_judge, tmp_path):
+def test_the_measured_targets_choose_by_the_tilt(tiny_base, tiny_reward, tiny_judge, tmp_path):
     mild = _raw(tiny_base, tiny_reward, tiny_judge, tmp_path / "mild")
     config, choice = choose_rule(mild)
     assert choice["mode"] == config.mode == "value"
-    assert choice["ess_per_sample"] >= 2 * MIN_ESS_PER_SAMPLE   # far from the threshold
+    assert abs(choice["mass_ess_per_sample"] - 1) < 1e-6   # at tilt 1 the mass is exactly 1
 
     sharp = _raw(tiny_base, tiny_reward, tiny_judge, tmp_path / "sharp",
                  f"objective.gamma={SHARP_TILT}")
     config, choice = choose_rule(sharp)
     assert choice["mode"] == config.mode == "adjoint"
-    assert choice["ess_per_sample"] <= 0.7 * MIN_ESS_PER_SAMPLE   # ESS 1 of 300: the floor
+    assert choice["mass_ess_per_sample"] <= MIN_MASS_ESS_PER_SAMPLE / 2   # far from it
     assert config.objective.gamma == SHARP_TILT and config.adapter.kind == "lora"
     assert "objective.regression_steps" in choice["dropped"]
 
@@ -88,11 +94,20 @@ def test_a_chosen_rule_trains_is_logged_and_resumes_as_chosen(tiny_base, tiny_re
     assert config.mode == "adjoint" and not rule_open   # no new measurement on a resume
 
 
-def test_rewards_are_measured_one_by_one(tiny_base, tiny_reward, tiny_judge, tmp_path):
-    """Two copies of a reward tilt the joint optimum twice as hard, but each reward's own tilt
-    is the single reward's: the choice reads the latter, from the same base samples."""
-    single = choose_rule(_raw(tiny_base, tiny_reward, tiny_judge, tmp_path / "one"))[1]
-    pair = choose_rule(_raw(tiny_base, tiny_reward, tiny_judge, tmp_path / "two",
-                            f"rewards=[{{path: {tiny_reward}}}, {{path: {tiny_reward}}}]"))[1]
-    assert pair["ess_per_sample"] == single["ess_per_sample"]
-    assert str(tiny_reward) in pair["reason"]
+def test_the_mass_of_joint_targets_is_one_at_tilt_one_and_falls_where_a_reward_is_sharp():
+    """The value head regresses all rewards' targets jointly (y1, y2): at tilt 1 their mass is
+    a product of ones, however rare a class; at tilt 10 the confident reward's mass rests on
+    fewer rollouts, the near-uniform one's hardly moves. Contexts of fewer than
+    MIN_CONTEXT_ROWS rollouts are measured together."""
+    generator = torch.Generator().manual_seed(0)
+    confident = torch.log_softmax(2 * torch.randn(600, 3, generator=generator), 1).double()
+    weak = torch.log_softmax(0.1 * torch.randn(600, 4, generator=generator), 1).double()
+    joint = (confident[:, :, None] + weak[:, None, :]).flatten(1)
+    contexts = torch.cat([torch.zeros(300), torch.ones(280), torch.full((20,), 2)]).long()
+    fractions = mass_ess_per_sample(joint, contexts)
+    assert len(fractions) == 3 and all(abs(f - 1) < 1e-9 for f in fractions)
+    assert max(mass_ess_per_sample(10 * joint, contexts)) < 0.6      # measured 0.35-0.41
+    assert min(mass_ess_per_sample(10 * weak, contexts)) > 0.85      # measured 0.91-0.96
+    assert len(mass_ess_per_sample(joint, torch.zeros(600).long())) == 1
+    assert ess_per_sample(torch.zeros(50).double()) == pytest.approx(1.0)
+    assert ess_per_sample(torch.tensor([0.0] + [-1e4] * 49).double()) == pytest.approx(1 / 50)

@@ -193,3 +193,30 @@ def test_the_objective_chooses_the_exact_heads_own_step_scale():
     assert objective[1.0] > max(objective[0.5], objective[2.0]) + 0.1, objective
     for row in calibration["table"]:
         assert row["objective"] == pytest.approx(row["log_likelihood"] - row["kl"], abs=1e-5)
+
+
+def test_the_step_scale_search_goes_past_the_grid_while_the_objective_still_rises():
+    """A grid whose largest scale is still too small (0.25, 0.5 against the exact head's 1):
+    J still rises at its edge, so the search goes on past it, x1.5 at a time, until it falls,
+    and lands near 1 (J -0.77 at 1 against -1.03 at 0.5, measured with the test above)."""
+    from ctrl_ray.objectives.step_scale import calibrate_step_scale, describe
+
+    model = fine_tuned_model(0, "value")
+    configured = model.value_head.spec.step_scale
+    config = dataclasses.replace(RULES["value"][1], step_scales=[0.25, 0.5],
+                                 calibration_rollouts=1000)
+    try:
+        calibration = calibrate_step_scale(model, classifier_log_likelihood, config, 0)
+        chosen = calibration["step_scale"]
+        objective = {row["step_scale"]: row["objective"] for row in calibration["table"]}
+        assert list(objective) == sorted(objective) and calibration["extended"] >= 2, objective
+        assert chosen in (0.75, 1.12) and model.value_head.spec.step_scale == chosen, objective
+        assert objective[chosen] > objective[0.5] + 0.1, objective
+        assert max(objective) > chosen, objective   # it measured past the best, then stopped
+        assert "past the grid's edge" in describe(calibration)
+
+        pinned = calibrate_step_scale(model, classifier_log_likelihood, dataclasses.replace(
+            config, step_scale_extensions=0), 0)
+        assert pinned["step_scale"] == 0.5 and pinned["extended"] == 0
+    finally:
+        model.value_head.spec.step_scale = configured

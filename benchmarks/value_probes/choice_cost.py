@@ -1,6 +1,5 @@
 """Probe: what the rule choice costs and picks on the demo's CTRL config, as `ctrl-ray finetune`
-runs it for a config with no `mode:` (docs/update_rules.md, section 11: value, 0.0931, 159 s
-on one core with a second job on the other).
+runs it for a config with no `mode:` (docs/update_rules.md, section 15).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/choice_cost.py
 """
@@ -17,5 +16,6 @@ raw = {**load_raw("configs/demo.yaml")["finetune"], "base_model": "outputs/base-
        "mode": "auto"}
 start = time.perf_counter()
 config, choice = choose_rule(raw)
-print(f"demo's finetune section, mode auto: {choice['mode']}, {choice['ess_per_sample']:.4f}, "
-      f"{time.perf_counter() - start:.0f} s; samples drawn {choice['samples_drawn']}")
+print(f"demo's finetune section, mode auto: {choice['mode']}, mass ESS per rollout "
+      f"{choice['mass_ess_per_sample']:.3f}, {time.perf_counter() - start:.0f} s on "
+      f"{choice['rollouts']} base rollouts")

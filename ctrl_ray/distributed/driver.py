@@ -117,7 +117,7 @@ def _run(roles: Roles, config: FinetuneConfig, out: Path, progress: bool,
         if rule_choice:
             mlflow.set_tag("rule_choice", rule_choice["reason"][:5000])
             mlflow.log_metrics({f"rule_choice_{key}": rule_choice[key]
-                                for key in ("ess_per_sample", "threshold")})
+                                for key in ("mass_ess_per_sample", "threshold")})
         train_start = time.perf_counter()
         bar = tqdm(range(start, config.iterations), desc=f"ctrl {config.mode}",
                    initial=start, total=config.iterations, disable=not progress)

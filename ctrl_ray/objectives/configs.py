@@ -154,7 +154,8 @@ class ValueConfig(ObjectiveConfig):
     more steps on the whole replay at ``final_fit_lr`` (best held-out weights kept): the online
     fits, 30 annealed steps per update on a growing replay, end under-fit. Then its step scale
     is chosen among
-    ``step_scales`` by CTRL's objective on ``calibration_rollouts`` policy rollouts, the one
+    ``step_scales`` (and up to ``step_scale_extensions`` more past the edge where J still rises)
+    by CTRL's objective on ``calibration_rollouts`` policy rollouts, the one
     closest to the exact optimum (`ctrl_ray.objectives.step_scale`)."""
 
     lr_embedding: float = 0.0
@@ -177,6 +178,7 @@ class ValueConfig(ObjectiveConfig):
     step_scales: list[float] = field(default_factory=lambda: [0.7, 0.85, 1.0, 1.2, 1.35, 1.5,
                                                                1.7])
     calibration_rollouts: int = 128
+    step_scale_extensions: int = 4      # scales past the grid's edge while J still improves there
     final_fit_steps: int = 1000         # head steps on the whole replay after the last update
     final_fit_lr: float = 1e-3          # (0 steps: none)
 
@@ -200,6 +202,9 @@ class ValueConfig(ObjectiveConfig):
             raise InputError(f"calibration_rollouts must be >= 0 and step_scales positive "
                              f"numbers, got {self.calibration_rollouts} and "
                              f"{self.step_scales}")
+        if self.step_scale_extensions < 0:
+            raise InputError(f"step_scale_extensions must be >= 0, got "
+                             f"{self.step_scale_extensions}")
         if self.check_patience < 0:
             raise InputError(f"check_patience must be >= 0, got {self.check_patience}")
         if self.heldout_rollouts < 1:

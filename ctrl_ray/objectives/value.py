@@ -146,7 +146,7 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
                 strict=True))
         return data_parallel.total(mine) / len(check_rows)
 
-    best_loss = heldout_loss()
+    best_loss = start_loss = heldout_loss()
     best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
     total, norms, steps, kept, worse = 0.0, 0.0, 0, 0, 0
     while steps < config.regression_steps and not (config.check_patience and
@@ -174,7 +174,8 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
     metrics = {"loss": total / steps, "grad_norm": norms / steps, "head_steps": float(steps),
                "replay_rollouts": float(replay.count)}
     if len(check_rows):
-        metrics.update(heldout_loss=best_loss, kept_steps=float(kept))
+        metrics.update(heldout_loss=best_loss, heldout_loss_before=start_loss,
+                       kept_steps=float(kept))
     return metrics
 
 

@@ -1,0 +1,65 @@
+"""CTRL's objective J = gamma E[log p(y | x0, c)] - kl_weight KL of saved policies, paired: every
+policy samples the same rollouts of the training distribution (labels, contexts and noise from
+one seed), so their J differ by their policies alone. J falls short of the optimum's by
+kl_weight KL(pi || pi*): of two policies of one task, the larger J is the closer to the exact
+optimum, whatever rule trained it.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/objective_of.py CONFIG \
+        POLICY_DIR [POLICY_DIR ...] [--set key=value ...] [--rollouts 256] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+import torch
+
+from ctrl_ray.config import load_config
+from ctrl_ray.finetune_setup import FinetuneConfig, build_setup
+from ctrl_ray.objectives.base import draw_inputs
+from ctrl_ray.policy import load_any
+from ctrl_ray.sampling.sampler import sample
+
+
+def objective(model, reward_fn, config, inputs) -> dict:
+    """J with its standard error, E[log p] and the path KL of `model` on `inputs`."""
+    log_likelihood, kl = [], []
+    for start in range(0, inputs.batch_size, config.batch_size):
+        with torch.no_grad():
+            policy = sample(model, inputs.slice(start, start + config.batch_size),
+                            eta=config.eta, kl_reduction=config.kl_reduction)
+            log_likelihood.append(reward_fn(policy.x0, policy.labels, policy.contexts).float())
+        kl.append(policy.path_kl.float())
+    log_likelihood, kl = torch.cat(log_likelihood), torch.cat(kl)
+    values = config.gamma * log_likelihood - config.kl_weight * kl
+    return {"objective": values.mean().item(),
+            "objective_se": values.std().item() / math.sqrt(len(values)),
+            "log_likelihood": log_likelihood.mean().item(), "kl": kl.mean().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("policies", nargs="+")
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--rollouts", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    config = load_config(FinetuneConfig, args.config, args.overrides)
+    setup = build_setup(config)   # the task's reward function and the model's shapes
+    objective_config = config.objective
+    inputs = draw_inputs(setup.model, dataclasses.replace(
+        objective_config, batch_size=args.rollouts), args.seed)
+    for path in args.policies:
+        model = load_any(path).model.eval()
+        row = objective(model, setup.reward_fn, objective_config, inputs)
+        print(f"{path}: J {row['objective']:.3f} +- {row['objective_se']:.3f}, E[log p] "
+              f"{row['log_likelihood']:.3f}, KL {row['kl']:.2f} ({args.rollouts} rollouts, "
+              f"seed {args.seed})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
