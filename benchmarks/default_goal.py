@@ -3,8 +3,9 @@
 
 Reads what the runs wrote, nothing is re-run: ink, compressibility at gamma/alpha 10 and the
 compress x ink pair from `frontier.py --rules default --seeds 0 1 2` (the task's config at its
-full budget, benchmarks/results/frontier_default.json); the two new labels from
-`rule_choice.py` (the rule the choice picks there, 60 updates, benchmarks/results/rule_choice.json);
+full budget, benchmarks/results/frontier_default.json); the two new labels with the rule the
+choice picks there (`rule_choice.py --choices`, 60 updates): the value rule's saved policies from
+`new_labels.py` (benchmarks/results/new_labels.json), Adjoint Matching's from `rule_choice.py`;
 the optimum by base samples, and by a policy's samples where `optimum_proposal.py` has one.
 
     .venv/bin/python benchmarks/default_goal.py
@@ -20,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, write_results  # noqa: E402
+from rule_choice import value_row  # noqa: E402
 
 SCORE_GOAL, KL_GOAL = 0.95, 1.25
 FRONTIER_TASKS = {"ink": "ink", "compress": "compressibility, gamma/alpha 10",
@@ -44,11 +46,14 @@ def main() -> None:
                           "ess_min": level["ess_min"]},
                          by_policy.get(task), "frontier_default.md"))
     for label in NEW_LABELS:
-        result = choice["labels"][label]
         rule = choice["choices"][label]["mode"]
-        rows.append(_row(label, rule, len(choice["seeds"]), result[rule]["score"],
-                         result[rule]["kl"], result["base"], result["optimum"],
-                         by_policy.get(label), "rule_choice.md"))
+        result = value_row(label) if rule == "value" else {
+            **choice["labels"][label]["adjoint"], "base": choice["labels"][label]["base"],
+            "optimum": choice["labels"][label]["optimum"]}
+        rows.append(_row(label, rule, len(result.get("per_seed", [])) or 3, result["score"],
+                         result["kl"], result["base"], result["optimum"],
+                         by_policy.get(label),
+                         "new_labels.md" if rule == "value" else "rule_choice.md"))
     data = {"machine": machine(), "goal": {"score": SCORE_GOAL, "kl": KL_GOAL}, "rows": rows}
     write_results("default_goal", data, _markdown(data))
 

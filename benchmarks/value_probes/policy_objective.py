@@ -1,49 +1,72 @@
-"""Probe: CTRL's objective J = gamma E[log p(y | x0, c)] - kl_weight KL of saved policies of any
-rule, on the same rollouts of a config's training distribution (the step-scale calibration's
-inputs and seed), so rules can be ranked by how close they come to the exact optimum
-(J(pi*) - J(pi) = kl_weight KL(pi || pi*)).
+"""CTRL's objective J = gamma E[log p(y | x0, c)] - kl_weight KL of saved policies, paired: every
+policy samples the same rollouts of the training distribution (labels, contexts and noise from
+one seed), so their J differ by their policies alone. J falls short of the optimum's by
+kl_weight KL(pi || pi*): of two policies of one task, the larger J is the closer to the exact
+optimum, whatever rule trained it.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/policy_objective.py \
-        outputs/new-labels/ctrl_centre_x.yaml 0 \
-        outputs/new-labels/{ctrl,adjoint}-centre_x-seed0/checkpoints/0000{2,6}0
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/policy_objective.py CONFIG \
+        POLICY_DIR [POLICY_DIR ...] [--set key=value ...] [--rollouts 256] [--seed 1]
+
+`--calibration-of RUN_SEED --rollouts 128` samples the step-scale calibration's own rollouts
+of a run with that seed (how docs/update_rules.md, section 11, compared the rules); a value
+policy's scale was chosen on them, so fresh rollouts (`--seed`) are the unbiased comparison.
 """
 
+from __future__ import annotations
+
+import argparse
+import dataclasses
 import math
-import sys
-import time
 
 import torch
 
 from ctrl_ray.config import load_config
-from ctrl_ray.finetune import FinetuneConfig, build_setup
+from ctrl_ray.finetune_setup import FinetuneConfig, build_setup
 from ctrl_ray.objectives.base import draw_inputs
 from ctrl_ray.objectives.step_scale import CALIBRATION_SEED
 from ctrl_ray.policy import load_any
 from ctrl_ray.sampling.sampler import sample
 
-ROLLOUTS, BATCH = 128, 32
 
-torch.set_num_threads(1)
-config_path, seed, policies = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-config = load_config(FinetuneConfig, config_path, ["mode=value"])
-setup = build_setup(config)
-objective = config.objective
-for policy_dir in policies:
-    start = time.perf_counter()
-    model = load_any(policy_dir).model.eval()
-    inputs = draw_inputs(model, type(objective)(**{**objective.__dict__,
-                                                   "batch_size": ROLLOUTS}),
-                         seed + CALIBRATION_SEED)
+def objective(model, reward_fn, config, inputs) -> dict:
+    """J with its standard error, E[log p] and the path KL of `model` on `inputs`."""
     log_likelihood, kl = [], []
-    for first in range(0, ROLLOUTS, BATCH):
+    for start in range(0, inputs.batch_size, config.batch_size):
         with torch.no_grad():
-            rollout = sample(model, inputs.slice(first, first + BATCH), eta=objective.eta,
-                             kl_reduction=objective.kl_reduction)
-            log_likelihood.append(setup.reward_fn(rollout.x0, rollout.labels,
-                                                  rollout.contexts).float())
-        kl.append(rollout.path_kl.float())
+            policy = sample(model, inputs.slice(start, start + config.batch_size),
+                            eta=config.eta, kl_reduction=config.kl_reduction)
+            log_likelihood.append(reward_fn(policy.x0, policy.labels, policy.contexts).float())
+        kl.append(policy.path_kl.float())
     log_likelihood, kl = torch.cat(log_likelihood), torch.cat(kl)
-    j = objective.gamma * log_likelihood - objective.kl_weight * kl
-    print(f"{policy_dir}: J {j.mean():.3f} +- {j.std() / math.sqrt(len(j)):.3f}, "
-          f"E[log p] {log_likelihood.mean():.3f}, KL {kl.mean():.3f} "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    values = config.gamma * log_likelihood - config.kl_weight * kl
+    return {"objective": values.mean().item(),
+            "objective_se": values.std().item() / math.sqrt(len(values)),
+            "log_likelihood": log_likelihood.mean().item(), "kl": kl.mean().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("policies", nargs="+")
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--rollouts", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--calibration-of", type=int, default=None, metavar="RUN_SEED")
+    args = parser.parse_args()
+    config = load_config(FinetuneConfig, args.config, args.overrides)
+    setup = build_setup(config)   # the task's reward function and the model's shapes
+    objective_config = config.objective
+    seed = args.seed if args.calibration_of is None else args.calibration_of + CALIBRATION_SEED
+    inputs = draw_inputs(setup.model, dataclasses.replace(
+        objective_config, batch_size=args.rollouts), seed)
+    for path in args.policies:
+        model = load_any(path).model.eval()
+        row = objective(model, setup.reward_fn, objective_config, inputs)
+        print(f"{path}: J {row['objective']:.3f} +- {row['objective_se']:.3f}, E[log p] "
+              f"{row['log_likelihood']:.3f}, KL {row['kl']:.2f} ({args.rollouts} rollouts, "
+              f"seed {seed})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
