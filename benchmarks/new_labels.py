@@ -11,8 +11,8 @@ digits). Per label, the whole path a user takes, through the CLI:
    (configs/reward_own_pairs.yaml, the labeller as the scorer, no judge);
 3. `ctrl-ray finetune` with the demo's base model and the demo's CTRL settings, but with no
    `mode:` line (the default rule), gamma = kl_weight = 1, 3 seeds, in one process. The
-   committed runs predate the rule choice (`ctrl_ray.rule_choice`) and ran the value rule; run
-   afresh, slant now gets Adjoint Matching (`benchmarks/rule_choice.py` has both rules).
+   rule choice (`ctrl_ray.rule_choice`) gives both labels the value rule (gamma/alpha 1: the
+   value targets' mass is 1; `benchmarks/rule_choice.py` has Adjoint Matching beside it).
 
 Then, in this process: the exact optimum at gamma/alpha 1 (base samples per digit topped up until
 the ESS of every target is at least 50), the number of updates chosen on VALIDATION evaluation
