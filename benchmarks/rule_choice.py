@@ -77,7 +77,8 @@ def choices() -> dict:
         raw = load_raw(path, [f"base_model={DEMO_BASE}", *extra])
         raw.pop("mode", None)
         measured = measure(value_config(raw))
-        choice = decide(measured["mass_ess_per_sample"], measured["gamma_over_alpha"])
+        choice = decide(measured["mass_ess_per_sample"], measured["gamma_over_alpha"],
+                        measured["rollouts"])
         rows[task] = {**choice, "rollouts": measured["rollouts"], "groups": measured["groups"]}
         print(task, rows[task]["reason"], flush=True)
     return rows

@@ -76,9 +76,9 @@ def value_config(raw: dict[str, Any]) -> FinetuneConfig:
     return with_rule(raw, DEFAULT_RULE)[0]
 
 
-def decide(mass_ess_per_sample: float, tilt: float) -> dict:
+def decide(mass_ess_per_sample: float, tilt: float, rollouts: int = 1) -> dict:
     """The rule for the smallest ESS per base rollout of the value targets' mass, with one line
-    saying why."""
+    saying why (`rollouts` 0: known exactly, none drawn)."""
     rule = DEFAULT_RULE if mass_ess_per_sample >= MIN_MASS_ESS_PER_SAMPLE else FALLBACK_RULE
     relation = ">=" if rule == DEFAULT_RULE else "<"
     reason = (f"rule {rule}: at gamma/alpha {tilt:g} the value head's regression targets on base "
@@ -86,6 +86,10 @@ def decide(mass_ess_per_sample: float, tilt: float) -> dict:
               f"effective rollouts per base rollout ({relation} {MIN_MASS_ESS_PER_SAMPLE:g})")
     if rule == DEFAULT_RULE and mass_ess_per_sample > 0.999:
         reason += ": their mass is 1, so h is a classifier of noisy states"
+        if not rollouts:
+            reason = (f"rule {rule}: at gamma/alpha {tilt:g} each reward's p(y | x0) enters the "
+                      f"value head's targets to the power 1, so their mass over targets is 1 on "
+                      f"every rollout (nothing to measure) and h is a classifier of noisy states")
     elif rule != DEFAULT_RULE:
         reason += (": a few rollouts where the reward is confident carry them, too few to learn "
                    "h from; Adjoint Matching steers by the reward's gradient")
@@ -117,11 +121,26 @@ def with_rule(raw: dict[str, Any], rule: str) -> tuple[FinetuneConfig, list[str]
 
 def measure(config: FinetuneConfig) -> dict:
     """The smallest ESS per base rollout of the value targets' mass (`mass_ess_per_sample`) at
-    the run's tilt, on `base_log_likelihoods`."""
+    the run's tilt, on `base_log_likelihoods`; exactly 1, with nothing drawn, where every
+    reward's exponent is 1 (`mass_is_one`)."""
+    if mass_is_one(config):
+        objective = config.objective
+        return {"mass_ess_per_sample": 1.0, "gamma_over_alpha": objective.gamma /
+                objective.kl_weight, "rollouts": 0, "groups": 0}
     log_likelihoods, contexts, tilt = base_log_likelihoods(config)
     fractions = mass_ess_per_sample(tilt * log_likelihoods, contexts)
     return {"mass_ess_per_sample": min(fractions), "gamma_over_alpha": tilt,
             "rollouts": len(log_likelihoods), "groups": len(fractions)}
+
+
+def mass_is_one(config: FinetuneConfig) -> bool:
+    """Whether each reward's exponent in the targets, gamma / kl_weight times its weight, is 1
+    (KL summed over pixels): a classifier's p(. | x0, c) sums to 1 over its classes, and so does
+    a product of them over the joint targets, so the mass is 1 on every rollout."""
+    objective = config.objective
+    return objective.kl_reduction == "sum" and all(
+        math.isclose(objective.gamma / objective.kl_weight * reward.weight, 1.0)
+        for reward in config.rewards)
 
 
 def base_log_likelihoods(config: FinetuneConfig):
@@ -185,7 +204,8 @@ def choose_rule(raw: dict[str, Any]) -> tuple[FinetuneConfig, dict]:
     and build the config of the chosen rule; the choice with its reason."""
     config = value_config(raw)
     measured = measure(config)
-    choice = decide(measured["mass_ess_per_sample"], measured["gamma_over_alpha"])
+    choice = decide(measured["mass_ess_per_sample"], measured["gamma_over_alpha"],
+                    measured["rollouts"])
     chosen, dropped = with_rule(raw, choice["mode"])
     if dropped:
         choice["reason"] += (f" (not used by {choice['mode']}, which takes its own settings: "
@@ -194,5 +214,5 @@ def choose_rule(raw: dict[str, Any]) -> tuple[FinetuneConfig, dict]:
 
 
 __all__ = ["AUTO", "FALLBACK_SETTINGS", "MIN_MASS_ESS_PER_SAMPLE", "choose_rule", "decide",
-           "base_log_likelihoods", "ess_per_sample", "mass_ess_per_sample", "measure", "resolve",
-           "wants_choice", "with_rule"]
+           "base_log_likelihoods", "ess_per_sample", "mass_ess_per_sample", "mass_is_one",
+           "measure", "resolve", "wants_choice", "with_rule"]

@@ -18,6 +18,7 @@ from ctrl_ray.rule_choice import (
     decide,
     ess_per_sample,
     mass_ess_per_sample,
+    mass_is_one,
     resolve,
     with_rule,
 )
@@ -68,7 +69,14 @@ def test_the_measured_targets_choose_by_the_tilt(tiny_base, tiny_reward, tiny_ju
     mild = _raw(tiny_base, tiny_reward, tiny_judge, tmp_path / "mild")
     config, choice = choose_rule(mild)
     assert choice["mode"] == config.mode == "value"
-    assert abs(choice["mass_ess_per_sample"] - 1) < 1e-6   # at tilt 1 the mass is exactly 1
+    assert choice["mass_ess_per_sample"] == 1.0 and choice["rollouts"] == 0   # exact: none drawn
+    assert "nothing to measure" in choice["reason"]
+
+    halved = _raw(tiny_base, tiny_reward, tiny_judge, tmp_path / "halved",
+                  f"rewards=[{{path: {tiny_reward}, weight: 0.5}}]")
+    config, choice = choose_rule(halved)   # exponent 1/2: measured on base rollouts
+    assert choice["rollouts"] > 0 and choice["mode"] == config.mode == "value"
+    assert 2 * MIN_MASS_ESS_PER_SAMPLE < choice["mass_ess_per_sample"] < 1 - 1e-6
 
     sharp = _raw(tiny_base, tiny_reward, tiny_judge, tmp_path / "sharp",
                  f"objective.gamma={SHARP_TILT}")
@@ -77,6 +85,14 @@ def test_the_measured_targets_choose_by_the_tilt(tiny_base, tiny_reward, tiny_ju
     assert choice["mass_ess_per_sample"] <= MIN_MASS_ESS_PER_SAMPLE / 2   # far from it
     assert config.objective.gamma == SHARP_TILT and config.adapter.kind == "lora"
     assert "objective.regression_steps" in choice["dropped"]
+
+
+def test_the_mass_is_known_to_be_one_only_at_exponent_one_with_kl_summed():
+    assert mass_is_one(resolve({})[0])
+    assert not mass_is_one(resolve({"objective": {"gamma": 2.0}})[0])
+    assert not mass_is_one(resolve({"objective": {"kl_reduction": "mean"}})[0])
+    assert mass_is_one(resolve({"objective": {"gamma": 2.0},
+                                "rewards": [{"path": "a", "weight": 0.5}]})[0])
 
 
 def test_a_chosen_rule_trains_is_logged_and_resumes_as_chosen(tiny_base, tiny_reward,
