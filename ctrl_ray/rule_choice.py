@@ -80,19 +80,19 @@ def decide(mass_ess_per_sample: float, tilt: float, rollouts: int = 1) -> dict:
     """The rule for the smallest ESS per base rollout of the value targets' mass, with one line
     saying why (`rollouts` 0: known exactly, none drawn)."""
     rule = DEFAULT_RULE if mass_ess_per_sample >= MIN_MASS_ESS_PER_SAMPLE else FALLBACK_RULE
-    relation = ">=" if rule == DEFAULT_RULE else "<"
-    reason = (f"rule {rule}: at gamma/alpha {tilt:g} the value head's regression targets on base "
-              f"rollouts, p(y | x0)^{tilt:g} summed over targets, keep {mass_ess_per_sample:.3f} "
-              f"effective rollouts per base rollout ({relation} {MIN_MASS_ESS_PER_SAMPLE:g})")
-    if rule == DEFAULT_RULE and mass_ess_per_sample > 0.999:
-        reason += ": their mass is 1, so h is a classifier of noisy states"
-        if not rollouts:
-            reason = (f"rule {rule}: at gamma/alpha {tilt:g} each reward's p(y | x0) enters the "
-                      f"value head's targets to the power 1, so their mass over targets is 1 on "
-                      f"every rollout (nothing to measure) and h is a classifier of noisy states")
-    elif rule != DEFAULT_RULE:
-        reason += (": a few rollouts where the reward is confident carry them, too few to learn "
-                   "h from; Adjoint Matching steers by the reward's gradient")
+    if not rollouts:
+        reason = (f"rule {rule}: at gamma/alpha {tilt:g} each reward's p(y | x0) enters the value "
+                  f"head's targets to the power 1, so their mass over targets is 1 on every "
+                  f"rollout (nothing to measure) and h is a classifier of noisy states")
+    else:
+        relation = ">=" if rule == DEFAULT_RULE else "<"
+        reason = (f"rule {rule}: at gamma/alpha {tilt:g} the value head's regression targets on "
+                  f"base rollouts, p(y | x0)^{tilt:g} summed over targets, keep "
+                  f"{mass_ess_per_sample:.3f} effective rollouts per base rollout ({relation} "
+                  f"{MIN_MASS_ESS_PER_SAMPLE:g})")
+        if rule != DEFAULT_RULE:
+            reason += (": a few rollouts where the reward is confident carry them, too few to "
+                       "learn h from; Adjoint Matching steers by the reward's gradient")
     return {"mode": rule, "mass_ess_per_sample": mass_ess_per_sample, "gamma_over_alpha": tilt,
             "threshold": MIN_MASS_ESS_PER_SAMPLE, "reason": reason}
 

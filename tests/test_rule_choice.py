@@ -36,8 +36,9 @@ def _raw(tiny_base, tiny_reward, tiny_judge, out, *extra: str) -> dict:
 
 
 def test_the_threshold_decides_and_says_why():
-    kept = decide(1.0, 1.0)
+    kept = decide(1.0, 1.0, rollouts=0)
     assert kept["mode"] == "value" and "classifier of noisy states" in kept["reason"]
+    assert "0.450 effective rollouts" in decide(0.45, 10.0)["reason"]
     assert decide(2 * MIN_MASS_ESS_PER_SAMPLE, 3.0)["mode"] == "value"
     fallen = decide(MIN_MASS_ESS_PER_SAMPLE / 2, 10.0)
     assert fallen["mode"] == "adjoint"
