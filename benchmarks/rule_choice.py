@@ -78,7 +78,7 @@ def choices() -> dict:
         raw.pop("mode", None)
         measured = measure(value_config(raw))
         choice = decide(measured["mass_ess_per_sample"], measured["gamma_over_alpha"],
-                        measured["rollouts"])
+                        exact=not measured["rollouts"])
         rows[task] = {**choice, "rollouts": measured["rollouts"], "groups": measured["groups"]}
         print(task, rows[task]["reason"], flush=True)
     return rows

@@ -76,11 +76,11 @@ def value_config(raw: dict[str, Any]) -> FinetuneConfig:
     return with_rule(raw, DEFAULT_RULE)[0]
 
 
-def decide(mass_ess_per_sample: float, tilt: float, rollouts: int = 1) -> dict:
+def decide(mass_ess_per_sample: float, tilt: float, exact: bool = False) -> dict:
     """The rule for the smallest ESS per base rollout of the value targets' mass, with one line
-    saying why (`rollouts` 0: known exactly, none drawn)."""
+    saying why (``exact``: known without drawing, `mass_is_one`)."""
     rule = DEFAULT_RULE if mass_ess_per_sample >= MIN_MASS_ESS_PER_SAMPLE else FALLBACK_RULE
-    if not rollouts:
+    if exact:
         reason = (f"rule {rule}: at gamma/alpha {tilt:g} each reward's p(y | x0) enters the value "
                   f"head's targets to the power 1, so their mass over targets is 1 on every "
                   f"rollout (nothing to measure) and h is a classifier of noisy states")
@@ -191,12 +191,13 @@ def mass_ess_per_sample(log_targets, contexts) -> list[float]:
 
 
 def ess_per_sample(log_weights) -> float:
-    """E[w]^2 / E[w^2] of weights given by their logs (a tensor): 1 when all are equal, 1/n at
-    worst."""
-    import torch
+    """E[w]^2 / E[w^2] of weights given by their logs: the effective sample size of the
+    self-normalised weights (`ctrl_ray.optimum.normalised`) over their number; 1 when all are
+    equal, 1/n at worst."""
+    from ctrl_ray.optimum import normalised
 
-    return float((2 * torch.logsumexp(log_weights, 0) - torch.logsumexp(2 * log_weights, 0)
-                  - math.log(len(log_weights))).exp())
+    weights = normalised(log_weights.double().cpu().numpy())
+    return float(1.0 / (weights**2).sum() / len(weights))
 
 
 def choose_rule(raw: dict[str, Any]) -> tuple[FinetuneConfig, dict]:
@@ -205,7 +206,7 @@ def choose_rule(raw: dict[str, Any]) -> tuple[FinetuneConfig, dict]:
     config = value_config(raw)
     measured = measure(config)
     choice = decide(measured["mass_ess_per_sample"], measured["gamma_over_alpha"],
-                    measured["rollouts"])
+                    exact=not measured["rollouts"])
     chosen, dropped = with_rule(raw, choice["mode"])
     if dropped:
         choice["reason"] += (f" (not used by {choice['mode']}, which takes its own settings: "

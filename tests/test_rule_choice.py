@@ -36,7 +36,7 @@ def _raw(tiny_base, tiny_reward, tiny_judge, out, *extra: str) -> dict:
 
 
 def test_the_threshold_decides_and_says_why():
-    kept = decide(1.0, 1.0, rollouts=0)
+    kept = decide(1.0, 1.0, exact=True)
     assert kept["mode"] == "value" and "classifier of noisy states" in kept["reason"]
     assert "0.450 effective rollouts" in decide(0.45, 10.0)["reason"]
     assert decide(2 * MIN_MASS_ESS_PER_SAMPLE, 3.0)["mode"] == "value"

@@ -29,21 +29,21 @@ from rule_choice import DEMO_BASE, TASKS  # noqa: E402
 
 from ctrl_ray.config import load_raw  # noqa: E402
 from ctrl_ray.finetune_setup import build_setup  # noqa: E402
-from ctrl_ray.models.soft_value import SoftValueNet  # noqa: E402
+from ctrl_ray.models.soft_value import SoftValueNet, predicted_value_loss  # noqa: E402
 from ctrl_ray.objectives import value  # noqa: E402
 from ctrl_ray.rule_choice import value_config  # noqa: E402
 from ctrl_ray.sampling.sampler import RolloutInputs, sample  # noqa: E402
 
 
 def constant_loss(log_targets: torch.Tensor, fit: torch.Tensor, held: torch.Tensor) -> float:
-    """The value loss on the held-out rows of the best head that ignores x and t."""
-    log_mass = torch.logsumexp(log_targets, dim=1)
-    normalised, mass = (log_targets - log_mass[:, None]).exp(), log_mass.exp()
-    log_m = mass[fit].mean().log()
-    log_q = ((mass[fit, None] * normalised[fit]).sum(0) / mass[fit].sum()).log()
-    held_mass = mass[held]
-    return float((held_mass * -(normalised[held] * log_q).sum(1) + log_m.exp()
-                  - held_mass * log_m).mean())
+    """The value loss on the held-out rows of the best head that ignores x and t: m the fit
+    rows' mean mass, q their mass-weighted mean of the normalised targets."""
+    log_mass = torch.logsumexp(log_targets[fit], dim=1)
+    log_m = log_mass.exp().mean().log()
+    log_q = ((log_targets[fit] - log_mass[:, None]).exp() * log_mass.exp()[:, None]).sum(0).log() \
+        - log_mass.exp().sum().log()
+    return float(predicted_value_loss(log_q.expand(len(held), -1), log_m.expand(len(held)),
+                                      log_targets[held]))
 
 
 def trial(task: str, rollouts: int, seed: int, steps: int) -> dict:

@@ -215,8 +215,12 @@ def value_loss(network: SoftValueNet, x: Tensor, t: Tensor, contexts: Tensor | N
     """Mean over rows of m * cross-entropy(s, q) + Poisson(m, log m), where the targets are
     log_targets (B, J) = lambda log p(y | x0) for every y: minimised by q = E[m s] / E[m] and
     m = E[m] given (x, t, c), i.e. by log h."""
+    return predicted_value_loss(*network(x, t, contexts), log_targets)
+
+
+def predicted_value_loss(log_q: Tensor, log_m: Tensor, log_targets: Tensor) -> Tensor:
+    """`value_loss` of given predictions: log q (B, J) over the targets and log m (B,)."""
     log_mass = torch.logsumexp(log_targets, dim=1)
     normalised, mass = (log_targets - log_mass[:, None]).exp(), log_mass.exp()
-    log_q, log_m = network(x, t, contexts)
     cross_entropy = -(normalised * log_q).sum(1)
     return (mass * cross_entropy + log_m.exp() - mass * log_m).mean()
