@@ -120,3 +120,17 @@ def test_every_rule_builds_trains_resumes_registers_and_samples_new_text(
         assert main(["sample", "--model", f"models:/{name}@champion", *chosen,
                      "--guidance-scale", "4", "--allow-other-chain", "--n", "1",
                      "--out", str(grid), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("backbone", ["tiny-sd", "text-testbed", "sd3"])
+def test_the_rule_choice_measures_latents_prompts_and_flows(backbone, request, tiny_reward,
+                                                             tmp_path):
+    """Off exponent 1 the choice draws base rollouts on any backbone (latents, prompt
+    contexts, a flow model) and reads their targets' mass; a weight of 2 tilts it below 1."""
+    from ctrl_ray.rule_choice import measure
+
+    base, overrides = _backbone(backbone, request)
+    measured = measure(_config(base, overrides, tiny_reward, tmp_path, "value",
+                               f"rewards=[{{path: {tiny_reward}, weight: 2.0}}]"))
+    assert measured["rollouts"] > 0 and measured["groups"] >= 1, measured
+    assert 0 < measured["mass_ess_per_sample"] < 1, measured
