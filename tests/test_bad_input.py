@@ -564,7 +564,8 @@ def test_a_stale_cluster_file_does_not_make_a_run_wait(workspace, tmp_path):
     command = [sys.executable, "-m", "ctrl_ray.cli", "finetune", "--config",
                paths["finetune_yaml"], "--workers", "1", "--set", "iterations=1", "--set",
                "evaluate=false", "--set", "optimum_samples_per_context=0", "--set",
-               f"output_dir={tmp_path / 'run'}"]
+               "objective.calibration_rollouts=0", "--set", "objective.final_fit_steps=0",
+               "--set", f"output_dir={tmp_path / 'run'}"]
     try:
         done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
                               timeout=300)

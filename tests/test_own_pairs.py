@@ -82,7 +82,9 @@ def _finetune_config(bars, tiny_base, rewards: list[str], out, **extra) -> str:
         "base_model": str(tiny_base.model_dir),
         "rewards": [{"path": path} for path in rewards],
         "judge": "",
-        "objective": {"batch_size": 4, "num_inference_steps": 4},
+        # the default rule, with its closing fit and step-scale search cut to test size
+        "objective": {"batch_size": 4, "num_inference_steps": 4, "calibration_rollouts": 16,
+                      "final_fit_steps": 20},
         "iterations": 2, "checkpoint_every": 2, "evaluate_base": False,
         "evaluation": {"samples_per_target": 1, "contexts": [0, 1], "num_inference_steps": 4},
         "output_dir": str(out), **extra,

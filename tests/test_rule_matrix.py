@@ -1,6 +1,6 @@
-"""Every update rule on every backbone: the class-conditional digits UNet, the tiny random
-Stable-Diffusion-format pipeline, the trained latent text testbed and a tiny SD3-format flow
-folder (through its `models:/` URI). Each combination takes
+"""Every update rule on every backbone: the class-conditional digits UNet, the trained latent
+text testbed and a tiny SD3-format flow folder (through its `models:/` URI); the default rule
+on the tiny random Stable-Diffusion-format pipeline too. Each combination takes
 two updates on Ray with two workers, checkpoints, resumes for a third, registers, is pulled
 back as a pyfunc model and samples a prompt it never saw (a class for the digits)."""
 
@@ -71,8 +71,13 @@ def _config(base: str, backbone: list[str], reward, out, rule: str, *extra) -> F
     ])
 
 
-@pytest.mark.parametrize("backbone", ["digits", "tiny-sd", "text-testbed", "sd3"])
-@pytest.mark.parametrize("rule", list(RULES))
+# The random-weight SD pipeline differs from the text testbed only in its prompt encoder
+# (CLIP), which no rule touches: there the default rule alone.
+MATRIX = [(rule, backbone) for backbone in ("digits", "tiny-sd", "text-testbed", "sd3")
+          for rule in RULES if backbone != "tiny-sd" or rule == "value"]
+
+
+@pytest.mark.parametrize(("rule", "backbone"), MATRIX)
 def test_every_rule_builds_trains_resumes_registers_and_samples_new_text(
         rule, backbone, request, tiny_reward, ray_session, tmp_path, capsys):
     base, overrides = _backbone(backbone, request)

@@ -122,12 +122,17 @@ RULES = {
 }
 
 
-@functools.cache
 def fine_tuned_model(seed: int, rule: str) -> AugmentedModel:
-    """CTRL fine-tuned on the mixture for both labels (once per session per seed and rule)."""
+    """CTRL fine-tuned on the mixture for both labels, once per session per seed, rule and
+    backbone (tests/test_flow.py puts a flow in place of `mixture_backbone`)."""
+    return _fine_tuned_model(seed, rule, mixture_backbone)
+
+
+@functools.cache
+def _fine_tuned_model(seed: int, rule: str, backbone) -> AugmentedModel:
     train_step, config, updates, final_updates, adapter = RULES[rule]
     torch.manual_seed(seed)
-    model = AugmentedModel(mixture_backbone(seed), {"y": 2}, adapter=adapter, lora_rank=4)
+    model = AugmentedModel(backbone(seed), {"y": 2}, adapter=adapter, lora_rank=4)
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(seed)
     for update in range(updates + final_updates):

@@ -7,6 +7,10 @@ optimum, whatever rule trained it.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/policy_objective.py CONFIG \
         POLICY_DIR [POLICY_DIR ...] [--set key=value ...] [--rollouts 256] [--seed 1]
 
+`--optimum` also prints the optimum's J* = kl_weight E[log E_pre[p(y | x0, c)^lambda]] on the
+same rows (Z per context from the rule choice's base rollouts, 300 per context), so J* - J is
+each policy's kl_weight KL(pi || pi*): its distance to the exact optimum, in nats.
+
 `--calibration-of RUN_SEED --rollouts 128` samples the step-scale calibration's own rollouts
 of a run with that seed (how docs/update_rules.md, section 11, compared the rules); a value
 policy's scale was chosen on them, so fresh rollouts (`--seed`) are the unbiased comparison.
@@ -20,11 +24,12 @@ import math
 
 import torch
 
-from ctrl_ray.config import load_config
+from ctrl_ray.config import load_config, load_raw
 from ctrl_ray.finetune_setup import FinetuneConfig, build_setup
 from ctrl_ray.objectives.base import draw_inputs
 from ctrl_ray.objectives.step_scale import CALIBRATION_SEED
 from ctrl_ray.policy import load_any
+from ctrl_ray.rule_choice import base_log_likelihoods, value_config
 from ctrl_ray.sampling.sampler import sample
 
 
@@ -44,6 +49,24 @@ def objective(model, reward_fn, config, inputs) -> dict:
             "log_likelihood": log_likelihood.mean().item(), "kl": kl.mean().item()}
 
 
+def optimum_objective(config_path: str, overrides: list[str], inputs) -> float:
+    """J* on the rows of `inputs`: kl_weight times the mean over rows of log Z(c, y), Z the
+    mean of p(y | x0, c)^lambda over the base rollouts of the row's context (all of them where
+    contexts are not class ids). A row's J* - J is kl_weight KL(pi || pi*) of its (c, y)."""
+    config = value_config(load_raw(config_path, overrides))
+    log_p, contexts, tilt = base_log_likelihoods(config)
+    spec = build_setup(config).model.value_head.spec
+    rows = torch.stack([inputs.labels[name].long() for name in spec.label_classes], 1)
+    targets = spec.targets
+    index = {target: j for j, target in enumerate(targets)}
+    total = 0.0
+    for i, row in enumerate(rows.tolist()):
+        keep = slice(None) if contexts is None else contexts == inputs.contexts[i]
+        column = log_p[keep, index[tuple(row)]]
+        total += float(torch.logsumexp(tilt * column, 0) - math.log(len(column)))
+    return config.objective.kl_weight * total / len(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +76,8 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=256)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--calibration-of", type=int, default=None, metavar="RUN_SEED")
+    parser.add_argument("--optimum", action="store_true",
+                        help="also the optimum's J* on the same rows, and J* - J per policy")
     args = parser.parse_args()
     config = load_config(FinetuneConfig, args.config, args.overrides)
     setup = build_setup(config)   # the task's reward function and the model's shapes
@@ -60,11 +85,16 @@ def main() -> None:
     seed = args.seed if args.calibration_of is None else args.calibration_of + CALIBRATION_SEED
     inputs = draw_inputs(setup.model, dataclasses.replace(
         objective_config, batch_size=args.rollouts), seed)
+    best = None
+    if args.optimum:
+        best = optimum_objective(args.config, args.overrides, inputs)
+        print(f"optimum: J* {best:.3f} on the same rows", flush=True)
     for path in args.policies:
         model = load_any(path).model.eval()
         row = objective(model, setup.reward_fn, objective_config, inputs)
+        gap = "" if best is None else f", J* - J {best - row['objective']:.3f}"
         print(f"{path}: J {row['objective']:.3f} +- {row['objective_se']:.3f}, E[log p] "
-              f"{row['log_likelihood']:.3f}, KL {row['kl']:.2f} ({args.rollouts} rollouts, "
+              f"{row['log_likelihood']:.3f}, KL {row['kl']:.2f}{gap} ({args.rollouts} rollouts, "
               f"seed {seed})", flush=True)
 
 

@@ -226,9 +226,12 @@ def restore_learner_state(model, config: ValueConfig, state: dict[str, torch.Ten
 
 def train_step(model, optimizer: torch.optim.Optimizer, reward_fn: RewardFn,
                inputs: RolloutInputs, config: ValueConfig,
-               generator: torch.Generator | None = None) -> dict[str, float]:
-    """One in-process value update on a full batch."""
-    payload, metrics = worker_step(model, reward_fn, inputs, config, inputs.batch_size, 0)
+               generator: torch.Generator | None = None,
+               report: bool = False) -> dict[str, float]:
+    """One in-process value update on a full batch; with ``report`` the policy is sampled too,
+    for its reward and KL (metrics only: the update never reads them)."""
+    payload, metrics = worker_step(model, reward_fn, inputs, config, inputs.batch_size, 0,
+                                   report=report)
     generator = generator or torch.Generator().manual_seed(0)
     metrics.update(learner_step(model, optimizer, [payload], config, generator, 0))
     return metrics
