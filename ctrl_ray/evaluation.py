@@ -72,14 +72,17 @@ def sample_rows(model, contexts: torch.Tensor | None, labels: dict[str, torch.Te
 
 
 def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig,
-             grid_path: str | Path | None = None, from_reference: bool = False) -> dict:
+             grid_path: str | Path | None = None, from_reference: bool = False,
+             log_likelihood=None) -> dict:
     """Generate M samples for every (y, c), label them with each label's scorer (oracle,
     labeller or held-out judge) and score them.
 
     Returns per-label accuracy, macro-F1, per-class F1 and confusion matrix (with the class
     names and the scorer used), the joint accuracy over all labels, digit fidelity (judge vs c)
     and the mean path KL to the pre-trained model. `from_reference=True` scores the
-    pre-trained model on the same targets (the baseline).
+    pre-trained model on the same targets (the baseline). With the reward's ``log_likelihood``
+    (images, labels, contexts) -> (B,) it also reports E[log p(y | x0, c)], which with the KL
+    places the policy's objective against the optimum's (`ctrl_ray.optimum.against_optimum`).
     """
     names = list(model.label_classes)
     overrides = dict(getattr(config, "scorers", None) or {})
@@ -128,6 +131,13 @@ def evaluate(model, label_info: dict[str, dict], judge, config: EvaluationConfig
         report["fidelity"] = judge.fidelity(judge_view(images, judge),
                                             np.asarray([digits[c] for _, c in rows]))
     report["mean_kl"] = 0.0 if path_kl is None else float(path_kl.mean())
+    if log_likelihood is not None:
+        with torch.no_grad():
+            report["expected_reward"] = float(torch.cat([log_likelihood(
+                images[i:i + config.batch_size],
+                {name: value[i:i + config.batch_size] for name, value in labels.items()},
+                None if context_tensor is None else context_tensor[i:i + config.batch_size],
+            ).double().cpu() for i in range(0, len(rows), config.batch_size)]).mean())
     if len(names) == 1:
         report.update({k: report["labels"][names[0]][k] for k in ("accuracy", "macro_f1")})
     if grid_path is not None:

@@ -134,7 +134,7 @@ def evaluate_setup(setup: Setup, config: FinetuneConfig, out: Path) -> dict[str,
                                    out / "base_grid.png", from_reference=True)
         print(format_report(results["base"], "base model (ignores y)"))
     results["ctrl"] = evaluate(setup.model, setup.label_info, judge, config.evaluation,
-                               out / "ctrl_grid.png")
+                               out / "ctrl_grid.png", log_likelihood=setup.image_log_likelihood)
     print(format_report(results["ctrl"], "CTRL fine-tuned"))
     if config.optimum_samples_per_context:
         optimum = run_optimum(setup, config, judge)

@@ -218,6 +218,7 @@ def optimum_at(pool: SamplePool, label_info: dict[str, dict], tilt: float) -> di
     y_true = {name: [] for name in names}
     y_pred = {name: [] for name in names}
     sample_weight, joint, fidelity, reward, kls, esses, fractions = [], [], [], [], [], [], []
+    log_partitions = []
     for index, (target, log_likelihood) in enumerate(pool.log_likelihood.items()):
         for c in pool.contexts:
             rows = pool.rows(c, index)
@@ -225,6 +226,7 @@ def optimum_at(pool: SamplePool, label_info: dict[str, dict], tilt: float) -> di
             weights = normalised(log_weights)
             ess = float(1.0 / (weights**2).sum())
             kl = tilted_kl(log_weights, weights, tilt * log_likelihood[rows])
+            log_partitions.append(float(np.logaddexp.reduce(log_weights) - math.log(len(rows))))
             kls.append(kl)
             esses.append(ess)
             fractions.append(ess / len(rows))
@@ -253,8 +255,10 @@ def optimum_at(pool: SamplePool, label_info: dict[str, dict], tilt: float) -> di
             "class_names": class_names(label_info[name]),
             "scorer": pool.scorers[name],
         }
+    # objective: J / kl_weight = tilt E[log p] - KL, which for the optimum is log Z
     report.update(joint_accuracy=float(np.mean(joint)), expected_reward=float(np.mean(reward)),
-                  kl=float(np.mean(kls)), ess_min=float(np.min(esses)),
+                  kl=float(np.mean(kls)), objective=float(np.mean(log_partitions)),
+                  ess_min=float(np.min(esses)),
                   ess_mean=float(np.mean(esses)),
                   ess_per_sample_min=float(np.min(fractions)))
     if fidelity:
@@ -343,8 +347,14 @@ def format_optimum(result: dict) -> str:
 def against_optimum(policy: dict, optimum: dict, base: dict) -> dict[str, float]:
     """The policy's report next to the optimum's level at the same gamma/alpha, per label:
     score ratio (macro-F1), KL ratio, and control per nat, (macro-F1 - base's) / KL, for both.
-    ``base`` is the base model's report (or the optimum's own base level)."""
+    ``base`` is the base model's report (or the optimum's own base level). Where the policy's
+    report has E[log p] (`evaluate` with the reward), also its distance to the optimum,
+    KL(pi || pi*) = J* / kl_weight - J / kl_weight, in nats: how far the policy is from the
+    exact optimum whatever the score says."""
     comparison = {"kl_ratio": policy["mean_kl"] / optimum["kl"] if optimum["kl"] else math.nan}
+    if "expected_reward" in policy and "objective" in optimum:
+        objective = optimum["gamma_over_alpha"] * policy["expected_reward"] - policy["mean_kl"]
+        comparison["kl_to_optimum"] = optimum["objective"] - objective
     for name, scores in policy["labels"].items():
         score, best = scores["macro_f1"], optimum["labels"][name]["macro_f1"]
         floor = base["labels"][name]["macro_f1"]
@@ -359,6 +369,9 @@ def against_optimum(policy: dict, optimum: dict, base: dict) -> dict[str, float]
 def format_against_optimum(comparison: dict[str, float], labels: Sequence[str]) -> str:
     """One line per label: the score ratio, the KL ratio and control per nat against the optimum."""
     lines = ["CTRL against the exact optimum (same gamma/alpha)"]
+    if "kl_to_optimum" in comparison:
+        lines.append(f"  distance to the optimum, KL(pi || pi*): "
+                     f"{comparison['kl_to_optimum']:.3f} nats")
     for name in labels:
         lines.append(f"  {name:<16} score {comparison[f'{name}_score_ratio']:.2f}x  KL "
                      f"{comparison['kl_ratio']:.2f}x  control per nat "

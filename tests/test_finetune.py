@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import mlflow
 import pytest
@@ -37,6 +38,10 @@ def test_finetune_writes_policy_checkpoints_and_mlflow_run(tiny_run):
     kept = max(estimates, key=lambda source: estimates[source]["ess_min"])
     assert result["optimum"]["proposal"] == kept
     assert result["optimum"]["kl"] == estimates[kept]["kl"]
+    # the policy's distance to the optimum, KL(pi || pi*), beside the ratios and in MLflow
+    distance = result["against_optimum"]["kl_to_optimum"]
+    assert math.isfinite(distance)
+    assert run.data.metrics["eval_against_optimum_kl_to_optimum"] == pytest.approx(distance)
 
 
 def test_fine_tuned_policy_differs_from_base_and_reloads(tiny_run):

@@ -37,7 +37,10 @@ def closed_form(y: int, tilt: float) -> dict[str, float]:
     posterior = tilted / z
     return {"p_positive": float(np.trapezoid(posterior * (x > 0), x)),
             "mean": float(np.trapezoid(posterior * x, x)),
-            "kl": float(np.trapezoid(posterior * np.log(likelihood**tilt / z), x))}
+            "kl": float(np.trapezoid(posterior * np.log(likelihood**tilt / z), x)),
+            "log_z": math.log(z),
+            "base_kl": float(np.trapezoid(density * (math.log(z) - tilt * np.log(likelihood)),
+                                          x))}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,32 @@ def test_weighted_base_samples_match_the_closed_form_posterior(mixture_pool, til
     assert abs(report["accuracy"] - expected_accuracy) < 0.02
     assert abs(report["kl"] - np.mean(kls)) < 0.03
     assert report["ess_min"] > 2_000
+    # J* / kl_weight = log Z, the optimum's tilt E[log p] - KL
+    assert abs(report["objective"] - np.mean([closed_form(y, tilt)["log_z"] for y in (0, 1)])) \
+        < 0.01
+    assert report["objective"] == pytest.approx(
+        tilt * report["expected_reward"] - report["kl"], abs=1e-9)
+
+
+@pytest.mark.parametrize("tilt", [1.0, 3.0])
+def test_the_distance_to_the_optimum_is_kl_to_it(mixture_pool, tilt):
+    """J* - J over kl_weight is KL(pi || pi*): zero for the optimum itself, and for the base
+    model KL(p_pre || p_pre p^tilt / Z) = log Z - tilt E_pre[log p], by quadrature."""
+    pool, _ = mixture_pool
+    label_info = {"y": {"num_classes": 2}}
+    optimum, base = optimum_at(pool, label_info, tilt), optimum_at(pool, label_info, 0.0)
+
+    def policy(report: dict) -> dict:
+        return {"labels": report["labels"], "mean_kl": report["kl"],
+                "expected_reward": report["expected_reward"]}
+
+    itself = against_optimum(policy(optimum), optimum, base)["kl_to_optimum"]
+    assert itself == pytest.approx(0.0, abs=1e-9)
+    base_model = against_optimum(policy(base), optimum, base)["kl_to_optimum"]
+    exact = np.mean([closed_form(y, tilt)["base_kl"] for y in (0, 1)])
+    assert abs(base_model - exact) < 0.02 * exact + 0.01 and exact > 0.1, (base_model, exact)
+    assert f"KL(pi || pi*): {base_model:.3f} nats" in format_against_optimum(
+        against_optimum(policy(base), optimum, base), ["y"])
 
 
 @pytest.mark.parametrize("tilt", [1.0, 3.0])
