@@ -1,0 +1,169 @@
+"""Would bootstrapped targets fit the head better than the Monte Carlo ones, early in the chain?
+
+The value rule regresses every state x_k of a base rollout on lambda log p(y | x0): unbiased,
+but early in the chain x0 is nearly independent of x_k, so the target is mostly noise. The
+soft value also satisfies h_k(x) = E[h_{k+1}(x_{k+1}) | x_k = x], so the head's own value at
+the next state is a target with one step's noise only (biased by the head's error there).
+TD(lambda_td) mixes the two in h's linear space, G_k = (1 - lambda_td) h_{k+1}(x_{k+1}) +
+lambda_td G_{k+1}, G_S = p(y | x0)^lambda, which keeps h as the fixed point for any lambda_td.
+
+This probe draws N base rollouts (cached under outputs/probe), fits fresh heads on the same
+rollouts with the same steps, rate and batches for each lambda_td (1 = the rule's Monte Carlo
+targets), the bootstrap values refreshed from the head every `--refresh` steps, and scores each
+on held-out rollouts by the Monte Carlo value loss: the loss is a proper scoring rule, so its
+expectation is smallest at the true h whatever the head was trained on.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/td_targets.py \
+        [--task ink] [--rollouts 2048] [--steps 3000] [--td 1 0.9 0.7 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from rule_choice import DEMO_BASE, TASKS  # noqa: E402
+
+from ctrl_ray.config import load_raw  # noqa: E402
+from ctrl_ray.finetune_setup import build_setup  # noqa: E402
+from ctrl_ray.models.soft_value import (  # noqa: E402
+    SoftValueNet,
+    predicted_value_loss,
+    value_loss,
+)
+from ctrl_ray.objectives import value  # noqa: E402
+from ctrl_ray.rule_choice import value_config  # noqa: E402
+from ctrl_ray.sampling.sampler import DenoisingSchedule, RolloutInputs  # noqa: E402
+
+
+def rollouts_of(task: str, count: int, seed: int) -> tuple:
+    """(model, states (S+1, N, ...), log_targets (N, J), head contexts, timesteps (S+1,)),
+    drawn with the value rule's worker step; cached under outputs/probe."""
+    path, extra = TASKS[task]
+    config = value_config({**load_raw(path, [f"base_model={DEMO_BASE}", *extra]),
+                           "mode": "value"})
+    setup = build_setup(config)
+    model, objective = setup.model.eval(), config.objective
+    cache = Path("outputs/probe") / f"rollouts-{task.split(',')[0]}-{count}-{seed}.pt"
+    if cache.exists():
+        states, log_targets, contexts = torch.load(cache).values()
+    else:
+        batch = min(256, count)
+        payloads = [value.worker_step(
+            model, setup.reward_fn,
+            RolloutInputs.draw(1000 * seed + i + 1, batch, objective.num_inference_steps,
+                               model.sample_shape, model.label_classes,
+                               num_contexts=model.num_contexts),
+            objective, batch, 0, report=False)[0] for i in range(count // batch)]
+        states = torch.cat([p["states"] for p in payloads], 1)
+        log_targets = torch.cat([p["log_targets"] for p in payloads])
+        contexts = None if payloads[0]["contexts"] is None else torch.cat(
+            [p["contexts"] for p in payloads])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"states": states, "log_targets": log_targets, "contexts": contexts}, cache)
+    schedule = DenoisingSchedule.create(model.alphas_cumprod, states.shape[0] - 1, objective.eta)
+    timesteps = torch.cat([schedule.timesteps, schedule.timesteps.new_zeros(1)]).long()
+    head_contexts = None if contexts is None else model.head_context(contexts)
+    return model, states, log_targets, head_contexts, timesteps
+
+
+def returns(head: SoftValueNet, states, log_targets, contexts, timesteps, rows,
+            td: float) -> torch.Tensor:
+    """log G_k (S+1, R, J) for the rollouts `rows`: the TD(td) mix of the head's log h at the
+    next state and the return after it, ending in the Monte Carlo targets at x_0."""
+    count = states.shape[0]
+    out = [log_targets[rows]]
+    with torch.no_grad():
+        for k in range(count - 2, -1, -1):
+            context = None if contexts is None else contexts[rows]
+            log_q, log_m = head(states[k + 1, rows], timesteps[k + 1].expand(len(rows)), context)
+            bootstrap = log_q + log_m[:, None]
+            out.append(torch.logaddexp(math.log(1 - td) + bootstrap, math.log(td) + out[-1])
+                       if td < 1 else out[-1])
+    return torch.stack(out[::-1])
+
+
+def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, steps: int,
+        seed: int, td: float, refresh: int, lr: float = 1e-3, batch: int = 128) -> tuple:
+    """AdamW on random (rollout, state) pairs with TD(td) targets refreshed every `refresh`
+    steps; the best held-out Monte Carlo loss kept. Returns (loss, step kept, loss by state)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    count = states.shape[0]
+
+    def heldout() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([value_loss(
+                head, states[i, held_rows], timesteps[i].expand(len(held_rows)),
+                None if contexts is None else contexts[held_rows], log_targets[held_rows])
+                for i in range(count)])
+
+    by_state = heldout()
+    best, kept = float(by_state.mean()), 0
+    targets = None
+    for step in range(1, steps + 1):
+        if targets is None or (td < 1 and step % refresh == 1):
+            targets = returns(head, states, log_targets, contexts, timesteps, fit_rows, td)
+        pick = torch.randint(0, len(fit_rows), (batch,), generator=generator)
+        which = torch.randint(0, count, (batch,), generator=generator)
+        rows = fit_rows[pick]
+        optimizer.zero_grad(set_to_none=True)
+        loss = value_loss(head, states[which, rows], timesteps[which],
+                          None if contexts is None else contexts[rows], targets[which, pick])
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0:
+            now = heldout()
+            if now.mean() < best:
+                best, kept, by_state = float(now.mean()), step, now
+    return best, kept, by_state
+
+
+def floor(log_targets: torch.Tensor) -> float:
+    """The value loss at x_0 of the exact h there, p(y | x0)^lambda: the least a head can get."""
+    log_mass = torch.logsumexp(log_targets, 1)
+    return float(predicted_value_loss(log_targets - log_mass[:, None], log_mass, log_targets))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="ink", choices=list(TASKS))
+    parser.add_argument("--rollouts", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--td", type=float, nargs="+", default=[1.0, 0.9, 0.7, 0.5])
+    parser.add_argument("--refresh", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--channels", type=int, nargs="+", default=None,
+                        help="the head's conv widths (default: the config's)")
+    args = parser.parse_args()
+    start = time.time()
+    model, states, log_targets, contexts, timesteps = rollouts_of(args.task, args.rollouts,
+                                                                  args.seed)
+    order = torch.randperm(args.rollouts, generator=torch.Generator().manual_seed(args.seed))
+    held_rows, fit_rows = order[: args.rollouts // 5], order[args.rollouts // 5:]
+    print(f"{args.task}: {args.rollouts} base rollouts ({time.time() - start:.0f} s); held-out "
+          f"loss of h = the reward itself at x_0: {floor(log_targets[held_rows]):.4f}",
+          flush=True)
+    for td in args.td:
+        torch.manual_seed(args.seed)
+        spec = model.value_head.spec
+        head = SoftValueNet(spec if args.channels is None else
+                            dataclasses.replace(spec, channels=args.channels))
+        start = time.time()
+        best, kept, by_state = fit(head, states, log_targets, contexts, timesteps, fit_rows,
+                                   held_rows, args.steps, args.seed, td, args.refresh)
+        print(f"  TD({td:g}): held-out Monte Carlo loss {best:.4f} (kept {kept}; "
+              f"{time.time() - start:.0f} s); by state x_T..x_0: "
+              + " ".join(f"{v:.3f}" for v in by_state.tolist()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
