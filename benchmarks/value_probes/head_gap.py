@@ -1,0 +1,110 @@
+"""How far is the fitted head from the true h, state by state?
+
+The held-out value loss mixes the head's error with the targets' own noise, which early in the
+chain is most of it. This probe separates them: from held-out states x_k of the cached base
+rollouts (`td_targets.py`) it runs M fresh base continuations each, so that the mean of
+p(y | x0)^lambda over them estimates h_k(x_k) itself, and scores that estimate with the same
+loss and targets as a head fit on the other rollouts. Where the two losses meet, the head is
+as good as h can be from those targets; the difference is what a better head could gain.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/head_gap.py \
+        [--task ink] [--rows 64] [--continuations 32] [--states 2 5 8 11 14 17]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+from rule_choice import DEMO_BASE, TASKS  # noqa: E402
+from td_targets import fit, rollouts_of  # noqa: E402
+
+from ctrl_ray.config import load_raw  # noqa: E402
+from ctrl_ray.finetune_setup import build_setup  # noqa: E402
+from ctrl_ray.models.soft_value import SoftValueNet, predicted_value_loss, value_loss  # noqa: E402
+from ctrl_ray.objectives.value import target_log_likelihoods  # noqa: E402
+from ctrl_ray.rule_choice import value_config  # noqa: E402
+from ctrl_ray.sampling.sampler import DenoisingSchedule  # noqa: E402
+
+
+def continued(model, schedule: DenoisingSchedule, x: torch.Tensor, contexts, start: int,
+              generator: torch.Generator) -> torch.Tensor:
+    """x0 of the base chain run from state index `start` (x = x_k) to the end."""
+    with torch.no_grad():
+        for step in range(start, len(schedule.timesteps)):
+            t = schedule.timesteps[step].expand(x.shape[0])
+            eps = model.reference_noise(x, t, contexts)
+            mean = schedule.mean(step, x, eps, model.clip_sample)
+            x = mean + schedule.sigmas[step] * torch.randn(x.shape, generator=generator)
+    return x
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="ink", choices=list(TASKS))
+    parser.add_argument("--rollouts", type=int, default=2048)
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--continuations", type=int, default=32)
+    parser.add_argument("--states", type=int, nargs="+", default=[2, 5, 8, 11, 14, 17])
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    model, states, log_targets, contexts, timesteps = rollouts_of(args.task, args.rollouts,
+                                                                  args.seed)
+    path, extra = TASKS[args.task]
+    config = value_config({**load_raw(path, [f"base_model={DEMO_BASE}", *extra]),
+                           "mode": "value"})
+    setup = build_setup(config)
+    tilt = config.objective.tilt_exponent(math.prod(model.sample_shape))
+    order = torch.randperm(args.rollouts, generator=torch.Generator().manual_seed(args.seed))
+    held, fit_rows = order[: args.rollouts // 5], order[args.rollouts // 5:]
+    start = time.time()
+    torch.manual_seed(args.seed)
+    head = SoftValueNet(model.value_head.spec)
+    best, kept, _ = fit(head, states, log_targets, contexts, timesteps, fit_rows, held,
+                        args.steps, args.seed, 1.0, 100)
+    # fit() leaves the last weights in place; refit to the kept step for the head's own loss
+    torch.manual_seed(args.seed)
+    head = SoftValueNet(model.value_head.spec)
+    fit(head, states, log_targets, contexts, timesteps, fit_rows, held, kept, args.seed, 1.0,
+        100)
+    print(f"{args.task}: head fit on {len(fit_rows)} rollouts, held-out {best:.4f} at step "
+          f"{kept} ({time.time() - start:.0f} s)", flush=True)
+    rows = held[: args.rows]
+    cache = Path("outputs/probe") / f"rollouts-{args.task.split(',')[0]}-{args.rollouts}-" \
+        f"{args.seed}.pt"
+    raw = torch.load(cache)["contexts"]   # the base's own conditioning (class ids)
+    raw = None if raw is None else raw[rows].repeat_interleave(args.continuations, 0)
+    schedule = DenoisingSchedule.create(model.alphas_cumprod, states.shape[0] - 1,
+                                        config.objective.eta)
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    for k in args.states:
+        start = time.time()
+        x = states[k, rows].repeat_interleave(args.continuations, 0)
+        x0 = continued(model, schedule, x, raw, k, generator)
+        with torch.no_grad():
+            logs = tilt * target_log_likelihoods(model, setup.reward_fn, x0, raw)
+        logs = logs.double().view(len(rows), args.continuations, -1)
+        log_h = torch.logsumexp(logs, 1) - math.log(args.continuations)   # (R, J)
+        log_m = torch.logsumexp(log_h, 1)
+        monte_carlo = float(predicted_value_loss(log_h - log_m[:, None], log_m,
+                                                 log_targets[rows].double()))
+        with torch.no_grad():
+            fitted = float(value_loss(head, states[k, rows], timesteps[k].expand(len(rows)),
+                                      None if contexts is None else contexts[rows],
+                                      log_targets[rows]))
+        print(f"  state {k:2d} (t = {int(timesteps[k]):3d}): head {fitted:.4f}, "
+              f"{args.continuations} continuations {monte_carlo:.4f}, gap "
+              f"{fitted - monte_carlo:+.4f} ({time.time() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

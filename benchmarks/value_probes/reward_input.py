@@ -1,0 +1,129 @@
+"""Does the head fit h better when it reads the reward itself at the noisy state?
+
+At x_0 the exact h is the reward, p(y | x0)^lambda, yet a head fit on 2,048 base rollouts
+scores 0.11 worse than it there (docs/update_rules.md, section 16): it re-learns the reward
+classifier from the rollouts' soft labels. This probe gives the head lambda log p(y | x_t) for
+every target y, the reward evaluated at the state itself, added to its logits through a
+zero-started gate per timestep (so the head still starts flat), and compares the held-out
+value loss with the plain head's on the same rollouts, steps, rate and batches (the rollouts
+of `td_targets.py`, cached under outputs/probe).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/reward_input.py \
+        [--task ink] [--rollouts 2048] [--steps 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+from rule_choice import DEMO_BASE, TASKS  # noqa: E402
+from td_targets import floor, rollouts_of  # noqa: E402
+
+from ctrl_ray.config import load_raw  # noqa: E402
+from ctrl_ray.finetune_setup import build_setup  # noqa: E402
+from ctrl_ray.models.soft_value import SoftValueNet, predicted_value_loss  # noqa: E402
+from ctrl_ray.objectives.value import target_log_likelihoods  # noqa: E402
+from ctrl_ray.rule_choice import value_config  # noqa: E402
+
+
+class RewardInputHead(nn.Module):
+    """log q = log_softmax(head logits + gate(t) * lambda log p(y | x_t)), log m the head's."""
+
+    def __init__(self, head: SoftValueNet, num_timesteps: int, use_reward: bool):
+        super().__init__()
+        self.head, self.use_reward = head, use_reward
+        self.gate = nn.Embedding(num_timesteps, 1)
+        nn.init.zeros_(self.gate.weight)
+
+    def forward(self, x, t, contexts, reward_logits):
+        log_q, log_m = self.head(x, t, contexts)
+        if self.use_reward:
+            log_q = F.log_softmax(log_q + self.gate(t.long()) * reward_logits, dim=-1)
+        return log_q, log_m
+
+
+def fit(head: RewardInputHead, data: tuple, fit_rows, held, steps: int, seed: int) -> tuple:
+    """AdamW at 1e-3 on random (rollout, state) pairs, batches of 128, best held-out kept:
+    (held-out loss, step kept, loss by state)."""
+    states, log_targets, contexts, timesteps, reward_logits = data
+    count = states.shape[0]
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss(rows, which) -> torch.Tensor:
+        context = None if contexts is None else contexts[rows]
+        return predicted_value_loss(*head(states[which, rows], timesteps[which], context,
+                                          reward_logits[which, rows]), log_targets[rows])
+
+    def heldout() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([loss(held, torch.full((len(held),), i)) for i in range(count)])
+
+    by_state = heldout()
+    best, kept = float(by_state.mean()), 0
+    for step in range(1, steps + 1):
+        rows = fit_rows[torch.randint(0, len(fit_rows), (128,), generator=generator)]
+        which = torch.randint(0, count, (128,), generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss(rows, which).backward()
+        optimizer.step()
+        if step % 100 == 0:
+            now = heldout()
+            if now.mean() < best:
+                best, kept, by_state = float(now.mean()), step, now
+    return best, kept, by_state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="ink", choices=list(TASKS))
+    parser.add_argument("--rollouts", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    model, states, log_targets, contexts, timesteps = rollouts_of(args.task, args.rollouts,
+                                                                  args.seed)
+    path, extra = TASKS[args.task]
+    config = value_config({**load_raw(path, [f"base_model={DEMO_BASE}", *extra]),
+                           "mode": "value"})
+    setup = build_setup(config)
+    tilt = config.objective.tilt_exponent(int(torch.tensor(model.sample_shape).prod()))
+    raw_contexts = None   # the digits' rewards ignore c; a context-aware reward would need it
+    start = time.time()
+    with torch.no_grad():
+        reward_logits = torch.stack([torch.cat([
+            tilt * target_log_likelihoods(model, setup.reward_fn, states[i, j:j + 512],
+                                          raw_contexts)
+            for j in range(0, states.shape[1], 512)]) for i in range(states.shape[0])]).float()
+    order = torch.randperm(args.rollouts, generator=torch.Generator().manual_seed(args.seed))
+    held, fit_rows = order[: args.rollouts // 5], order[args.rollouts // 5:]
+    print(f"{args.task}: {args.rollouts} rollouts, the reward at every state in "
+          f"{time.time() - start:.0f} s; exact h at x_0: {floor(log_targets[held]):.4f}",
+          flush=True)
+    data = (states, log_targets, contexts, timesteps, reward_logits)
+    for use_reward in (False, True):
+        torch.manual_seed(args.seed)
+        head = RewardInputHead(SoftValueNet(model.value_head.spec), len(model.alphas_cumprod),
+                               use_reward)
+        began = time.time()
+        best, kept, by_state = fit(head, data, fit_rows, held, args.steps, args.seed)
+        name = "with the reward's logits" if use_reward else "plain"
+        gates = head.gate(timesteps).flatten().tolist() if use_reward else []
+        print(f"  head {name}: held-out {best:.4f} (kept {kept}; {time.time() - began:.0f} s); "
+              f"by state x_T..x_0: " + " ".join(f"{v:.3f}" for v in by_state.tolist())
+              + ("; gates x_T..x_0: " + " ".join(f"{g:.2f}" for g in gates) if gates else ""),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
