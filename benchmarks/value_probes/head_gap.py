@@ -13,7 +13,6 @@ as good as h can be from those targets; the difference is what a better head cou
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -21,16 +20,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
-from rule_choice import DEMO_BASE, TASKS  # noqa: E402
-from td_targets import fit, rollouts_of  # noqa: E402
+from td_targets import fit, probe_arguments, rollouts_of, split  # noqa: E402
 
-from ctrl_ray.config import load_raw  # noqa: E402
-from ctrl_ray.finetune_setup import build_setup  # noqa: E402
 from ctrl_ray.models.soft_value import SoftValueNet, predicted_value_loss, value_loss  # noqa: E402
 from ctrl_ray.objectives.value import target_log_likelihoods  # noqa: E402
-from ctrl_ray.rule_choice import value_config  # noqa: E402
 from ctrl_ray.sampling.sampler import DenoisingSchedule  # noqa: E402
 
 
@@ -47,61 +41,49 @@ def continued(model, schedule: DenoisingSchedule, x: torch.Tensor, contexts, sta
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="ink", choices=list(TASKS))
-    parser.add_argument("--rollouts", type=int, default=2048)
+    parser = probe_arguments(__doc__)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--continuations", type=int, default=32)
     parser.add_argument("--states", type=int, nargs="+", default=[2, 5, 8, 11, 14, 17])
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    model, states, log_targets, contexts, timesteps = rollouts_of(args.task, args.rollouts,
-                                                                  args.seed)
-    path, extra = TASKS[args.task]
-    config = value_config({**load_raw(path, [f"base_model={DEMO_BASE}", *extra]),
-                           "mode": "value"})
-    setup = build_setup(config)
-    tilt = config.objective.tilt_exponent(math.prod(model.sample_shape))
-    order = torch.randperm(args.rollouts, generator=torch.Generator().manual_seed(args.seed))
-    held, fit_rows = order[: args.rollouts // 5], order[args.rollouts // 5:]
+    data = rollouts_of(args.task, args.rollouts, args.seed)
+    model, states, log_targets = data.model, data.states, data.log_targets
+    held, fit_rows = split(args.rollouts, args.seed)
     start = time.time()
     torch.manual_seed(args.seed)
     head = SoftValueNet(model.value_head.spec)
-    best, kept, _ = fit(head, states, log_targets, contexts, timesteps, fit_rows, held,
-                        args.steps, args.seed, 1.0, 100)
+    best, kept, _ = fit(head, states, log_targets, data.head_contexts, data.timesteps,
+                        fit_rows, held, args.steps, args.seed, 1.0, 100)
     # fit() leaves the last weights in place; refit to the kept step for the head's own loss
     torch.manual_seed(args.seed)
     head = SoftValueNet(model.value_head.spec)
-    fit(head, states, log_targets, contexts, timesteps, fit_rows, held, kept, args.seed, 1.0,
-        100)
+    fit(head, states, log_targets, data.head_contexts, data.timesteps, fit_rows, held, kept,
+        args.seed, 1.0, 100)
     print(f"{args.task}: head fit on {len(fit_rows)} rollouts, held-out {best:.4f} at step "
           f"{kept} ({time.time() - start:.0f} s)", flush=True)
     rows = held[: args.rows]
-    cache = Path("outputs/probe") / f"rollouts-{args.task.split(',')[0]}-{args.rollouts}-" \
-        f"{args.seed}.pt"
-    raw = torch.load(cache)["contexts"]   # the base's own conditioning (class ids)
-    raw = None if raw is None else raw[rows].repeat_interleave(args.continuations, 0)
+    base_contexts = None if data.contexts is None else \
+        data.contexts[rows].repeat_interleave(args.continuations, 0)
     schedule = DenoisingSchedule.create(model.alphas_cumprod, states.shape[0] - 1,
-                                        config.objective.eta)
+                                        data.config.objective.eta)
     generator = torch.Generator().manual_seed(args.seed + 1)
     for k in args.states:
         start = time.time()
         x = states[k, rows].repeat_interleave(args.continuations, 0)
-        x0 = continued(model, schedule, x, raw, k, generator)
+        x0 = continued(model, schedule, x, base_contexts, k, generator)
         with torch.no_grad():
-            logs = tilt * target_log_likelihoods(model, setup.reward_fn, x0, raw)
+            logs = data.tilt * target_log_likelihoods(model, data.setup.reward_fn, x0,
+                                                      base_contexts)
         logs = logs.double().view(len(rows), args.continuations, -1)
         log_h = torch.logsumexp(logs, 1) - math.log(args.continuations)   # (R, J)
         log_m = torch.logsumexp(log_h, 1)
         monte_carlo = float(predicted_value_loss(log_h - log_m[:, None], log_m,
                                                  log_targets[rows].double()))
         with torch.no_grad():
-            fitted = float(value_loss(head, states[k, rows], timesteps[k].expand(len(rows)),
-                                      None if contexts is None else contexts[rows],
-                                      log_targets[rows]))
-        print(f"  state {k:2d} (t = {int(timesteps[k]):3d}): head {fitted:.4f}, "
+            fitted = float(value_loss(head, states[k, rows], data.timesteps[k].expand(len(rows)),
+                                      None if data.head_contexts is None
+                                      else data.head_contexts[rows], log_targets[rows]))
+        print(f"  state {k:2d} (t = {int(data.timesteps[k]):3d}): head {fitted:.4f}, "
               f"{args.continuations} continuations {monte_carlo:.4f}, gap "
               f"{fitted - monte_carlo:+.4f} ({time.time() - start:.0f} s)", flush=True)
 

@@ -14,7 +14,6 @@ of `td_targets.py`, cached under outputs/probe).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,16 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
-from rule_choice import DEMO_BASE, TASKS  # noqa: E402
-from td_targets import floor, rollouts_of  # noqa: E402
+from td_targets import floor, probe_arguments, rollouts_of, split  # noqa: E402
 
-from ctrl_ray.config import load_raw  # noqa: E402
-from ctrl_ray.finetune_setup import build_setup  # noqa: E402
 from ctrl_ray.models.soft_value import SoftValueNet, predicted_value_loss  # noqa: E402
 from ctrl_ray.objectives.value import target_log_likelihoods  # noqa: E402
-from ctrl_ray.rule_choice import value_config  # noqa: E402
 
 
 class RewardInputHead(nn.Module):
@@ -84,33 +78,22 @@ def fit(head: RewardInputHead, data: tuple, fit_rows, held, steps: int, seed: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="ink", choices=list(TASKS))
-    parser.add_argument("--rollouts", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    model, states, log_targets, contexts, timesteps = rollouts_of(args.task, args.rollouts,
-                                                                  args.seed)
-    path, extra = TASKS[args.task]
-    config = value_config({**load_raw(path, [f"base_model={DEMO_BASE}", *extra]),
-                           "mode": "value"})
-    setup = build_setup(config)
-    tilt = config.objective.tilt_exponent(int(torch.tensor(model.sample_shape).prod()))
-    raw_contexts = None   # the digits' rewards ignore c; a context-aware reward would need it
+    args = probe_arguments(__doc__).parse_args()
+    rollouts = rollouts_of(args.task, args.rollouts, args.seed)
+    model, states = rollouts.model, rollouts.states
     start = time.time()
     with torch.no_grad():
         reward_logits = torch.stack([torch.cat([
-            tilt * target_log_likelihoods(model, setup.reward_fn, states[i, j:j + 512],
-                                          raw_contexts)
+            rollouts.tilt * target_log_likelihoods(
+                model, rollouts.setup.reward_fn, states[i, j:j + 512],
+                None if rollouts.contexts is None else rollouts.contexts[j:j + 512])
             for j in range(0, states.shape[1], 512)]) for i in range(states.shape[0])]).float()
-    order = torch.randperm(args.rollouts, generator=torch.Generator().manual_seed(args.seed))
-    held, fit_rows = order[: args.rollouts // 5], order[args.rollouts // 5:]
+    held, fit_rows = split(args.rollouts, args.seed)
     print(f"{args.task}: {args.rollouts} rollouts, the reward at every state in "
-          f"{time.time() - start:.0f} s; exact h at x_0: {floor(log_targets[held]):.4f}",
-          flush=True)
-    data = (states, log_targets, contexts, timesteps, reward_logits)
+          f"{time.time() - start:.0f} s; exact h at x_0: "
+          f"{floor(rollouts.log_targets[held]):.4f}", flush=True)
+    data = (states, rollouts.log_targets, rollouts.head_contexts, rollouts.timesteps,
+            reward_logits)
     for use_reward in (False, True):
         torch.manual_seed(args.seed)
         head = RewardInputHead(SoftValueNet(model.value_head.spec), len(model.alphas_cumprod),
@@ -118,7 +101,7 @@ def main() -> None:
         began = time.time()
         best, kept, by_state = fit(head, data, fit_rows, held, args.steps, args.seed)
         name = "with the reward's logits" if use_reward else "plain"
-        gates = head.gate(timesteps).flatten().tolist() if use_reward else []
+        gates = head.gate(rollouts.timesteps).flatten().tolist() if use_reward else []
         print(f"  head {name}: held-out {best:.4f} (kept {kept}; {time.time() - began:.0f} s); "
               f"by state x_T..x_0: " + " ".join(f"{v:.3f}" for v in by_state.tolist())
               + ("; gates x_T..x_0: " + " ".join(f"{g:.2f}" for g in gates) if gates else ""),

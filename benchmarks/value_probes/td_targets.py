@@ -24,6 +24,7 @@ import dataclasses
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from rule_choice import DEMO_BASE, TASKS  # noqa: E402
 
 from ctrl_ray.config import load_raw  # noqa: E402
-from ctrl_ray.finetune_setup import build_setup  # noqa: E402
+from ctrl_ray.finetune_setup import FinetuneConfig, build_setup  # noqa: E402
 from ctrl_ray.models.soft_value import (  # noqa: E402
     SoftValueNet,
     predicted_value_loss,
@@ -43,9 +44,29 @@ from ctrl_ray.rule_choice import value_config  # noqa: E402
 from ctrl_ray.sampling.sampler import DenoisingSchedule, RolloutInputs  # noqa: E402
 
 
-def rollouts_of(task: str, count: int, seed: int) -> tuple:
-    """(model, states (S+1, N, ...), log_targets (N, J), head contexts, timesteps (S+1,)),
-    drawn with the value rule's worker step; cached under outputs/probe."""
+@dataclass
+class Rollouts:
+    """Base rollouts of a task drawn with the value rule's worker step, with their setup."""
+
+    config: FinetuneConfig
+    setup: object
+    states: torch.Tensor          # (S+1, N, ...) x_T .. x_0
+    log_targets: torch.Tensor     # (N, J) lambda log p(y | x0)
+    contexts: torch.Tensor | None       # (N,) the base's conditioning
+    head_contexts: torch.Tensor | None  # (N, ...) what the head reads
+    timesteps: torch.Tensor       # (S+1,)
+
+    @property
+    def model(self):
+        return self.setup.model
+
+    @property
+    def tilt(self) -> float:
+        return self.config.objective.tilt_exponent(math.prod(self.model.sample_shape))
+
+
+def rollouts_of(task: str, count: int, seed: int) -> Rollouts:
+    """`count` base rollouts of `task` on the demo's base, cached under outputs/probe."""
     path, extra = TASKS[task]
     config = value_config({**load_raw(path, [f"base_model={DEMO_BASE}", *extra]),
                            "mode": "value"})
@@ -71,7 +92,24 @@ def rollouts_of(task: str, count: int, seed: int) -> tuple:
     schedule = DenoisingSchedule.create(model.alphas_cumprod, states.shape[0] - 1, objective.eta)
     timesteps = torch.cat([schedule.timesteps, schedule.timesteps.new_zeros(1)]).long()
     head_contexts = None if contexts is None else model.head_context(contexts)
-    return model, states, log_targets, head_contexts, timesteps
+    return Rollouts(config, setup, states, log_targets, contexts, head_contexts, timesteps)
+
+
+def probe_arguments(doc: str) -> argparse.ArgumentParser:
+    """The probes' shared options: the task, its rollouts, the head's steps and the seed."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="ink", choices=list(TASKS))
+    parser.add_argument("--rollouts", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def split(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out rows, fit rows): a fifth of the rollouts held out."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[: count // 5], order[count // 5:]
 
 
 def returns(head: SoftValueNet, states, log_targets, contexts, timesteps, rows,
@@ -133,33 +171,27 @@ def floor(log_targets: torch.Tensor) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="ink", choices=list(TASKS))
-    parser.add_argument("--rollouts", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser = probe_arguments(__doc__)
     parser.add_argument("--td", type=float, nargs="+", default=[1.0, 0.9, 0.7, 0.5])
     parser.add_argument("--refresh", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--channels", type=int, nargs="+", default=None,
                         help="the head's conv widths (default: the config's)")
     args = parser.parse_args()
     start = time.time()
-    model, states, log_targets, contexts, timesteps = rollouts_of(args.task, args.rollouts,
-                                                                  args.seed)
-    order = torch.randperm(args.rollouts, generator=torch.Generator().manual_seed(args.seed))
-    held_rows, fit_rows = order[: args.rollouts // 5], order[args.rollouts // 5:]
+    data = rollouts_of(args.task, args.rollouts, args.seed)
+    held_rows, fit_rows = split(args.rollouts, args.seed)
     print(f"{args.task}: {args.rollouts} base rollouts ({time.time() - start:.0f} s); held-out "
-          f"loss of h = the reward itself at x_0: {floor(log_targets[held_rows]):.4f}",
+          f"loss of h = the reward itself at x_0: {floor(data.log_targets[held_rows]):.4f}",
           flush=True)
     for td in args.td:
         torch.manual_seed(args.seed)
-        spec = model.value_head.spec
+        spec = data.model.value_head.spec
         head = SoftValueNet(spec if args.channels is None else
                             dataclasses.replace(spec, channels=args.channels))
         start = time.time()
-        best, kept, by_state = fit(head, states, log_targets, contexts, timesteps, fit_rows,
-                                   held_rows, args.steps, args.seed, td, args.refresh)
+        best, kept, by_state = fit(head, data.states, data.log_targets, data.head_contexts,
+                                   data.timesteps, fit_rows, held_rows, args.steps, args.seed,
+                                   td, args.refresh)
         print(f"  TD({td:g}): held-out Monte Carlo loss {best:.4f} (kept {kept}; "
               f"{time.time() - start:.0f} s); by state x_T..x_0: "
               + " ".join(f"{v:.3f}" for v in by_state.tolist()), flush=True)
