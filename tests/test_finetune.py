@@ -82,6 +82,28 @@ def test_same_seed_gives_same_sample_alone_or_in_a_batch(tiny_run):
     torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=0)
 
 
+def test_evaluation_scores_each_sample_against_its_own_target_and_context(tiny_run):
+    """E[log p(y | x0, c)] of the evaluation (what the distance to the optimum reads) passes
+    every sample with its own target and context, in batches: a stand-in reward of
+    10 y + c averages to 10 * 1.5 + 0.5 over 4 targets x contexts [0, 1]."""
+    from ctrl_ray.evaluation import evaluate
+    from ctrl_ray.evaluation_config import EvaluationConfig
+
+    loaded = load_any(tiny_run[0] / "policy")
+    seen = []
+
+    def stand_in(images, labels, contexts):
+        assert len(images) == len(labels["compress_class"]) == len(contexts) <= 3
+        seen.append(len(images))
+        return 10 * labels["compress_class"].double() + contexts.double()
+
+    config = EvaluationConfig(samples_per_target=2, contexts=[0, 1], num_inference_steps=4,
+                              batch_size=3)
+    report = evaluate(loaded.model, loaded.label_info, None, config, log_likelihood=stand_in)
+    assert sum(seen) == report["num_samples"] == 16
+    assert report["expected_reward"] == pytest.approx(15.5)
+
+
 def test_report_every_changes_what_is_measured_not_the_update(tiny_base, tiny_reward,
                                                              tiny_judge, tmp_path):
     """The value rule samples the policy only to report its reward and KL: every 3rd update

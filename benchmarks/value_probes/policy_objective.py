@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 
 import torch
@@ -49,15 +50,16 @@ def objective(model, reward_fn, config, inputs) -> dict:
             "log_likelihood": log_likelihood.mean().item(), "kl": kl.mean().item()}
 
 
-def optimum_objective(config_path: str, overrides: list[str], inputs) -> float:
+def optimum_objective(config_path: str, overrides: list[str], inputs,
+                      label_classes: dict[str, int]) -> float:
     """J* on the rows of `inputs`: kl_weight times the mean over rows of log Z(c, y), Z the
     mean of p(y | x0, c)^lambda over the base rollouts of the row's context (all of them where
     contexts are not class ids). A row's J* - J is kl_weight KL(pi || pi*) of its (c, y)."""
     config = value_config(load_raw(config_path, overrides))
     log_p, contexts, tilt = base_log_likelihoods(config)
-    spec = build_setup(config).model.value_head.spec
-    rows = torch.stack([inputs.labels[name].long() for name in spec.label_classes], 1)
-    targets = spec.targets
+    rows = torch.stack([inputs.labels[name].long() for name in label_classes], 1)
+    # the columns of `base_log_likelihoods`: the value head's targets, in product order
+    targets = itertools.product(*(range(k) for k in label_classes.values()))
     index = {target: j for j, target in enumerate(targets)}
     total = 0.0
     for i, row in enumerate(rows.tolist()):
@@ -87,7 +89,8 @@ def main() -> None:
         objective_config, batch_size=args.rollouts), seed)
     best = None
     if args.optimum:
-        best = optimum_objective(args.config, args.overrides, inputs)
+        best = optimum_objective(args.config, args.overrides, inputs,
+                                 setup.model.label_classes)
         print(f"optimum: J* {best:.3f} on the same rows", flush=True)
     for path in args.policies:
         model = load_any(path).model.eval()

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from td_targets import floor, probe_arguments, rollouts_of, split  # noqa: E402
+from td_targets import fit, floor, probe_arguments, rollouts_of, split  # noqa: E402
 
-from ctrl_ray.models.soft_value import SoftValueNet, predicted_value_loss  # noqa: E402
+from ctrl_ray.models.soft_value import SoftValueNet  # noqa: E402
 from ctrl_ray.objectives.value import target_log_likelihoods  # noqa: E402
 
 
@@ -45,38 +45,6 @@ class RewardInputHead(nn.Module):
         return log_q, log_m
 
 
-def fit(head: RewardInputHead, data: tuple, fit_rows, held, steps: int, seed: int) -> tuple:
-    """AdamW at 1e-3 on random (rollout, state) pairs, batches of 128, best held-out kept:
-    (held-out loss, step kept, loss by state)."""
-    states, log_targets, contexts, timesteps, reward_logits = data
-    count = states.shape[0]
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-
-    def loss(rows, which) -> torch.Tensor:
-        context = None if contexts is None else contexts[rows]
-        return predicted_value_loss(*head(states[which, rows], timesteps[which], context,
-                                          reward_logits[which, rows]), log_targets[rows])
-
-    def heldout() -> torch.Tensor:
-        with torch.no_grad():
-            return torch.stack([loss(held, torch.full((len(held),), i)) for i in range(count)])
-
-    by_state = heldout()
-    best, kept = float(by_state.mean()), 0
-    for step in range(1, steps + 1):
-        rows = fit_rows[torch.randint(0, len(fit_rows), (128,), generator=generator)]
-        which = torch.randint(0, count, (128,), generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss(rows, which).backward()
-        optimizer.step()
-        if step % 100 == 0:
-            now = heldout()
-            if now.mean() < best:
-                best, kept, by_state = float(now.mean()), step, now
-    return best, kept, by_state
-
-
 def main() -> None:
     args = probe_arguments(__doc__).parse_args()
     rollouts = rollouts_of(args.task, args.rollouts, args.seed)
@@ -92,14 +60,14 @@ def main() -> None:
     print(f"{args.task}: {args.rollouts} rollouts, the reward at every state in "
           f"{time.time() - start:.0f} s; exact h at x_0: "
           f"{floor(rollouts.log_targets[held]):.4f}", flush=True)
-    data = (states, rollouts.log_targets, rollouts.head_contexts, rollouts.timesteps,
-            reward_logits)
     for use_reward in (False, True):
         torch.manual_seed(args.seed)
         head = RewardInputHead(SoftValueNet(model.value_head.spec), len(model.alphas_cumprod),
                                use_reward)
         began = time.time()
-        best, kept, by_state = fit(head, data, fit_rows, held, args.steps, args.seed)
+        best, kept, by_state = fit(head, states, rollouts.log_targets, rollouts.head_contexts,
+                                   rollouts.timesteps, fit_rows, held, args.steps, args.seed,
+                                   inputs=reward_logits)
         name = "with the reward's logits" if use_reward else "plain"
         gates = head.gate(rollouts.timesteps).flatten().tolist() if use_reward else []
         print(f"  head {name}: held-out {best:.4f} (kept {kept}; {time.time() - began:.0f} s); "

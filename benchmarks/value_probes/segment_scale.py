@@ -65,7 +65,8 @@ def main() -> None:
     setup = build_setup(config)
     inputs = draw_inputs(setup.model, dataclasses.replace(config.objective,
                                                           batch_size=args.rollouts), args.seed)
-    best_j = optimum_objective(args.config, args.overrides, inputs)
+    best_j = optimum_objective(args.config, args.overrides, inputs,
+                               setup.model.label_classes)
     model = load_any(args.policy).model.eval()
     steps = len(model.alphas_cumprod)
     originals = AugmentedModel.mean_shift, AugmentedModel.initial_shift

@@ -20,6 +20,7 @@ expectation is smallest at the true h whatever the head was trained on.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import sys
@@ -30,18 +31,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from rule_choice import DEMO_BASE, TASKS  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+from rule_choice import TASKS  # noqa: E402
+from trial_fit import base_payloads, task_setup  # noqa: E402
 
-from ctrl_ray.config import load_raw  # noqa: E402
-from ctrl_ray.finetune_setup import FinetuneConfig, build_setup  # noqa: E402
+from ctrl_ray.finetune_setup import FinetuneConfig  # noqa: E402
 from ctrl_ray.models.soft_value import (  # noqa: E402
     SoftValueNet,
     predicted_value_loss,
-    value_loss,
 )
-from ctrl_ray.objectives import value  # noqa: E402
-from ctrl_ray.rule_choice import value_config  # noqa: E402
-from ctrl_ray.sampling.sampler import DenoisingSchedule, RolloutInputs  # noqa: E402
+from ctrl_ray.sampling.sampler import DenoisingSchedule  # noqa: E402
 
 
 @dataclass
@@ -67,22 +66,13 @@ class Rollouts:
 
 def rollouts_of(task: str, count: int, seed: int) -> Rollouts:
     """`count` base rollouts of `task` on the demo's base, cached under outputs/probe."""
-    path, extra = TASKS[task]
-    config = value_config({**load_raw(path, [f"base_model={DEMO_BASE}", *extra]),
-                           "mode": "value"})
-    setup = build_setup(config)
+    config, setup = task_setup(task)
     model, objective = setup.model.eval(), config.objective
     cache = Path("outputs/probe") / f"rollouts-{task.split(',')[0]}-{count}-{seed}.pt"
     if cache.exists():
         states, log_targets, contexts = torch.load(cache).values()
     else:
-        batch = min(256, count)
-        payloads = [value.worker_step(
-            model, setup.reward_fn,
-            RolloutInputs.draw(1000 * seed + i + 1, batch, objective.num_inference_steps,
-                               model.sample_shape, model.label_classes,
-                               num_contexts=model.num_contexts),
-            objective, batch, 0, report=False)[0] for i in range(count // batch)]
+        payloads = base_payloads(setup, objective, count, seed)
         states = torch.cat([p["states"] for p in payloads], 1)
         log_targets = torch.cat([p["log_targets"] for p in payloads])
         contexts = None if payloads[0]["contexts"] is None else torch.cat(
@@ -117,50 +107,59 @@ def returns(head: SoftValueNet, states, log_targets, contexts, timesteps, rows,
     """log G_k (S+1, R, J) for the rollouts `rows`: the TD(td) mix of the head's log h at the
     next state and the return after it, ending in the Monte Carlo targets at x_0."""
     count = states.shape[0]
+    if td == 1:
+        return log_targets[rows].expand(count, -1, -1)
     out = [log_targets[rows]]
     with torch.no_grad():
         for k in range(count - 2, -1, -1):
             context = None if contexts is None else contexts[rows]
             log_q, log_m = head(states[k + 1, rows], timesteps[k + 1].expand(len(rows)), context)
             bootstrap = log_q + log_m[:, None]
-            out.append(torch.logaddexp(math.log(1 - td) + bootstrap, math.log(td) + out[-1])
-                       if td < 1 else out[-1])
+            out.append(torch.logaddexp(math.log(1 - td) + bootstrap, math.log(td) + out[-1]))
     return torch.stack(out[::-1])
 
 
 def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, steps: int,
-        seed: int, td: float, refresh: int, lr: float = 1e-3, batch: int = 128) -> tuple:
+        seed: int, td: float = 1.0, refresh: int = 100, inputs: torch.Tensor | None = None,
+        lr: float = 1e-3, batch: int = 128) -> tuple:
     """AdamW on random (rollout, state) pairs with TD(td) targets refreshed every `refresh`
-    steps; the best held-out Monte Carlo loss kept. Returns (loss, step kept, loss by state)."""
+    steps (td 1: the rule's Monte Carlo targets); every 100 steps the held-out Monte Carlo
+    loss, whose best weights the head ends with. `inputs` (S+1, N, ...), if given, are a
+    further input of the head at each state. Returns (loss, step kept, loss by state)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     count = states.shape[0]
 
+    def loss(rows, which, targets) -> torch.Tensor:
+        args = (states[which, rows], timesteps[which],
+                None if contexts is None else contexts[rows])
+        if inputs is not None:
+            args = (*args, inputs[which, rows])
+        return predicted_value_loss(*head(*args), targets)
+
     def heldout() -> torch.Tensor:
         with torch.no_grad():
-            return torch.stack([value_loss(
-                head, states[i, held_rows], timesteps[i].expand(len(held_rows)),
-                None if contexts is None else contexts[held_rows], log_targets[held_rows])
-                for i in range(count)])
+            return torch.stack([loss(held_rows, torch.full((len(held_rows),), i),
+                                     log_targets[held_rows]) for i in range(count)])
 
     by_state = heldout()
     best, kept = float(by_state.mean()), 0
+    best_state = copy.deepcopy(head.state_dict())
     targets = None
     for step in range(1, steps + 1):
         if targets is None or (td < 1 and step % refresh == 1):
             targets = returns(head, states, log_targets, contexts, timesteps, fit_rows, td)
         pick = torch.randint(0, len(fit_rows), (batch,), generator=generator)
         which = torch.randint(0, count, (batch,), generator=generator)
-        rows = fit_rows[pick]
         optimizer.zero_grad(set_to_none=True)
-        loss = value_loss(head, states[which, rows], timesteps[which],
-                          None if contexts is None else contexts[rows], targets[which, pick])
-        loss.backward()
+        loss(fit_rows[pick], which, targets[which, pick]).backward()
         optimizer.step()
         if step % 100 == 0:
             now = heldout()
             if now.mean() < best:
                 best, kept, by_state = float(now.mean()), step, now
+                best_state = copy.deepcopy(head.state_dict())
+    head.load_state_dict(best_state)
     return best, kept, by_state
 
 

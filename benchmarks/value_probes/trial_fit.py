@@ -46,21 +46,33 @@ def constant_loss(log_targets: torch.Tensor, fit: torch.Tensor, held: torch.Tens
                                       log_targets[held]))
 
 
-def trial(task: str, rollouts: int, seed: int, steps: int) -> dict:
+def task_setup(task: str):
+    """(the task's config as the value rule runs it on the demo's base, its setup)."""
     path, extra = TASKS[task]
     config = value_config({**load_raw(path, [f"base_model={DEMO_BASE}", *extra]),
                            "mode": "value"})
-    objective = config.objective
-    setup = build_setup(config)
+    return config, build_setup(config)
+
+
+def base_payloads(setup, objective, rollouts: int, seed: int) -> list[dict]:
+    """`rollouts` base rollouts as the value rule's worker step draws them, in batches of 256
+    (seeds 1000 seed + 1, + 2, ...)."""
     model = setup.model.eval()
-    start = time.time()
     batch = min(256, rollouts)
-    payloads = [value.worker_step(
+    return [value.worker_step(
         model, setup.reward_fn,
         RolloutInputs.draw(1000 * seed + i + 1, batch, objective.num_inference_steps,
                            model.sample_shape, model.label_classes,
                            num_contexts=model.num_contexts),
         objective, batch, 0, report=False)[0] for i in range(rollouts // batch)]
+
+
+def trial(task: str, rollouts: int, seed: int, steps: int) -> dict:
+    config, setup = task_setup(task)
+    objective = config.objective
+    model = setup.model.eval()
+    start = time.time()
+    payloads = base_payloads(setup, objective, rollouts, seed)
     drawn = time.time() - start
     replay = value._replay(model.value_head, objective)
     replay.add(payloads)

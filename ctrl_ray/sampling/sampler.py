@@ -66,12 +66,18 @@ class DenoisingSchedule:
         dtype = alphas_cumprod.dtype
         return cls(timesteps, alphas.to(dtype), alphas_prev.to(dtype), sigmas.to(dtype))
 
+    def denoised(self, step: int, x_t: Tensor, noise_prediction: Tensor,
+                 clip_sample: bool) -> Tensor:
+        """x0_hat(x_t) at ``step`` (0-based) from a noise prediction, clipped if asked."""
+        alpha = self.alphas[step]
+        x0_hat = (x_t - (1 - alpha).sqrt() * noise_prediction) / alpha.sqrt()
+        return x0_hat.clamp(-1.0, 1.0) if clip_sample else x0_hat
+
     def mean(self, step: int, x_t: Tensor, noise_prediction: Tensor, clip_sample: bool) -> Tensor:
         """The reverse-step mean mu(x_t) at ``step`` (0-based) from a noise prediction."""
         alpha, alpha_prev, sigma = self.alphas[step], self.alphas_prev[step], self.sigmas[step]
-        x0_hat = (x_t - (1 - alpha).sqrt() * noise_prediction) / alpha.sqrt()
+        x0_hat = self.denoised(step, x_t, noise_prediction, clip_sample)
         if clip_sample:
-            x0_hat = x0_hat.clamp(-1.0, 1.0)
             noise_prediction = (x_t - alpha.sqrt() * x0_hat) / (1 - alpha).sqrt()
         direction = (1 - alpha_prev - sigma**2).clamp(min=0).sqrt() * noise_prediction
         return alpha_prev.sqrt() * x0_hat + direction
