@@ -121,11 +121,13 @@ def returns(head: SoftValueNet, states, log_targets, contexts, timesteps, rows,
 
 def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, steps: int,
         seed: int, td: float = 1.0, refresh: int = 100, inputs: torch.Tensor | None = None,
-        lr: float = 1e-3, batch: int = 128) -> tuple:
+        lr: float = 1e-3, batch: int = 128, offsets: torch.Tensor | None = None) -> tuple:
     """AdamW on random (rollout, state) pairs with TD(td) targets refreshed every `refresh`
     steps (td 1: the rule's Monte Carlo targets); every 100 steps the held-out Monte Carlo
     loss, whose best weights the head ends with. `inputs` (S+1, N, ...), if given, are a
-    further input of the head at each state. Returns (loss, step kept, loss by state)."""
+    further input of the head at each state; `offsets` (S+1, N), if given, are added to every
+    target of a state (a policy rollout's log importance weight from that state on).
+    Returns (loss, step kept, loss by state)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     count = states.shape[0]
@@ -149,6 +151,8 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
     for step in range(1, steps + 1):
         if targets is None or (td < 1 and step % refresh == 1):
             targets = returns(head, states, log_targets, contexts, timesteps, fit_rows, td)
+            if offsets is not None:
+                targets = targets + offsets[:, fit_rows, None]
         pick = torch.randint(0, len(fit_rows), (batch,), generator=generator)
         which = torch.randint(0, count, (batch,), generator=generator)
         optimizer.zero_grad(set_to_none=True)
