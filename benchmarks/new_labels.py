@@ -166,14 +166,24 @@ def ctrl_config(label: str) -> Path:
     return path
 
 
+VARIANT: dict = {"name": "", "overrides": []}   # `--variant NAME --set KEY=VALUE ...`
+
+
+def run_dir(label: str, seed: int) -> Path:
+    """One seed's run: the demo's settings, or a named variant's."""
+    name = f"-{VARIANT['name']}" if VARIANT["name"] else ""
+    return OUT / f"ctrl-{label}{name}-seed{seed}"
+
+
 def train(label: str, seed: int, resume: bool = True) -> Path:
     """`ctrl-ray finetune` for one seed (skipped when its policy is on disk, or when not
     `resume`: then the checkpoints written so far are used); its checkpoints."""
-    out = OUT / f"ctrl-{label}-seed{seed}"
+    out = run_dir(label, seed)
     if resume and not (out / "policy").is_dir():
+        overrides = [arg for item in VARIANT["overrides"] for arg in ("--set", item)]
         cli("finetune", "--config", str(ctrl_config(label)), "--set", f"seed={seed}",
             "--set", f"output_dir={out}", "--set", "evaluate=false",
-            "--set", "optimum_samples_per_context=0", "--resume-if-present")
+            "--set", "optimum_samples_per_context=0", *overrides, "--resume-if-present")
     return out / "checkpoints"
 
 
@@ -289,7 +299,7 @@ def evaluate_checkpoints(label: str, seeds: list[int], judge) -> None:
     """Evaluate every checkpoint on disk of these runs on the validation and test seeds, with
     its KL per step (to spread the evaluations over processes; `run_label` reads them back)."""
     for seed in seeds:
-        run = OUT / f"ctrl-{label}-seed{seed}" / "checkpoints"
+        run = run_dir(label, seed) / "checkpoints"
         for iteration in checkpoints({seed: run}):
             for evaluation_seed in (VALIDATION_SEED, TEST_SEED):
                 evaluation(run / f"{iteration:06d}", evaluation_seed, judge)
@@ -361,7 +371,10 @@ def markdown(data: dict) -> list[str]:
              f"chosen on validation evaluation seed {VALIDATION_SEED} (most macro-F1 within "
              f"{KL_BUDGET}x the optimum's KL, else the least KL), reported on test seed "
              f"{TEST_SEED}, {SAMPLES_PER_TARGET} samples per (y, digit), scored by the labeller. "
-             "Intervals: 95% t over the seeds. Optimum: importance-resampled base samples, "
+             + (f"Variant `{data['variant']['name']}`: "
+                + ", ".join(f"`{item}`" for item in data["variant"]["overrides"]) + ". "
+                if data.get("variant", {}).get("name") else "")
+             + "Intervals: 95% t over the seeds. Optimum: importance-resampled base samples, "
              f"{OPTIMUM_SAMPLES} per digit topped up to at most {OPTIMUM_MAX_SAMPLES} where the "
              "ESS of a target is below 50; ESS min over (y, digit). Per nat: (macro-F1 - base) "
              "/ KL. The KL per step of the value rule's tilted step is that of the Gaussian "
@@ -442,7 +455,14 @@ def main() -> None:
     parser.add_argument("--evaluate-only", action="store_true",
                         help="evaluate the runs' checkpoints on disk (validation, test, KL per "
                              "step), then stop")
+    parser.add_argument("--variant", default="",
+                        help="name runs and results after a variant of the demo's settings")
+    parser.add_argument("--set", action="append", default=[], dest="overrides",
+                        metavar="KEY=VALUE", help="the variant's settings (with --variant)")
     args = parser.parse_args()
+    if args.overrides and not args.variant:
+        parser.error("--set needs --variant (the runs must not mix with the demo settings')")
+    VARIANT.update(name=args.variant, overrides=args.overrides)
     torch.set_num_threads(1)
     tracking.configure()
     ensure_base()
@@ -456,15 +476,17 @@ def main() -> None:
         for label in args.labels:
             evaluate_checkpoints(label, args.seeds, judge)
         return
-    results = Path(__file__).with_name("results") / "new_labels.json"
-    data = {"machine": machine(), "seeds": args.seeds, "labels": {}}
+    name = "new_labels" + (f"_{args.variant}" if args.variant else "")
+    results = Path(__file__).with_name("results") / f"{name}.json"
+    data = {"machine": machine(), "seeds": args.seeds, "labels": {},
+            "variant": {"name": args.variant, "overrides": args.overrides}}
     for label in args.labels:
         result = run_label(label, names, args.seeds, judge, args.first_step_kl,
                            resume=not args.no_train)
         if results.is_file():   # keep the labels of other invocations (they may run in parallel)
             data["labels"] = json.loads(results.read_text()).get("labels", {})
         data["labels"][label] = result
-        publish("new_labels", data, markdown(data))
+        publish(name, data, markdown(data))
 
 
 if __name__ == "__main__":

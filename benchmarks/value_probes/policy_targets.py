@@ -76,6 +76,8 @@ def evaluation_arguments(parser) -> None:
     """The step scales and fresh rollouts a fitted head's policy is scored at."""
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.35])
     parser.add_argument("--evaluation", type=int, default=512)
+    parser.add_argument("--channels", type=int, nargs="+", default=None,
+                        help="the head's conv widths (default: the config's)")
 
 
 def evaluation_setup(args):
@@ -103,12 +105,14 @@ def score_head(name: str, data, rows, held, args, evaluation, best_objective: fl
     log_targets = data.log_targets if log_targets is None else log_targets
     contexts = data.head_contexts if states is data.states and contexts is None else contexts
     spec = model.value_head.spec
+    if args.channels is not None:
+        spec = dataclasses.replace(spec, channels=args.channels)
     start = time.time()
     torch.manual_seed(args.seed)
     head = SoftValueNet(spec)
     loss, kept, _ = fit(head, states, log_targets, contexts, data.timesteps, rows, held,
                         args.steps, args.seed, offsets=offsets)
-    model.value_head.load_state_dict(head.state_dict())
+    model.value_head = head
     scores, lines = [], []
     for scale in args.scales:
         spec.step_scale = scale
