@@ -24,7 +24,10 @@ evaluation seeds with 95% t-intervals over the seeds (the protocol and helpers o
 (outputs/new-labels/) is read back.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/new_labels.py [--labels centre_x slant]
-        [--seeds 0 1 2] [--first-step-kl]
+        [--seeds 0 1 2] [--first-step-kl] [--variant NAME --set KEY=VALUE ...]
+
+`--variant NAME --set KEY=VALUE ...` runs the same protocol with the demo's settings changed
+(runs under outputs/new-labels/ctrl-LABEL-NAME-seedS, results in new_labels_NAME.{json,md}).
 
 Needs outputs/base-digits16-demo (`ctrl-ray demo` or `ctrl-ray pretrain --config
 configs/demo.yaml`'s pretrain section) and the digit judge outputs/judge-digits16. Writes
@@ -461,7 +464,7 @@ def main() -> None:
                         metavar="KEY=VALUE", help="the variant's settings (with --variant)")
     args = parser.parse_args()
     if args.overrides and not args.variant:
-        parser.error("--set needs --variant (the runs must not mix with the demo settings')")
+        parser.error("--set needs --variant (a variant's runs and results are kept apart)")
     VARIANT.update(name=args.variant, overrides=args.overrides)
     torch.set_num_threads(1)
     tracking.configure()
