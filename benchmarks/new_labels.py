@@ -170,6 +170,10 @@ def ctrl_config(label: str) -> Path:
 
 
 VARIANT: dict = {"name": "", "overrides": []}   # `--variant NAME --set KEY=VALUE ...`
+# what the exact optimum depends on: a variant may change how the optimum is reached, not it
+OPTIMUM_KEYS = ("base_model", "rewards", "objective.gamma", "objective.kl_weight",
+                "objective.kl_reduction", "objective.num_inference_steps", "objective.eta",
+                "objective.label_distribution", "objective.context_distribution")
 
 
 def run_dir(label: str, seed: int) -> Path:
@@ -465,6 +469,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.overrides and not args.variant:
         parser.error("--set needs --variant (a variant's runs and results are kept apart)")
+    moved = [item for item in args.overrides if item.split("=")[0] in OPTIMUM_KEYS]
+    if moved:
+        parser.error(f"--set {', '.join(moved)}: the variant would move the optimum it is "
+                     f"compared with (cached per label for the demo's settings)")
     VARIANT.update(name=args.variant, overrides=args.overrides)
     torch.set_num_threads(1)
     tracking.configure()

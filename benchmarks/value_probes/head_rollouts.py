@@ -28,7 +28,7 @@ def main() -> None:
     held = held[: args.heldout]   # the check's cost grows with it, not the comparison
     for count in args.counts:
         score_head(f"{count} base rollouts", data, fit_rows[:count], held, args, evaluation,
-                   best_objective)
+                   best_objective, data.states, data.log_targets, data.head_contexts)
 
 
 if __name__ == "__main__":

@@ -33,22 +33,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from policy_objective import objective, optimum_objective  # noqa: E402
 from rule_choice import DEMO_BASE, TASKS  # noqa: E402
 from td_targets import fit, probe_arguments, rollouts_of, split  # noqa: E402
+from trial_fit import batch_inputs  # noqa: E402
 
 from ctrl_ray.models.soft_value import SoftValueNet  # noqa: E402
 from ctrl_ray.objectives.base import draw_inputs  # noqa: E402
 from ctrl_ray.objectives.value import target_log_likelihoods  # noqa: E402
-from ctrl_ray.sampling.sampler import RolloutInputs, sample  # noqa: E402
+from ctrl_ray.sampling.sampler import sample  # noqa: E402
 
 
 def policy_rollouts(model, reward_fn, objective_config, tilt: float, count: int, seed: int):
     """`count` rollouts of the model's policy: (states (S+1, N, ...), lambda log p(y | x0) for
     every y (N, J), contexts (N,) or None, log w_k of each state's path after it (S+1, N))."""
     states, log_targets, contexts, offsets = [], [], [], []
-    for i, start in enumerate(range(0, count, 256)):
-        inputs = RolloutInputs.draw(seed * 1000 + i, min(256, count - start),
-                                    objective_config.num_inference_steps,
-                                    model.sample_shape, model.label_classes,
-                                    num_contexts=model.num_contexts)
+    for inputs in batch_inputs(model, objective_config, count, 1000 * seed):
         with torch.no_grad():
             path = sample(model, inputs, eta=objective_config.eta, compute_log_ratio=True,
                           kl_reduction=objective_config.kl_reduction)
@@ -96,14 +93,11 @@ def evaluation_setup(args):
 
 
 def score_head(name: str, data, rows, held, args, evaluation, best_objective: float,
-               states=None, log_targets=None, contexts=None, offsets=None) -> list[dict]:
-    """Fit a fresh head on `rows` (of the cached base rollouts, or of `states` etc. with their
-    target offsets), install it on the task's model, and print J on `evaluation` at each of
-    `args.scales` (the model is left at the first)."""
+               states, log_targets, contexts, offsets=None) -> list[dict]:
+    """Fit a fresh head on `rows` of `states` (their targets shifted by `offsets`, if given),
+    install it on the task's model, and print J on `evaluation` at each of `args.scales` (the
+    model is left at the first)."""
     model, config = data.model, data.config
-    states = data.states if states is None else states
-    log_targets = data.log_targets if log_targets is None else log_targets
-    contexts = data.head_contexts if states is data.states and contexts is None else contexts
     spec = model.value_head.spec
     if args.channels is not None:
         spec = dataclasses.replace(spec, channels=args.channels)

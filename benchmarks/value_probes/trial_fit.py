@@ -54,17 +54,22 @@ def task_setup(task: str):
     return config, build_setup(config)
 
 
+def batch_inputs(model, objective, count: int, first_seed: int) -> list[RolloutInputs]:
+    """The randomness of `count` rollouts of the training distribution, in batches of 256
+    (the last one shorter), batch i drawn from seed first_seed + i."""
+    return [RolloutInputs.draw(first_seed + i, min(256, count - start),
+                               objective.num_inference_steps, model.sample_shape,
+                               model.label_classes, num_contexts=model.num_contexts)
+            for i, start in enumerate(range(0, count, 256))]
+
+
 def base_payloads(setup, objective, rollouts: int, seed: int) -> list[dict]:
     """`rollouts` base rollouts as the value rule's worker step draws them, in batches of 256
     (seeds 1000 seed + 1, + 2, ...)."""
     model = setup.model.eval()
-    batch = min(256, rollouts)
-    return [value.worker_step(
-        model, setup.reward_fn,
-        RolloutInputs.draw(1000 * seed + i + 1, batch, objective.num_inference_steps,
-                           model.sample_shape, model.label_classes,
-                           num_contexts=model.num_contexts),
-        objective, batch, 0, report=False)[0] for i in range(rollouts // batch)]
+    return [value.worker_step(model, setup.reward_fn, inputs, objective, inputs.batch_size, 0,
+                              report=False)[0]
+            for inputs in batch_inputs(model, objective, rollouts, 1000 * seed + 1)]
 
 
 def trial(task: str, rollouts: int, seed: int, steps: int) -> dict:
