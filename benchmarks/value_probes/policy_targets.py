@@ -93,7 +93,7 @@ def evaluation_setup(args):
 
 
 def score_head(name: str, data, rows, held, args, evaluation, best_objective: float,
-               states, log_targets, contexts, offsets=None) -> list[dict]:
+               states, log_targets, contexts, offsets=None, **fit_options) -> list[dict]:
     """Fit a fresh head on `rows` of `states` (their targets shifted by `offsets`, if given),
     install it on the task's model, and print J on `evaluation` at each of `args.scales` (the
     model is left at the first)."""
@@ -105,7 +105,7 @@ def score_head(name: str, data, rows, held, args, evaluation, best_objective: fl
     torch.manual_seed(args.seed)
     head = SoftValueNet(spec)
     loss, kept, _ = fit(head, states, log_targets, contexts, data.timesteps, rows, held,
-                        args.steps, args.seed, offsets=offsets)
+                        args.steps, args.seed, offsets=offsets, **fit_options)
     model.value_head = head
     scores, lines = [], []
     for scale in args.scales:

@@ -121,19 +121,22 @@ def returns(head: SoftValueNet, states, log_targets, contexts, timesteps, rows,
 
 def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, steps: int,
         seed: int, td: float = 1.0, refresh: int = 100, inputs: torch.Tensor | None = None,
-        lr: float = 1e-3, batch: int = 128, offsets: torch.Tensor | None = None) -> tuple:
+        lr: float = 1e-3, batch: int = 128, offsets: torch.Tensor | None = None,
+        forward_alphas: torch.Tensor | None = None, forward_fraction: float = 0.0) -> tuple:
     """AdamW on random (rollout, state) pairs with TD(td) targets refreshed every `refresh`
     steps (td 1: the rule's Monte Carlo targets); every 100 steps the held-out Monte Carlo
     loss, whose best weights the head ends with. `inputs` (S+1, N, ...), if given, are a
     further input of the head at each state; `offsets` (S+1, N), if given, are added to every
-    target of a state (a policy rollout's log importance weight from that state on).
+    target of a state (a policy rollout's log importance weight from that state on). With
+    `forward_alphas` (S+1,), the a_t of each state, a `forward_fraction` of every batch's states
+    is drawn afresh by the forward process from the rollout's x_0 instead of read from its chain.
     Returns (loss, step kept, loss by state)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     count = states.shape[0]
 
-    def loss(rows, which, targets) -> torch.Tensor:
-        args = (states[which, rows], timesteps[which],
+    def loss(rows, which, targets, x=None) -> torch.Tensor:
+        args = (states[which, rows] if x is None else x, timesteps[which],
                 None if contexts is None else contexts[rows])
         if inputs is not None:
             args = (*args, inputs[which, rows])
@@ -155,8 +158,16 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
                 targets = targets + offsets[:, fit_rows, None]
         pick = torch.randint(0, len(fit_rows), (batch,), generator=generator)
         which = torch.randint(0, count, (batch,), generator=generator)
+        x = None
+        if forward_fraction > 0:
+            rows = fit_rows[pick]
+            x = states[which, rows]
+            noised = torch.rand(batch, generator=generator) < forward_fraction
+            a = forward_alphas[which[noised]].view(-1, *[1] * (x.dim() - 1))
+            noise = torch.randn(x[noised].shape, generator=generator)
+            x[noised] = a.sqrt() * states[-1, rows[noised]] + (1 - a).sqrt() * noise
         optimizer.zero_grad(set_to_none=True)
-        loss(fit_rows[pick], which, targets[which, pick]).backward()
+        loss(fit_rows[pick], which, targets[which, pick], x).backward()
         optimizer.step()
         if step % 100 == 0:
             now = heldout()

@@ -156,7 +156,10 @@ class ValueConfig(ObjectiveConfig):
     is chosen among
     ``step_scales`` (and up to ``step_scale_extensions`` more past the edge where J still rises)
     by CTRL's objective on ``calibration_rollouts`` policy rollouts, the one
-    closest to the exact optimum (`ctrl_ray.objectives.step_scale`)."""
+    closest to the exact optimum (`ctrl_ray.objectives.step_scale`). ``forward_noise_fraction``
+    of the states a fit step reads are drawn afresh from the forward process of their rollout's
+    x_0, the rest read from its chain: a rollout then gives new states at every step (a third
+    closer to the optimum in nats on 1,638 rollouts: docs/update_rules.md, section 18)."""
 
     lr_embedding: float = 0.0
     lr_adapter: float = 3e-3
@@ -164,6 +167,8 @@ class ValueConfig(ObjectiveConfig):
     weight_decay: float = 1e-4
     regression_steps: int = 30          # value-head steps per batch (more over-fit h: KL)
     regression_batch_size: int = 128    # (state, timestep) pairs per step
+    # the share of a step's states drawn afresh by the forward process from their rollout's x_0
+    forward_noise_fraction: float = 0.5
     replay_rollouts: int = 4096         # base rollouts the learner keeps (0: this batch's only)
     heldout_every: int = 8              # every k-th base rollout is held out of the fit (0: none)
     heldout_rollouts: int = 256         # the newest held-out rollouts the check reads (all states)
@@ -190,6 +195,9 @@ class ValueConfig(ObjectiveConfig):
         if self.regression_steps < 1 or self.regression_batch_size < 1:
             raise InputError(f"regression_steps and regression_batch_size must be >= 1, got "
                              f"{self.regression_steps} and {self.regression_batch_size}")
+        if not 0 <= self.forward_noise_fraction <= 1:
+            raise InputError(f"forward_noise_fraction must be in [0, 1], got "
+                             f"{self.forward_noise_fraction}")
         if self.replay_rollouts < 0 or self.replay_bytes < 0:
             raise InputError(f"replay_rollouts and replay_bytes must be >= 0, got "
                              f"{self.replay_rollouts} and {self.replay_bytes}")

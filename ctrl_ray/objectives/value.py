@@ -21,7 +21,8 @@ report (every ``report_every`` updates), from the current policy (the reward and
 reports; the fit never sees them). The learner adds the shards to a replay of the newest base
 rollouts within ``replay_rollouts`` and ``replay_bytes`` (exact data forever: they do not depend
 on the policy; `ctrl_ray.objectives.replay`), saved with every training checkpoint, and takes
-``regression_steps`` AdamW steps on random (state, timestep) pairs of it, keeping the weights
+``regression_steps`` AdamW steps on random (state, timestep) pairs of it (a share of the
+states drawn afresh from the forward process of the rollout's x_0), keeping the weights
 that do best on held-out rollouts (the check's forward passes in bf16 where it is native).
 """
 
@@ -108,16 +109,20 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
     schedule = DenoisingSchedule.create(model.alphas_cumprod.cpu(), states.shape[0] - 1,
                                         config.eta)
     timesteps = torch.cat([schedule.timesteps, schedule.timesteps.new_zeros(1)]).long()
+    # a_t of each state for the forward process; x_0 is the sample itself
+    alphas = torch.cat([schedule.alphas, schedule.alphas.new_ones(1)])
     slots = replay.slots()   # ring slots in arrival order
     held = replay.heldout_buffer[slots]
     fit_rows, heldout_rows = slots[~held], slots[held]
     if not len(fit_rows):   # the first batch of a tiny run can be all held out
         fit_rows, heldout_rows = heldout_rows, heldout_rows[:0]
 
-    def loss_on(rows: torch.Tensor, which: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    def loss_on(rows: torch.Tensor, which: torch.Tensor, bf16: bool = False,
+                x: torch.Tensor | None = None) -> torch.Tensor:
         context = None if contexts is None else model.head_context(contexts[rows])
+        x = states[which, rows] if x is None else x
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return value_loss(head, states[which, rows].to(device), timesteps[which].to(device),
+            return value_loss(head, x.to(device), timesteps[which].to(device),
                               None if context is None else context.to(device),
                               log_targets[rows].to(device))
 
@@ -156,10 +161,15 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
                                  generator=generator)
             which = torch.randint(0, timesteps.numel(), (config.regression_batch_size,),
                                   generator=generator)
-            (pick, which), weight = data_parallel.share(pick, which)
+            x = None
+            if config.forward_noise_fraction > 0:
+                x = forward_noised(states, fit_rows[pick], which, alphas,
+                                   config.forward_noise_fraction, generator)
+            (pick, which, *x), weight = data_parallel.share(pick, which,
+                                                            *([] if x is None else [x]))
             optimizer.zero_grad(set_to_none=True)
             if len(pick):
-                loss = loss_on(fit_rows[pick], which) * weight
+                loss = loss_on(fit_rows[pick], which, x=x[0] if x else None) * weight
                 loss.backward()
             norms += clip_and_step(optimizer, config.max_grad_norm)
             total += data_parallel.total(loss.item() if len(pick) else 0.0)
@@ -177,6 +187,22 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
         metrics.update(heldout_loss=best_loss, heldout_loss_before=start_loss,
                        kept_steps=float(kept))
     return metrics
+
+
+def forward_noised(states: torch.Tensor, rows: torch.Tensor, which: torch.Tensor,
+                   alphas: torch.Tensor, fraction: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The states `which` of the rollouts `rows`, a `fraction` of them drawn afresh from the
+    forward process, sqrt(a_t) x_0 + sqrt(1 - a_t) eps, of their rollout's x_0. Under the
+    base the pairs (x_t, x_0) of its chain and of the forward process share one joint, so
+    either is regression data for h_t; the forward process gives every rollout new states at
+    every step instead of its S fixed ones (docs/update_rules.md, section 18)."""
+    x = states[which, rows]
+    noised = torch.rand(len(rows), generator=generator) < fraction
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    a = alphas[which].to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+    fresh = a.sqrt() * states[-1, rows] + (1 - a).sqrt() * noise
+    return torch.where(noised.view(-1, *[1] * (x.dim() - 1)), fresh, x)
 
 
 def final_fit(model, config: ValueConfig, seed: int) -> dict:
