@@ -3,10 +3,13 @@
 
 Reads what the runs wrote, nothing is re-run: ink, compressibility at gamma/alpha 10 and the
 compress x ink pair from `frontier.py --rules default --seeds 0 1 2` (the task's config at its
-full budget, benchmarks/results/frontier_default.json); the two new labels with the rule the
-choice picks there (`rule_choice.py --choices`, 60 updates): the value rule's saved policies from
-`new_labels.py` (benchmarks/results/new_labels.json), Adjoint Matching's from `rule_choice.py`;
-the optimum by base samples, and by a policy's samples where `optimum_proposal.py` has one.
+full budget); the two new labels with the rule the choice picks there (`rule_choice.py
+--choices`, 60 updates): the value rule's saved policies from `new_labels.py`, Adjoint
+Matching's from `rule_choice.py`; the optimum by base samples, and by a policy's samples where
+`optimum_proposal.py` has one. The value rule's rows come from the runs of today's default
+(forward-noised states, `--set objective.forward_noise_fraction=0.5`: frontier_default_forward,
+new_labels_forward); compressibility's rule, Adjoint Matching, did not change
+(frontier_default).
 
     .venv/bin/python benchmarks/default_goal.py
 
@@ -24,19 +27,20 @@ from common import RESULTS, machine, write_results  # noqa: E402
 from rule_choice import value_row  # noqa: E402
 
 SCORE_GOAL, KL_GOAL = 0.95, 1.25
-FRONTIER_TASKS = {"ink": "ink", "compress": "compressibility, gamma/alpha 10",
-                  "multi": "compress x ink, gamma/alpha 1"}
-NEW_LABELS = ("centre_x", "slant")
+FRONTIER_TASKS = {   # task: (its name here, the frontier results it comes from)
+    "ink": ("ink", "frontier_default_forward"),
+    "compress": ("compressibility, gamma/alpha 10", "frontier_default"),
+    "multi": ("compress x ink, gamma/alpha 1", "frontier_default_forward")}
+NEW_LABELS, NEW_LABELS_RESULTS = ("centre_x", "slant"), "new_labels_forward"
 
 
 def main() -> None:
-    frontier = json.loads((RESULTS / "frontier_default.json").read_text())
     choice = json.loads((RESULTS / "rule_choice.json").read_text())
     proposal_file = RESULTS / "optimum_proposal.json"
     by_policy = json.loads(proposal_file.read_text())["tasks"] if proposal_file.exists() else {}
     rows = []
-    for task, name in FRONTIER_TASKS.items():
-        result = frontier["tasks"][task]
+    for task, (name, source) in FRONTIER_TASKS.items():
+        result = json.loads((RESULTS / f"{source}.json").read_text())["tasks"][task]
         row = next(row for row in result["methods"] if row["method"] == "ctrl-default")
         level = next(level for level in result["optimum"]["levels"]
                      if level["gamma_over_alpha"] == result["tilt"])
@@ -44,16 +48,16 @@ def main() -> None:
                          (row["kl"], row["kl_half"]), result["optimum"]["base"]["score"],
                          {"score": level["score"], "kl": level["kl"],
                           "ess_min": level["ess_min"]},
-                         by_policy.get(task), "frontier_default.md"))
+                         by_policy.get(task), f"{source}.md"))
     for label in NEW_LABELS:
         rule = choice["choices"][label]["mode"]
-        result = value_row(label) if rule == "value" else {
+        result = value_row(label, NEW_LABELS_RESULTS) if rule == "value" else {
             **choice["labels"][label]["adjoint"], "base": choice["labels"][label]["base"],
             "optimum": choice["labels"][label]["optimum"]}
         rows.append(_row(label, rule, len(result.get("per_seed", [])) or 3, result["score"],
                          result["kl"], result["base"], result["optimum"],
                          by_policy.get(label),
-                         "new_labels.md" if rule == "value" else "rule_choice.md"))
+                         f"{NEW_LABELS_RESULTS}.md" if rule == "value" else "rule_choice.md"))
     data = {"machine": machine(), "goal": {"score": SCORE_GOAL, "kl": KL_GOAL}, "rows": rows}
     write_results("default_goal", data, _markdown(data))
 

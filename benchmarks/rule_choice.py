@@ -127,11 +127,12 @@ def run_label(label: str, seeds: list[int], judge) -> dict:
                         "ess_min": level["ess_min"]}}
 
 
-def value_row(label: str) -> dict:
-    """The value rule's numbers on `label` as `benchmarks/new_labels.py` last wrote them: its
-    saved policies (final fit, step scale by J) where the runs have them, with the optimum and
-    base of that run (its base model may be a newer build than the adjoint runs')."""
-    value = json.loads((Path(__file__).with_name("results") / "new_labels.json").read_text())
+def value_row(label: str, results: str = "new_labels") -> dict:
+    """The value rule's numbers on `label` as `benchmarks/new_labels.py` last wrote them to
+    `results` (.json): its saved policies (final fit, step scale by J) where the runs have them,
+    with the optimum and base of that run (its base model may be a newer build than the adjoint
+    runs')."""
+    value = json.loads((Path(__file__).with_name("results") / f"{results}.json").read_text())
     value = value["labels"][label]
     return {"score": value.get("saved_policy", value)["score"],
             "kl": value.get("saved_policy", value)["kl"],
