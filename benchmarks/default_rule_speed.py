@@ -70,6 +70,9 @@ SETTINGS = {   # the index names a run's directory: append, never reorder
     "the default, 128 base rollouts per update (replay 16,384)":
         ["objective.batch_size=128", "objective.replay_rollouts=16384",
          f"objective.replay_bytes={2**30}"],
+    # since 2026-12-06 the default draws half of the fit's states by the forward process
+    "the default, chain states only (forward_noise_fraction 0)":
+        ["objective.forward_noise_fraction=0"],
 }
 RAY = "Ray 2 workers: filing-time default"
 
