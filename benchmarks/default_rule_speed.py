@@ -73,6 +73,7 @@ SETTINGS = {   # the index names a run's directory: append, never reorder
     # since 2026-12-06 the default draws half of the fit's states by the forward process
     "the default, chain states only (forward_noise_fraction 0)":
         ["objective.forward_noise_fraction=0"],
+    "the default, final fit 3,000 steps": ["objective.final_fit_steps=3000"],
 }
 RAY = "Ray 2 workers: filing-time default"
 
