@@ -158,8 +158,9 @@ class ValueConfig(ObjectiveConfig):
     by CTRL's objective on ``calibration_rollouts`` policy rollouts, the one
     closest to the exact optimum (`ctrl_ray.objectives.step_scale`). ``forward_noise_fraction``
     of the states a fit step reads are drawn afresh from the forward process of their rollout's
-    x_0, the rest read from its chain: a rollout then gives new states at every step (a third
-    closer to the optimum in nats on 1,638 rollouts: docs/update_rules.md, section 18)."""
+    x_0, the rest read from its chain: a rollout then gives new states at every step (offline
+    a quarter to a third closer to the optimum in nats on 1,638 rollouts; docs/update_rules.md,
+    section 18)."""
 
     lr_embedding: float = 0.0
     lr_adapter: float = 3e-3

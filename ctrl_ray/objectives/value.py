@@ -161,15 +161,13 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
                                  generator=generator)
             which = torch.randint(0, timesteps.numel(), (config.regression_batch_size,),
                                   generator=generator)
-            x = None
-            if config.forward_noise_fraction > 0:
-                x = forward_noised(states, fit_rows[pick], which, alphas,
-                                   config.forward_noise_fraction, generator)
-            (pick, which, *x), weight = data_parallel.share(pick, which,
-                                                            *([] if x is None else [x]))
+            x = forward_noised(states, fit_rows[pick], which, alphas,
+                               config.forward_noise_fraction, generator) \
+                if config.forward_noise_fraction > 0 else states[which, fit_rows[pick]]
+            (pick, which, x), weight = data_parallel.share(pick, which, x)
             optimizer.zero_grad(set_to_none=True)
             if len(pick):
-                loss = loss_on(fit_rows[pick], which, x=x[0] if x else None) * weight
+                loss = loss_on(fit_rows[pick], which, x=x) * weight
                 loss.backward()
             norms += clip_and_step(optimizer, config.max_grad_norm)
             total += data_parallel.total(loss.item() if len(pick) else 0.0)
