@@ -7,9 +7,9 @@ full budget); the two new labels with the rule the choice picks there (`rule_cho
 --choices`, 60 updates): the value rule's saved policies from `new_labels.py`, Adjoint
 Matching's from `rule_choice.py`; the optimum by base samples, and by a policy's samples where
 `optimum_proposal.py` has one. The value rule's rows come from the runs of today's default
-(forward-noised states, `--set objective.forward_noise_fraction=0.5`: frontier_default_forward,
-new_labels_forward); compressibility's rule, Adjoint Matching, did not change
-(frontier_default).
+(forward-noised states and a 3,000-step final fit, `--set objective.final_fit_steps=3000`:
+frontier_default_fit3000, new_labels_fit3000); compressibility's rule, Adjoint Matching, did
+not change (frontier_default).
 
     .venv/bin/python benchmarks/default_goal.py
 
@@ -28,10 +28,10 @@ from rule_choice import value_row  # noqa: E402
 
 SCORE_GOAL, KL_GOAL = 0.95, 1.25
 FRONTIER_TASKS = {   # task: (its name here, the frontier results it comes from)
-    "ink": ("ink", "frontier_default_forward"),
+    "ink": ("ink", "frontier_default_fit3000"),
     "compress": ("compressibility, gamma/alpha 10", "frontier_default"),
-    "multi": ("compress x ink, gamma/alpha 1", "frontier_default_forward")}
-NEW_LABELS, NEW_LABELS_RESULTS = ("centre_x", "slant"), "new_labels_forward"
+    "multi": ("compress x ink, gamma/alpha 1", "frontier_default_fit3000")}
+NEW_LABELS, NEW_LABELS_RESULTS = ("centre_x", "slant"), "new_labels_fit3000"
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ from ctrl_ray.models.soft_value import (  # noqa: E402
     SoftValueNet,
     predicted_value_loss,
 )
+from ctrl_ray.objectives.value import forward_noised  # noqa: E402
 from ctrl_ray.sampling.sampler import DenoisingSchedule  # noqa: E402
 
 
@@ -129,7 +130,8 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
     further input of the head at each state; `offsets` (S+1, N), if given, are added to every
     target of a state (a policy rollout's log importance weight from that state on). With
     `forward_alphas` (S+1,), the a_t of each state, a `forward_fraction` of every batch's states
-    is drawn afresh by the forward process from the rollout's x_0 instead of read from its chain.
+    is drawn afresh by the forward process from the rollout's x_0 instead of read from its chain
+    (the rule's own `forward_noised`).
     Returns (loss, step kept, loss by state)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
@@ -160,12 +162,8 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
         which = torch.randint(0, count, (batch,), generator=generator)
         x = None
         if forward_fraction > 0:
-            rows = fit_rows[pick]
-            x = states[which, rows]
-            noised = torch.rand(batch, generator=generator) < forward_fraction
-            a = forward_alphas[which[noised]].view(-1, *[1] * (x.dim() - 1))
-            noise = torch.randn(x[noised].shape, generator=generator)
-            x[noised] = a.sqrt() * states[-1, rows[noised]] + (1 - a).sqrt() * noise
+            x = forward_noised(states, fit_rows[pick], which, forward_alphas, forward_fraction,
+                               generator)
         optimizer.zero_grad(set_to_none=True)
         loss(fit_rows[pick], which, targets[which, pick], x).backward()
         optimizer.step()

@@ -185,7 +185,7 @@ class ValueConfig(ObjectiveConfig):
                                                                1.7])
     calibration_rollouts: int = 128
     step_scale_extensions: int = 4      # scales past the grid's edge while J still improves there
-    final_fit_steps: int = 1000         # head steps on the whole replay after the last update
+    final_fit_steps: int = 3000         # head steps on the whole replay after the last update
     final_fit_lr: float = 1e-3          # (0 steps: none)
 
     def __post_init__(self):
