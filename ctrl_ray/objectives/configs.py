@@ -159,7 +159,7 @@ class ValueConfig(ObjectiveConfig):
     closest to the exact optimum (`ctrl_ray.objectives.step_scale`). ``forward_noise_fraction``
     of the states a fit step reads are drawn afresh from the forward process of their rollout's
     x_0, the rest read from its chain: a rollout then gives new states at every step (offline
-    a quarter to a third closer to the optimum in nats on 1,638 rollouts; docs/update_rules.md,
+    a fifth to a third closer to the optimum in nats on 1,638 rollouts; docs/update_rules.md,
     section 18)."""
 
     lr_embedding: float = 0.0
