@@ -175,7 +175,9 @@ def _score(report: dict, task: str) -> float:
     return report["joint_accuracy"] if len(LABELS[task]) > 1 else report["macro_f1"]
 
 
-def _optimum(task: str, rewards: list[str], args) -> dict:
+def _optimum(task: str, rewards: list[str], args, levels: list[float] | None = None) -> dict:
+    """The exact optimum of `task` at `levels` (default: GUIDANCE_LEVELS and the task's tilt),
+    each level's score the task's headline number."""
     config = load_config(AuditConfig, overrides=[
         f"base_model={args.base}", f"judge={args.judge}",
         "rewards=[" + ", ".join(f"{{path: {r}}}" for r in rewards) + "]"])
@@ -185,7 +187,7 @@ def _optimum(task: str, rewards: list[str], args) -> dict:
     config.optimum.samples_per_context = args.optimum_samples
     config.optimum.max_samples_per_context = args.optimum_max_samples
     config.optimum.num_inference_steps = args.steps
-    config.optimum.guidance_levels = sorted({*GUIDANCE_LEVELS, TILT[task]})
+    config.optimum.guidance_levels = levels or sorted({*GUIDANCE_LEVELS, TILT[task]})
     result = exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood,
                            DigitJudge.load(args.judge), config.optimum)
     for level in [result["base"], *result["levels"]]:
