@@ -37,6 +37,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
+    missing = [str(out / f"reward-{label}") for task in args.tasks for label in LABELS[task]
+               if not (out / f"reward-{label}").is_dir()]
+    if missing:
+        parser.error(f"no trained reward at {', '.join(missing)}: run frontier.py with this "
+                     "--out first")
     tasks = {}
     for task in args.tasks:
         path = out / task / f"yardstick-max{args.optimum_max_samples}.json"
