@@ -35,7 +35,8 @@ from ctrl_ray.sampling.sampler import sample
 
 
 def objective(model, reward_fn, config, inputs) -> dict:
-    """J with its standard error, E[log p] and the path KL of `model` on `inputs`."""
+    """J with its standard error, E[log p] and the path KL of `model` on `inputs`, and each
+row's gamma log p - kl_weight KL (``values``, for paired comparisons)."""
     log_likelihood, kl = [], []
     for start in range(0, inputs.batch_size, config.batch_size):
         with torch.no_grad():
@@ -47,7 +48,8 @@ def objective(model, reward_fn, config, inputs) -> dict:
     values = config.gamma * log_likelihood - config.kl_weight * kl
     return {"objective": values.mean().item(),
             "objective_se": values.std().item() / math.sqrt(len(values)),
-            "log_likelihood": log_likelihood.mean().item(), "kl": kl.mean().item()}
+            "log_likelihood": log_likelihood.mean().item(), "kl": kl.mean().item(),
+            "values": values}
 
 
 def optimum_objective(config_path: str, overrides: list[str], inputs,
