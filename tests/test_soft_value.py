@@ -475,6 +475,11 @@ def test_forward_noised_states_are_drawn_from_their_rollouts_x0():
     half = forward_noised(states, rows, which, alphas, 0.5, generator)
     kept = (half == states[which, rows]).all(1)[~last].float().mean()
     assert 0.45 < kept < 0.55
+    per_state = forward_noised(states, rows, which, alphas,
+                               torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0]), generator)
+    first = which == 0                  # a fraction per state index: x_T stays the chain's
+    assert torch.equal(per_state[first], states[0, rows[first]])
+    assert not (per_state == states[which, rows]).all(1)[~first & ~last].any()
 
 
 def test_a_head_fit_on_forward_noised_states_learns_the_chains_value():

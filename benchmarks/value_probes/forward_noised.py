@@ -8,7 +8,8 @@ chain states), held-out loss on the chain's states, and scores each policy by CT
 on the same fresh rollouts (J* - J, `policy_targets.score_head`).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/forward_noised.py \
-        [--task ink] [--rollouts 8192] [--counts 614 1638] [--fractions 0.5 1] [--steps 6000]
+        [--task ink] [--rollouts 8192] [--counts 614 1638] [--fractions 0.5 1] [--steps 6000] \
+        [--chain-states K]
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 1.0])
     parser.add_argument("--heldout", type=int, default=512,
                         help="held-out rollouts for the fit's early stopping")
+    parser.add_argument("--chain-states", type=int, default=0,
+                        help="the first this many states (x_T, x_T-1, ...) never forward-noised")
     evaluation_arguments(parser)
     args = parser.parse_args()
     data, held, fit_rows, evaluation, best_objective = evaluation_setup(args)
@@ -37,10 +40,14 @@ def main() -> None:
                         torch.ones(1, dtype=data.model.alphas_cumprod.dtype)])
     for count in args.counts:
         for fraction in args.fractions:
-            score_head(f"{count} base rollouts, {fraction:g} forward-noised", data,
-                       fit_rows[:count], held, args, evaluation, best_objective, data.states,
-                       data.log_targets, data.head_contexts, forward_alphas=alphas,
-                       forward_fraction=fraction)
+            name = f"{count} base rollouts, {fraction:g} forward-noised"
+            if args.chain_states:   # the first states (x_T ...) only from the chain
+                fraction = torch.full((len(alphas),), fraction)
+                fraction[:args.chain_states] = 0
+                name += f", the first {args.chain_states} states the chain's"
+            score_head(name, data, fit_rows[:count], held, args, evaluation, best_objective,
+                       data.states, data.log_targets, data.head_contexts,
+                       forward_alphas=alphas, forward_fraction=fraction)
 
 
 if __name__ == "__main__":

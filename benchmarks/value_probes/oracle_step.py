@@ -123,25 +123,30 @@ def main() -> None:
         began = time.time()
         row = objective(model, setup.reward_fn, objective_config, inputs)
         values = row.pop("values")
+        row["per_row_kl"] = row.pop("kl_values").tolist()
+        row["per_row_log_likelihood"] = row.pop("log_likelihood_values").tolist()
         reference = values if reference is None else reference
+        difference = values - reference
         row.update(arm=name, distance=best - row["objective"], seconds=time.time() - began,
-                   paired_se=(values - reference).std().item() / math.sqrt(len(values)))
+                   paired_se=difference.std().item() / math.sqrt(len(values)),
+                   median_difference=difference.median().item(), per_row=values.tolist())
         rows.append(row)
         print(f"{name}: J {row['objective']:.3f} +- {row['objective_se']:.3f}, E[log p] "
               f"{row['log_likelihood']:.3f}, KL {row['kl']:.2f}, J* - J {row['distance']:.3f}, "
-              f"paired s.e. against the head {row['paired_se']:.3f} ({row['seconds']:.0f} s)",
-              flush=True)
+              f"paired s.e. against the head {row['paired_se']:.3f}, median row J - the "
+              f"head's {row['median_difference']:.3f} ({row['seconds']:.0f} s)", flush=True)
     lines = [f"# Head or step: {args.name}", "",
              f"`python benchmarks/value_probes/oracle_step.py {args.config} {args.policy} "
              f"--name {args.name} --rows {args.rows}` on {machine()['date']}: the same "
              f"{args.rows} rows of the training distribution (seed {args.seed}) for every arm; "
              f"J* {best:.3f} on them. The continuation arms take h from R base continuations of "
              "each point (no head); all first-order arms tilt x_T first-order too.", "",
-             "| arm | J (+- s.e.) | E[log p] | KL | J* - J (+- paired s.e. against the head as trained) "
-             "| seconds |", "|---|---|---|---|---|---|"]
+             "| arm | J (+- s.e.) | E[log p] | KL | J* - J (+- paired s.e. against the head "
+             "as trained) | median over rows of J - the head's J | seconds |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['arm']} | {r['objective']:.3f} +- {r['objective_se']:.3f} | "
               f"{r['log_likelihood']:.3f} | {r['kl']:.2f} | {r['distance']:.3f} +- "
-              f"{r['paired_se']:.3f} | "
+              f"{r['paired_se']:.3f} | {r['median_difference']:+.3f} | "
               f"{r['seconds']:.0f} |" for r in rows]
     publish(f"oracle_step_{args.name}", {"machine": machine(), "command": " ".join(sys.argv),
                                          "optimum_objective": best, "rows": rows}, lines)

@@ -36,7 +36,8 @@ from ctrl_ray.sampling.sampler import sample
 
 def objective(model, reward_fn, config, inputs) -> dict:
     """J with its standard error, E[log p] and the path KL of `model` on `inputs`, and each
-row's gamma log p - kl_weight KL (``values``, for paired comparisons)."""
+row's gamma log p - kl_weight KL, KL and log p (``values``, ``kl_values``,
+``log_likelihood_values``: for paired comparisons)."""
     log_likelihood, kl = [], []
     for start in range(0, inputs.batch_size, config.batch_size):
         with torch.no_grad():
@@ -49,7 +50,7 @@ row's gamma log p - kl_weight KL (``values``, for paired comparisons)."""
     return {"objective": values.mean().item(),
             "objective_se": values.std().item() / math.sqrt(len(values)),
             "log_likelihood": log_likelihood.mean().item(), "kl": kl.mean().item(),
-            "values": values}
+            "values": values, "kl_values": kl, "log_likelihood_values": log_likelihood}
 
 
 def optimum_objective(config_path: str, overrides: list[str], inputs,

@@ -111,7 +111,8 @@ def score_head(name: str, data, rows, held, args, evaluation, best_objective: fl
     for scale in args.scales:
         spec.step_scale = scale
         row = objective(model.eval(), data.setup.reward_fn, config.objective, evaluation)
-        row.pop("values")
+        for key in ("values", "kl_values", "log_likelihood_values"):
+            row.pop(key)
         scores.append({"scale": scale, **row, "distance": best_objective - row["objective"]})
         lines.append(f"x{scale:g}: J {row['objective']:.3f} +- {row['objective_se']:.3f} "
                      f"(E[log p] {row['log_likelihood']:.3f}, KL {row['kl']:.2f}, "

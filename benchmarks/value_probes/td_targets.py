@@ -123,7 +123,8 @@ def returns(head: SoftValueNet, states, log_targets, contexts, timesteps, rows,
 def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, steps: int,
         seed: int, td: float = 1.0, refresh: int = 100, inputs: torch.Tensor | None = None,
         lr: float = 1e-3, batch: int = 128, offsets: torch.Tensor | None = None,
-        forward_alphas: torch.Tensor | None = None, forward_fraction: float = 0.0) -> tuple:
+        forward_alphas: torch.Tensor | None = None,
+        forward_fraction: float | torch.Tensor = 0.0) -> tuple:
     """AdamW on random (rollout, state) pairs with TD(td) targets refreshed every `refresh`
     steps (td 1: the rule's Monte Carlo targets); every 100 steps the held-out Monte Carlo
     loss, whose best weights the head ends with. `inputs` (S+1, N, ...), if given, are a
@@ -161,7 +162,7 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
         pick = torch.randint(0, len(fit_rows), (batch,), generator=generator)
         which = torch.randint(0, count, (batch,), generator=generator)
         x = None
-        if forward_fraction > 0:
+        if isinstance(forward_fraction, torch.Tensor) or forward_fraction > 0:
             x = forward_noised(states, fit_rows[pick], which, forward_alphas, forward_fraction,
                                generator)
         optimizer.zero_grad(set_to_none=True)

@@ -188,14 +188,17 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
 
 
 def forward_noised(states: torch.Tensor, rows: torch.Tensor, which: torch.Tensor,
-                   alphas: torch.Tensor, fraction: float,
+                   alphas: torch.Tensor, fraction: float | torch.Tensor,
                    generator: torch.Generator) -> torch.Tensor:
-    """The states `which` of the rollouts `rows`, a `fraction` of them drawn afresh from the
-    forward process, sqrt(a_t) x_0 + sqrt(1 - a_t) eps, of their rollout's x_0. Under the
+    """The states `which` of the rollouts `rows`, a `fraction` of them (or a fraction per state
+    index, (S + 1,)) drawn afresh from the forward process, sqrt(a_t) x_0 + sqrt(1 - a_t) eps,
+    of their rollout's x_0. Under the
     base the pairs (x_t, x_0) of its chain and of the forward process share one joint, so
     either is regression data for h_t; the forward process gives every rollout new states at
     every step instead of its S fixed ones (docs/update_rules.md, section 18)."""
     x = states[which, rows]
+    if isinstance(fraction, torch.Tensor):
+        fraction = fraction[which]
     noised = torch.rand(len(rows), generator=generator) < fraction
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
     a = alphas[which].to(x.dtype).view(-1, *[1] * (x.dim() - 1))
