@@ -5,8 +5,9 @@ the x_T marginals plus the expected KL of the steps after it: however well the l
 steer, a policy whose x_T is not distributed as the optimum's is at least KL(pi_T || pi*_T)
 from it. The optimum draws x_T from N(0, I) h_T(x) / Z; the value policy from N(s, I), s its
 head's estimate of the tilted prior's mean. Per digit c and target y, on M draws x_i ~ N(0, I)
-with R base continuations each (h_T(x_i) = mean_r p(y | x0_r)^lambda, jackknifed over two
-halves of the continuations against the log's bias), this prints
+with R base continuations each (h_T(x_i) = mean_r p(y | x0_r)^lambda, whose log is biased
+low, so that every floor is over-estimated, the less the larger R: the base's floor is also
+printed at R / 4 and R / 2), this prints
 
     KL(pi*_T || N(0, I)) = E*[log h_T] - log Z                       (the optimum's x_T KL)
     KL(N(s, I) || pi*_T) = |s|^2 / 2 - E_N(s, I)[log h_T] + log Z     (the floor, any s)
@@ -48,8 +49,9 @@ SCALES = (2, 4)   # the policy's own shift, multiplied
 
 def log_h_initial(setup, config, digit: int, draws: int, continuations: int,
                   seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_T draws (M, *shape), jackknifed log h_T of each draw for every target (M, J), and
-    sqrt(a_T) (E*[x0] - E[x0]) for every target (J, *shape) from the continuations' x0)."""
+    """(x_T draws (M, *shape), lambda log p(y | x0) of each draw's R continuations for every
+    target (M, R, J), and sqrt(a_T) (E*[x0] - E[x0]) for every target (J, *shape) from the
+    continuations' x0)."""
     model, objective = setup.model.eval(), config.objective
     tilt = objective.tilt_exponent(math.prod(model.sample_shape))
     schedule = DenoisingSchedule.create(model.alphas_cumprod, objective.num_inference_steps,
@@ -74,13 +76,15 @@ def log_h_initial(setup, config, digit: int, draws: int, continuations: int,
     mass = log_p.exp().flatten(0, 1).sum(0).view(-1, *[1] * (x.dim() - 1))
     alpha = schedule.alphas[0].double()
     shift_x0 = (alpha.sqrt() * (weighted / mass - plain / log_p[..., 0].numel())).float()
+    return x_initial, log_p, shift_x0
 
-    def log_mean(values: torch.Tensor) -> torch.Tensor:
-        return torch.logsumexp(values, 1) - math.log(values.shape[1])
 
-    half = continuations // 2
-    halves = (log_mean(log_p[:, :half]) + log_mean(log_p[:, half:])) / 2
-    return x_initial, 2 * log_mean(log_p) - halves, shift_x0
+def estimate_log_h(log_p: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """log h_T of each draw (M, J): the log of the mean of p^lambda over its first ``count``
+    continuations (all by default). Its expectation lies below log h (Jensen), so every floor
+    below is over-estimated, by less the more continuations there are."""
+    log_p = log_p[:, :count]
+    return torch.logsumexp(log_p, 1) - math.log(log_p.shape[1])
 
 
 def cached_log_h(setup, config, args, digit: int) -> tuple[torch.Tensor, ...]:
@@ -90,30 +94,62 @@ def cached_log_h(setup, config, args, digit: int) -> tuple[torch.Tensor, ...]:
                                f"m{args.draws}-r{args.continuations}.pt")
     if path.exists():
         saved = torch.load(path)
-        return saved["x"], saved["log_h"], saved["shift_x0"]
-    x, log_h, shift_x0 = log_h_initial(setup, config, digit, args.draws, args.continuations,
+        return saved["x"], saved["log_p"], saved["shift_x0"]
+    x, log_p, shift_x0 = log_h_initial(setup, config, digit, args.draws, args.continuations,
                                        500 + digit)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"x": x, "log_h": log_h, "shift_x0": shift_x0}, path)
-    return x, log_h, shift_x0
+    torch.save({"x": x, "log_p": log_p, "shift_x0": shift_x0}, path)
+    return x, log_p, shift_x0
 
 
-def head_tilt(policy, config, digit: int, x: torch.Tensor, log_h: torch.Tensor,
-              log_z: torch.Tensor, scale: float) -> tuple[float, float]:
-    """(KL(q || pi*_T), KL(q || N(0, I))) for q = N(0, I) h_head^scale / Z_head, the tilted prior
-    by the policy's own head (what resampling x_T among many base draws by it would sample),
-    on the same draws."""
-    t = DenoisingSchedule.create(policy.alphas_cumprod, config.objective.num_inference_steps,
-                                 config.objective.eta).timesteps[0]
-    contexts = policy.head_context(torch.full((len(x),), digit))
-    with torch.no_grad():
-        log_q, log_m = policy.value_head(x, t, contexts)
-    log_head = scale * (log_q + log_m[:, None]).double()                  # (M, J)
-    weights = torch.softmax(log_head, 0)
-    log_z_head = torch.logsumexp(log_head, 0) - math.log(len(x))
-    to_base = (weights * log_head).sum(0) - log_z_head
+def base_floor(log_h: torch.Tensor) -> float:
+    """KL(N(0, I) || pi*_T) = log Z - E[log h_T], mean over targets."""
+    return (torch.logsumexp(log_h, 0) - math.log(len(log_h)) - log_h.mean(0)).mean().item()
+
+
+def tilt_floor(log_tilt: torch.Tensor, log_h: torch.Tensor,
+               log_z: torch.Tensor) -> tuple[float, float]:
+    """(KL(q || pi*_T), KL(q || N(0, I))) for q = N(0, I) exp(log_tilt) / Z_q, log_tilt (M, J) on
+    the draws: what importance resampling x_T among many base draws by that tilt samples."""
+    log_tilt = log_tilt.double()
+    weights = torch.softmax(log_tilt, 0)
+    log_z_tilt = torch.logsumexp(log_tilt, 0) - math.log(len(log_tilt))
+    to_base = (weights * log_tilt).sum(0) - log_z_tilt
     to_optimum = to_base - (weights * log_h).sum(0) + log_z
     return to_optimum.mean().item(), to_base.mean().item()
+
+
+def head_log_value(policy, config, digit: int, x: torch.Tensor, at_x0: bool) -> torch.Tensor:
+    """The policy's head, log h for every target (M, J): at x_T itself, or (``at_x0``) at t = 0 on
+    the base's first denoised estimate x0_hat(x_T) (clipped as the sampler clips it)."""
+    schedule = DenoisingSchedule.create(policy.alphas_cumprod,
+                                        config.objective.num_inference_steps,
+                                        config.objective.eta)
+    digits = torch.full((len(x),), digit)
+    with torch.no_grad():
+        if at_x0:
+            t = schedule.timesteps[0].expand(len(x))
+            x = schedule.denoised(0, x, policy.reference_noise(x, t, digits), policy.clip_sample)
+        log_q, log_m = policy.value_head(x, torch.zeros(()) if at_x0 else schedule.timesteps[0],
+                                         policy.head_context(digits))
+    return log_q + log_m[:, None]
+
+
+def denoised_reward(setup, config, digit: int, x: torch.Tensor) -> torch.Tensor:
+    """lambda log p(y | x0_hat(x_T)) for every target (M, J): the reward on the base's first
+    denoised estimate (clipped as the sampler clips it)."""
+    model, objective = setup.model, config.objective
+    schedule = DenoisingSchedule.create(model.alphas_cumprod, objective.num_inference_steps,
+                                        objective.eta)
+    digits = torch.full((len(x),), digit)
+    with torch.no_grad():
+        t = schedule.timesteps[0].expand(len(x))
+        x0_hat = schedule.denoised(0, x, model.reference_noise(x, t, digits), model.clip_sample)
+        return objective.tilt_exponent(math.prod(model.sample_shape)) * \
+            target_log_likelihoods(model, setup.reward_fn, x0_hat, digits)
+
+
+TEMPERATURES = (0.25, 0.5, 1.0, 2.0)   # multiples of a tilt's log, the floor's best reported
 
 
 def floor(log_h: torch.Tensor, x: torch.Tensor, shift: torch.Tensor,
@@ -166,19 +202,30 @@ def main() -> None:
     policies = {path: load_any(path).model.eval() for path in args.policies}
     rows = []
     for digit in args.digits:
-        x, log_h, shift_x0 = cached_log_h(setup, config, args, digit)
+        x, log_p, shift_x0 = cached_log_h(setup, config, args, digit)
+        log_h = estimate_log_h(log_p)
+        # the base's floor from fewer continuations: how far the estimate still moves with R
+        counts = [args.continuations // 4, args.continuations // 2, args.continuations]
+        by_count = [base_floor(estimate_log_h(log_p, c)) for c in counts]
+        inverse = torch.tensor([[1.0, 1 / c] for c in counts], dtype=torch.float64)
+        limit = torch.linalg.lstsq(inverse, torch.tensor(by_count, dtype=torch.float64)[:, None])
         log_z = torch.logsumexp(log_h, 0) - math.log(len(log_h))
+        reward_tilt = denoised_reward(setup, config, digit, x)
         weights = torch.softmax(log_h, 0)                          # (M, J): the tilted prior
         ess = 1 / (weights**2).sum(0)
         # E*[x_T] in 256 dimensions from M weighted draws is mostly noise (|noise|^2 ~ d / ESS);
         # its projection onto 4x4-pixel blocks keeps x_T's low frequencies at 1/16 the noise
         tilted_mean = blocks(torch.einsum("mj,m...->j...", weights, x.double()).float())
         row = {"digit": digit, "ess_min": float(ess.min()),
+               "base_by_continuations": dict(zip(map(str, counts), by_count, strict=True)),
+               "base_extrapolated": float(limit.solution[0, 0]),
                "optimum_kl": ((weights * log_h).sum(0) - log_z).mean().item(),
                "base": floor(log_h, x, torch.zeros_like(tilted_mean), log_z).mean().item(),
                "tilted_mean": floor(log_h, x, tilted_mean, log_z).mean().item(),
                "tilted_mean_kl": ((tilted_mean**2).flatten(1).sum(1) / 2).mean().item(),
                "from_x0": floor(log_h, x, shift_x0, log_z).mean().item(),
+               "denoised_reward": {f"{m:g}": tilt_floor(m * reward_tilt, log_h, log_z)
+                                   for m in TEMPERATURES},
                "from_x0_kl": ((shift_x0**2).flatten(1).sum(1) / 2).mean().item(),
                "policies": {}}
         for path, policy in policies.items():
@@ -191,13 +238,14 @@ def main() -> None:
                 "kl": ((shift**2).flatten(1).sum(1) / 2).mean().item(),
                 "cosine": torch.nn.functional.cosine_similarity(
                     shift.flatten(1), tilted_mean.flatten(1)).mean().item()}
-            for scale in (1, 2):
-                row["policies"][path][f"head_tilt_x{scale}"], \
-                    row["policies"][path][f"head_tilt_x{scale}_kl"] = head_tilt(
-                        policy, config, digit, x, log_h, log_z, scale)
+            for where in ("x_T", "x0_hat"):
+                log_head = head_log_value(policy, config, digit, x, where == "x0_hat")
+                row["policies"][path][f"head_{where}"] = {
+                    f"{m:g}": tilt_floor(m * log_head, log_h, log_z) for m in TEMPERATURES}
         rows.append(row)
         print(digit, {k: v for k, v in row.items() if k != "policies"},
-              {p: {k: round(v, 3) for k, v in r.items()} for p, r in row["policies"].items()},
+              {p: {k: round(v, 3) for k, v in r.items() if isinstance(v, float)}
+               for p, r in row["policies"].items()},
               flush=True)
     publish(f"xt_tilt_{args.name}", {"machine": machine(), "command": " ".join(sys.argv),
                                      "args": vars(args), "rows": rows}, markdown(rows, args))
@@ -214,7 +262,8 @@ def markdown(rows: list[dict], args) -> list[str]:
              f"{machine()['date']}: digits {args.digits}, every target; ESS of the tilted prior "
              f"on the draws, smallest {min(r['ess_min'] for r in rows):.0f}. Nats, mean over "
              "(digit, target). The floor is KL(N(s, I) || pi*_T), a lower bound on the "
-             "policy's KL(pi || pi*) = (J* - J) / kl_weight.", "",
+             "policy's KL(pi || pi*) = (J* - J) / kl_weight; every number here is an estimate "
+             "that the continuations' noise pushes up (see the table by R below).", "",
              f"The optimum's own x_T KL, KL(pi*_T || N(0, I)): "
              f"**{mean(r['optimum_kl'] for r in rows):.3f}**", "",
              "| x_T drawn from | its KL to N(0, I) | cosine to E*[x_T] | floor | "
@@ -233,22 +282,42 @@ def markdown(rows: list[dict], args) -> list[str]:
         cells = [mean(r["policies"][path][key] for r in rows) for key in keys]
         lines.append(f"| {path} | {cells[0]:.3f} | {cells[1]:.2f} | "
                      + " | ".join(f"{c:.3f}" for c in cells[2:]) + " |")
-    lines += ["", "x_T resampled by the policy's own head (N(0, I) h_head^s / Z_head: what "
-              "importance resampling among many base draws would sample):", "",
-              "| policy | s | KL to N(0, I) | floor |", "|---|---|---|---|"]
+    def best(key_rows: list[dict]) -> str:
+        """The temperature with the lowest mean floor: 'floor (KL to N(0, I)) at xm'."""
+        means = {m: (mean(k[m][0] for k in key_rows), mean(k[m][1] for k in key_rows))
+                 for m in key_rows[0]}
+        m = min(means, key=lambda key: means[key][0])
+        return f"{means[m][0]:.3f} | {means[m][1]:.3f} | x{m}"
+
+    lines += ["", "x_T resampled among many base draws by a tilt exp(m f) (what importance "
+              "resampling would sample; m the best of " + ", ".join(f"{m:g}" for m in TEMPERATURES)
+              + " on these draws, so the floor is slightly optimistic):", "",
+              "| tilt f | floor | KL to N(0, I) | m |", "|---|---|---|---|",
+              f"| lambda log p(y \\| x0_hat(x_T)), the reward on the base's first denoised "
+              f"estimate | {best([r['denoised_reward'] for r in rows])} |"]
     for path in rows[0]["policies"]:
-        for scale in (1, 2):
-            floor_value = mean(r["policies"][path][f"head_tilt_x{scale}"] for r in rows)
-            kl = mean(r["policies"][path][f"head_tilt_x{scale}_kl"] for r in rows)
-            lines.append(f"| {path} | {scale} | {kl:.3f} | {floor_value:.3f} |")
+        for where, words in (("x_T", "the head at x_T"),
+                             ("x0_hat", "the head at t = 0 on x0_hat(x_T)")):
+            lines.append(f"| {words}: {path} | "
+                         f"{best([r['policies'][path][f'head_{where}'] for r in rows])} |")
+    counts = list(rows[0]["base_by_continuations"])
+    lines += ["", "The base's floor by continuations per draw (a + b / R fitted to the three and "
+              "read at R -> infinity; the estimate falls faster than 1 / R, so the fit "
+              "undershoots):", "",
+              "| " + " | ".join(f"R = {c}" for c in counts) + " | extrapolated |",
+              "|---" * (len(counts) + 1) + "|",
+              "| " + " | ".join(f"{mean(r['base_by_continuations'][c] for r in rows):.3f}"
+                                for c in counts)
+              + f" | {mean(r['base_extrapolated'] for r in rows):.3f} |"]
     lines += ["", "Per digit (the optimum's x_T KL, the base's floor, the first policy's floor):",
-              "", "| digit | ESS min | optimum's x_T KL | base's floor | from the x0 | "
-              "policy's floor |", "|---|---|---|---|---|---|"]
+              "", "| digit | ESS min | optimum's x_T KL | base's floor | extrapolated | "
+              "from the x0 | policy's floor |", "|---|---|---|---|---|---|---|"]
     first = next(iter(rows[0]["policies"]), None)
     for r in rows:
         policy_floor = f"{r['policies'][first]['floor']:.3f}" if first else "-"
         lines.append(f"| {r['digit']} | {r['ess_min']:.0f} | {r['optimum_kl']:.3f} | "
-                     f"{r['base']:.3f} | {r['from_x0']:.3f} | {policy_floor} |")
+                     f"{r['base']:.3f} | {r['base_extrapolated']:.3f} | "
+                     f"{r['from_x0']:.3f} | {policy_floor} |")
     return lines
 
 
