@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from policy_targets import evaluation_arguments, evaluation_setup, score_head  # noqa: E402
-from td_targets import probe_arguments  # noqa: E402
+from td_targets import forward_alphas, probe_arguments  # noqa: E402
 
 
 def main() -> None:
@@ -36,8 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     data, held, fit_rows, evaluation, best_objective = evaluation_setup(args)
     held = held[: args.heldout]
-    alphas = torch.cat([data.model.alphas_cumprod[data.timesteps[:-1]],
-                        torch.ones(1, dtype=data.model.alphas_cumprod.dtype)])
+    alphas = forward_alphas(data)
     for count in args.counts:
         for fraction in args.fractions:
             name = f"{count} base rollouts, {fraction:g} forward-noised"

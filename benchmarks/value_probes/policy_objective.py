@@ -58,18 +58,42 @@ def optimum_objective(config_path: str, overrides: list[str], inputs,
     """J* on the rows of `inputs`: kl_weight times the mean over rows of log Z(c, y), Z the
     mean of p(y | x0, c)^lambda over the base rollouts of the row's context (all of them where
     contexts are not class ids). A row's J* - J is kl_weight KL(pi || pi*) of its (c, y)."""
+    return optimum_objective_rows(config_path, overrides, inputs, label_classes).mean().item()
+
+
+def optimum_objective_rows(config_path: str, overrides: list[str], inputs,
+                           label_classes: dict[str, int]) -> torch.Tensor:
+    """`optimum_objective` of each row, kl_weight log Z(c, y) (N,)."""
     config = value_config(load_raw(config_path, overrides))
     log_p, contexts, tilt = base_log_likelihoods(config)
     rows = torch.stack([inputs.labels[name].long() for name in label_classes], 1)
     # the columns of `base_log_likelihoods`: the value head's targets, in product order
     targets = itertools.product(*(range(k) for k in label_classes.values()))
     index = {target: j for j, target in enumerate(targets)}
-    total = 0.0
+    out = []
     for i, row in enumerate(rows.tolist()):
         keep = slice(None) if contexts is None else contexts == inputs.contexts[i]
         column = log_p[keep, index[tuple(row)]]
-        total += float(torch.logsumexp(tilt * column, 0) - math.log(len(column)))
-    return config.objective.kl_weight * total / len(rows)
+        out.append(float(torch.logsumexp(tilt * column, 0) - math.log(len(column))))
+    return config.objective.kl_weight * torch.tensor(out, dtype=torch.float64)
+
+
+def by_target(inputs, label_classes: dict[str, int], best_rows: torch.Tensor,
+              row: dict) -> list[str]:
+    """Markdown rows of J* - J, KL and E[log p] per (context, target), with kl_weight log Z
+    (how rare the target is under the base): where a policy's distance lies."""
+    keys = torch.stack([inputs.labels[name].long() for name in label_classes], 1)
+    if inputs.contexts is not None and inputs.contexts.dim() == 1:
+        keys = torch.cat([inputs.contexts.long()[:, None], keys], 1)
+    gap = best_rows - row["values"].double()
+    lines = ["| context, target | rows | log Z | J* - J | KL | E[log p] |",
+             "|---|---|---|---|---|---|"]
+    for key in keys.unique(dim=0).tolist():
+        chosen = (keys == torch.tensor(key)).all(1)
+        lines.append(f"| {tuple(key)} | {int(chosen.sum())} | {best_rows[chosen].mean():.3f} | "
+                     f"{gap[chosen].mean():.3f} | {row['kl_values'][chosen].mean():.2f} | "
+                     f"{row['log_likelihood_values'][chosen].mean():.3f} |")
+    return lines
 
 
 def main() -> None:
@@ -83,6 +107,10 @@ def main() -> None:
     parser.add_argument("--calibration-of", type=int, default=None, metavar="RUN_SEED")
     parser.add_argument("--optimum", action="store_true",
                         help="also the optimum's J* on the same rows, and J* - J per policy")
+    parser.add_argument("--by-target", action="store_true",
+                        help="with --optimum: J* - J per (context, target) as well")
+    parser.add_argument("--step-scales", type=float, nargs="+", default=None,
+                        help="score each value policy at these step scales instead of its own")
     args = parser.parse_args()
     config = load_config(FinetuneConfig, args.config, args.overrides)
     setup = build_setup(config)   # the task's reward function and the model's shapes
@@ -92,17 +120,24 @@ def main() -> None:
         objective_config, batch_size=args.rollouts), seed)
     best = None
     if args.optimum:
-        best = optimum_objective(args.config, args.overrides, inputs,
-                                 setup.model.label_classes)
+        best_rows = optimum_objective_rows(args.config, args.overrides, inputs,
+                                           setup.model.label_classes)
+        best = best_rows.mean().item()
         print(f"optimum: J* {best:.3f} on the same rows", flush=True)
     for path in args.policies:
         model = load_any(path).model.eval()
-        row = objective(model, setup.reward_fn, objective_config, inputs)
-        gap = "" if best is None else f", J* - J {best - row['objective']:.3f}"
-        print(f"{path}: J {row['objective']:.3f} +- {row['objective_se']:.3f}, E[log p] "
-              f"{row['log_likelihood']:.3f}, KL {row['kl']:.2f}{gap} ({args.rollouts} rollouts, "
-              f"seed {seed})", flush=True)
-
+        for scale in args.step_scales or [None]:
+            label = path
+            if scale is not None:   # a value policy at another step scale than it saved
+                model.value_head.spec.step_scale, label = scale, f"{path} x{scale:g}"
+            row = objective(model, setup.reward_fn, objective_config, inputs)
+            gap = "" if best is None else f", J* - J {best - row['objective']:.3f}"
+            print(f"{label}: J {row['objective']:.3f} +- {row['objective_se']:.3f}, E[log p] "
+                  f"{row['log_likelihood']:.3f}, KL {row['kl']:.2f}{gap} ({args.rollouts} "
+                  f"rollouts, seed {seed})", flush=True)
+            if args.optimum and args.by_target:
+                print("\n".join(by_target(inputs, setup.model.label_classes, best_rows, row)),
+                      flush=True)
 
 if __name__ == "__main__":
     main()

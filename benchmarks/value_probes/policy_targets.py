@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
-from policy_objective import objective, optimum_objective  # noqa: E402
+from policy_objective import objective, optimum_objective_rows  # noqa: E402
 from rule_choice import DEMO_BASE, TASKS  # noqa: E402
 from td_targets import fit, probe_arguments, rollouts_of, split  # noqa: E402
 from trial_fit import batch_inputs  # noqa: E402
@@ -82,14 +82,21 @@ def evaluation_setup(args):
     rollouts' inputs (seed 1), the optimum's J* on them)."""
     data = rollouts_of(args.task, args.rollouts, args.seed)
     held, fit_rows = split(args.rollouts, args.seed)
-    path, extra = TASKS[args.task]
-    evaluation = draw_inputs(data.model, dataclasses.replace(data.config.objective,
-                                                             batch_size=args.evaluation), 1)
-    best_objective = optimum_objective(path, [f"base_model={DEMO_BASE}", *extra], evaluation,
-                                       data.model.label_classes)
+    evaluation, best_rows = fresh_rollouts(data.model, data.config.objective, args.task,
+                                           args.evaluation)
+    best_objective = best_rows.mean().item()
     print(f"{args.task}: optimum J* {best_objective:.3f} on {args.evaluation} fresh rollouts "
           f"(seed 1)", flush=True)
     return data, held, fit_rows, evaluation, best_objective
+
+
+def fresh_rollouts(model, objective_config, task: str, count: int, overrides=()):
+    """(`count` fresh rollouts' inputs of the training distribution, seed 1; each row's J*,
+    kl_weight log Z(c, y), from base rollouts of the task's config with `overrides`)."""
+    inputs = draw_inputs(model, dataclasses.replace(objective_config, batch_size=count), 1)
+    path, extra = TASKS[task]
+    return inputs, optimum_objective_rows(path, [f"base_model={DEMO_BASE}", *extra, *overrides],
+                                          inputs, model.label_classes)
 
 
 def score_head(name: str, data, rows, held, args, evaluation, best_objective: float,

@@ -97,6 +97,22 @@ def probe_arguments(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def offline_arguments(parser: argparse.ArgumentParser, evaluation: int = 512) -> None:
+    """The options of the probes that fit one head on the first `--count` cached rollouts and
+    score its policy on `--evaluation` fresh ones, writing benchmarks/results/`--name`.json."""
+    parser.add_argument("--count", type=int, default=1638)
+    parser.add_argument("--heldout", type=int, default=512)
+    parser.add_argument("--evaluation", type=int, default=evaluation)
+    parser.add_argument("--name", default=None)
+
+
+def forward_alphas(data: Rollouts) -> torch.Tensor:
+    """a_t of each state x_T .. x_0 of the rollouts (1 at x_0), for `forward_noised`."""
+    alphas_cumprod = data.model.alphas_cumprod
+    return torch.cat([alphas_cumprod[data.timesteps[:-1]],
+                      torch.ones(1, dtype=alphas_cumprod.dtype)])
+
+
 def split(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(held-out rows, fit rows): a fifth of the rollouts held out."""
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
@@ -124,7 +140,8 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
         seed: int, td: float = 1.0, refresh: int = 100, inputs: torch.Tensor | None = None,
         lr: float = 1e-3, batch: int = 128, offsets: torch.Tensor | None = None,
         forward_alphas: torch.Tensor | None = None,
-        forward_fraction: float | torch.Tensor = 0.0) -> tuple:
+        forward_fraction: float | torch.Tensor = 0.0,
+        fit_timesteps: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple:
     """AdamW on random (rollout, state) pairs with TD(td) targets refreshed every `refresh`
     steps (td 1: the rule's Monte Carlo targets); every 100 steps the held-out Monte Carlo
     loss, whose best weights the head ends with. `inputs` (S+1, N, ...), if given, are a
@@ -132,7 +149,9 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
     target of a state (a policy rollout's log importance weight from that state on). With
     `forward_alphas` (S+1,), the a_t of each state, a `forward_fraction` of every batch's states
     is drawn afresh by the forward process from the rollout's x_0 instead of read from its chain
-    (the rule's own `forward_noised`).
+    (the rule's own `forward_noised`). With `fit_timesteps` (timesteps, their a_t), every fit
+    state is drawn by the forward process at one of those timesteps instead (any schedule:
+    the held-out check stays on the chain's states).
     Returns (loss, step kept, loss by state)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
@@ -162,11 +181,21 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
         pick = torch.randint(0, len(fit_rows), (batch,), generator=generator)
         which = torch.randint(0, count, (batch,), generator=generator)
         x = None
-        if isinstance(forward_fraction, torch.Tensor) or forward_fraction > 0:
+        if fit_timesteps is not None:
+            which = torch.randint(0, len(fit_timesteps[0]), (batch,), generator=generator)
+            x0 = states[-1, fit_rows[pick]]
+            a = fit_timesteps[1][which].to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))
+            x = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=generator)
+            optimizer.zero_grad(set_to_none=True)
+            context = None if contexts is None else contexts[fit_rows[pick]]
+            predicted_value_loss(*head(x, fit_timesteps[0][which], context),
+                                 log_targets[fit_rows[pick]]).backward()
+        elif isinstance(forward_fraction, torch.Tensor) or forward_fraction > 0:
             x = forward_noised(states, fit_rows[pick], which, forward_alphas, forward_fraction,
                                generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss(fit_rows[pick], which, targets[which, pick], x).backward()
+        if fit_timesteps is None:
+            optimizer.zero_grad(set_to_none=True)
+            loss(fit_rows[pick], which, targets[which, pick], x).backward()
         optimizer.step()
         if step % 100 == 0:
             now = heldout()

@@ -1,0 +1,93 @@
+"""Would base rollouts drawn per context by what its targets need bring the head closer where the
+distance lies? On slant the value policies' distance to the optimum grows with how rarely the
+base makes the target (docs/update_rules.md, section 20): the head learns h for a (digit,
+target) pair from its digit's rollouts, and a digit whose targets are rare gets as many as any.
+This probe fits heads like the rule (half the states forward-noised) on the same number of
+cached base rollouts (`td_targets.py`), drawn uniformly over digits or with each digit's share
+proportional to sum_y -log Z(c, y) (measured on the cache, as the audit measures it before
+training), and scores each policy by J* - J on the same fresh rollouts, by rarity too.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/context_allocation.py \
+        --task slant [--rollouts 8192] [--count 1638] [--steps 6000]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+from policy_objective import objective  # noqa: E402
+from policy_targets import fresh_rollouts  # noqa: E402
+from td_targets import (  # noqa: E402
+    fit,
+    forward_alphas,
+    offline_arguments,
+    probe_arguments,
+    rollouts_of,
+    split,
+)
+
+from ctrl_ray.models.soft_value import SoftValueNet  # noqa: E402
+
+RARITY_BINS = [(-1.0, 1.0), (-2.5, -1.0), (-30.0, -2.5)]
+
+
+def allocation(data, fit_rows: torch.Tensor, count: int) -> dict[str, torch.Tensor]:
+    """`count` fit rows, uniform over contexts, or each context's share proportional to its
+    targets' sum_y -log Z(c, y) (Z from the rollouts themselves), in cache order."""
+    contexts = data.contexts[fit_rows]
+    values = contexts.unique()
+    log_z = torch.stack([torch.logsumexp(data.log_targets[fit_rows[contexts == c]], 0) -
+                         torch.log(torch.tensor(float((contexts == c).sum())))
+                         for c in values])                  # (C, J)
+    need = (-log_z).clamp(min=0).sum(1)
+    out = {}
+    for name, share in (("uniform", torch.ones(len(values))), ("by need", need)):
+        quota = (share / share.sum() * count).round().long()
+        chosen = [fit_rows[contexts == c][:int(q)] for c, q in zip(values, quota, strict=True)]
+        out[name] = torch.cat(chosen)
+        print(f"{name}: rollouts per context " + ", ".join(
+            f"{int(c)}: {len(rows)}" for c, rows in zip(values, chosen, strict=True)), flush=True)
+    return out
+
+
+def main() -> None:
+    parser = probe_arguments(__doc__)
+    offline_arguments(parser, evaluation=1024)
+    args = parser.parse_args()
+    data = rollouts_of(args.task, args.rollouts, args.seed)
+    held, fit_rows = split(args.rollouts, args.seed)
+    model, config, alphas = data.model, data.config.objective, forward_alphas(data)
+    inputs, best_rows = fresh_rollouts(model, config, args.task, args.evaluation)
+    print(f"{args.task}: J* {best_rows.mean():.3f} on {args.evaluation} fresh rollouts",
+          flush=True)
+    results = []
+    for name, rows in allocation(data, fit_rows, args.count).items():
+        torch.manual_seed(args.seed)
+        head = SoftValueNet(model.value_head.spec)
+        loss, kept, _ = fit(head, data.states, data.log_targets, data.head_contexts,
+                            data.timesteps, rows, held[:args.heldout], args.steps, args.seed,
+                            forward_alphas=alphas, forward_fraction=0.5)
+        model.value_head = head
+        row = objective(model.eval(), data.setup.reward_fn, config, inputs)
+        gap = best_rows - row["values"].double()
+        by_rarity = {f"{lo:g} to {hi:g}": float(gap[(best_rows > lo) & (best_rows <= hi)].mean())
+                     for lo, hi in RARITY_BINS}
+        results.append({"allocation": name, "heldout_loss": loss, "kept": kept,
+                        "distance": float(gap.mean()), "kl": row["kl"],
+                        "log_likelihood": row["log_likelihood"], "by_log_z": by_rarity})
+        print(f"{name}: held-out {loss:.4f} (kept {kept}); J* - J {gap.mean():.3f} (E[log p] "
+              f"{row['log_likelihood']:.3f}, KL {row['kl']:.2f}); by log Z: " +
+              ", ".join(f"{k}: {v:.3f}" for k, v in by_rarity.items()), flush=True)
+    out = Path("benchmarks/results") / f"{args.name or 'context_allocation_' + args.task}.json"
+    out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
