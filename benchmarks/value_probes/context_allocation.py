@@ -6,9 +6,12 @@ This probe fits heads like the rule (half the states forward-noised) on the same
 cached base rollouts (`td_targets.py`), drawn uniformly over digits or with each digit's share
 proportional to sum_y -log Z(c, y) (measured on the cache, as the audit measures it before
 training), and scores each policy by J* - J on the same fresh rollouts, by rarity too.
+`--share-late K` adds an arm with uniform rollouts whose states from index K on (t <= 251 for
+K = 14 of 20 steps) read another rollout's digit half the time: late in the chain h hardly
+depends on the digit, so the digits that make a target often can teach the ones that rarely do.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/context_allocation.py \
-        --task slant [--rollouts 8192] [--count 1638] [--steps 6000]
+        --task slant [--rollouts 8192] [--count 1638] [--steps 6000] [--share-late 14]
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def allocation(data, fit_rows: torch.Tensor, count: int) -> dict[str, torch.Tens
 def main() -> None:
     parser = probe_arguments(__doc__)
     offline_arguments(parser, evaluation=1024)
+    parser.add_argument("--share-late", type=int, default=None, metavar="K")
+    parser.add_argument("--arms", nargs="+", default=["uniform", "by need"])
     args = parser.parse_args()
     data = rollouts_of(args.task, args.rollouts, args.seed)
     held, fit_rows = split(args.rollouts, args.seed)
@@ -67,12 +72,19 @@ def main() -> None:
     print(f"{args.task}: J* {best_rows.mean():.3f} on {args.evaluation} fresh rollouts",
           flush=True)
     results = []
-    for name, rows in allocation(data, fit_rows, args.count).items():
+    arms = allocation(data, fit_rows, args.count)
+    if args.share_late is not None:
+        arms[f"uniform, digits shared from state {args.share_late}"] = arms["uniform"]
+    for name, rows in arms.items():
+        if name not in args.arms and "shared" not in name:
+            continue
         torch.manual_seed(args.seed)
         head = SoftValueNet(model.value_head.spec)
+        shared = (args.share_late, 0.5) if "shared" in name else None
         loss, kept, _ = fit(head, data.states, data.log_targets, data.head_contexts,
                             data.timesteps, rows, held[:args.heldout], args.steps, args.seed,
-                            forward_alphas=alphas, forward_fraction=0.5)
+                            forward_alphas=alphas, forward_fraction=0.5,
+                            shared_contexts=shared)
         model.value_head = head
         row = objective(model.eval(), data.setup.reward_fn, config, inputs)
         gap = best_rows - row["values"].double()

@@ -141,7 +141,8 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
         lr: float = 1e-3, batch: int = 128, offsets: torch.Tensor | None = None,
         forward_alphas: torch.Tensor | None = None,
         forward_fraction: float | torch.Tensor = 0.0,
-        fit_timesteps: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple:
+        fit_timesteps: tuple[torch.Tensor, torch.Tensor] | None = None,
+        shared_contexts: tuple[int, float] | None = None) -> tuple:
     """AdamW on random (rollout, state) pairs with TD(td) targets refreshed every `refresh`
     steps (td 1: the rule's Monte Carlo targets); every 100 steps the held-out Monte Carlo
     loss, whose best weights the head ends with. `inputs` (S+1, N, ...), if given, are a
@@ -151,15 +152,19 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
     is drawn afresh by the forward process from the rollout's x_0 instead of read from its chain
     (the rule's own `forward_noised`). With `fit_timesteps` (timesteps, their a_t), every fit
     state is drawn by the forward process at one of those timesteps instead (any schedule:
-    the held-out check stays on the chain's states).
+    the held-out check stays on the chain's states). With `shared_contexts` (first state index
+    k, probability), a state from index k on reads another fit rollout's context with that
+    probability: late in the chain h hardly depends on the context, so every digit's rollouts
+    teach every digit what a target looks like there.
     Returns (loss, step kept, loss by state)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     count = states.shape[0]
 
-    def loss(rows, which, targets, x=None) -> torch.Tensor:
-        args = (states[which, rows] if x is None else x, timesteps[which],
-                None if contexts is None else contexts[rows])
+    def loss(rows, which, targets, x=None, context=None) -> torch.Tensor:
+        if context is None and contexts is not None:
+            context = contexts[rows]
+        args = (states[which, rows] if x is None else x, timesteps[which], context)
         if inputs is not None:
             args = (*args, inputs[which, rows])
         return predicted_value_loss(*head(*args), targets)
@@ -195,7 +200,14 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
                                generator)
         if fit_timesteps is None:
             optimizer.zero_grad(set_to_none=True)
-            loss(fit_rows[pick], which, targets[which, pick], x).backward()
+            context = None
+            if shared_contexts is not None:
+                first, probability = shared_contexts
+                other = contexts[fit_rows[torch.randint(0, len(fit_rows), (batch,),
+                                                        generator=generator)]]
+                swap = (which >= first) & (torch.rand(batch, generator=generator) < probability)
+                context = torch.where(swap, other, contexts[fit_rows[pick]])
+            loss(fit_rows[pick], which, targets[which, pick], x, context).backward()
         optimizer.step()
         if step % 100 == 0:
             now = heldout()
