@@ -9,6 +9,8 @@ training), and scores each policy by J* - J on the same fresh rollouts, by rarit
 `--share-late K` adds an arm with uniform rollouts whose states from index K on (t <= 251 for
 K = 14 of 20 steps) read another rollout's digit half the time: late in the chain h hardly
 depends on the digit, so the digits that make a target often can teach the ones that rarely do.
+`--boost DIGIT...` adds an arm with uniform rollouts plus every cached fit rollout of those
+digits: how fast the distance of their rare pairs falls with their own rollouts.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/context_allocation.py \
         --task slant [--rollouts 8192] [--count 1638] [--steps 6000] [--share-late 14]
@@ -63,6 +65,7 @@ def main() -> None:
     parser = probe_arguments(__doc__)
     offline_arguments(parser, evaluation=1024)
     parser.add_argument("--share-late", type=int, default=None, metavar="K")
+    parser.add_argument("--boost", type=int, nargs="+", default=None, metavar="DIGIT")
     parser.add_argument("--arms", nargs="+", default=["uniform", "by need"])
     args = parser.parse_args()
     data = rollouts_of(args.task, args.rollouts, args.seed)
@@ -75,8 +78,12 @@ def main() -> None:
     arms = allocation(data, fit_rows, args.count)
     if args.share_late is not None:
         arms[f"uniform, digits shared from state {args.share_late}"] = arms["uniform"]
+    if args.boost is not None:
+        boosted = fit_rows[torch.isin(data.contexts[fit_rows], torch.tensor(args.boost))]
+        arms[f"uniform, every rollout of {args.boost}"] = torch.cat(
+            [arms["uniform"], boosted[~torch.isin(boosted, arms["uniform"])]])
     for name, rows in arms.items():
-        if name not in args.arms and "shared" not in name:
+        if name not in args.arms and "shared" not in name and "every" not in name:
             continue
         torch.manual_seed(args.seed)
         head = SoftValueNet(model.value_head.spec)
