@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from policy_targets import fresh_rollouts  # noqa: E402
 from reward_gate import policy_rows  # noqa: E402
 from td_targets import (  # noqa: E402
+    fit,
     forward_alphas,
     offline_arguments,
     probe_arguments,
@@ -41,8 +42,7 @@ from td_targets import (  # noqa: E402
     split,
 )
 
-from ctrl_ray.models.soft_value import SoftValueNet, predicted_value_loss  # noqa: E402
-from ctrl_ray.objectives.value import forward_noised  # noqa: E402
+from ctrl_ray.models.soft_value import SoftValueNet  # noqa: E402
 
 
 def gradient_loss(head, model, data, rows, which, alphas, generator) -> torch.Tensor:
@@ -67,47 +67,6 @@ def gradient_loss(head, model, data, rows, which, alphas, generator) -> torch.Te
     return ((( 1 - a).sqrt() * gradient - target) ** 2).flatten(1).mean(1).mean()
 
 
-def fit(head, model, data, fit_rows, held, steps: int, seed: int, alphas, weight: float,
-        fraction: float, lr: float = 1e-3, batch: int = 128) -> tuple[float, int]:
-    """AdamW on the value loss (a `fraction` of states forward-noised) plus `weight` times
-    `gradient_loss`; every 100 steps the held-out value loss on chain states, whose best weights
-    the head ends with. Returns (held-out loss, step kept)."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    count = data.states.shape[0]
-    contexts = data.head_contexts
-
-    def value(rows, which, x):
-        return predicted_value_loss(*head(x, data.timesteps[which],
-                                          None if contexts is None else contexts[rows]),
-                                    data.log_targets[rows])
-
-    def heldout() -> float:
-        with torch.no_grad():
-            return float(torch.stack([value(held, torch.full((len(held),), i),
-                                            data.states[i, held]) for i in range(count)]).mean())
-
-    best, kept, best_state = heldout(), 0, copy.deepcopy(head.state_dict())
-    for step in range(1, steps + 1):
-        pick = fit_rows[torch.randint(0, len(fit_rows), (batch,), generator=generator)]
-        which = torch.randint(0, count, (batch,), generator=generator)
-        x = forward_noised(data.states, pick, which, alphas, fraction, generator)
-        loss = value(pick, which, x)
-        if weight:
-            which = torch.randint(0, count - 1, (batch,), generator=generator)
-            loss = loss + weight * gradient_loss(head, model, data, pick, which, alphas,
-                                                 generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 100 == 0:
-            now = heldout()
-            if now < best:
-                best, kept, best_state = now, step, copy.deepcopy(head.state_dict())
-    head.load_state_dict(best_state)
-    return best, kept
-
-
 def main() -> None:
     parser = probe_arguments(__doc__)
     offline_arguments(parser)
@@ -126,8 +85,15 @@ def main() -> None:
         torch.manual_seed(args.seed)
         head = SoftValueNet(copy.deepcopy(model.value_head.spec))
         start = time.time()
-        loss, kept = fit(head, model, data, fit_rows[:args.count], held[:args.heldout],
-                         args.steps, args.seed, alphas, weight, args.fraction)
+        extra = None if not weight else (
+            lambda rows, generator, head=head, weight=weight: weight * gradient_loss(
+                head, model, data, rows, torch.randint(0, len(alphas) - 1, (len(rows),),
+                                                       generator=generator),
+                alphas, generator))
+        loss, kept, _ = fit(head, data.states, data.log_targets, data.head_contexts,
+                            data.timesteps, fit_rows[:args.count], held[:args.heldout],
+                            args.steps, args.seed, forward_alphas=alphas,
+                            forward_fraction=args.fraction, extra_loss=extra)
         print(f"gradient weight {weight:g}: held-out value loss {loss:.4f} (kept {kept}; "
               f"{time.time() - start:.0f} s)", flush=True)
         rows += policy_rows(model, head, data.setup.reward_fn, config, inputs, best,

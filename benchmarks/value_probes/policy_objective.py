@@ -112,20 +112,25 @@ def main() -> None:
     parser.add_argument("--step-scales", type=float, nargs="+", default=None,
                         help="score each value policy at these step scales instead of its own")
     args = parser.parse_args()
+    if args.by_target and not args.optimum:
+        parser.error("--by-target needs --optimum (J* per row)")
     config = load_config(FinetuneConfig, args.config, args.overrides)
     setup = build_setup(config)   # the task's reward function and the model's shapes
     objective_config = config.objective
     seed = args.seed if args.calibration_of is None else args.calibration_of + CALIBRATION_SEED
     inputs = draw_inputs(setup.model, dataclasses.replace(
         objective_config, batch_size=args.rollouts), seed)
+    models = {path: load_any(path).model.eval() for path in args.policies}
+    for path, model in models.items():   # before the optimum's minutes of base rollouts
+        if args.step_scales and getattr(model, "value_head", None) is None:
+            parser.error(f"--step-scales: {path} has no value head to scale")
     best = None
     if args.optimum:
         best_rows = optimum_objective_rows(args.config, args.overrides, inputs,
                                            setup.model.label_classes)
         best = best_rows.mean().item()
         print(f"optimum: J* {best:.3f} on the same rows", flush=True)
-    for path in args.policies:
-        model = load_any(path).model.eval()
+    for path, model in models.items():
         for scale in args.step_scales or [None]:
             label = path
             if scale is not None:   # a value policy at another step scale than it saved
@@ -138,6 +143,7 @@ def main() -> None:
             if args.optimum and args.by_target:
                 print("\n".join(by_target(inputs, setup.model.label_classes, best_rows, row)),
                       flush=True)
+
 
 if __name__ == "__main__":
     main()

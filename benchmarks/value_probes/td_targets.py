@@ -25,6 +25,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +143,9 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
         forward_alphas: torch.Tensor | None = None,
         forward_fraction: float | torch.Tensor = 0.0,
         fit_timesteps: tuple[torch.Tensor, torch.Tensor] | None = None,
-        shared_contexts: tuple[int, float] | None = None) -> tuple:
+        shared_contexts: tuple[int, float] | None = None,
+        extra_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+        ) -> tuple:
     """AdamW on random (rollout, state) pairs with TD(td) targets refreshed every `refresh`
     steps (td 1: the rule's Monte Carlo targets); every 100 steps the held-out Monte Carlo
     loss, whose best weights the head ends with. `inputs` (S+1, N, ...), if given, are a
@@ -155,16 +158,16 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
     the held-out check stays on the chain's states). With `shared_contexts` (first state index
     k, probability), a state from index k on reads another fit rollout's context with that
     probability: late in the chain h hardly depends on the context, so every digit's rollouts
-    teach every digit what a target looks like there.
+    teach every digit what a target looks like there. `extra_loss(rows, generator)`, if given,
+    is added to every step's loss (rows: the batch's rollouts).
     Returns (loss, step kept, loss by state)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     count = states.shape[0]
 
-    def loss(rows, which, targets, x=None, context=None) -> torch.Tensor:
-        if context is None and contexts is not None:
-            context = contexts[rows]
-        args = (states[which, rows] if x is None else x, timesteps[which], context)
+    def loss(rows, which, targets) -> torch.Tensor:
+        args = (states[which, rows], timesteps[which],
+                None if contexts is None else contexts[rows])
         if inputs is not None:
             args = (*args, inputs[which, rows])
         return predicted_value_loss(*head(*args), targets)
@@ -185,29 +188,34 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
                 targets = targets + offsets[:, fit_rows, None]
         pick = torch.randint(0, len(fit_rows), (batch,), generator=generator)
         which = torch.randint(0, count, (batch,), generator=generator)
-        x = None
-        if fit_timesteps is not None:
+        rows = fit_rows[pick]
+        context = None if contexts is None else contexts[rows]
+        if fit_timesteps is not None:   # forward-noised at another schedule's timesteps
             which = torch.randint(0, len(fit_timesteps[0]), (batch,), generator=generator)
-            x0 = states[-1, fit_rows[pick]]
-            a = fit_timesteps[1][which].to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))
-            x = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            context = None if contexts is None else contexts[fit_rows[pick]]
-            predicted_value_loss(*head(x, fit_timesteps[0][which], context),
-                                 log_targets[fit_rows[pick]]).backward()
-        elif isinstance(forward_fraction, torch.Tensor) or forward_fraction > 0:
-            x = forward_noised(states, fit_rows[pick], which, forward_alphas, forward_fraction,
-                               generator)
-        if fit_timesteps is None:
-            optimizer.zero_grad(set_to_none=True)
-            context = None
+            a = fit_timesteps[1][which].to(states.dtype).view(-1, *[1] * (states.dim() - 2))
+            x = a.sqrt() * states[-1, rows] + (1 - a).sqrt() * torch.randn(
+                (batch, *states.shape[2:]), generator=generator)
+            arguments, batch_targets = (x, fit_timesteps[0][which], context), log_targets[rows]
+        else:
+            x = states[which, rows]
+            if isinstance(forward_fraction, torch.Tensor) or forward_fraction > 0:
+                x = forward_noised(states, rows, which, forward_alphas, forward_fraction,
+                                   generator)
             if shared_contexts is not None:
                 first, probability = shared_contexts
                 other = contexts[fit_rows[torch.randint(0, len(fit_rows), (batch,),
                                                         generator=generator)]]
                 swap = (which >= first) & (torch.rand(batch, generator=generator) < probability)
-                context = torch.where(swap, other, contexts[fit_rows[pick]])
-            loss(fit_rows[pick], which, targets[which, pick], x, context).backward()
+                context = torch.where(swap, other, context)
+            arguments = (x, timesteps[which], context)
+            if inputs is not None:
+                arguments = (*arguments, inputs[which, rows])
+            batch_targets = targets[which, pick]
+        loss_value = predicted_value_loss(*head(*arguments), batch_targets)
+        if extra_loss is not None:
+            loss_value = loss_value + extra_loss(rows, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss_value.backward()
         optimizer.step()
         if step % 100 == 0:
             now = heldout()
