@@ -144,6 +144,7 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
         forward_fraction: float | torch.Tensor = 0.0,
         fit_timesteps: tuple[torch.Tensor, torch.Tensor] | None = None,
         shared_contexts: tuple[int, float] | None = None,
+        first_states: torch.Tensor | None = None,
         extra_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
         ) -> tuple:
     """AdamW on random (rollout, state) pairs with TD(td) targets refreshed every `refresh`
@@ -158,8 +159,11 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
     the held-out check stays on the chain's states). With `shared_contexts` (first state index
     k, probability), a state from index k on reads another fit rollout's context with that
     probability: late in the chain h hardly depends on the context, so every digit's rollouts
-    teach every digit what a target looks like there. `extra_loss(rows, generator)`, if given,
-    is added to every step's loss (rows: the batch's rollouts).
+    teach every digit what a target looks like there. With `first_states` (N,), a rollout's
+    states before its index are never fit and its x_0 never forward-noised (a chain whose steps
+    before that index were not the base's: only its later states have h's targets; 0 for a
+    base rollout). `extra_loss(rows, generator)`, if given, is added to every step's loss
+    (rows: the batch's rollouts).
     Returns (loss, step kept, loss by state)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
@@ -197,10 +201,15 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
                 (batch, *states.shape[2:]), generator=generator)
             arguments, batch_targets = (x, fit_timesteps[0][which], context), log_targets[rows]
         else:
+            if first_states is not None:
+                first = first_states[rows]
+                which = first + (torch.rand(batch, generator=generator) * (count - first)).long()
             x = states[which, rows]
             if isinstance(forward_fraction, torch.Tensor) or forward_fraction > 0:
-                x = forward_noised(states, rows, which, forward_alphas, forward_fraction,
-                                   generator)
+                noised = forward_noised(states, rows, which, forward_alphas, forward_fraction,
+                                        generator)
+                x = noised if first_states is None else torch.where(
+                    (first == 0).view(-1, *[1] * (x.dim() - 1)), noised, x)
             if shared_contexts is not None:
                 first, probability = shared_contexts
                 other = contexts[fit_rows[torch.randint(0, len(fit_rows), (batch,),

@@ -1,0 +1,167 @@
+"""Would rollouts that follow the policy part-way and the base after it teach the head the rare
+pairs? On slant the value policies' distance to the optimum lies on the (digit, target) pairs the
+base rarely makes, learnt from base rollouts that almost never reach them (docs/update_rules.md,
+section 20). h_k(x) = E_pre[p(y | x0)^lambda | x_k = x] needs only that the chain after x_k is the
+base's: a rollout that follows the policy to state k and the base after it gives every state
+from k on an exact target, no importance weight (section 17's whole policy rollouts needed
+weights, whose effective fraction fell to 0.04 early in the chain). Its states are where the
+policy goes, toward the rare targets it was asked for, so the base part starts closer to them.
+
+This probe fits a head like the rule (half the base states forward-noised) on `--count` cached
+base rollouts (`td_targets.py`), steers with it, draws `--policy-rollouts` restarted rollouts
+per round (the policy up to state k, k spread over `--restart`, the base after: the model's
+`min_timestep`), refits a fresh head on the base and the restarted rollouts' states from k on,
+and scores every head by J* - J on the same fresh rollouts, by rarity (log Z) too; the control
+head gets as many more base rollouts instead.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/restart_targets.py \
+        --task slant --rollouts 8192 --steps 6000 [--restart 6 10 14] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+from context_allocation import RARITY_BINS  # noqa: E402
+from policy_objective import objective  # noqa: E402
+from policy_targets import fresh_rollouts  # noqa: E402
+from td_targets import (  # noqa: E402
+    fit,
+    forward_alphas,
+    offline_arguments,
+    probe_arguments,
+    rollouts_of,
+    split,
+)
+from trial_fit import batch_inputs  # noqa: E402
+
+from ctrl_ray.models.soft_value import SoftValueNet  # noqa: E402
+from ctrl_ray.objectives.value import target_log_likelihoods  # noqa: E402
+from ctrl_ray.sampling.sampler import sample  # noqa: E402
+
+
+def restarted_rollouts(model, reward_fn, config, tilt: float, timesteps, count: int,
+                       restarts: list[int], seed: int):
+    """`count` rollouts that follow the policy to state k and the base after it, k spread
+    evenly over `restarts`: (states (S+1, N, ...), lambda log p(y | x0) for every y (N, J),
+    contexts (N,), k of each (N,), the target index each was asked for (N,), -1 if none)."""
+    states, log_targets, contexts, firsts, asked = [], [], [], [], []
+    target_index = {tuple(t): j for j, t in enumerate(model.value_head.spec.targets)}
+    names = list(model.label_classes)
+    saved = model.min_timestep
+    for i, inputs in enumerate(batch_inputs(model, config, count, 1000 * seed)):
+        restart = restarts[i % len(restarts)]
+        model.min_timestep = int(timesteps[restart - 1]) if restart > 0 else 10**9
+        with torch.no_grad():
+            path = sample(model, inputs, eta=config.eta, compute_kl=False)
+        states.append(path.states)
+        log_targets.append(tilt * target_log_likelihoods(model, reward_fn, path.x0,
+                                                         path.contexts))
+        contexts.append(path.contexts)
+        firsts.append(torch.full((inputs.batch_size,), restart))
+        labels = torch.stack([inputs.labels[name] for name in names], 1).tolist()
+        asked.append(torch.tensor([target_index.get(tuple(y), -1) for y in labels]))
+    model.min_timestep = saved
+    return (torch.cat(states, 1), torch.cat(log_targets), torch.cat(contexts),
+            torch.cat(firsts), torch.cat(asked))
+
+
+def hit_rates(log_targets, contexts, asked, base_log_p, tilt: float) -> dict[str, dict]:
+    """Mean p(y | x0) of the target each rollout was asked for, against the base's E_pre[p(y |
+    x0)] of the same pairs, by its log: how much more often the restarted rollouts reach their
+    targets."""
+    keep = asked >= 0
+    p = (log_targets[keep, asked[keep]] / tilt).exp()
+    log_z = base_log_p[contexts[keep], asked[keep]]
+    out = {}
+    for lo, hi in RARITY_BINS:
+        rows = (log_z > lo) & (log_z <= hi)
+        if rows.any():
+            out[f"{lo:g} to {hi:g}"] = {"reached": float(p[rows].mean()),
+                                        "base": float(log_z[rows].exp().mean())}
+    return out
+
+
+def main() -> None:
+    parser = probe_arguments(__doc__)
+    offline_arguments(parser, evaluation=1024)
+    parser.add_argument("--policy-rollouts", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--restart", type=int, nargs="+", default=[6, 10, 14],
+                        help="the state indices the base takes over at (0 = x_T: the base)")
+    args = parser.parse_args()
+    data = rollouts_of(args.task, args.rollouts, args.seed)
+    held, fit_rows = split(args.rollouts, args.seed)
+    held = held[: args.heldout]
+    model, config, alphas = data.model, data.config.objective, forward_alphas(data)
+    inputs, best_rows = fresh_rollouts(model, config, args.task, args.evaluation)
+    print(f"{args.task}: J* {best_rows.mean():.3f} on {args.evaluation} fresh rollouts",
+          flush=True)
+    contexts = data.contexts[fit_rows]
+    base_log_p = torch.stack([
+        torch.logsumexp(data.log_targets[fit_rows[contexts == c]] / data.tilt, 0)
+        - math.log(int((contexts == c).sum())) for c in range(int(contexts.max()) + 1)])
+
+    def score(name: str, states, log_targets, head_contexts, rows, first_states) -> dict:
+        torch.manual_seed(args.seed)
+        head = SoftValueNet(model.value_head.spec)
+        start = time.time()
+        loss, kept, _ = fit(head, states, log_targets, head_contexts, data.timesteps, rows, held,
+                            args.steps, args.seed, forward_alphas=alphas, forward_fraction=0.5,
+                            first_states=first_states)
+        model.value_head = head
+        row = objective(model.eval(), data.setup.reward_fn, config, inputs)
+        gap = best_rows - row["values"].double()
+        by_rarity = {f"{lo:g} to {hi:g}": float(gap[(best_rows > lo) & (best_rows <= hi)].mean())
+                     for lo, hi in RARITY_BINS}
+        print(f"{name}: {len(rows)} rollouts, held-out {loss:.4f} (kept {kept}; "
+              f"{time.time() - start:.0f} s); J* - J {gap.mean():.3f} (E[log p] "
+              f"{row['log_likelihood']:.3f}, KL {row['kl']:.2f}); by log Z: " +
+              ", ".join(f"{k}: {v:.3f}" for k, v in by_rarity.items()), flush=True)
+        return {"head": name, "rollouts": len(rows), "heldout_loss": loss, "kept": kept,
+                "distance": float(gap.mean()), "kl": row["kl"],
+                "log_likelihood": row["log_likelihood"], "by_log_z": by_rarity}
+
+    base_rows = fit_rows[: args.count]
+    extra = args.rounds * args.policy_rollouts
+    results = [score("base (control)", data.states, data.log_targets, data.head_contexts,
+                     fit_rows[: args.count + extra], None)]
+    states, log_targets, head_contexts = data.states, data.log_targets, data.head_contexts
+    first_states = torch.zeros(states.shape[1], dtype=torch.long)
+    rows, reached = base_rows, []
+    for round_ in range(args.rounds + 1):
+        results.append(score(f"round {round_}: {len(base_rows)} base + restarted", states,
+                             log_targets, head_contexts, rows, first_states))
+        if round_ == args.rounds:
+            break
+        start = time.time()
+        new = restarted_rollouts(model, data.setup.reward_fn, config, data.tilt, data.timesteps,
+                                 args.policy_rollouts, args.restart, 100 + round_)
+        new_states, new_targets, new_contexts, new_first, asked = new
+        reached.append(hit_rates(new_targets, new_contexts, asked, base_log_p, data.tilt))
+        print(f"  {args.policy_rollouts} restarted rollouts ({time.time() - start:.0f} s); "
+              "p(y | x0) of the asked target against the base's, by log E_pre[p]: " + ", ".join(
+                  f"{k}: {v['reached']:.3f} vs {v['base']:.3f}"
+                  for k, v in reached[-1].items()), flush=True)
+        first = states.shape[1]
+        states = torch.cat([states, new_states], 1)
+        log_targets = torch.cat([log_targets, new_targets])
+        head_contexts = torch.cat([head_contexts, model.head_context(new_contexts)])
+        first_states = torch.cat([first_states, new_first])
+        rows = torch.cat([rows, torch.arange(first, states.shape[1])])
+    out = Path("benchmarks/results") / f"{args.name or 'restart_targets_' + args.task}.json"
+    out.write_text(json.dumps({"args": vars(args), "results": results, "reached": reached},
+                              indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
