@@ -12,7 +12,9 @@ base rollouts (`td_targets.py`), steers with it, draws `--policy-rollouts` resta
 per round (the policy up to state k, k spread over `--restart`, the base after: the model's
 `min_timestep`), refits a fresh head on the base and the restarted rollouts' states from k on,
 and scores every head by J* - J on the same fresh rollouts, by rarity (log Z) too; the control
-head gets as many more base rollouts instead.
+head gets as many more base rollouts instead. `--check-rollouts N` restarted rollouts of the
+round-0 policy (seed 99) held out of every fit measure each head's value loss where the policy
+goes (their states from k on), beside the held-out base loss.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/value_probes/restart_targets.py \
         --task slant --rollouts 8192 --steps 6000 [--restart 6 10 14] [--rounds 2]
@@ -43,7 +45,7 @@ from td_targets import (  # noqa: E402
 )
 from trial_fit import batch_inputs  # noqa: E402
 
-from ctrl_ray.models.soft_value import SoftValueNet  # noqa: E402
+from ctrl_ray.models.soft_value import SoftValueNet, predicted_value_loss  # noqa: E402
 from ctrl_ray.objectives.value import target_log_likelihoods  # noqa: E402
 from ctrl_ray.sampling.sampler import sample  # noqa: E402
 
@@ -90,6 +92,22 @@ def hit_rates(log_targets, contexts, asked, base_log_p, tilt: float) -> dict[str
     return out
 
 
+def restarted_loss(head, restarted, timesteps, model) -> float:
+    """The mean value loss of `head` on every state from k on of `restarted` rollouts (as
+    `restarted_rollouts` returns them)."""
+    states, log_targets, contexts, firsts, _ = restarted
+    context = model.head_context(contexts)
+    total, pairs = 0.0, 0
+    with torch.no_grad():
+        for index in range(int(firsts.min()), states.shape[0]):
+            rows = (firsts <= index).nonzero().squeeze(1)
+            loss = predicted_value_loss(*head(states[index, rows],
+                                              timesteps[index].expand(len(rows)),
+                                              context[rows]), log_targets[rows])
+            total, pairs = total + float(loss) * len(rows), pairs + len(rows)
+    return total / pairs
+
+
 def main() -> None:
     parser = probe_arguments(__doc__)
     offline_arguments(parser, evaluation=1024)
@@ -97,6 +115,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--restart", type=int, nargs="+", default=[6, 10, 14],
                         help="the state indices the base takes over at (0 = x_T: the base)")
+    parser.add_argument("--check-rollouts", type=int, default=0)
     args = parser.parse_args()
     data = rollouts_of(args.task, args.rollouts, args.seed)
     held, fit_rows = split(args.rollouts, args.seed)
@@ -126,10 +145,12 @@ def main() -> None:
               f"{time.time() - start:.0f} s); J* - J {gap.mean():.3f} (E[log p] "
               f"{row['log_likelihood']:.3f}, KL {row['kl']:.2f}); by log Z: " +
               ", ".join(f"{k}: {v:.3f}" for k, v in by_rarity.items()), flush=True)
+        heads.append(head)
         return {"head": name, "rollouts": len(rows), "heldout_loss": loss, "kept": kept,
                 "distance": float(gap.mean()), "kl": row["kl"],
                 "log_likelihood": row["log_likelihood"], "by_log_z": by_rarity}
 
+    heads, check = [], None
     base_rows = fit_rows[: args.count]
     extra = args.rounds * args.policy_rollouts
     results = [score("base (control)", data.states, data.log_targets, data.head_contexts,
@@ -142,6 +163,9 @@ def main() -> None:
                              log_targets, head_contexts, rows, first_states))
         if round_ == args.rounds:
             break
+        if round_ == 0 and args.check_rollouts:
+            check = restarted_rollouts(model, data.setup.reward_fn, config, data.tilt,
+                                       data.timesteps, args.check_rollouts, args.restart, 99)
         start = time.time()
         new = restarted_rollouts(model, data.setup.reward_fn, config, data.tilt, data.timesteps,
                                  args.policy_rollouts, args.restart, 100 + round_)
@@ -157,6 +181,11 @@ def main() -> None:
         head_contexts = torch.cat([head_contexts, model.head_context(new_contexts)])
         first_states = torch.cat([first_states, new_first])
         rows = torch.cat([rows, torch.arange(first, states.shape[1])])
+    if check is not None:
+        for head, result in zip(heads, results, strict=True):
+            result["restarted_heldout_loss"] = restarted_loss(head, check, data.timesteps, model)
+            print(f"{result['head']}: value loss on {args.check_rollouts} held-out restarted "
+                  f"rollouts' states from k on {result['restarted_heldout_loss']:.4f}")
     out = Path("benchmarks/results") / f"{args.name or 'restart_targets_' + args.task}.json"
     out.write_text(json.dumps({"args": vars(args), "results": results, "reached": reached},
                               indent=1))
