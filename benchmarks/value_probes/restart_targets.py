@@ -116,6 +116,8 @@ def main() -> None:
     parser.add_argument("--restart", type=int, nargs="+", default=[6, 10, 14],
                         help="the state indices the base takes over at (0 = x_T: the base)")
     parser.add_argument("--check-rollouts", type=int, default=0)
+    parser.add_argument("--forward-fraction", type=float, default=0.5,
+                        help="the base rollouts' states drawn by the forward process (the rule's)")
     args = parser.parse_args()
     data = rollouts_of(args.task, args.rollouts, args.seed)
     held, fit_rows = split(args.rollouts, args.seed)
@@ -134,8 +136,8 @@ def main() -> None:
         head = SoftValueNet(model.value_head.spec)
         start = time.time()
         loss, kept, _ = fit(head, states, log_targets, head_contexts, data.timesteps, rows, held,
-                            args.steps, args.seed, forward_alphas=alphas, forward_fraction=0.5,
-                            first_states=first_states)
+                            args.steps, args.seed, forward_alphas=alphas,
+                            forward_fraction=args.forward_fraction, first_states=first_states)
         model.value_head = head
         row = objective(model.eval(), data.setup.reward_fn, config, inputs)
         gap = best_rows - row["values"].double()
