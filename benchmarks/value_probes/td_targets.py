@@ -145,6 +145,7 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
         fit_timesteps: tuple[torch.Tensor, torch.Tensor] | None = None,
         shared_contexts: tuple[int, float] | None = None,
         first_states: torch.Tensor | None = None,
+        row_log_weights: torch.Tensor | None = None,
         extra_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
         ) -> tuple:
     """AdamW on random (rollout, state) pairs with TD(td) targets refreshed every `refresh`
@@ -162,8 +163,10 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
     teach every digit what a target looks like there. With `first_states` (N,), a rollout's
     states before its index are never fit and its x_0 never forward-noised (a chain whose steps
     before that index were not the base's: only its later states have h's targets; 0 for a
-    base rollout). `extra_loss(rows, generator)`, if given, is added to every step's loss
-    (rows: the batch's rollouts).
+    base rollout). With `row_log_weights` too (N,), the log weight that makes such a rollout's
+    x_0 a base sample, a `forward_fraction` of its states is drawn by the forward process from
+    its x_0 at any timestep, their loss weighted by it. `extra_loss(rows, generator)`, if given,
+    is added to every step's loss (rows: the batch's rollouts).
     Returns (loss, step kept, loss by state)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
@@ -194,6 +197,7 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
         which = torch.randint(0, count, (batch,), generator=generator)
         rows = fit_rows[pick]
         context = None if contexts is None else contexts[rows]
+        log_weight = None
         if fit_timesteps is not None:   # forward-noised at another schedule's timesteps
             which = torch.randint(0, len(fit_timesteps[0]), (batch,), generator=generator)
             a = fit_timesteps[1][which].to(states.dtype).view(-1, *[1] * (states.dim() - 2))
@@ -210,6 +214,15 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
                                         generator)
                 x = noised if first_states is None else torch.where(
                     (first == 0).view(-1, *[1] * (x.dim() - 1)), noised, x)
+            if row_log_weights is not None:   # restarted rows' forward-noised states, weighted
+                coin = (torch.rand(batch, generator=generator) < forward_fraction) & (first > 0)
+                anywhere = torch.randint(0, count, (batch,), generator=generator)
+                a = forward_alphas[anywhere].to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+                fresh = a.sqrt() * states[-1, rows] + (1 - a).sqrt() * torch.randn(
+                    x.shape, generator=generator, dtype=x.dtype)
+                x = torch.where(coin.view(-1, *[1] * (x.dim() - 1)), fresh, x)
+                which = torch.where(coin, anywhere, which)
+                log_weight = torch.where(coin, row_log_weights[rows], 0.0)
             if shared_contexts is not None:
                 first, probability = shared_contexts
                 other = contexts[fit_rows[torch.randint(0, len(fit_rows), (batch,),
@@ -220,7 +233,15 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
             if inputs is not None:
                 arguments = (*arguments, inputs[which, rows])
             batch_targets = targets[which, pick]
-        loss_value = predicted_value_loss(*head(*arguments), batch_targets)
+        log_q, log_m = head(*arguments)
+        if log_weight is not None:
+            # weight w on the whole loss: w mass CE + w m - w mass log m (the targets shifted by
+            # log w give all but w m, hence the second term)
+            batch_targets = batch_targets + log_weight[:, None]
+            loss_value = predicted_value_loss(log_q, log_m, batch_targets) + (
+                (log_weight.exp() - 1) * log_m.exp()).mean()
+        else:
+            loss_value = predicted_value_loss(log_q, log_m, batch_targets)
         if extra_loss is not None:
             loss_value = loss_value + extra_loss(rows, generator)
         optimizer.zero_grad(set_to_none=True)
