@@ -168,6 +168,8 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
     its x_0 at any timestep, their loss weighted by it. `extra_loss(rows, generator)`, if given,
     is added to every step's loss (rows: the batch's rollouts).
     Returns (loss, step kept, loss by state)."""
+    if row_log_weights is not None and first_states is None:
+        raise ValueError("row_log_weights weights the restarted rows that first_states marks")
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     count = states.shape[0]
