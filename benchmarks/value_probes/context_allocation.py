@@ -19,6 +19,7 @@ digits: how fast the distance of their rare pairs falls with their own rollouts.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -42,14 +43,38 @@ from ctrl_ray.models.soft_value import SoftValueNet  # noqa: E402
 RARITY_BINS = [(-1.0, 1.0), (-2.5, -1.0), (-30.0, -2.5)]
 
 
+def context_log_means(log_values: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+    """log of the mean of exp(log_values) (N, J) over the rows of each context id 0 .. max,
+    (C, J): log Z(c, y) of the rollouts' targets (-inf for a context with no rows)."""
+    return torch.stack([torch.logsumexp(log_values[contexts == c], 0)
+                        - math.log(max(1, int((contexts == c).sum())))
+                        for c in range(int(contexts.max()) + 1)])
+
+
+def distance_by_rarity(model, reward_fn, config, inputs, best_rows: torch.Tensor) -> dict:
+    """The installed head's policy on `inputs`: J* - J overall and by the rows' J* (log Z of
+    their pair, in RARITY_BINS), with its KL and E[log p]."""
+    row = objective(model.eval(), reward_fn, config, inputs)
+    gap = best_rows - row["values"].double()
+    return {"distance": float(gap.mean()), "kl": row["kl"],
+            "log_likelihood": row["log_likelihood"],
+            "by_log_z": {f"{lo:g} to {hi:g}": float(gap[(best_rows > lo) & (best_rows <= hi)]
+                                                   .mean()) for lo, hi in RARITY_BINS}}
+
+
+def rarity_line(scores: dict) -> str:
+    """`distance_by_rarity`'s numbers in one printed line."""
+    return (f"J* - J {scores['distance']:.3f} (E[log p] {scores['log_likelihood']:.3f}, KL "
+            f"{scores['kl']:.2f}); by log Z: "
+            + ", ".join(f"{k}: {v:.3f}" for k, v in scores["by_log_z"].items()))
+
+
 def allocation(data, fit_rows: torch.Tensor, count: int) -> dict[str, torch.Tensor]:
     """`count` fit rows, uniform over contexts, or each context's share proportional to its
     targets' sum_y -log Z(c, y) (Z from the rollouts themselves), in cache order."""
     contexts = data.contexts[fit_rows]
     values = contexts.unique()
-    log_z = torch.stack([torch.logsumexp(data.log_targets[fit_rows[contexts == c]], 0) -
-                         torch.log(torch.tensor(float((contexts == c).sum())))
-                         for c in values])                  # (C, J)
+    log_z = context_log_means(data.log_targets[fit_rows], contexts)[values]   # (C, J)
     need = (-log_z).clamp(min=0).sum(1)
     out = {}
     for name, share in (("uniform", torch.ones(len(values))), ("by need", need)):
@@ -93,16 +118,9 @@ def main() -> None:
                             forward_alphas=alphas, forward_fraction=0.5,
                             shared_contexts=shared)
         model.value_head = head
-        row = objective(model.eval(), data.setup.reward_fn, config, inputs)
-        gap = best_rows - row["values"].double()
-        by_rarity = {f"{lo:g} to {hi:g}": float(gap[(best_rows > lo) & (best_rows <= hi)].mean())
-                     for lo, hi in RARITY_BINS}
-        results.append({"allocation": name, "heldout_loss": loss, "kept": kept,
-                        "distance": float(gap.mean()), "kl": row["kl"],
-                        "log_likelihood": row["log_likelihood"], "by_log_z": by_rarity})
-        print(f"{name}: held-out {loss:.4f} (kept {kept}); J* - J {gap.mean():.3f} (E[log p] "
-              f"{row['log_likelihood']:.3f}, KL {row['kl']:.2f}); by log Z: " +
-              ", ".join(f"{k}: {v:.3f}" for k, v in by_rarity.items()), flush=True)
+        scores = distance_by_rarity(model, data.setup.reward_fn, config, inputs, best_rows)
+        results.append({"allocation": name, "heldout_loss": loss, "kept": kept, **scores})
+        print(f"{name}: held-out {loss:.4f} (kept {kept}); {rarity_line(scores)}", flush=True)
     out = Path("benchmarks/results") / f"{args.name or 'context_allocation_' + args.task}.json"
     out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     print(f"wrote {out}")

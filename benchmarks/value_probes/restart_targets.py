@@ -26,7 +26,6 @@ by w has h as its minimiser wherever the weights are exact).
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,8 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
-from context_allocation import RARITY_BINS  # noqa: E402
-from policy_objective import objective  # noqa: E402
+from context_allocation import (  # noqa: E402
+    RARITY_BINS,
+    context_log_means,
+    distance_by_rarity,
+    rarity_line,
+)
 from policy_targets import effective_fraction, fresh_rollouts  # noqa: E402
 from td_targets import (  # noqa: E402
     fit,
@@ -151,16 +154,19 @@ def main() -> None:
                         help="the base rollouts' states drawn by the forward process (the rule's)")
     args = parser.parse_args()
     data = rollouts_of(args.task, args.rollouts, args.seed)
+    last = data.states.shape[0] - 1
+    if not all(0 <= k < last for k in args.restart):
+        parser.error(f"--restart takes state indices 0 .. {last - 1} (x_T .. the last step's)")
+    if data.contexts is None or data.contexts.dim() != 1:
+        parser.error("the probe groups pairs by class-id contexts (the digits testbed's)")
     held, fit_rows = split(args.rollouts, args.seed)
     held = held[: args.heldout]
     model, config, alphas = data.model, data.config.objective, forward_alphas(data)
     inputs, best_rows = fresh_rollouts(model, config, args.task, args.evaluation)
     print(f"{args.task}: J* {best_rows.mean():.3f} on {args.evaluation} fresh rollouts",
           flush=True)
-    contexts = data.contexts[fit_rows]
-    base_log_p = torch.stack([
-        torch.logsumexp(data.log_targets[fit_rows[contexts == c]] / data.tilt, 0)
-        - math.log(int((contexts == c).sum())) for c in range(int(contexts.max()) + 1)])
+    base_log_p = context_log_means(data.log_targets[fit_rows] / data.tilt,
+                                   data.contexts[fit_rows])
 
     def score(name: str, states, log_targets, head_contexts, rows, first_states,
               row_log_weights=None) -> dict:
@@ -172,18 +178,12 @@ def main() -> None:
                             forward_fraction=args.forward_fraction, first_states=first_states,
                             row_log_weights=row_log_weights)
         model.value_head = head
-        row = objective(model.eval(), data.setup.reward_fn, config, inputs)
-        gap = best_rows - row["values"].double()
-        by_rarity = {f"{lo:g} to {hi:g}": float(gap[(best_rows > lo) & (best_rows <= hi)].mean())
-                     for lo, hi in RARITY_BINS}
+        scores = distance_by_rarity(model, data.setup.reward_fn, config, inputs, best_rows)
         print(f"{name}: {len(rows)} rollouts, held-out {loss:.4f} (kept {kept}; "
-              f"{time.time() - start:.0f} s); J* - J {gap.mean():.3f} (E[log p] "
-              f"{row['log_likelihood']:.3f}, KL {row['kl']:.2f}); by log Z: " +
-              ", ".join(f"{k}: {v:.3f}" for k, v in by_rarity.items()), flush=True)
+              f"{time.time() - start:.0f} s); {rarity_line(scores)}", flush=True)
         heads.append(head)
         return {"head": name, "rollouts": len(rows), "heldout_loss": loss, "kept": kept,
-                "distance": float(gap.mean()), "kl": row["kl"],
-                "log_likelihood": row["log_likelihood"], "by_log_z": by_rarity}
+                **scores}
 
     heads, check = [], None
     base_rows = fit_rows[: args.count]
