@@ -12,7 +12,11 @@ used, each next to the exact optimum at the same gamma/alpha (importance-resampl
 of the same prompts, effective sample size shown). Runs and optima already on disk are read back.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/text2image_control.py [--tasks ink ...]
-        [--seeds 0 1 2]
+        [--seeds 0 1 2] [--final]
+
+`--final` scores the config as it stands instead: each run's final policy at the full budget
+(the default rule's final fit and its step scale chosen by the objective), nothing chosen on
+evaluation seeds (results text2image_final.{json,md}).
 
 Needs `outputs/base-text2image` (`ctrl-ray text2image build`), the 32x32 rewards
 `outputs/reward-ink32` / `outputs/reward-compress32` (`ctrl-ray reward train` on
@@ -82,6 +86,7 @@ class Bench:
     title: str = "text-to-image testbed"
     step_scales: tuple = (None,)   # value-head step scales chosen among (None: the config's)
     overrides: tuple = ()          # config overrides before the task's (e.g. another rule's)
+    final_policy: bool = False     # score each run's final policy: nothing chosen on seeds
 
 
 TEXT2IMAGE = Bench()
@@ -204,13 +209,25 @@ def run_task(task: str, seeds: list[int], judge, samples: int,
         runs[seed], seconds[seed] = train(task, seed, bench)
     optima = {prompts: optimum(task, prompts, judge, samples, bench) for prompts in PROMPT_SETS}
     reference = at_tilt(optima["training"])
-    (chosen, scale), validation = choose_iteration(task, runs, judge, reference["kl"],
-                                                   bench.step_scales)
+    if bench.final_policy:   # the run's own choices only (final fit, step scale by objective)
+        policies, scale = {seed: runs[seed].parent / "policy" for seed in seeds}, None
+        reports = [evaluation(policies[seed], "training", VALIDATION_SEED, judge)
+                   for seed in seeds]
+        chosen = "final"
+        validation = {(chosen, None): (float(np.mean([score(r, task) for r in reports])),
+                                       float(np.mean([r["mean_kl"] for r in reports])))}
+    else:
+        (chosen, scale), validation = choose_iteration(task, runs, judge, reference["kl"],
+                                                       bench.step_scales)
+        policies = {seed: runs[seed] / f"{chosen:06d}" for seed in seeds}
     result = {"chosen_iteration": chosen, "chosen_step_scale": scale, "train_seconds": seconds,
               "validation": {candidate_name(k): v for k, v in validation.items()}, "sets": {}}
+    if bench.final_policy:   # the scale each run chose by the objective (value heads only)
+        heads = [getattr(load_any(policies[seed]).model, "value_head", None) for seed in seeds]
+        result["run_step_scales"] = [head.spec.step_scale if head else None for head in heads]
     for prompts, opt in optima.items():
         level, base = at_tilt(opt), opt["base"]
-        reports = [evaluation(runs[seed] / f"{chosen:06d}", prompts, TEST_SEED, judge, scale)
+        reports = [evaluation(policies[seed], prompts, TEST_SEED, judge, scale)
                    for seed in seeds]
         scores = [score(r, task) for r in reports]
         kls = [r["mean_kl"] for r in reports]
@@ -228,11 +245,15 @@ def run_task(task: str, seeds: list[int], judge, samples: int,
             "frontier": [{"tilt": lv["gamma_over_alpha"], "score": score(lv, task),
                           "kl": lv["kl"], "ess_min": lv["ess_min"]} for lv in opt["levels"]],
         }
-    result["checkpoints"] = {str(seed): {
-        name: (score(report, task), report["mean_kl"])
-        for name, report in ((p.name, evaluation(p, "training", VALIDATION_SEED, judge, scale))
-                             for p in sorted(runs[seed].iterdir()) if p.name.isdigit())}
-        for seed in seeds}
+    result["checkpoints"] = {}
+    for seed in seeds:
+        paths = sorted(p for p in runs[seed].iterdir() if p.name.isdigit())
+        if bench.final_policy:
+            paths.append(policies[seed])
+        result["checkpoints"][str(seed)] = {
+            path.name: (score(report, task), report["mean_kl"]) for path, report in (
+                (path, evaluation(path, "training", VALIDATION_SEED, judge, scale))
+                for path in paths)}
     plot_frontier(task, result, bench)
     return result
 
@@ -256,7 +277,8 @@ def plot_frontier(task: str, result: dict, bench: Bench = TEXT2IMAGE) -> Path:
     for prompts, marker in (("training", "*"), ("paraphrase", "P")):
         chosen = result["sets"][prompts]
         axis.plot(chosen["kl"][0], chosen["score"][0], marker, markersize=12,
-                  label=f"chosen, test seeds ({prompts})")
+                  label=f"{'final policy' if bench.final_policy else 'chosen'}, test seeds "
+                        f"({prompts})")
     axis.set_xlabel("mean path KL to the base (nats)")
     axis.set_ylabel("joint accuracy" if task == "joint" else "macro-F1")
     axis.set_title(f"{bench.title}: {task}")
@@ -268,32 +290,45 @@ def plot_frontier(task: str, result: dict, bench: Bench = TEXT2IMAGE) -> Path:
     return path
 
 
-def markdown(data: dict) -> list[str]:
+def markdown(data: dict, plot_prefix: str = TEXT2IMAGE.plot_prefix) -> list[str]:
+    if data.get("final"):
+        how = (f"`benchmarks/text2image_control.py --final` on {data['machine']['date']}: "
+               f"`{CONFIG}` as it stands (today's default value rule, its full budget), seeds "
+               f"{data['seeds']}. Each run's final policy is scored (the head's final fit and "
+               "its step scale, which the run chooses by CTRL's objective on its own "
+               "rollouts): nothing is chosen on evaluation seeds. The table is on test "
+               f"evaluation seed {TEST_SEED}, the validation line on seed {VALIDATION_SEED} ")
+    else:
+        how = (f"`benchmarks/text2image_control.py` on {data['machine']['date']}: "
+               f"`{CONFIG}` (value rule, CFG 2, 20 steps, batch 32, checkpoints every 20 "
+               f"updates), seeds {data['seeds']}. The number of updates is chosen on "
+               f"validation evaluation seed {VALIDATION_SEED} with the training prompts (most "
+               f"score within {KL_BUDGET}x the optimum's KL); the table is on test evaluation "
+               f"seed {TEST_SEED} ")
     lines = ["# Control on the latent text-to-image testbed, next to the exact optimum", "",
-             f"`benchmarks/text2image_control.py` on {data['machine']['date']}: "
-             f"`{CONFIG}` (value rule, CFG 2, 20 steps, batch 32, checkpoints every 20 "
-             f"updates), seeds {data['seeds']}. The number of updates is chosen on validation "
-             f"evaluation seed {VALIDATION_SEED} with the training prompts (most score within "
-             f"{KL_BUDGET}x the optimum's KL); the table is on test evaluation seed "
-             f"{TEST_SEED} ({SAMPLES_PER_TARGET} samples per (y, prompt), 10 prompts per set). "
+             how + f"({SAMPLES_PER_TARGET} samples per (y, prompt), 10 prompts per set). "
+             "Per nat: (score - the base's) / KL. "
              "Intervals: 95% t over the seeds. The optimum: " + ", ".join(
                  f"{task} {result['optimum_samples']}" for task, result in data["tasks"].items())
              + " base samples per prompt, importance-resampled; ESS min over (y, prompt).", "",
              "| task | prompts | updates | CTRL score | CTRL KL | fidelity | optimum score @ KL "
-             "(ESS min) | score ratio | KL ratio | base |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(ESS min) | score ratio | KL ratio | per nat (optimum's) | base |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, result in data["tasks"].items():
         for prompts, row in result["sets"].items():
             (s, sh), (k, kh), (f, _) = row["score"], row["kl"], row["fidelity"]
-            opt = row["optimum"]
+            opt, base = row["optimum"], row["base"]["score"]
             lines.append(
                 f"| {task} | {prompts} | {result['chosen_iteration']} | {s:.3f} +- {sh:.3f} | "
                 f"{k:.2f} +- {kh:.2f} | {f:.3f} | {opt['score']:.3f} @ {opt['kl']:.2f} "
                 f"({opt['ess_min']:.0f}) | {row['score_ratio']:.2f}x | {row['kl_ratio']:.2f}x | "
-                f"{row['base']['score']:.3f} |")
+                f"{(s - base) / k:.3f} ({(opt['score'] - base) / opt['kl']:.3f}) | {base:.3f} |")
     lines += validation_lines(data["tasks"])
+    lines += [f"- {task}: step scales the runs chose (seeds {data['seeds']}): "
+              f"{result['run_step_scales']}" for task, result in data["tasks"].items()
+              if result.get("run_step_scales")]
     lines += ["", "Frontier plots: " + ", ".join(
-        f"[{task}](../../docs/text2image_frontier_{task}.png)" for task in data["tasks"])]
+        f"[{task}](../../docs/{plot_prefix}_{task}.png)" for task in data["tasks"])]
     return lines
 
 
@@ -303,7 +338,7 @@ def validation_lines(results: dict[str, dict]) -> list[str]:
     for name, result in results.items():
         cells = ", ".join(f"{i}: {s:.3f} @ {k:.2f}"
                           for i, (s, k) in sorted(result["validation"].items(),
-                                                  key=lambda item: (int(item[0].split()[0]),
+                                                  key=lambda item: (item[0].split()[0].zfill(9),
                                                                     item[0])))
         lines.append(f"- {name}: {cells}")
     return lines
@@ -317,17 +352,25 @@ def main() -> None:
     parser.add_argument("--optimum-samples", type=int, default=1000,
                         help="base samples per prompt for the optimum (ESS >= 50 needs ~1000 "
                              "on ink)")
+    parser.add_argument("--final", action="store_true",
+                        help="score each run's final policy at the config's full budget (the "
+                             "default rule's own choices), not a checkpoint chosen on the "
+                             "validation seed; runs under outputs/bench-text2image-final, "
+                             "results text2image_final.{json,md}")
     args = parser.parse_args()
     tracking.configure()
     judge = DigitJudge.load("outputs/judge-digits16")
-    data = {"machine": machine(), "seeds": args.seeds, "tasks": {}}
-    results = Path(__file__).with_name("results") / "text2image_control.json"
+    name = "text2image_final" if args.final else "text2image_control"
+    bench = Bench(out=Path("outputs/bench-text2image-final"), final_policy=True,
+                  plot_prefix="text2image_final") if args.final else TEXT2IMAGE
+    data = {"machine": machine(), "seeds": args.seeds, "final": args.final, "tasks": {}}
+    results = Path(__file__).with_name("results") / f"{name}.json"
     for task in args.tasks:
-        result = run_task(task, args.seeds, judge, args.optimum_samples)
+        result = run_task(task, args.seeds, judge, args.optimum_samples, bench)
         if results.is_file():   # keep the tasks of other invocations (they may run in parallel)
             data["tasks"] = json.loads(results.read_text()).get("tasks", {})
         data["tasks"][task] = {**result, "optimum_samples": args.optimum_samples}
-        publish("text2image_control", data, markdown(data))
+        publish(name, data, markdown(data, bench.plot_prefix))
 
 
 if __name__ == "__main__":
