@@ -222,9 +222,10 @@ def run_task(task: str, seeds: list[int], judge, samples: int,
         policies = {seed: runs[seed] / f"{chosen:06d}" for seed in seeds}
     result = {"chosen_iteration": chosen, "chosen_step_scale": scale, "train_seconds": seconds,
               "validation": {candidate_name(k): v for k, v in validation.items()}, "sets": {}}
-    if bench.final_policy:   # the scale each run chose by the objective (value heads only)
-        heads = [getattr(load_any(policies[seed]).model, "value_head", None) for seed in seeds]
-        result["run_step_scales"] = [head.spec.step_scale if head else None for head in heads]
+    heads = [getattr(load_any(policies[seed]).model, "value_head", None) for seed in seeds] \
+        if bench.final_policy else []
+    if heads and all(heads):   # the scale each value run chose by the objective
+        result["run_step_scales"] = [head.spec.step_scale for head in heads]
     for prompts, opt in optima.items():
         level, base = at_tilt(opt), opt["base"]
         reports = [evaluation(policies[seed], prompts, TEST_SEED, judge, scale)
