@@ -146,6 +146,7 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
         shared_contexts: tuple[int, float] | None = None,
         first_states: torch.Tensor | None = None,
         row_log_weights: torch.Tensor | None = None,
+        target_log_weights: torch.Tensor | None = None,
         extra_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
         ) -> tuple:
     """AdamW on random (rollout, state) pairs with TD(td) targets refreshed every `refresh`
@@ -165,8 +166,10 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
     before that index were not the base's: only its later states have h's targets; 0 for a
     base rollout). With `row_log_weights` too (N,), the log weight that makes such a rollout's
     x_0 a base sample, a `forward_fraction` of its states is drawn by the forward process from
-    its x_0 at any timestep, their loss weighted by it. `extra_loss(rows, generator)`, if given,
-    is added to every step's loss (rows: the batch's rollouts).
+    its x_0 at any timestep, their loss weighted by it. `target_log_weights` (N, J), if given,
+    balances each rollout's targets in the cross-entropy (`predicted_value_loss`'s
+    log_balance), in the fit and the held-out check alike. `extra_loss(rows, generator)`, if
+    given, is added to every step's loss (rows: the batch's rollouts).
     Returns (loss, step kept, loss by state)."""
     if row_log_weights is not None and first_states is None:
         raise ValueError("row_log_weights weights the restarted rows that first_states marks")
@@ -179,7 +182,10 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
                 None if contexts is None else contexts[rows])
         if inputs is not None:
             args = (*args, inputs[which, rows])
-        return predicted_value_loss(*head(*args), targets)
+        return predicted_value_loss(*head(*args), targets, balance(rows))
+
+    def balance(rows) -> torch.Tensor | None:
+        return None if target_log_weights is None else target_log_weights[rows]
 
     def heldout() -> torch.Tensor:
         with torch.no_grad():
@@ -240,10 +246,10 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
             # weight w on the whole loss: w mass CE + w m - w mass log m (the targets shifted by
             # log w give all but w m, hence the second term)
             batch_targets = batch_targets + log_weight[:, None]
-            loss_value = predicted_value_loss(log_q, log_m, batch_targets) + (
+            loss_value = predicted_value_loss(log_q, log_m, batch_targets, balance(rows)) + (
                 (log_weight.exp() - 1) * log_m.exp()).mean()
         else:
-            loss_value = predicted_value_loss(log_q, log_m, batch_targets)
+            loss_value = predicted_value_loss(log_q, log_m, batch_targets, balance(rows))
         if extra_loss is not None:
             loss_value = loss_value + extra_loss(rows, generator)
         optimizer.zero_grad(set_to_none=True)
