@@ -13,12 +13,7 @@ from ctrl_ray.config import load_config
 from ctrl_ray.errors import InputError
 from ctrl_ray.finetune import FinetuneConfig
 from ctrl_ray.models.augmented import AugmentedModel
-from ctrl_ray.models.soft_value import (
-    SoftValueNet,
-    SoftValueSpec,
-    balance_log_weights,
-    value_loss,
-)
+from ctrl_ray.models.soft_value import SoftValueNet, SoftValueSpec, value_loss
 from ctrl_ray.sampling import RolloutInputs, sample
 
 
@@ -41,31 +36,6 @@ def test_value_loss_is_minimised_by_log_of_the_conditional_mean():
     log_q, log_m = net(x[:1], t[:1], None)
     expected = (joint**tilt).mean(0).flatten().log()
     assert torch.allclose(log_q[0] + log_m[0], expected, atol=2e-3), (log_q + log_m, expected)
-
-
-@pytest.mark.parametrize("power", [0.5, 1.0])
-def test_balancing_the_targets_leaves_the_minimiser_at_the_conditional_mean(power):
-    """Weights Z(c, y)^-power on the targets and predictions alike move each target's share of
-    the loss, not the log h that minimises it, in every context."""
-    torch.manual_seed(0)
-    net = SoftValueNet(SoftValueSpec([2], {"a": 3}, 2, hidden_dim=16))
-    contexts = torch.tensor([0, 0, 0, 1, 1, 1])
-    probabilities = torch.tensor([[0.97, 0.02, 0.01], [0.9, 0.08, 0.02], [0.95, 0.01, 0.04],
-                                  [0.2, 0.3, 0.5], [0.1, 0.6, 0.3], [0.4, 0.4, 0.2]])
-    log_targets = probabilities.log()
-    balance = balance_log_weights(log_targets, contexts, power)
-    z = torch.stack([probabilities[contexts == c].mean(0) for c in (0, 1)])
-    assert torch.allclose((balance[[0, 3]].exp() * z).sum(1), z.sum(1), atol=1e-6)
-    assert torch.allclose(balance[0] - balance[0, 0], -power * (z[0].log() - z[0, 0].log()),
-                          atol=1e-5)
-    x, t = torch.zeros(6, 2), torch.full((6,), 500)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(1500):
-        optimizer.zero_grad()
-        value_loss(net, x, t, contexts, log_targets, balance).backward()
-        optimizer.step()
-    log_q, log_m = net(x[[0, 3]], t[[0, 3]], contexts[[0, 3]])
-    assert torch.allclose(log_q + log_m[:, None], z.log(), atol=3e-3), (log_q + log_m, z.log())
 
 
 def test_null_labels_are_marginalised_and_all_null_rows_get_no_control():
@@ -536,49 +506,3 @@ def test_a_head_fit_on_forward_noised_states_learns_the_chains_value():
     assert forward < flat - 0.1 and abs(forward - chain) < 0.05, losses
     with pytest.raises(InputError, match="forward_noise_fraction"):
         ValueConfig(forward_noise_fraction=1.5)
-
-
-def test_a_head_fit_with_balanced_targets_learns_the_same_value():
-    """On the mixture, with one target the base reaches about one time in twenty, the rule's
-    fit with `target_balance` scores on held-out chain states, by the plain loss, about as well
-    as the plain fit and far better than the flat head: the balance moves the loss's weights,
-    not its minimiser."""
-    from ctrl_ray.objectives.base import make_optimizer
-    from ctrl_ray.objectives.value import ValueConfig, learner_step
-
-    torch.manual_seed(0)
-    base_model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value")
-    base = sample(base_model, RolloutInputs.draw(0, 512, 8, (2,), {"y": 2}), from_reference=True)
-    rare = -torch.nn.functional.softplus(-(3 * base.x0[:, 0] - 6))
-    log_targets = torch.stack([torch.log1p(-rare.exp().clamp(max=1 - 1e-6)), rare], 1)
-    held = torch.arange(512) % 8 == 0
-    payload = {"states": base.states[:, ~held], "log_targets": log_targets[~held],
-               "contexts": None}
-    losses = {}
-    for balance in (0.0, 0.5):
-        torch.manual_seed(0)
-        model = AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value")
-        config = ValueConfig(batch_size=448, num_inference_steps=8, regression_steps=300,
-                             check_every=10, lr_adapter=3e-3, target_balance=balance)
-        if balance == 0.0:
-            flat = _chain_loss(model, base.states[:, held], log_targets[held])
-        learner_step(model, make_optimizer(model, config), [payload], config,
-                     torch.Generator().manual_seed(0), 0)
-        losses[balance] = _chain_loss(model, base.states[:, held], log_targets[held])
-    assert losses[0.5] < flat - 0.05 and abs(losses[0.5] - losses[0.0]) < 0.02, (flat, losses)
-    with pytest.raises(InputError, match="target_balance"):
-        ValueConfig(target_balance=2.0)
-
-
-def _chain_loss(model, states: torch.Tensor, log_targets: torch.Tensor) -> float:
-    """The plain value loss of `model`'s head over every state of the given rollouts."""
-    from ctrl_ray.objectives.value import ValueConfig
-    from ctrl_ray.sampling.sampler import DenoisingSchedule
-
-    schedule = DenoisingSchedule.create(model.alphas_cumprod, states.shape[0] - 1,
-                                        ValueConfig().eta)
-    timesteps = torch.cat([schedule.timesteps, schedule.timesteps.new_zeros(1)]).long()
-    with torch.no_grad():
-        return float(torch.stack([
-            value_loss(model.value_head, states[k], timesteps[k].repeat(states.shape[1]), None,
-                       log_targets) for k in range(states.shape[0])]).mean())

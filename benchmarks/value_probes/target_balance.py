@@ -35,12 +35,24 @@ from td_targets import (  # noqa: E402
     split,
 )
 
-from ctrl_ray.models.soft_value import SoftValueNet, balance_log_weights  # noqa: E402
+from ctrl_ray.models.soft_value import SoftValueNet  # noqa: E402
+
+
+def balance_log_weights(log_targets: torch.Tensor, contexts: torch.Tensor,
+                        power: float) -> torch.Tensor:
+    """Per row, log w(c, y) = -power log Z(c, y), Z(c, y) the mean of exp(log_targets) over the
+    given rows of the row's context, shifted per context so that sum_y w Z = sum_y Z: each
+    (context, target) pair then weighs in the loss by Z^(1 - power) rather than Z."""
+    values, groups = torch.unique(contexts, return_inverse=True)
+    log_z = context_log_means(log_targets, groups).clamp(min=-50.0)
+    log_w = -power * log_z
+    log_w = log_w + (torch.logsumexp(log_z, 1) - torch.logsumexp(log_z + log_w, 1))[:, None]
+    return log_w[groups]
 
 
 def context_balance(data, rows: torch.Tensor, power: float) -> torch.Tensor:
-    """The rule's `balance_log_weights` from the fit rollouts `rows`, for every cached rollout by
-    its context (held-out ones included)."""
+    """`balance_log_weights` from the fit rollouts `rows`, for every cached rollout by its context
+    (held-out ones included)."""
     contexts = data.contexts[rows]
     table = torch.zeros(int(data.contexts.max()) + 1, data.log_targets.shape[1],
                         dtype=data.log_targets.dtype)

@@ -167,8 +167,8 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
     base rollout). With `row_log_weights` too (N,), the log weight that makes such a rollout's
     x_0 a base sample, a `forward_fraction` of its states is drawn by the forward process from
     its x_0 at any timestep, their loss weighted by it. `target_log_weights` (N, J), if given,
-    balances each rollout's targets in the cross-entropy (`predicted_value_loss`'s
-    log_balance), in the fit and the held-out check alike. `extra_loss(rows, generator)`, if
+    balances each rollout's targets in the cross-entropy (the log_balance of
+    `balanced_value_loss`), in the fit and the held-out check alike. `extra_loss(rows, generator)`, if
     given, is added to every step's loss (rows: the batch's rollouts).
     Returns (loss, step kept, loss by state)."""
     if row_log_weights is not None and first_states is None:
@@ -182,7 +182,7 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
                 None if contexts is None else contexts[rows])
         if inputs is not None:
             args = (*args, inputs[which, rows])
-        return predicted_value_loss(*head(*args), targets, balance(rows))
+        return balanced_value_loss(*head(*args), targets, balance(rows))
 
     def balance(rows) -> torch.Tensor | None:
         return None if target_log_weights is None else target_log_weights[rows]
@@ -246,10 +246,10 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
             # weight w on the whole loss: w mass CE + w m - w mass log m (the targets shifted by
             # log w give all but w m, hence the second term)
             batch_targets = batch_targets + log_weight[:, None]
-            loss_value = predicted_value_loss(log_q, log_m, batch_targets, balance(rows)) + (
+            loss_value = balanced_value_loss(log_q, log_m, batch_targets, balance(rows)) + (
                 (log_weight.exp() - 1) * log_m.exp()).mean()
         else:
-            loss_value = predicted_value_loss(log_q, log_m, batch_targets, balance(rows))
+            loss_value = balanced_value_loss(log_q, log_m, batch_targets, balance(rows))
         if extra_loss is not None:
             loss_value = loss_value + extra_loss(rows, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -262,6 +262,21 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
                 best_state = copy.deepcopy(head.state_dict())
     head.load_state_dict(best_state)
     return best, kept, by_state
+
+
+def balanced_value_loss(log_q: torch.Tensor, log_m: torch.Tensor, log_targets: torch.Tensor,
+                        log_balance: torch.Tensor | None) -> torch.Tensor:
+    """The rule's `predicted_value_loss` with `log_balance` (B, J), a log weight per target that
+    does not depend on x0, on the targets and q alike in the cross-entropy: the minimiser is the
+    same q (q' = softmax(log q + log w) is fit to E[w m s], so q to E[m s]), but each target's
+    share of the loss is set by the weight instead of by how often the base reaches it; the
+    Poisson term keeps the plain mass (docs/update_rules.md, section 22)."""
+    if log_balance is None:
+        return predicted_value_loss(log_q, log_m, log_targets)
+    log_mass = torch.logsumexp(log_targets, dim=1)
+    shifted = log_targets + log_balance
+    return predicted_value_loss(torch.log_softmax(log_q + log_balance, 1), log_m, shifted) + (
+        (torch.logsumexp(shifted, 1).exp() - log_mass.exp()) * log_m).mean()
 
 
 def floor(log_targets: torch.Tensor) -> float:

@@ -211,45 +211,16 @@ def _coordinate_channels(x: Tensor) -> Tensor:
 
 
 def value_loss(network: SoftValueNet, x: Tensor, t: Tensor, contexts: Tensor | None,
-               log_targets: Tensor, log_balance: Tensor | None = None) -> Tensor:
+               log_targets: Tensor) -> Tensor:
     """Mean over rows of m * cross-entropy(s, q) + Poisson(m, log m), where the targets are
     log_targets (B, J) = lambda log p(y | x0) for every y: minimised by q = E[m s] / E[m] and
-    m = E[m] given (x, t, c), i.e. by log h (`log_balance`: see `predicted_value_loss`)."""
-    return predicted_value_loss(*network(x, t, contexts), log_targets, log_balance)
+    m = E[m] given (x, t, c), i.e. by log h."""
+    return predicted_value_loss(*network(x, t, contexts), log_targets)
 
 
-def balance_log_weights(log_targets: Tensor, contexts: Tensor | None, power: float) -> Tensor:
-    """Per row, log w(c, y) = -power log Z(c, y), Z(c, y) the mean of exp(log_targets) over the
-    rows of the row's context (rows with equal `contexts` rows; one group without), shifted per
-    context so that sum_y w Z = sum_y Z: `predicted_value_loss`'s log_balance, by which each
-    (context, target) pair weighs in the loss by Z^(1 - power) rather than Z."""
-    if contexts is None:
-        groups = torch.zeros(len(log_targets), dtype=torch.long, device=log_targets.device)
-    else:
-        groups = torch.unique(contexts.flatten(1) if contexts.dim() > 1 else contexts,
-                              dim=0, return_inverse=True)[1]
-    counts = torch.bincount(groups).to(log_targets.dtype)
-    peak = log_targets.max()
-    sums = torch.zeros(len(counts), log_targets.shape[1], dtype=log_targets.dtype,
-                       device=log_targets.device).index_add_(0, groups, (log_targets - peak).exp())
-    log_z = (sums.log() + peak - counts.log()[:, None]).clamp(min=-50.0)
-    log_w = -power * log_z
-    log_w = log_w + (torch.logsumexp(log_z, 1) - torch.logsumexp(log_z + log_w, 1))[:, None]
-    return log_w[groups]
-
-
-def predicted_value_loss(log_q: Tensor, log_m: Tensor, log_targets: Tensor,
-                         log_balance: Tensor | None = None) -> Tensor:
-    """`value_loss` of given predictions: log q (B, J) over the targets and log m (B,).
-    `log_balance` (B, J), a log weight per target that does not depend on x0, re-weights the
-    targets and q alike in the cross-entropy: the minimiser is the same q, but each target's
-    share of the loss is set by the weight instead of by how often the base reaches it."""
+def predicted_value_loss(log_q: Tensor, log_m: Tensor, log_targets: Tensor) -> Tensor:
+    """`value_loss` of given predictions: log q (B, J) over the targets and log m (B,)."""
     log_mass = torch.logsumexp(log_targets, dim=1)
-    poisson = log_m.exp() - log_mass.exp() * log_m
-    if log_balance is not None:
-        log_targets = log_targets + log_balance
-        log_q = torch.log_softmax(log_q + log_balance, dim=1)
-        log_mass = torch.logsumexp(log_targets, dim=1)
-    normalised = (log_targets - log_mass[:, None]).exp()
+    normalised, mass = (log_targets - log_mass[:, None]).exp(), log_mass.exp()
     cross_entropy = -(normalised * log_q).sum(1)
-    return (log_mass.exp() * cross_entropy + poisson).mean()
+    return (mass * cross_entropy + log_m.exp() - mass * log_m).mean()

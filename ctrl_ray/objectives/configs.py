@@ -160,10 +160,7 @@ class ValueConfig(ObjectiveConfig):
     of the states a fit step reads are drawn afresh from the forward process of their rollout's
     x_0, the rest read from its chain: a rollout then gives new states at every step (offline
     a fifth to a third closer to the optimum in nats on 1,638 rollouts; docs/update_rules.md,
-    section 18). ``target_balance: b`` weights each target y of a context c in the head's
-    cross-entropy by Z(c, y)^-b, Z its mean on the replay's base rollouts (predictions alike,
-    so the minimiser is h still): a pair the base rarely reaches then carries more than its
-    Z of the loss (docs/update_rules.md, section 22)."""
+    section 18)."""
 
     lr_embedding: float = 0.0
     lr_adapter: float = 3e-3
@@ -173,7 +170,6 @@ class ValueConfig(ObjectiveConfig):
     regression_batch_size: int = 128    # (state, timestep) pairs per step
     # the share of a step's states drawn afresh by the forward process from their rollout's x_0
     forward_noise_fraction: float = 0.5
-    target_balance: float = 0.0         # each target's weight Z(c, y)^-b in the head's loss
     replay_rollouts: int = 4096         # base rollouts the learner keeps (0: this batch's only)
     heldout_every: int = 8              # every k-th base rollout is held out of the fit (0: none)
     heldout_rollouts: int = 256         # the newest held-out rollouts the check reads (all states)
@@ -203,8 +199,6 @@ class ValueConfig(ObjectiveConfig):
         if not 0 <= self.forward_noise_fraction <= 1:
             raise InputError(f"forward_noise_fraction must be in [0, 1], got "
                              f"{self.forward_noise_fraction}")
-        if not 0 <= self.target_balance <= 1:
-            raise InputError(f"target_balance must be in [0, 1], got {self.target_balance}")
         if self.replay_rollouts < 0 or self.replay_bytes < 0:
             raise InputError(f"replay_rollouts and replay_bytes must be >= 0, got "
                              f"{self.replay_rollouts} and {self.replay_bytes}")

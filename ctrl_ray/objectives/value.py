@@ -35,7 +35,7 @@ import torch
 
 from ctrl_ray import data_parallel
 from ctrl_ray.errors import InputError
-from ctrl_ray.models.soft_value import balance_log_weights, value_loss
+from ctrl_ray.models.soft_value import value_loss
 from ctrl_ray.objectives.base import clip_and_step
 from ctrl_ray.objectives.configs import ValueConfig
 from ctrl_ray.objectives.pathwise import RewardFn
@@ -116,12 +116,6 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
     fit_rows, heldout_rows = slots[~held], slots[held]
     if not len(fit_rows):   # the first batch of a tiny run can be all held out
         fit_rows, heldout_rows = heldout_rows, heldout_rows[:0]
-    balance = None
-    if config.target_balance:   # each slot's log weight per target, from its context's Z
-        balance = torch.zeros_like(log_targets)
-        balance[slots] = balance_log_weights(
-            log_targets[slots], None if contexts is None else contexts[slots],
-            config.target_balance)
 
     def loss_on(rows: torch.Tensor, which: torch.Tensor, bf16: bool = False,
                 x: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,8 +124,7 @@ def learner_step(model, optimizer: torch.optim.Optimizer, payloads: list[dict],
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return value_loss(head, x.to(device), timesteps[which].to(device),
                               None if context is None else context.to(device),
-                              log_targets[rows].to(device),
-                              None if balance is None else balance[rows].to(device))
+                              log_targets[rows].to(device))
 
     # The held-out pairs: states of up to 256 held-out rollouts, fixed within the update; a
     # random `heldout_pairs` of them, drawn from the version's own generator so that the fit's
