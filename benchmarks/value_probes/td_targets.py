@@ -167,9 +167,9 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
     base rollout). With `row_log_weights` too (N,), the log weight that makes such a rollout's
     x_0 a base sample, a `forward_fraction` of its states is drawn by the forward process from
     its x_0 at any timestep, their loss weighted by it. `target_log_weights` (N, J), if given,
-    balances each rollout's targets in the cross-entropy (the log_balance of
-    `balanced_value_loss`), in the fit and the held-out check alike. `extra_loss(rows, generator)`, if
-    given, is added to every step's loss (rows: the batch's rollouts).
+    balances each rollout's targets in the cross-entropy (`balanced_value_loss`), in the fit and
+    the held-out check alike. `extra_loss(rows, generator)`, if given, is added to every step's
+    loss (rows: the batch's rollouts).
     Returns (loss, step kept, loss by state)."""
     if row_log_weights is not None and first_states is None:
         raise ValueError("row_log_weights weights the restarted rows that first_states marks")
