@@ -76,6 +76,12 @@ class SamplePool:
         return logits if self.log_ratio is None else logits - self.log_ratio[rows]
 
 
+# log E_pre[p(y | x0, c)] below which a (context, target) pair counts as rare: 1 in 12 base
+# samples, the bound below which slant's and centre_x's policies were furthest from the
+# optimum (docs/update_rules.md, sections 20-21)
+RARE_LOG_Z = -2.5
+
+
 def base_pool(model, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood, judge,
               config: OptimumConfig) -> SamplePool:
     """Sample the base model M times per context and score every sample for every target; then
@@ -285,10 +291,32 @@ def exact_optimum(model, label_info: dict[str, dict], log_likelihood: ImageLogLi
               "contexts": pool.contexts,
               "num_inference_steps": config.num_inference_steps, "min_ess": config.min_ess,
               "base": optimum_at(pool, label_info, 0.0), "levels": levels}
+    if proposal is None:
+        result["rare_pairs"] = [
+            {"context": context_labels(model, [c])[0],
+             "target": target_labels({name: label_info[name] for name in pool.labels},
+                                     [target])[0], "log_z": log_z}
+            for c, target, log_z in rare_pairs(pool)]
     if grid_path is not None:
         result["grid"] = str(_optimum_grid(model, pool, label_info, config.guidance_levels[0],
                                            config.seed, grid_path))
     return result
+
+
+def rare_pairs(pool: SamplePool, below: float = RARE_LOG_Z, count: int = 3
+               ) -> list[tuple[int, tuple, float]]:
+    """The (context, target) pairs the base makes least often, log E_pre[p(y | x0, c)] below
+    `below` (at most `count`, rarest first), from base samples: a value head learns h for a
+    pair from its context's base rollouts that reach the target, so a policy falls short of the
+    optimum there first (docs/update_rules.md, section 20)."""
+    pairs = []
+    for c in pool.contexts:
+        rows = np.flatnonzero(pool.context_of_row == c)
+        for target, log_likelihood in pool.log_likelihood.items():
+            log_z = float(np.logaddexp.reduce(log_likelihood[rows]) - math.log(len(rows)))
+            if log_z < below:
+                pairs.append((c, target, log_z))
+    return sorted(pairs, key=lambda pair: pair[2])[:count]
 
 
 def _optimum_grid(model, pool: SamplePool, label_info: dict[str, dict], tilt: float, seed: int,
@@ -341,6 +369,14 @@ def format_optimum(result: dict) -> str:
                             f"to {level['ess_min']:.1f} (< {result['min_ess']:g}): the estimate "
                             f"is not trustworthy; raise samples_per_context (or "
                             f"max_samples_per_context)")
+    if result.get("rare_pairs"):
+        pairs = "; ".join(f"{pair['context']} / {pair['target']}: 1 in "
+                          f"{math.exp(-pair['log_z']):,.0f}" for pair in result["rare_pairs"])
+        warnings.append(f"  rare (context, target) pairs under the base: {pairs}. The value "
+                        f"rule learns h for a pair from its context's base rollouts that reach "
+                        f"the target: expect the policy to fall short of the optimum there "
+                        f"first; more base rollouts (objective.batch_size) close it slowly "
+                        f"(docs/update_rules.md, sections 17 and 20)")
     return "\n".join(lines + warnings)
 
 

@@ -16,7 +16,9 @@ from ctrl_ray.optimum import (
     SamplePool,
     against_optimum,
     format_against_optimum,
+    format_optimum,
     optimum_at,
+    rare_pairs,
     tilted_weights,
     weights_kl_and_ess,
 )
@@ -132,6 +134,25 @@ def test_a_proposals_weighted_samples_match_the_closed_form_posterior(tilt):
     assert report["ess_min"] > 1_000
     assert abs(report["accuracy"] - expected_accuracy) < 0.03
     assert abs(report["kl"] - np.mean([closed_form(y, tilt)["kl"] for y in (0, 1)])) < 0.05
+
+
+def test_the_rarest_pairs_are_those_the_base_makes_least_often(mixture_pool):
+    """log E_pre[p(y | x)] per (context, target), rarest first, matches the closed form's log Z
+    at tilt 1; only pairs below the bound are listed, and the audit's table names them."""
+    pool, _ = mixture_pool
+    pairs = rare_pairs(pool, below=0.0, count=5)
+    exact = sorted((closed_form(y, 1.0)["log_z"], y) for y in (0, 1))
+    assert [pair[1] for pair in pairs] == [(y,) for _, y in exact]
+    for (_, _, log_z), (expected, _) in zip(pairs, exact, strict=True):
+        assert log_z == pytest.approx(expected, abs=0.02)
+    assert rare_pairs(pool, below=exact[0][0] - 0.1) == []
+    level = {"labels": {"y": {"macro_f1": 0.5}}, "joint_accuracy": 0.5,
+             "expected_reward": -0.7, "kl": 0.0, "ess_min": 100.0}
+    result = {"base": level, "levels": [], "samples_per_context": 10, "num_inference_steps": 4,
+              "min_ess": 50, "rare_pairs": [{"context": "c = 7", "target": "y: 1",
+                                             "log_z": math.log(1 / 2700)}]}
+    assert "c = 7 / y: 1: 1 in 2,700" in format_optimum(result)
+    assert "rare" not in format_optimum({**result, "rare_pairs": []})
 
 
 def test_flat_weights_are_the_base_with_zero_kl(mixture_pool):
