@@ -43,7 +43,7 @@ def balance_log_weights(log_targets: torch.Tensor, contexts: torch.Tensor,
     """Per row, log w(c, y) = -power log Z(c, y), Z(c, y) the mean of exp(log_targets) over the
     given rows of the row's context, shifted per context so that sum_y w Z = sum_y Z: each
     (context, target) pair then weighs in the loss by Z^(1 - power) rather than Z."""
-    values, groups = torch.unique(contexts, return_inverse=True)
+    groups = torch.unique(contexts, return_inverse=True)[1]
     log_z = context_log_means(log_targets, groups).clamp(min=-50.0)
     log_w = -power * log_z
     log_w = log_w + (torch.logsumexp(log_z, 1) - torch.logsumexp(log_z + log_w, 1))[:, None]
