@@ -175,9 +175,11 @@ def _score(report: dict, task: str) -> float:
     return report["joint_accuracy"] if len(LABELS[task]) > 1 else report["macro_f1"]
 
 
-def _optimum(task: str, rewards: list[str], args, levels: list[float] | None = None) -> dict:
+def _optimum(task: str, rewards: list[str], args, levels: list[float] | None = None,
+             proposal=None) -> dict:
     """The exact optimum of `task` at `levels` (default: GUIDANCE_LEVELS and the task's tilt),
-    each level's score the task's headline number."""
+    each level's score the task's headline number; with a `proposal` policy, its samples for
+    the pairs whose base ESS stays short (``args.short_pair_samples`` each)."""
     config = load_config(AuditConfig, overrides=[
         f"base_model={args.base}", f"judge={args.judge}",
         "rewards=[" + ", ".join(f"{{path: {r}}}" for r in rewards) + "]"])
@@ -188,9 +190,10 @@ def _optimum(task: str, rewards: list[str], args, levels: list[float] | None = N
     config.optimum.max_samples_per_context = args.optimum_max_samples
     config.optimum.num_inference_steps = args.steps
     config.optimum.guidance_levels = levels or sorted({*GUIDANCE_LEVELS, TILT[task]})
+    config.optimum.short_pair_samples = getattr(args, "short_pair_samples", 0)
     result = exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood,
-                           DigitJudge.load(args.judge), config.optimum)
-    for level in [result["base"], *result["levels"]]:
+                           DigitJudge.load(args.judge), config.optimum, proposal=proposal)
+    for level in [result["base"], *result["levels"], *result.get("base_samples_levels", [])]:
         level["score"] = _score(level, task)
     return result
 

@@ -5,10 +5,17 @@ per digit, which leaves the compress x ink pair at an ESS of 3 at gamma/alpha 1;
 level can take many more samples where only it needs them.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/goal_yardstick.py [--tasks multi] \
-        [--max-samples 32000] [--out outputs/bench-frontier-fit3000]
+        [--max-samples 32000] [--out outputs/bench-frontier-fit3000] \
+        [--proposal POLICY_DIR --short-pair-samples 3000]
+
+Where a (digit, target) pair's ESS stays below 50 at the cap, `--proposal` re-estimates that
+pair alone from a trained policy's samples drawn for it, weighted by p^lambda p_pre / q of
+their paths (`ctrl_ray.optimum.add_proposal_for_short_pairs`); the other pairs keep their base
+samples.
 
 Uses the rewards the frontier trained under --out (the same pairs and seeds). Writes
-benchmarks/results/goal_yardstick.{json,md}; each task's estimate is cached under --out, and
+benchmarks/results/goal_yardstick.{json,md}, each task with the arguments it was run with; a
+task not run keeps its committed entry. Each task's estimate is cached under --out, and
 `default_goal.py` takes it where its ESS is the higher.
 """
 
@@ -22,8 +29,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, testbed_parser, write_results  # noqa: E402
+from common import RESULTS, machine, testbed_parser, write_results  # noqa: E402
 from frontier import LABELS, TILT, _optimum  # noqa: E402
+
+from ctrl_ray.policy import load_any  # noqa: E402
 
 
 def main() -> None:
@@ -33,8 +42,14 @@ def main() -> None:
     parser.add_argument("--max-samples", type=int, default=32000, dest="optimum_max_samples",
                         help="base samples per digit at most")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--proposal", default=None,
+                        help="a trained policy of the task, for the pairs still short at the cap")
+    parser.add_argument("--short-pair-samples", type=int, default=0,
+                        help="the proposal's samples per pair still short (with --proposal)")
     parser.add_argument("--out", default="outputs/bench-frontier-fit3000")
     args = parser.parse_args()
+    if bool(args.proposal) != bool(args.short_pair_samples):
+        parser.error("--proposal and --short-pair-samples go together")
     torch.set_num_threads(1)
     out = Path(args.out)
     missing = [str(out / f"reward-{label}") for task in args.tasks for label in LABELS[task]
@@ -42,36 +57,56 @@ def main() -> None:
     if missing:
         parser.error(f"no trained reward at {', '.join(missing)}: run frontier.py with this "
                      "--out first")
-    tasks = {}
+    committed = RESULTS / "goal_yardstick.json"
+    tasks = _committed_tasks(json.loads(committed.read_text())) if committed.is_file() else {}
     for task in args.tasks:
-        path = out / task / f"yardstick-max{args.optimum_max_samples}.json"
+        path = out / task / (f"yardstick-max{args.optimum_max_samples}"
+                             f"{f'-short{args.short_pair_samples}' if args.proposal else ''}.json")
         if not path.is_file():
             rewards = [str(out / f"reward-{label}") for label in LABELS[task]]
             start = time.perf_counter()
-            result = _optimum(task, rewards, args, levels=[TILT[task]])
+            proposal = load_any(args.proposal).model.eval() if args.proposal else None
+            result = _optimum(task, rewards, args, levels=[TILT[task]], proposal=proposal)
             result["seconds"] = time.perf_counter() - start
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, default=str))
-        tasks[task] = json.loads(path.read_text())
-    data = {"machine": machine(), "args": vars(args), "tasks": tasks}
+        tasks[task] = {**json.loads(path.read_text()), "args": vars(args),
+                       "date": machine()["date"]}
+    data = {"machine": machine(), "tasks": tasks}
     write_results("goal_yardstick", data, markdown(data))
 
 
+def _committed_tasks(data: dict) -> dict:
+    """The committed tasks, each with its own arguments (older files kept them once, at the
+    top)."""
+    return {task: {"args": data.get("args"), "date": data["machine"]["date"], **result}
+            for task, result in data["tasks"].items()}
+
+
 def markdown(data: dict) -> str:
-    args = data["args"]
     lines = ["# The goal table's yardstick, one guidance level at a time", "",
-             f"`benchmarks/goal_yardstick.py` on {data['machine']['date']}: the exact optimum "
-             f"at each task's gamma/alpha, {args['optimum_samples']} base samples per digit "
-             f"topped up to at most {args['optimum_max_samples']} until every target's ESS is "
-             f"50, {args['steps']}-step DDPM sampler, the rewards under {args['out']}. Score: "
+             "`benchmarks/goal_yardstick.py`: the exact optimum at each task's gamma/alpha, "
+             "base samples per digit topped up (to at most the cap) until every target's ESS "
+             "is 50, and where a run names a proposal, a trained policy's samples for each "
+             "(digit, target) pair still short at the cap; 20-step DDPM sampler. Score: "
              "macro-F1, joint accuracy for the pair.", "",
-             "| task | gamma/alpha | score | KL (nats) | ESS min | ESS mean | base samples "
-             "per digit | seconds |", "|---|---|---|---|---|---|---|---|"]
+             "| task | gamma/alpha | from | score | KL (nats) | ESS min | ESS mean | base "
+             "samples per digit (cap) | rewards under | seconds | date |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, result in data["tasks"].items():
-        level = result["levels"][0]
-        lines.append(f"| {task} | {level['gamma_over_alpha']:g} | {level['score']:.3f} | "
-                     f"{level['kl']:.2f} | {level['ess_min']:.1f} | {level['ess_mean']:.0f} | "
-                     f"{result['samples_drawn']} | {result.get('seconds', float('nan')):.0f} |")
+        args = result["args"]
+        estimates = [("base samples", result.get("base_samples_levels", [None])[0])] \
+            if result.get("short_pairs") else []
+        pairs = ", ".join(f"{pair['context']} / {pair['target']}"
+                          for pair in result.get("short_pairs", []))
+        source = (f"base; the policy for {pairs} ({args['short_pair_samples']} each)" if pairs
+                  else "base samples")
+        for name, level in [*estimates, (source, result["levels"][0])]:
+            lines.append(
+                f"| {task} | {level['gamma_over_alpha']:g} | {name} | {level['score']:.3f} | "
+                f"{level['kl']:.2f} | {level['ess_min']:.1f} | {level['ess_mean']:.0f} | "
+                f"{result['samples_drawn']} ({args['optimum_max_samples']}) | {args['out']} | "
+                f"{result.get('seconds', float('nan')):.0f} | {result['date']} |")
     return "\n".join(lines) + "\n"
 
 

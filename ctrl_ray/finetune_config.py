@@ -83,8 +83,8 @@ class FinetuneConfig:
     evaluate_base: bool = True
     optimum_samples_per_context: int = 100   # the exact optimum next to the run's numbers; 0: off
     optimum_max_samples_per_context: int = 0  # a low-ESS context topped up to this; 0: no
-    # Where the base samples' optimum keeps ESS < 50: as many samples of the fine-tuned policy
-    # per target and context, weighted to the optimum by their path ratio; 0: off.
+    # For each (context, target) whose base samples keep the optimum's ESS < 50: as many samples
+    # of the fine-tuned policy drawn for it, weighted to the optimum by their path ratio; 0: off.
     optimum_policy_samples: int = 0
     output_dir: str = "outputs/ctrl-digits-compress"
     experiment: str = "ctrl-ray-finetune"

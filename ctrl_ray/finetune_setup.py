@@ -137,16 +137,13 @@ def evaluate_setup(setup: Setup, config: FinetuneConfig, out: Path) -> dict[str,
                                out / "ctrl_grid.png", log_likelihood=setup.image_log_likelihood)
     print(format_report(results["ctrl"], "CTRL fine-tuned"))
     if config.optimum_samples_per_context:
-        optimum = run_optimum(setup, config, judge)
+        optimum = run_optimum(setup, config, judge,
+                              proposal=setup.model if config.optimum_policy_samples else None)
         print(format_optimum(optimum))
         base = results.get("base", optimum["base"])
-        if config.optimum_policy_samples and not optimum["levels"][0]["trustworthy"]:
-            by_policy = run_optimum(setup, config, judge, proposal=setup.model)
-            print(format_optimum(by_policy))
-            results["optimum_estimates"] = {"base": optimum["levels"][0],
-                                            "policy": by_policy["levels"][0]}
-            if by_policy["levels"][0]["ess_min"] > optimum["levels"][0]["ess_min"]:
-                optimum = by_policy
+        if optimum.get("short_pairs"):
+            results["optimum_estimates"] = {"base": optimum["base_samples_levels"][0],
+                                            "policy": optimum["levels"][0]}
         results["optimum"] = {**optimum["levels"][0], "proposal": optimum["proposal"]}
         results["against_optimum"] = against_optimum(results["ctrl"], results["optimum"], base)
         print(format_against_optimum(results["against_optimum"], list(setup.label_info)))
@@ -156,15 +153,15 @@ def evaluate_setup(setup: Setup, config: FinetuneConfig, out: Path) -> dict[str,
 def run_optimum(setup: Setup, config: FinetuneConfig, judge: DigitJudge | None,
                 proposal=None) -> dict:
     """The exact optimum at the run's gamma/alpha, on the evaluation's targets and sampler, from
-    `optimum_samples_per_context` base samples per context (topped up as configured), or from
-    `optimum_policy_samples` samples per target of a `proposal` policy."""
+    `optimum_samples_per_context` base samples per context (topped up as configured), and, with
+    a `proposal` policy, `optimum_policy_samples` of its samples for each (context, target)
+    pair whose base ESS stays below 50."""
     tilt = config.objective.tilt_exponent(math.prod(setup.model.sample_shape))
-    samples = (config.optimum_samples_per_context if proposal is None
-               else config.optimum_policy_samples)
     return exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood, judge,
                          proposal=proposal, config=OptimumConfig(
-                             samples_per_context=samples,
+                             samples_per_context=config.optimum_samples_per_context,
                              max_samples_per_context=config.optimum_max_samples_per_context,
+                             short_pair_samples=config.optimum_policy_samples,
                              contexts=config.evaluation.contexts,
                              context_digits=config.evaluation.context_digits,
                              guidance_levels=[tilt],

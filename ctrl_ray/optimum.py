@@ -43,6 +43,7 @@ from ctrl_ray.scoring import get_scorer
 
 # images (N, C, H, W), labels name -> (N,), contexts (N,) or None -> log p(y | x0, c), (N,)
 ImageLogLikelihood = Callable[[torch.Tensor, dict, torch.Tensor | None], torch.Tensor]
+BASE_ROW = -1   # `SamplePool.target_of_row` of a base sample among a proposal's: every target
 
 
 @dataclass
@@ -61,14 +62,22 @@ class SamplePool:
     scorers: dict[str, str]
     context_digits: dict[int, int] = field(default_factory=dict)   # context -> judged digit
     log_ratio: np.ndarray | None = None          # (N,) log q/p_pre of the path; None: base
-    target_of_row: np.ndarray | None = None      # (N,) the proposal's target; None: every one
+    target_of_row: np.ndarray | None = None      # (N,) the proposal's target (BASE_ROW: every
+                                                 # one); None: all rows are base samples
 
     def rows(self, context: int, target_index: int) -> np.ndarray:
-        """The rows that sample the optimum of (context, target)."""
+        """The rows that sample the optimum of (context, target): the proposal's drawn for it
+        where there are any, else the base samples of the context."""
         mask = self.context_of_row == context
         if self.target_of_row is not None:
-            mask &= self.target_of_row == target_index
+            own = mask & (self.target_of_row == target_index)
+            mask = own if own.any() else mask & (self.target_of_row == BASE_ROW)
         return np.flatnonzero(mask)
+
+    def base_rows(self) -> np.ndarray:
+        """Which rows are base samples (N,) bool."""
+        return (np.ones(len(self.context_of_row), dtype=bool) if self.target_of_row is None
+                else self.target_of_row == BASE_ROW)
 
     def log_weights(self, target: tuple, rows: np.ndarray, tilt: float) -> np.ndarray:
         """Unnormalised log weights of `rows` for the optimum of `target` at `tilt`."""
@@ -177,6 +186,38 @@ def proposal_pool(policy, label_info: dict[str, dict], log_likelihood: ImageLogL
     return pool
 
 
+def short_pairs(pool: SamplePool, config: OptimumConfig) -> list[tuple[int, int]]:
+    """The (context, target index) pairs whose ESS at some guidance level is below `min_ess`."""
+    short = []
+    for index, target in enumerate(pool.log_likelihood):
+        for c in pool.contexts:
+            rows = pool.rows(c, index)
+            if min(1.0 / (normalised(pool.log_weights(target, rows, tilt))**2).sum()
+                   for tilt in config.guidance_levels) < config.min_ess:
+                short.append((c, index))
+    return short
+
+
+def add_proposal_for_short_pairs(pool: SamplePool, proposal, label_info: dict[str, dict],
+                                 log_likelihood: ImageLogLikelihood, judge,
+                                 config: OptimumConfig) -> list[tuple[int, int]]:
+    """Draw `short_pair_samples` of the `proposal` policy for each pair of the base `pool` whose
+    ESS is still short, each pair's alone (with its paths' log q/p_pre); those rows then serve
+    that pair, the base samples every other. Returns the pairs."""
+    short = short_pairs(pool, config)
+    if not short:
+        return short
+    pool.log_ratio = np.zeros(len(pool.context_of_row))
+    pool.target_of_row = np.full(len(pool.context_of_row), BASE_ROW)
+    _, scorers, judge = _empty_pool(proposal, label_info, judge, config)
+    targets = list(pool.log_likelihood)
+    for c, index in short:
+        _add_samples(pool, proposal, scorers, log_likelihood, judge,
+                     [c] * config.short_pair_samples, config.seed + len(pool.context_of_row),
+                     config, target=targets[index])
+    return short
+
+
 def _top_up(pool: SamplePool, config: OptimumConfig) -> dict[int, int]:
     """How many more samples each context whose lowest ESS is below `min_ess` needs (20% over
     the proportional estimate, within `max_samples_per_context`)."""
@@ -279,24 +320,40 @@ def exact_optimum(model, label_info: dict[str, dict], log_likelihood: ImageLogLi
                   proposal=None) -> dict:
     """The optimum at every guidance level (and the base model at level 0), with the ESS
     warning, and optionally a grid (rows = targets, columns = contexts) drawn from the optimum
-    at the first level; from base samples, or from a trained policy's (`proposal`)."""
-    pool = (base_pool(model, label_info, log_likelihood, judge, config) if proposal is None
+    at the first level. From base samples; with a trained policy (`proposal`), from its samples
+    instead, for every pair or (with `short_pair_samples`) for the pairs whose base ESS is
+    still short, whose base-only estimate is then kept as ``base_samples_levels``."""
+    hybrid = proposal is not None and config.short_pair_samples > 0
+    pool = (base_pool(model, label_info, log_likelihood, judge, config)
+            if proposal is None or hybrid
             else proposal_pool(proposal, label_info, log_likelihood, judge, config))
-    levels = [optimum_at(pool, label_info, tilt) for tilt in config.guidance_levels]
-    for level in levels:
-        level["trustworthy"] = level["ess_min"] >= config.min_ess
-    drawn = [int((pool.context_of_row == c).sum()) for c in pool.contexts]
     result = {"proposal": "base" if proposal is None else "policy",
-              "samples_per_context": config.samples_per_context, "samples_drawn": drawn,
-              "contexts": pool.contexts,
+              "samples_per_context": config.samples_per_context,
               "num_inference_steps": config.num_inference_steps, "min_ess": config.min_ess,
-              "base": optimum_at(pool, label_info, 0.0), "levels": levels}
-    if proposal is None:
+              "base": optimum_at(pool, label_info, 0.0)}
+    if proposal is None or hybrid:
         result["rare_pairs"] = [
             {"context": context_labels(model, [c])[0],
              "target": target_labels({name: label_info[name] for name in pool.labels},
                                      [target])[0], "log_z": log_z}
             for c, target, log_z in rare_pairs(pool)]
+    if hybrid:
+        result["base_samples_levels"] = [optimum_at(pool, label_info, tilt)
+                                         for tilt in config.guidance_levels]
+        short = add_proposal_for_short_pairs(pool, proposal, label_info, log_likelihood, judge,
+                                             config)
+        names = {name: label_info[name] for name in pool.labels}
+        targets = list(pool.log_likelihood)
+        result["short_pairs"] = [
+            {"context": context_labels(model, [c])[0],
+             "target": target_labels(names, [targets[index]])[0]} for c, index in short]
+        result["proposal"] = f"base, and the policy for {len(short)} pairs" if short else "base"
+    levels = [optimum_at(pool, label_info, tilt) for tilt in config.guidance_levels]
+    for level in levels:
+        level["trustworthy"] = level["ess_min"] >= config.min_ess
+    drawn = pool.base_rows() if hybrid else np.ones(len(pool.context_of_row), dtype=bool)
+    result.update(samples_drawn=[int(((pool.context_of_row == c) & drawn).sum())
+                                 for c in pool.contexts], contexts=pool.contexts, levels=levels)
     if grid_path is not None:
         result["grid"] = str(_optimum_grid(model, pool, label_info, config.guidance_levels[0],
                                            config.seed, grid_path))
@@ -311,7 +368,7 @@ def rare_pairs(pool: SamplePool, below: float = RARE_LOG_Z, count: int = 3
     optimum there first (docs/update_rules.md, section 20)."""
     pairs = []
     for c in pool.contexts:
-        rows = np.flatnonzero(pool.context_of_row == c)
+        rows = np.flatnonzero((pool.context_of_row == c) & pool.base_rows())
         for target, log_likelihood in pool.log_likelihood.items():
             log_z = float(np.logaddexp.reduce(log_likelihood[rows]) - math.log(len(rows)))
             if log_z < below:
@@ -354,6 +411,10 @@ def format_optimum(result: dict) -> str:
     by_policy = result.get("proposal") == "policy"
     source = (f"the fine-tuned policy's samples: {result['samples_per_context']} per target and "
               f"context" if by_policy else f"base samples: {counts} per context")
+    if result.get("short_pairs"):
+        pairs = ", ".join(f"{pair['context']} / {pair['target']}" for pair in result["short_pairs"])
+        source += (f"; the fine-tuned policy's for the {len(result['short_pairs'])} pairs whose "
+                   f"ESS stayed short ({pairs})")
     lines = [f"exact optimum (importance-weighted {source}, "
              f"{result['num_inference_steps']} steps)", header]
     warnings = []

@@ -31,13 +31,12 @@ def test_finetune_writes_policy_checkpoints_and_mlflow_run(tiny_run):
     ctrl = result["ctrl"]["labels"]["compress_class"]
     assert len(ctrl["per_class_f1"]) == 4 and sum(map(sum, ctrl["confusion_matrix"])) == 8
     assert result["base"]["mean_kl"] == 0.0 and result["ctrl"]["mean_kl"] > 0.0
-    # 16 base samples per digit cannot give the optimum an ESS of 50: the policy's samples were
-    # weighted to it too, and the run keeps the estimate with the larger ESS.
+    # 16 base samples per digit cannot give the optimum an ESS of 50: the pairs left short took
+    # 16 samples of the policy each, drawn for that pair, and the run reports that estimate.
     estimates = result["optimum_estimates"]
-    assert estimates["policy"]["ess_min"] <= 16 and estimates["base"]["ess_min"] <= 16
-    kept = max(estimates, key=lambda source: estimates[source]["ess_min"])
-    assert result["optimum"]["proposal"] == kept
-    assert result["optimum"]["kl"] == estimates[kept]["kl"]
+    assert estimates["base"]["ess_min"] <= 16 and estimates["policy"]["ess_min"] <= 16
+    assert result["optimum"]["proposal"].startswith("base, and the policy for ")
+    assert result["optimum"]["kl"] == estimates["policy"]["kl"]
     # the policy's distance to the optimum, KL(pi || pi*), beside the ratios and in MLflow
     distance = result["against_optimum"]["kl_to_optimum"]
     assert math.isfinite(distance)

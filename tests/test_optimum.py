@@ -13,6 +13,7 @@ from test_theorem import CLASSIFIER_BIAS, CLASSIFIER_WEIGHT, MEANS, WEIGHTS, mix
 
 from ctrl_ray.cli import main
 from ctrl_ray.optimum import (
+    BASE_ROW,
     SamplePool,
     against_optimum,
     format_against_optimum,
@@ -134,6 +135,38 @@ def test_a_proposals_weighted_samples_match_the_closed_form_posterior(tilt):
     assert report["ess_min"] > 1_000
     assert abs(report["accuracy"] - expected_accuracy) < 0.03
     assert abs(report["kl"] - np.mean([closed_form(y, tilt)["kl"] for y in (0, 1)])) < 0.05
+
+
+def test_a_proposal_for_the_short_pair_alone_joins_the_base_samples(mixture_pool):
+    """Base samples serve every target but the one a proposal's rows were drawn for, which its
+    own rows serve, weighted by p^tilt p_pre / q: both targets match the closed form, and the
+    base's rarity is read off the base rows alone."""
+    base, x_base = mixture_pool
+    torch.manual_seed(2)
+    q = torch.distributions.MultivariateNormal(torch.tensor([0.5, 0.0]).double(),
+                                               1.5 * torch.eye(2).double())
+    x_q = q.sample((20_000,))
+    with torch.no_grad():
+        log_ratio = (q.log_prob(x_q) - mixture_backbone().log_prob(x_q.float()).double()).numpy()
+    x = torch.cat([x_base, x_q])
+    logits = (x @ CLASSIFIER_WEIGHT.double() + CLASSIFIER_BIAS).numpy()
+    pool = SamplePool(contexts=[0], context_of_row=np.zeros(len(x), dtype=int), images=x,
+                      labels={"y": (x[:, 0] > 0).long().numpy()}, judged_digits=None,
+                      log_likelihood={(0,): -np.logaddexp(0, logits),
+                                      (1,): -np.logaddexp(0, -logits)},
+                      scorers={"y": "sign of x_1"},
+                      log_ratio=np.concatenate([np.zeros(len(x_base)), log_ratio]),
+                      target_of_row=np.concatenate([np.full(len(x_base), BASE_ROW),
+                                                    np.ones(len(x_q), dtype=int)]))
+    assert (pool.rows(0, 0) < len(x_base)).all() and len(pool.rows(0, 0)) == len(x_base)
+    assert (pool.rows(0, 1) >= len(x_base)).all() and len(pool.rows(0, 1)) == len(x_q)
+    tilt = 3.0
+    report = optimum_at(pool, {"y": {"num_classes": 2}}, tilt)
+    expected_accuracy = (closed_form(1, tilt)["p_positive"]
+                         + 1 - closed_form(0, tilt)["p_positive"]) / 2
+    assert abs(report["accuracy"] - expected_accuracy) < 0.03
+    assert abs(report["kl"] - np.mean([closed_form(y, tilt)["kl"] for y in (0, 1)])) < 0.05
+    assert rare_pairs(pool, below=0.0, count=5) == rare_pairs(base, below=0.0, count=5)
 
 
 def test_the_rarest_pairs_are_those_the_base_makes_least_often(mixture_pool):

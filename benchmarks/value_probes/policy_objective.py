@@ -53,6 +53,20 @@ row's gamma log p - kl_weight KL, KL and log p (``values``, ``kl_values``,
             "values": values, "kl_values": kl, "log_likelihood_values": log_likelihood}
 
 
+def scale_control(model, scale: float) -> None:
+    """Make an adapter policy predict eps_pre + scale (eps_policy - eps_pre): its control (the
+    step mean's departure from the base's) times ``scale``, exactly; two network passes."""
+    predict = type(model).predict_noise.__get__(model)
+
+    def scaled(x_t, t, context, labels=None):
+        if model._reference_mode:
+            return predict(x_t, t, context, labels)
+        reference = model.reference_noise(x_t, t, context)
+        return reference + scale * (predict(x_t, t, context, labels) - reference)
+
+    model.predict_noise = scaled
+
+
 def optimum_objective(config_path: str, overrides: list[str], inputs,
                       label_classes: dict[str, int]) -> float:
     """J* on the rows of `inputs`: kl_weight times the mean over rows of log Z(c, y), Z the
@@ -111,6 +125,9 @@ def main() -> None:
                         help="with --optimum: J* - J per (context, target) as well")
     parser.add_argument("--step-scales", type=float, nargs="+", default=None,
                         help="score each value policy at these step scales instead of its own")
+    parser.add_argument("--control-scales", type=float, nargs="+", default=None,
+                        help="score each adapter policy with its noise prediction's departure "
+                             "from the base's times each of these scales")
     args = parser.parse_args()
     if args.by_target and not args.optimum:
         parser.error("--by-target needs --optimum (J* per row)")
@@ -124,6 +141,8 @@ def main() -> None:
     for path, model in models.items():   # before the optimum's minutes of base rollouts
         if args.step_scales and getattr(model, "value_head", None) is None:
             parser.error(f"--step-scales: {path} has no value head to scale")
+        if args.control_scales and getattr(model, "value_head", None) is not None:
+            parser.error(f"--control-scales: {path} steers by a value head (--step-scales)")
     best = None
     if args.optimum:
         best_rows = optimum_objective_rows(args.config, args.overrides, inputs,
@@ -131,10 +150,13 @@ def main() -> None:
         best = best_rows.mean().item()
         print(f"optimum: J* {best:.3f} on the same rows", flush=True)
     for path, model in models.items():
-        for scale in args.step_scales or [None]:
+        for scale in args.step_scales or args.control_scales or [None]:
             label = path
-            if scale is not None:   # a value policy at another step scale than it saved
+            if scale is not None and args.step_scales:   # a value policy at another scale
                 model.value_head.spec.step_scale, label = scale, f"{path} x{scale:g}"
+            elif scale is not None:
+                scale_control(model, scale)
+                label = f"{path} control x{scale:g}"
             row = objective(model, setup.reward_fn, objective_config, inputs)
             gap = "" if best is None else f", J* - J {best - row['objective']:.3f}"
             print(f"{label}: J {row['objective']:.3f} +- {row['objective_se']:.3f}, E[log p] "
