@@ -11,6 +11,10 @@ optimum, whatever rule trained it.
 same rows (Z per context from the rule choice's base rollouts, 300 per context), so J* - J is
 each policy's kl_weight KL(pi || pi*): its distance to the exact optimum, in nats.
 
+`--step-scales S ...` scores a value policy at other step scales; `--control-scales S ...` an
+adapter policy (Adjoint Matching, pathwise, PPO) with its control times S, exactly: it predicts
+eps_pre + S (eps_theta - eps_pre), two network passes (docs/update_rules.md, section 23).
+
 `--calibration-of RUN_SEED --rollouts 128` samples the step-scale calibration's own rollouts
 of a run with that seed (how docs/update_rules.md, section 11, compared the rules); a value
 policy's scale was chosen on them, so fresh rollouts (`--seed`) are the unbiased comparison.
