@@ -44,6 +44,7 @@ from ctrl_ray.scoring import get_scorer
 # images (N, C, H, W), labels name -> (N,), contexts (N,) or None -> log p(y | x0, c), (N,)
 ImageLogLikelihood = Callable[[torch.Tensor, dict, torch.Tensor | None], torch.Tensor]
 BASE_ROW = -1   # `SamplePool.target_of_row` of a base sample among a proposal's: every target
+SET_ASIDE = -2  # ... of a proposal's sample whose pair its base samples serve better
 
 
 @dataclass
@@ -203,7 +204,8 @@ def add_proposal_for_short_pairs(pool: SamplePool, proposal, label_info: dict[st
                                  config: OptimumConfig) -> list[tuple[int, int]]:
     """Draw `short_pair_samples` of the `proposal` policy for each pair of the base `pool` whose
     ESS is still short, each pair's alone (with its paths' log q/p_pre); those rows then serve
-    that pair, the base samples every other. Returns the pairs."""
+    that pair, the base samples every other, unless the base samples' ESS is the larger there
+    (`keep_the_larger_ess`). Returns the pairs the policy serves."""
     short = short_pairs(pool, config)
     if not short:
         return short
@@ -215,7 +217,27 @@ def add_proposal_for_short_pairs(pool: SamplePool, proposal, label_info: dict[st
         _add_samples(pool, proposal, scorers, log_likelihood, judge,
                      [c] * config.short_pair_samples, config.seed + len(pool.context_of_row),
                      config, target=targets[index])
-    return short
+    return keep_the_larger_ess(pool, short, config.guidance_levels)
+
+
+def keep_the_larger_ess(pool: SamplePool, pairs: list[tuple[int, int]],
+                        tilts: Sequence[float]) -> list[tuple[int, int]]:
+    """For each (context, target index) pair a proposal drew for, set its rows aside where the
+    base samples' smallest ESS over `tilts` is the larger (a policy that misses the pair's
+    optimum); returns the pairs the proposal still serves."""
+    def smallest_ess(target: tuple, rows: np.ndarray) -> float:
+        return min(1.0 / (normalised(pool.log_weights(target, rows, tilt))**2).sum()
+                   for tilt in tilts)
+
+    targets, kept = list(pool.log_likelihood), []
+    for c, index in pairs:
+        own = np.flatnonzero((pool.context_of_row == c) & (pool.target_of_row == index))
+        base = np.flatnonzero((pool.context_of_row == c) & pool.base_rows())
+        if smallest_ess(targets[index], own) < smallest_ess(targets[index], base):
+            pool.target_of_row[own] = SET_ASIDE
+        else:
+            kept.append((c, index))
+    return kept
 
 
 def _top_up(pool: SamplePool, config: OptimumConfig) -> dict[int, int]:

@@ -18,6 +18,7 @@ from ctrl_ray.optimum import (
     against_optimum,
     format_against_optimum,
     format_optimum,
+    keep_the_larger_ess,
     optimum_at,
     rare_pairs,
     tilted_weights,
@@ -167,6 +168,28 @@ def test_a_proposal_for_the_short_pair_alone_joins_the_base_samples(mixture_pool
     assert abs(report["accuracy"] - expected_accuracy) < 0.03
     assert abs(report["kl"] - np.mean([closed_form(y, tilt)["kl"] for y in (0, 1)])) < 0.05
     assert rare_pairs(pool, below=0.0, count=5) == rare_pairs(base, below=0.0, count=5)
+    # Which rows serve the pair: the broad q's over 40 base samples, 40 base samples over a
+    # proposal that misses the pair's optimum (narrow, far on the wrong side).
+    bad = torch.distributions.MultivariateNormal(torch.tensor([-2.0, 0.0]).double(),
+                                                 0.05 * torch.eye(2).double())
+    x_bad = bad.sample((2_000,))
+    with torch.no_grad():
+        bad_ratio = (bad.log_prob(x_bad)
+                     - mixture_backbone().log_prob(x_bad.float()).double()).numpy()
+    for x_proposal, ratio, kept in ((x_q, log_ratio, [(0, 1)]), (x_bad, bad_ratio, [])):
+        x = torch.cat([x_base[:40], x_proposal])
+        logits = (x @ CLASSIFIER_WEIGHT.double() + CLASSIFIER_BIAS).numpy()
+        pool = SamplePool(contexts=[0], context_of_row=np.zeros(len(x), dtype=int), images=x,
+                          labels={"y": (x[:, 0] > 0).long().numpy()}, judged_digits=None,
+                          log_likelihood={(0,): -np.logaddexp(0, logits),
+                                          (1,): -np.logaddexp(0, -logits)},
+                          scorers={"y": "sign of x_1"},
+                          log_ratio=np.concatenate([np.zeros(40), ratio]),
+                          target_of_row=np.concatenate([np.full(40, BASE_ROW),
+                                                        np.ones(len(x_proposal), dtype=int)]))
+        assert keep_the_larger_ess(pool, [(0, 1)], [tilt]) == kept
+        assert (len(pool.rows(0, 1)) == 40) == (not kept)
+        assert pool.base_rows().sum() == 40
 
 
 def test_the_rarest_pairs_are_those_the_base_makes_least_often(mixture_pool):
