@@ -33,10 +33,15 @@ def test_finetune_writes_policy_checkpoints_and_mlflow_run(tiny_run):
     assert result["base"]["mean_kl"] == 0.0 and result["ctrl"]["mean_kl"] > 0.0
     # 16 base samples per digit cannot give the optimum an ESS of 50: the pairs left short took
     # 16 samples of the policy each, drawn for that pair, and the run reports that estimate.
-    estimates = result["optimum_estimates"]
-    assert estimates["base"]["ess_min"] <= 16 and estimates["policy"]["ess_min"] <= 16
-    assert result["optimum"]["proposal"].startswith("base, and the policy for ")
-    assert result["optimum"]["kl"] == estimates["policy"]["kl"]
+    # (kept where their ESS is the larger, else the base samples serve the pair).
+    estimates = result.get("optimum_estimates")
+    if estimates:
+        assert estimates["base"]["ess_min"] <= 16
+        assert result["optimum"]["proposal"].startswith("base, and the policy for ")
+        assert result["optimum"]["kl"] == estimates["policy"]["kl"]
+    else:
+        assert result["optimum"]["proposal"] == "base"
+    assert result["optimum"]["ess_min"] <= 16
     # the policy's distance to the optimum, KL(pi || pi*), beside the ratios and in MLflow
     distance = result["against_optimum"]["kl_to_optimum"]
     assert math.isfinite(distance)
