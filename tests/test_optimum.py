@@ -138,6 +138,21 @@ def test_a_proposals_weighted_samples_match_the_closed_form_posterior(tilt):
     assert abs(report["kl"] - np.mean([closed_form(y, tilt)["kl"] for y in (0, 1)])) < 0.05
 
 
+def hybrid_pool(x_base: torch.Tensor, x_proposal: torch.Tensor,
+                log_ratio: np.ndarray) -> SamplePool:
+    """Base samples serving every target, and a proposal's samples drawn for target 1."""
+    x = torch.cat([x_base, x_proposal])
+    logits = (x @ CLASSIFIER_WEIGHT.double() + CLASSIFIER_BIAS).numpy()
+    return SamplePool(contexts=[0], context_of_row=np.zeros(len(x), dtype=int), images=x,
+                      labels={"y": (x[:, 0] > 0).long().numpy()}, judged_digits=None,
+                      log_likelihood={(0,): -np.logaddexp(0, logits),
+                                      (1,): -np.logaddexp(0, -logits)},
+                      scorers={"y": "sign of x_1"},
+                      log_ratio=np.concatenate([np.zeros(len(x_base)), log_ratio]),
+                      target_of_row=np.concatenate([np.full(len(x_base), BASE_ROW),
+                                                    np.ones(len(x_proposal), dtype=int)]))
+
+
 def test_a_proposal_for_the_short_pair_alone_joins_the_base_samples(mixture_pool):
     """Base samples serve every target but the one a proposal's rows were drawn for, which its
     own rows serve, weighted by p^tilt p_pre / q: both targets match the closed form, and the
@@ -149,16 +164,7 @@ def test_a_proposal_for_the_short_pair_alone_joins_the_base_samples(mixture_pool
     x_q = q.sample((20_000,))
     with torch.no_grad():
         log_ratio = (q.log_prob(x_q) - mixture_backbone().log_prob(x_q.float()).double()).numpy()
-    x = torch.cat([x_base, x_q])
-    logits = (x @ CLASSIFIER_WEIGHT.double() + CLASSIFIER_BIAS).numpy()
-    pool = SamplePool(contexts=[0], context_of_row=np.zeros(len(x), dtype=int), images=x,
-                      labels={"y": (x[:, 0] > 0).long().numpy()}, judged_digits=None,
-                      log_likelihood={(0,): -np.logaddexp(0, logits),
-                                      (1,): -np.logaddexp(0, -logits)},
-                      scorers={"y": "sign of x_1"},
-                      log_ratio=np.concatenate([np.zeros(len(x_base)), log_ratio]),
-                      target_of_row=np.concatenate([np.full(len(x_base), BASE_ROW),
-                                                    np.ones(len(x_q), dtype=int)]))
+    pool = hybrid_pool(x_base, x_q, log_ratio)
     assert (pool.rows(0, 0) < len(x_base)).all() and len(pool.rows(0, 0)) == len(x_base)
     assert (pool.rows(0, 1) >= len(x_base)).all() and len(pool.rows(0, 1)) == len(x_q)
     tilt = 3.0
@@ -177,16 +183,7 @@ def test_a_proposal_for_the_short_pair_alone_joins_the_base_samples(mixture_pool
         bad_ratio = (bad.log_prob(x_bad)
                      - mixture_backbone().log_prob(x_bad.float()).double()).numpy()
     for x_proposal, ratio, kept in ((x_q, log_ratio, [(0, 1)]), (x_bad, bad_ratio, [])):
-        x = torch.cat([x_base[:40], x_proposal])
-        logits = (x @ CLASSIFIER_WEIGHT.double() + CLASSIFIER_BIAS).numpy()
-        pool = SamplePool(contexts=[0], context_of_row=np.zeros(len(x), dtype=int), images=x,
-                          labels={"y": (x[:, 0] > 0).long().numpy()}, judged_digits=None,
-                          log_likelihood={(0,): -np.logaddexp(0, logits),
-                                          (1,): -np.logaddexp(0, -logits)},
-                          scorers={"y": "sign of x_1"},
-                          log_ratio=np.concatenate([np.zeros(40), ratio]),
-                          target_of_row=np.concatenate([np.full(40, BASE_ROW),
-                                                        np.ones(len(x_proposal), dtype=int)]))
+        pool = hybrid_pool(x_base[:40], x_proposal, ratio)
         assert keep_the_larger_ess(pool, [(0, 1)], [tilt]) == kept
         assert (len(pool.rows(0, 1)) == 40) == (not kept)
         assert pool.base_rows().sum() == 40
