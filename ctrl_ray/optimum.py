@@ -189,14 +189,17 @@ def proposal_pool(policy, label_info: dict[str, dict], log_likelihood: ImageLogL
 
 def short_pairs(pool: SamplePool, config: OptimumConfig) -> list[tuple[int, int]]:
     """The (context, target index) pairs whose ESS at some guidance level is below `min_ess`."""
-    short = []
-    for index, target in enumerate(pool.log_likelihood):
-        for c in pool.contexts:
-            rows = pool.rows(c, index)
-            if min(1.0 / (normalised(pool.log_weights(target, rows, tilt))**2).sum()
-                   for tilt in config.guidance_levels) < config.min_ess:
-                short.append((c, index))
-    return short
+    return [(c, index) for index, target in enumerate(pool.log_likelihood)
+            for c in pool.contexts
+            if smallest_ess(pool, target, pool.rows(c, index), config.guidance_levels)
+            < config.min_ess]
+
+
+def smallest_ess(pool: SamplePool, target: tuple, rows: np.ndarray,
+                 tilts: Sequence[float]) -> float:
+    """The smallest ESS over `tilts` of the optimum's weights on `rows` for `target`."""
+    return min(1.0 / (normalised(pool.log_weights(target, rows, tilt))**2).sum()
+               for tilt in tilts)
 
 
 def add_proposal_for_short_pairs(pool: SamplePool, proposal, label_info: dict[str, dict],
@@ -225,15 +228,12 @@ def keep_the_larger_ess(pool: SamplePool, pairs: list[tuple[int, int]],
     """For each (context, target index) pair a proposal drew for, set its rows aside where the
     base samples' smallest ESS over `tilts` is the larger (a policy that misses the pair's
     optimum); returns the pairs the proposal still serves."""
-    def smallest_ess(target: tuple, rows: np.ndarray) -> float:
-        return min(1.0 / (normalised(pool.log_weights(target, rows, tilt))**2).sum()
-                   for tilt in tilts)
-
     targets, kept = list(pool.log_likelihood), []
     for c, index in pairs:
         own = np.flatnonzero((pool.context_of_row == c) & (pool.target_of_row == index))
         base = np.flatnonzero((pool.context_of_row == c) & pool.base_rows())
-        if smallest_ess(targets[index], own) < smallest_ess(targets[index], base):
+        if (smallest_ess(pool, targets[index], own, tilts)
+                < smallest_ess(pool, targets[index], base, tilts)):
             pool.target_of_row[own] = SET_ASIDE
         else:
             kept.append((c, index))
