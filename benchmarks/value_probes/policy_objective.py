@@ -14,6 +14,9 @@ each policy's kl_weight KL(pi || pi*): its distance to the exact optimum, in nat
 `--step-scales S ...` scores a value policy at other step scales; `--control-scales S ...` an
 adapter policy (Adjoint Matching, pathwise, PPO) with its control times S, exactly: it predicts
 eps_pre + S (eps_theta - eps_pre), two network passes (docs/update_rules.md, section 23).
+`--scales-from-profile FILE:NAME [--profile-fractions F ...]` scales each step's control by
+its own s_k = 1 + F (gain_k / (2 KL_k) - 1), the first-order best size that
+`benchmarks/adjoint_step_profile.py` measured for policy NAME (written to FILE).
 
 `--calibration-of RUN_SEED --rollouts 128` samples the step-scale calibration's own rollouts
 of a run with that seed (how docs/update_rules.md, section 11, compared the rules); a value
@@ -25,7 +28,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -57,18 +62,30 @@ row's gamma log p - kl_weight KL, KL and log p (``values``, ``kl_values``,
             "values": values, "kl_values": kl, "log_likelihood_values": log_likelihood}
 
 
-def scale_control(model, scale: float) -> None:
+def scale_control(model, scale: float | dict[int, float]) -> None:
     """Make an adapter policy predict eps_pre + scale (eps_policy - eps_pre): its control (the
-    step mean's departure from the base's) times ``scale``, exactly; two network passes."""
+    step mean's departure from the base's) times ``scale``, exactly; two network passes. A dict
+    gives each timestep its own scale (1 where it names none)."""
     predict = type(model).predict_noise.__get__(model)
 
     def scaled(x_t, t, context, labels=None):
         if model._reference_mode:
             return predict(x_t, t, context, labels)
+        factor = scale if not isinstance(scale, dict) else \
+            scale.get(int(torch.as_tensor(t).flatten()[0]), 1.0)
         reference = model.reference_noise(x_t, t, context)
-        return reference + scale * (predict(x_t, t, context, labels) - reference)
+        return reference + factor * (predict(x_t, t, context, labels) - reference)
 
     model.predict_noise = scaled
+
+
+def profile_scales(spec: str, fraction: float) -> dict[int, float]:
+    """Per-timestep scales 1 + fraction (gain_k / (2 KL_k) - 1) from an
+    `adjoint_step_profile.py` result, ``spec`` = FILE:NAME (steps without control keep 1)."""
+    path, name = spec.rsplit(":", 1)
+    steps = json.loads(Path(path).read_text())["profiles"][name]["steps"]
+    return {step["timestep"]: 1 + fraction * (step["gain"] / (2 * step["kl"]) - 1)
+            for step in steps if step["kl"] > 1e-6}
 
 
 def optimum_objective(config_path: str, overrides: list[str], inputs,
@@ -132,7 +149,15 @@ def main() -> None:
     parser.add_argument("--control-scales", type=float, nargs="+", default=None,
                         help="score each adapter policy with its noise prediction's departure "
                              "from the base's times each of these scales")
+    parser.add_argument("--scales-from-profile", default=None, metavar="FILE:NAME",
+                        help="score each adapter policy with each step's control at the "
+                             "first-order best size an adjoint_step_profile.py run measured")
+    parser.add_argument("--profile-fractions", type=float, nargs="+", default=[1.0],
+                        help="with --scales-from-profile: how far to move each step's scale "
+                             "from 1 toward it (0 = the policy as trained)")
     args = parser.parse_args()
+    if args.scales_from_profile and (args.step_scales or args.control_scales):
+        parser.error("--scales-from-profile replaces --step-scales / --control-scales")
     if args.by_target and not args.optimum:
         parser.error("--by-target needs --optimum (J* per row)")
     config = load_config(FinetuneConfig, args.config, args.overrides)
@@ -145,7 +170,8 @@ def main() -> None:
     for path, model in models.items():   # before the optimum's minutes of base rollouts
         if args.step_scales and getattr(model, "value_head", None) is None:
             parser.error(f"--step-scales: {path} has no value head to scale")
-        if args.control_scales and getattr(model, "value_head", None) is not None:
+        if ((args.control_scales or args.scales_from_profile)
+                and getattr(model, "value_head", None) is not None):
             parser.error(f"--control-scales: {path} steers by a value head (--step-scales)")
     best = None
     if args.optimum:
@@ -153,11 +179,19 @@ def main() -> None:
                                            setup.model.label_classes)
         best = best_rows.mean().item()
         print(f"optimum: J* {best:.3f} on the same rows", flush=True)
+    profiled = {f"per-step sizes x{fraction:g} of the way":
+                profile_scales(args.scales_from_profile, fraction)
+                for fraction in args.profile_fractions} if args.scales_from_profile else {}
+    for name, scales in profiled.items():
+        print(f"{name}: " + ", ".join(f"t={t} x{s:.2f}" for t, s in scales.items()), flush=True)
     for path, model in models.items():
-        for scale in args.step_scales or args.control_scales or [None]:
+        for scale in args.step_scales or args.control_scales or list(profiled) or [None]:
             label = path
             if scale is not None and args.step_scales:   # a value policy at another scale
                 model.value_head.spec.step_scale, label = scale, f"{path} x{scale:g}"
+            elif scale in profiled:
+                scale_control(model, profiled[scale])
+                label = f"{path} control, {scale}"
             elif scale is not None:
                 scale_control(model, scale)
                 label = f"{path} control x{scale:g}"
