@@ -158,6 +158,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.scales_from_profile and (args.step_scales or args.control_scales):
         parser.error("--scales-from-profile replaces --step-scales / --control-scales")
+    try:   # read before any model is built or rollout drawn
+        profiled = {f"per-step sizes x{fraction:g} of the way":
+                    profile_scales(args.scales_from_profile, fraction)
+                    for fraction in args.profile_fractions} if args.scales_from_profile else {}
+    except (OSError, ValueError, KeyError) as error:
+        parser.error(f"--scales-from-profile {args.scales_from_profile}: no profile there "
+                     f"({error!r}); expected FILE:NAME of an adjoint_step_profile.py result")
     if args.by_target and not args.optimum:
         parser.error("--by-target needs --optimum (J* per row)")
     config = load_config(FinetuneConfig, args.config, args.overrides)
@@ -172,16 +179,14 @@ def main() -> None:
             parser.error(f"--step-scales: {path} has no value head to scale")
         if ((args.control_scales or args.scales_from_profile)
                 and getattr(model, "value_head", None) is not None):
-            parser.error(f"--control-scales: {path} steers by a value head (--step-scales)")
+            flag = "--control-scales" if args.control_scales else "--scales-from-profile"
+            parser.error(f"{flag}: {path} steers by a value head (--step-scales)")
     best = None
     if args.optimum:
         best_rows = optimum_objective_rows(args.config, args.overrides, inputs,
                                            setup.model.label_classes)
         best = best_rows.mean().item()
         print(f"optimum: J* {best:.3f} on the same rows", flush=True)
-    profiled = {f"per-step sizes x{fraction:g} of the way":
-                profile_scales(args.scales_from_profile, fraction)
-                for fraction in args.profile_fractions} if args.scales_from_profile else {}
     for name, scales in profiled.items():
         print(f"{name}: " + ", ".join(f"t={t} x{s:.2f}" for t, s in scales.items()), flush=True)
     for path, model in models.items():
