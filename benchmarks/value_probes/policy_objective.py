@@ -131,14 +131,21 @@ def by_target(inputs, label_classes: dict[str, int], best_rows: torch.Tensor,
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+def paired_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags of a probe that scores saved policies on one seed's rollouts: a config, the
+    policies, `--set` overrides, `--rollouts` and `--seed`."""
+    parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("policies", nargs="+")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--rollouts", type=int, default=256)
     parser.add_argument("--seed", type=int, default=1)
+    return parser
+
+
+def main() -> None:
+    parser = paired_parser(__doc__)
     parser.add_argument("--calibration-of", type=int, default=None, metavar="RUN_SEED")
     parser.add_argument("--optimum", action="store_true",
                         help="also the optimum's J* on the same rows, and J* - J per policy")
