@@ -70,9 +70,10 @@ def main() -> None:
         parser.error("one reward term only: the scorer's verdict is per label")
     inputs = draw_inputs(setup.model, dataclasses.replace(
         config.objective, batch_size=args.rollouts), args.seed)
+    policies = {path: load_any(path).model.eval() for path in args.policies}   # before rollouts
     rows = {"base": agreement(setup.model.eval(), setup, config.objective, inputs, True)}
-    for path in args.policies:
-        rows[path] = agreement(load_any(path).model.eval(), setup, config.objective, inputs)
+    for path, model in policies.items():
+        rows[path] = agreement(model, setup, config.objective, inputs)
     print("| policy | KL | E[log p] (reward) | mean p(y | x0) (reward) | hit rate (scorer) | "
           "reward argmax = scorer |")
     print("|---|---|---|---|---|---|")
