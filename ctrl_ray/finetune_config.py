@@ -32,7 +32,10 @@ class DistributedConfig:
     """Where the work runs: `workers: 0` is one process without Ray; N > 0 starts N Ray
     rollout workers and `learners` data-parallel learner ranks (joining `address`, or
     RAY_ADDRESS, or a local Ray). `max_staleness: k` lets rollouts run up to k policy versions
-    ahead of the learner (0: the synchronous loop)."""
+    ahead of the learner (0: the synchronous loop). `keep_actors: true` leaves a finished
+    run's actors idle, holding their CPUs and GPUs, for the next run of the same process with
+    the same resources, which then skips their start (imports of torch, diffusers and peft:
+    about 10 s on a CPU); a learner group of several ranks is always ended."""
 
     workers: int = 0
     learners: int = 1
@@ -43,6 +46,7 @@ class DistributedConfig:
     learner_cpus: float = 0.0
     learner_gpus: float = 0.0
     max_restarts: int = 3
+    keep_actors: bool = False
 
     def __post_init__(self):
         check_bounds(self, workers="[0, 1024]", learners="[1, 256]", max_staleness="[0, 64]",

@@ -117,6 +117,17 @@ def rule_config_factory(tiny_base, tiny_reward, tiny_judge, root, settings, *com
     return make
 
 
+@pytest.fixture(scope="module", autouse=True)
+def end_kept_actors_with_the_module():
+    """Actors kept by a test's runs (`distributed.keep_actors`) hold their CPUs: they end with
+    their test module, so no later module's Ray work waits for them."""
+    yield
+    import sys
+
+    if "ctrl_ray.distributed.actors" in sys.modules:
+        sys.modules["ctrl_ray.distributed.actors"].end_kept_actors()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray runtime for the whole session (2 logical CPUs, own short temp dir)."""

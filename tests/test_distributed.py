@@ -183,3 +183,30 @@ def test_local_ray_workers_compute_at_the_drivers_priority(ray_session):
         return os.getpriority(os.PRIO_PROCESS, 0)
 
     assert ray_session.get(niceness.remote()) == os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def test_kept_actors_serve_the_next_run_as_fresh_ones_would(make_config, ray_session):
+    """`distributed.keep_actors`: a finished run leaves its actors idle and the next run of the
+    same shape takes them (the same processes, another rule), reset, and updates bit for bit as
+    it does on fresh actors."""
+    from ctrl_ray.distributed.actors import end_kept_actors
+
+    pids = []
+
+    def record_worker_pids(iteration, roles):
+        if iteration == 1:
+            pids.append([roles.call(worker, "pid") for worker in roles.workers])
+
+    shape = ("iterations=2", "distributed.workers=2")
+    try:
+        train(make_config("first", *shape, "distributed.keep_actors=true"), progress=False,
+              on_iteration=record_worker_pids)
+        reused = train(make_config("second", *shape, "distributed.keep_actors=true",
+                                   mode="value"), progress=False,
+                       on_iteration=record_worker_pids)
+    finally:
+        end_kept_actors()
+    fresh = train(make_config("fresh", *shape, mode="value"), progress=False,
+                  on_iteration=record_worker_pids)
+    assert pids[0] == pids[1] and not set(pids[2]) & set(pids[0]), pids
+    _assert_same_adapter(_adapter(reused), _adapter(fresh), atol=0.0)

@@ -2,7 +2,8 @@
 text testbed and a tiny SD3-format flow folder (through its `models:/` URI); the default rule
 on the tiny random Stable-Diffusion-format pipeline too. Each combination takes
 two updates on Ray with two workers, checkpoints, resumes for a third, registers, is pulled
-back as a pyfunc model and samples a prompt it never saw (a class for the digits)."""
+back as a pyfunc model and samples a prompt it never saw (a class for the digits). The runs
+keep their actors for the next (`distributed.keep_actors`): one actor start for the module."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def _config(base: str, backbone: list[str], reward, out, rule: str, *extra) -> F
         "objective.lr_embedding=0.05", "objective.lr_adapter=0.005",
         "checkpoint_every=1", "evaluate=false", "optimum_samples_per_context=0",
         "evaluation.num_inference_steps=2",
-        "distributed.workers=2", f"output_dir={out}", *extra,
+        "distributed.workers=2", "distributed.keep_actors=true", f"output_dir={out}", *extra,
     ])
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class Roles:
     workers: list[Any]
     remote: bool
     placement_group: Any = None
+    kept: list[_Kept] = field(default_factory=list)   # the learner's, then each worker's
 
     @property
     def learner(self) -> Any:
@@ -88,19 +89,81 @@ class Roles:
                     print(f"rollout worker {index} failed ({type(error).__name__}); waiting "
                           f"for its restart to redo its shard")
                     _wait_until_alive(self.workers[index])
+                    self._after_restart(index)
                     futures[index] = self.submit(index, call)
         return [payload for payload, _ in futures], metrics
 
-    def stop(self) -> None:
-        """End the actors (a finished run frees its learner group's placement group too)."""
+    def _after_restart(self, index: int) -> None:
+        """Ray rebuilds a restarted actor from the arguments it was created with: worker
+        `index`, if kept from an earlier run, must be reset to this run's."""
+        import ray
+
+        if self.kept and self.kept[1 + index].reused:
+            ray.get(self.workers[index].reset.remote(*self.kept[1 + index].args))
+
+    def stop(self, keep: bool = False) -> None:
+        """End the actors (a finished run frees its learner group's placement group too), or,
+        with `keep`, leave them idle for the next run of this process (`distributed.keep_actors`;
+        a learner group of several ranks is always ended)."""
         if not self.remote:
             return
         import ray
 
+        if keep and self.placement_group is None and len(self.learners) == 1:
+            _IDLE.extend(self.kept)
+            return
         for actor in (*self.learners, *self.workers):
             ray.kill(actor)
         if self.placement_group is not None:
             ray.util.remove_placement_group(self.placement_group)
+
+
+@dataclass
+class _Kept:
+    """A Ray actor with what it was built for: its class and options (the key another run must
+    match to reuse it) and the arguments of its current run."""
+
+    key: tuple
+    actor: Any
+    args: tuple
+    reused: bool = False
+
+
+_IDLE: list[_Kept] = []   # actors kept by finished runs of this process, waiting for the next
+
+
+def end_kept_actors() -> None:
+    """End every actor a finished run kept (`distributed.keep_actors`), freeing their CPUs and
+    GPUs for other Ray work."""
+    if _IDLE:
+        import ray
+
+        for kept in _IDLE:
+            ray.kill(kept.actor)
+        _IDLE.clear()
+
+
+def _actors(requests: list[tuple[Any, dict, tuple]]) -> list[_Kept]:
+    """One actor per (class, options, args): an idle kept actor of the same class and options,
+    reset to `args`, else a new one. Kept actors that match no request are ended first, so the
+    new ones find their resources."""
+    import ray
+
+    built: list[_Kept | None] = []
+    for cls, options, args in requests:
+        key = (cls.__name__, tuple(sorted(options.items())))
+        match = next((kept for kept in _IDLE if kept.key == key), None)
+        if match is not None:
+            _IDLE.remove(match)
+            match.actor.reset.remote(*args)
+            match.args, match.reused = args, True
+        built.append(match)
+    end_kept_actors()
+    for index, (cls, options, args) in enumerate(requests):
+        if built[index] is None:
+            key = (cls.__name__, tuple(sorted(options.items())))
+            built[index] = _Kept(key, ray.remote(cls).options(**options).remote(*args), args)
+    return built
 
 
 def _wait_until_alive(actor: Any, timeout_s: float = 300.0) -> None:
@@ -133,14 +196,18 @@ def start_roles(config: FinetuneConfig) -> Roles:
     _check_inputs(config)
     connect(dist.ray_address)
     config = _with_absolute_paths(config)
+    worker = ({"num_cpus": dist.cpus_per_worker, "num_gpus": dist.gpus_per_worker,
+               "max_restarts": dist.max_restarts, "max_task_retries": 0},
+              (config, max(1, int(dist.cpus_per_worker))))
+    if dist.learners == 1:   # actors a finished run may have kept serve this one
+        learner = ({"num_cpus": dist.learner_cpus, "num_gpus": dist.learner_gpus},
+                   (config, _learner_threads(dist), 0, 1))
+        kept = _actors([(Learner, *learner), *[(RolloutWorker, *worker)] * dist.workers])
+        return Roles([kept[0].actor], [k.actor for k in kept[1:]], remote=True, kept=kept)
+    end_kept_actors()
     learners, group = start_learner_group(ray.remote(Learner), dist, config)
-    workers = [
-        ray.remote(RolloutWorker).options(
-            num_cpus=dist.cpus_per_worker, num_gpus=dist.gpus_per_worker,
-            max_restarts=dist.max_restarts, max_task_retries=0,
-        ).remote(config, max(1, int(dist.cpus_per_worker)))
-        for _ in range(dist.workers)
-    ]
+    workers = [ray.remote(RolloutWorker).options(**worker[0]).remote(*worker[1])
+               for _ in range(dist.workers)]
     return Roles(learners, workers, remote=True, placement_group=group)
 
 
@@ -151,12 +218,7 @@ def start_learner_group(actor_class: Any, dist: Any, *args: Any) -> tuple[list[A
     ranks and the placement group (None without one)."""
     import ray
 
-    size = dist.learners
-    # A synchronous loop leaves the workers waiting while the learner updates, so a learner
-    # that reserves no CPUs of its own computes on as many threads as they hold; with
-    # rollouts overlapping the update (max_staleness > 0) it takes one.
-    shared = dist.workers * dist.cpus_per_worker if dist.max_staleness == 0 else 1
-    threads = max(1, int((dist.learner_cpus or shared) // size))
+    size, threads = dist.learners, _learner_threads(dist)
     options: dict[str, Any] = {"num_cpus": dist.learner_cpus, "num_gpus": dist.learner_gpus}
     group = None
     if size > 1 and (dist.learner_cpus or dist.learner_gpus):
@@ -173,6 +235,14 @@ def start_learner_group(actor_class: Any, dist: Any, *args: Any) -> tuple[list[A
         address = ray.get(ranks[0].group_address.remote())
         ray.get([rank.join_group.remote(address) for rank in ranks])
     return ranks, group
+
+
+def _learner_threads(dist: Any) -> int:
+    """Threads per learner rank. A synchronous loop leaves the workers waiting while the
+    learner updates, so a learner that reserves no CPUs of its own computes on as many threads
+    as they hold; with rollouts overlapping the update (max_staleness > 0) it takes one."""
+    shared = dist.workers * dist.cpus_per_worker if dist.max_staleness == 0 else 1
+    return max(1, int((dist.learner_cpus or shared) // dist.learners))
 
 
 def _check_inputs(config: FinetuneConfig) -> None:

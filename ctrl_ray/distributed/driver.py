@@ -69,11 +69,14 @@ def train(config: FinetuneConfig, progress: bool = True, resume: bool | str = Fa
                       f"resumed config is not compared with it")
             changes = check_resume(restored[2].get("config"), config, allow_config_change)
         roles = start_roles(config)
+        finished = False
         try:
-            return _run(roles, config, out, progress, checkpoint, restored, changes,
-                        on_iteration, parent_run_id, rule_choice)
-        finally:
-            roles.stop()
+            result = _run(roles, config, out, progress, checkpoint, restored, changes,
+                          on_iteration, parent_run_id, rule_choice)
+            finished = True
+            return result
+        finally:   # only a finished run's actors are kept: a failed one's may be mid-call
+            roles.stop(keep=finished and config.distributed.keep_actors)
 
 
 def _checkpoint_to_resume(directory: Path, resume: bool | str) -> Path | None:

@@ -24,8 +24,21 @@ from ctrl_ray.objectives.base import draw_inputs, schedule_learning_rates
 from ctrl_ray.objectives.step_scale import calibrate_step_scale
 from ctrl_ray.sampling.sampler import RolloutInputs
 
+_FRESH_RNG_STATE = torch.get_rng_state()   # torch's global RNG as this process started it
 
-class Learner:
+
+class KeptActor:
+    """A role whose Ray actor can serve another run (`distributed.keep_actors`): `reset` makes
+    the live process what a fresh actor built with these arguments would be, minus the start
+    (imports of torch, diffusers and peft)."""
+
+    def reset(self, *args: Any) -> None:
+        torch.set_rng_state(_FRESH_RNG_STATE)
+        self.__dict__.clear()
+        self.__init__(*args)
+
+
+class Learner(KeptActor):
     """Holds the trainable state and the optimizer, applies updates, owns the policy version.
 
     One of ``world_size`` data-parallel ranks: every rank holds the same state, receives every
@@ -155,7 +168,7 @@ class Learner:
             restore_rule_state(self.setup.model, self.setup.objective, learner_state)
 
 
-class RolloutWorker:
+class RolloutWorker(KeptActor):
     """Holds the frozen backbone and a copy of the adapter; samples its share of each batch."""
 
     def __init__(self, config: FinetuneConfig, num_threads: int = 1, setup: Setup | None = None):
