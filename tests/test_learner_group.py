@@ -24,7 +24,7 @@ RULE_SETTINGS = {
 @pytest.fixture
 def make_config(tiny_base, tiny_reward, tiny_judge, tmp_path):
     return rule_config_factory(tiny_base, tiny_reward, tiny_judge, tmp_path, RULE_SETTINGS,
-                               "iterations=2")
+                               "iterations=2", "distributed.keep_actors=true")
 
 
 def _adapter(result) -> dict:

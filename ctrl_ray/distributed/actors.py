@@ -32,7 +32,7 @@ class Roles:
     workers: list[Any]
     remote: bool
     placement_group: Any = None
-    kept: list[_Kept] = field(default_factory=list)   # the learner's, then each worker's
+    kept: list[_Kept] = field(default_factory=list)   # the learner ranks', then the workers'
 
     @property
     def learner(self) -> Any:
@@ -98,18 +98,19 @@ class Roles:
         `index`, if kept from an earlier run, must be reset to this run's."""
         import ray
 
-        if self.kept and self.kept[1 + index].reused:
-            ray.get(self.workers[index].reset.remote(*self.kept[1 + index].args))
+        kept = self.kept[len(self.learners) + index] if self.kept else None
+        if kept is not None and kept.reused:
+            ray.get(self.workers[index].reset.remote(*kept.args))
 
     def stop(self, keep: bool = False) -> None:
         """End the actors (a finished run frees its learner group's placement group too), or,
         with `keep`, leave them idle for the next run of this process (`distributed.keep_actors`;
-        a learner group of several ranks is always ended)."""
+        learner ranks placed in a placement group are always ended)."""
         if not self.remote:
             return
         import ray
 
-        if keep and self.placement_group is None and len(self.learners) == 1:
+        if keep and self.placement_group is None:
             _IDLE.extend(self.kept)
             return
         for actor in (*self.learners, *self.workers):
@@ -199,16 +200,20 @@ def start_roles(config: FinetuneConfig) -> Roles:
     worker = ({"num_cpus": dist.cpus_per_worker, "num_gpus": dist.gpus_per_worker,
                "max_restarts": dist.max_restarts, "max_task_retries": 0},
               (config, max(1, int(dist.cpus_per_worker))))
-    if dist.learners == 1:   # actors a finished run may have kept serve this one
-        learner = ({"num_cpus": dist.learner_cpus, "num_gpus": dist.learner_gpus},
-                   (config, _learner_threads(dist), 0, 1))
-        kept = _actors([(Learner, *learner), *[(RolloutWorker, *worker)] * dist.workers])
-        return Roles([kept[0].actor], [k.actor for k in kept[1:]], remote=True, kept=kept)
-    end_kept_actors()
-    learners, group = start_learner_group(ray.remote(Learner), dist, config)
-    workers = [ray.remote(RolloutWorker).options(**worker[0]).remote(*worker[1])
-               for _ in range(dist.workers)]
-    return Roles(learners, workers, remote=True, placement_group=group)
+    if dist.learners > 1 and (dist.learner_cpus or dist.learner_gpus):   # a placement group
+        end_kept_actors()
+        learners, group = start_learner_group(ray.remote(Learner), dist, config)
+        workers = [ray.remote(RolloutWorker).options(**worker[0]).remote(*worker[1])
+                   for _ in range(dist.workers)]
+        return Roles(learners, workers, remote=True, placement_group=group)
+    # Actors a finished run kept (`distributed.keep_actors`) serve this one where they match.
+    size, threads = dist.learners, _learner_threads(dist)
+    options = {"num_cpus": dist.learner_cpus, "num_gpus": dist.learner_gpus}
+    kept = _actors([*[(Learner, options, (config, threads, rank, size)) for rank in range(size)],
+                    *[(RolloutWorker, *worker)] * dist.workers])
+    learners = [k.actor for k in kept[:size]]
+    _join_group(learners)
+    return Roles(learners, [k.actor for k in kept[size:]], remote=True, kept=kept)
 
 
 def start_learner_group(actor_class: Any, dist: Any, *args: Any) -> tuple[list[Any], Any]:
@@ -231,10 +236,17 @@ def start_learner_group(actor_class: Any, dist: Any, *args: Any) -> tuple[list[A
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group)
     ranks = [actor_class.options(**options).remote(*args, threads, index, size)
              for index in range(size)]
-    if size > 1:
+    _join_group(ranks)
+    return ranks, group
+
+
+def _join_group(ranks: list[Any]) -> None:
+    """Join N > 1 learner ranks into one `torch.distributed` group (rank 0 listens)."""
+    if len(ranks) > 1:
+        import ray
+
         address = ray.get(ranks[0].group_address.remote())
         ray.get([rank.join_group.remote(address) for rank in ranks])
-    return ranks, group
 
 
 def _learner_threads(dist: Any) -> int:

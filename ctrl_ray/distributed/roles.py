@@ -33,6 +33,8 @@ class KeptActor:
     (imports of torch, diffusers and peft)."""
 
     def reset(self, *args: Any) -> None:
+        if torch.distributed.is_initialized():   # a learner rank: its group is joined anew
+            torch.distributed.destroy_process_group()
         torch.set_rng_state(_FRESH_RNG_STATE)
         self.__dict__.clear()
         self.__init__(*args)
