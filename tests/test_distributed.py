@@ -188,7 +188,8 @@ def test_local_ray_workers_compute_at_the_drivers_priority(ray_session):
 def test_kept_actors_serve_the_next_run_as_fresh_ones_would(make_config, ray_session):
     """`distributed.keep_actors`: a finished run leaves its actors idle and the next run of the
     same shape takes them (the same processes, another rule), reset, and updates bit for bit as
-    it does on fresh actors."""
+    it does on fresh actors, even when a kept worker dies mid-run (Ray rebuilds it from the
+    first run's arguments; the driver resets it to this run's)."""
     from ctrl_ray.distributed.actors import end_kept_actors
 
     pids = []
@@ -197,13 +198,18 @@ def test_kept_actors_serve_the_next_run_as_fresh_ones_would(make_config, ray_ses
         if iteration == 1:
             pids.append([roles.call(worker, "pid") for worker in roles.workers])
 
-    shape = ("iterations=2", "distributed.workers=2")
+    def record_then_kill_a_worker(iteration, roles):
+        record_worker_pids(iteration, roles)
+        if iteration == 1:
+            ray_session.kill(roles.workers[0], no_restart=False)
+
+    shape = ("iterations=3", "distributed.workers=2")
     try:
         train(make_config("first", *shape, "distributed.keep_actors=true"), progress=False,
               on_iteration=record_worker_pids)
         reused = train(make_config("second", *shape, "distributed.keep_actors=true",
                                    mode="value"), progress=False,
-                       on_iteration=record_worker_pids)
+                       on_iteration=record_then_kill_a_worker)
     finally:
         end_kept_actors()
     fresh = train(make_config("fresh", *shape, mode="value"), progress=False,
