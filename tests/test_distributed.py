@@ -1,4 +1,5 @@
-"""Ray actor/learner training: sharded updates equal one process, fault tolerance, resume."""
+"""Ray actor/learner training: sharded updates equal one process, fault tolerance, resume.
+The runs keep their actors for the next (`distributed.keep_actors`) unless a test says not."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def make_config(tiny_base, tiny_reward, tiny_judge, tmp_path):
                                             mode)
         window = ["objective.truncation.mode=random", "objective.truncation.k=3"]
         return load_config(FinetuneConfig, overrides=[
-            *overrides, "evaluate=false", *(window if mode == "pathwise" else []), *extra])
+            *overrides, "evaluate=false", *(window if mode == "pathwise" else []),
+            "distributed.keep_actors=true", *extra])
     return make
 
 
@@ -49,7 +51,7 @@ def test_two_ray_workers_with_half_batches_give_the_full_batch_gradient(make_con
                                 label_classes={"compress_class": 4}, num_contexts=10,
                                 truncation=config.objective.truncation)
     full, _ = RolloutWorker(config).work(version, [state], inputs, 8)
-    workers = [ray_session.remote(RolloutWorker).remote(config) for _ in range(2)]
+    workers = [ray_session.remote(num_cpus=0)(RolloutWorker).remote(config) for _ in range(2)]
     reference = ray_session.put(state)
     shards = ray_session.get([w.work.remote(version, [reference],
                                             inputs.slice(4 * i, 4 * i + 4), 8)
@@ -73,6 +75,11 @@ def test_two_workers_with_half_batches_update_like_one_process(make_config, ray_
 
 
 def test_killed_worker_is_restarted_and_the_run_finishes(make_config, ray_session):
+    """On fresh actors, as a run without `keep_actors` starts them (the kept-actor test below
+    kills a reused one)."""
+    from ctrl_ray.distributed.actors import end_kept_actors
+
+    end_kept_actors()
     killed = []
 
     def kill_first_worker(iteration, roles):
@@ -80,7 +87,8 @@ def test_killed_worker_is_restarted_and_the_run_finishes(make_config, ray_sessio
             ray_session.kill(roles.workers[0], no_restart=False)
             killed.append(iteration)
 
-    config = make_config("faulty", "iterations=3", "distributed.workers=2")
+    config = make_config("faulty", "iterations=3", "distributed.workers=2",
+                         "distributed.keep_actors=false")
     result = train(config, progress=False, on_iteration=kill_first_worker)
     assert killed == [1]
     history = mlflow.MlflowClient().get_metric_history(result["mlflow_run_id"], "reward")
@@ -156,8 +164,7 @@ def test_a_learner_without_cpus_of_its_own_updates_on_the_workers_threads(make_c
         threads = ray_session.get(roles.learner.__ray_call__.remote(
             lambda learner: torch.get_num_threads()))
     finally:
-        for actor in (roles.learner, *roles.workers):
-            ray_session.kill(actor)
+        roles.stop(keep=True)   # idle: the next test's run takes them
     assert threads == 2
 
 
