@@ -151,12 +151,13 @@ def _actors(requests: list[tuple[Any, dict, tuple]]) -> list[_Kept]:
     import ray
 
     built: list[_Kept | None] = []
+    resets = []
     for cls, options, args in requests:
         key = (cls.__name__, tuple(sorted(options.items())))
         match = next((kept for kept in _IDLE if kept.key == key), None)
         if match is not None:
             _IDLE.remove(match)
-            match.actor.reset.remote(*args)
+            resets.append(match.actor.reset.remote(*args))
             match.args, match.reused = args, True
         built.append(match)
     end_kept_actors()
@@ -164,6 +165,7 @@ def _actors(requests: list[tuple[Any, dict, tuple]]) -> list[_Kept]:
         if built[index] is None:
             key = (cls.__name__, tuple(sorted(options.items())))
             built[index] = _Kept(key, ray.remote(cls).options(**options).remote(*args), args)
+    ray.get(resets)   # a reset that fails (a bad config) fails here, as a constructor would
     return built
 
 

@@ -7,6 +7,7 @@ embeddings) ever travels: the learner publishes it once per policy version and w
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ class KeptActor:
             torch.distributed.destroy_process_group()
         torch.set_rng_state(_FRESH_RNG_STATE)
         self.__dict__.clear()
+        gc.collect()   # the last run's model and optimizer go before this run's are built
         self.__init__(*args)
 
 
