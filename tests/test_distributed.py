@@ -74,29 +74,6 @@ def test_two_workers_with_half_batches_update_like_one_process(make_config, ray_
     assert any(t.abs().sum() > 0 for t in _adapter(sharded).values())  # it did learn
 
 
-def test_killed_worker_is_restarted_and_the_run_finishes(make_config, ray_session):
-    """On fresh actors, as a run without `keep_actors` starts them (the kept-actor test below
-    kills a reused one)."""
-    from ctrl_ray.distributed.actors import end_kept_actors
-
-    end_kept_actors()
-    killed = []
-
-    def kill_first_worker(iteration, roles):
-        if iteration == 1:
-            ray_session.kill(roles.workers[0], no_restart=False)
-            killed.append(iteration)
-
-    config = make_config("faulty", "iterations=3", "distributed.workers=2",
-                         "distributed.keep_actors=false")
-    result = train(config, progress=False, on_iteration=kill_first_worker)
-    assert killed == [1]
-    history = mlflow.MlflowClient().get_metric_history(result["mlflow_run_id"], "reward")
-    assert [m.step for m in history] == [1, 2, 3]
-    versions = mlflow.MlflowClient().get_metric_history(result["mlflow_run_id"], "version")
-    assert [m.value for m in versions] == [1.0, 2.0, 3.0]
-
-
 def test_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(make_config, tmp_path):
     straight = train(make_config("straight", "iterations=4"), progress=False)
     first_half = make_config("resumed", "iterations=2")
@@ -218,3 +195,26 @@ def test_kept_actors_serve_the_next_run_as_fresh_ones_would(make_config, ray_ses
     local = train(make_config("local", "iterations=3", mode="value"), progress=False)
     assert pids[0] == pids[1], pids
     _assert_same_adapter(_adapter(reused), _adapter(local), atol=0.0)
+
+
+def test_killed_worker_is_restarted_and_the_run_finishes(make_config, ray_session):
+    """On fresh actors, as a run without `keep_actors` starts them (the kept-actor test below
+    kills a reused one)."""
+    from ctrl_ray.distributed.actors import end_kept_actors
+
+    end_kept_actors()
+    killed = []
+
+    def kill_first_worker(iteration, roles):
+        if iteration == 1:
+            ray_session.kill(roles.workers[0], no_restart=False)
+            killed.append(iteration)
+
+    config = make_config("faulty", "iterations=3", "distributed.workers=2",
+                         "distributed.keep_actors=false")
+    result = train(config, progress=False, on_iteration=kill_first_worker)
+    assert killed == [1]
+    history = mlflow.MlflowClient().get_metric_history(result["mlflow_run_id"], "reward")
+    assert [m.step for m in history] == [1, 2, 3]
+    versions = mlflow.MlflowClient().get_metric_history(result["mlflow_run_id"], "version")
+    assert [m.value for m in versions] == [1.0, 2.0, 3.0]
