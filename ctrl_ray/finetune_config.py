@@ -35,7 +35,8 @@ class DistributedConfig:
     ahead of the learner (0: the synchronous loop). `keep_actors: true` leaves a finished
     run's actors idle, holding their CPUs and GPUs, for the next run of the same process with
     the same resources, which then skips their start (imports of torch, diffusers and peft:
-    about 10 s on a CPU); a learner group of several ranks is always ended."""
+    about 14 s for a learner and two workers on 2 CPU cores); learner ranks in a placement
+    group (those that reserve resources) and a failed run's actors are always ended."""
 
     workers: int = 0
     learners: int = 1

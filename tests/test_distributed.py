@@ -198,7 +198,7 @@ def test_kept_actors_serve_the_next_run_as_fresh_ones_would(make_config, ray_ses
 
 
 def test_killed_worker_is_restarted_and_the_run_finishes(make_config, ray_session):
-    """On fresh actors, as a run without `keep_actors` starts them (the kept-actor test below
+    """On fresh actors, as a run without `keep_actors` starts them (the kept-actor test above
     kills a reused one)."""
     from ctrl_ray.distributed.actors import end_kept_actors
 

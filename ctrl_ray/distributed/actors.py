@@ -150,10 +150,10 @@ def _actors(requests: list[tuple[Any, dict, tuple]]) -> list[_Kept]:
     new ones find their resources."""
     import ray
 
+    keys = [(cls.__name__, tuple(sorted(options.items()))) for cls, options, _ in requests]
     built: list[_Kept | None] = []
     resets = []
-    for cls, options, args in requests:
-        key = (cls.__name__, tuple(sorted(options.items())))
+    for key, (_, _, args) in zip(keys, requests, strict=True):
         match = next((kept for kept in _IDLE if kept.key == key), None)
         if match is not None:
             _IDLE.remove(match)
@@ -161,9 +161,8 @@ def _actors(requests: list[tuple[Any, dict, tuple]]) -> list[_Kept]:
             match.args, match.reused = args, True
         built.append(match)
     end_kept_actors()
-    for index, (cls, options, args) in enumerate(requests):
+    for index, (key, (cls, options, args)) in enumerate(zip(keys, requests, strict=True)):
         if built[index] is None:
-            key = (cls.__name__, tuple(sorted(options.items())))
             built[index] = _Kept(key, ray.remote(cls).options(**options).remote(*args), args)
     ray.get(resets)   # a reset that fails (a bad config) fails here, as a constructor would
     return built
