@@ -37,11 +37,11 @@ from plots import line_plot  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 BASELINES = {"dps": "DPS", "cg": "classifier guidance", "cfg": "CFG"}
 ROWS = [   # (task, N, the default's results, the baselines' results)
-    ("compress", 100, ["paper_full_n100"], ["paper_full_n100"]),
-    ("compress", 300, ["paper_full_n300"], ["paper_full_n300"]),
-    ("compress", 1000, ["frontier_default"], ["frontier_default", "frontier_cfg_compress"]),
-    ("multi", 1000, ["frontier_default_fit3000"], ["frontier_default"]),
-    ("ink", 1000, ["frontier_default_fit3000"], ["frontier_default"]),
+    ("compress", 100, "paper_full_n100", ["paper_full_n100"]),
+    ("compress", 300, "paper_full_n300", ["paper_full_n300"]),
+    ("compress", 1000, "frontier_default", ["frontier_default", "frontier_cfg_compress"]),
+    ("multi", 1000, "frontier_default_fit3000", ["frontier_default"]),
+    ("ink", 1000, "frontier_default_fit3000", ["frontier_default"]),
 ]
 NAMES = {"compress": "compressibility, gamma/alpha 10", "multi": "compress x ink, gamma/alpha 1",
          "ink": "ink, gamma/alpha 1"}
@@ -53,7 +53,7 @@ def main() -> None:
                  else {})
     rows = [_row(task, n, ctrl_from, baselines_from, yardstick)
             for task, n, ctrl_from, baselines_from in ROWS
-            if all((RESULTS / f"{name}.json").exists() for name in ctrl_from + baselines_from)]
+            if all((RESULTS / f"{name}.json").exists() for name in [ctrl_from, *baselines_from])]
     data = {"machine": machine(), "rows": rows}
     write_results("paper_full", data, _markdown(data))
     compress = [row for row in rows if row["task"] == "compress"]
@@ -61,7 +61,7 @@ def main() -> None:
         _plot(compress, ROOT / "docs" / "paper_full.png")
 
 
-def _row(task: str, n: int, ctrl_from: list[str], baselines_from: list[str],
+def _row(task: str, n: int, ctrl_from: str, baselines_from: list[str],
          yardstick: dict) -> dict:
     """The default's mean over seeds, its optimum, and each baseline read at its KL."""
     ctrl_result = _task(ctrl_from, task)
@@ -69,12 +69,12 @@ def _row(task: str, n: int, ctrl_from: list[str], baselines_from: list[str],
     config = next(run["config"] for run in ctrl_result["runs"] if run["method"] == "ctrl-default")
     level = next(level for level in ctrl_result["optimum"]["levels"]
                  if level["gamma_over_alpha"] == ctrl_result["tilt"])
-    optimum_source = ctrl_from[0]
+    optimum_source = ctrl_from
     if (n == 1000 and task in yardstick
             and yardstick[task]["levels"][0]["ess_min"] > level["ess_min"]):
         level, optimum_source = yardstick[task]["levels"][0], "goal_yardstick"
     base = ctrl_result["optimum"]["base"]["score"]
-    baseline_rows = [row for name in baselines_from for row in _task([name], task)["methods"]
+    baseline_rows = [row for name in baselines_from for row in _task(name, task)["methods"]
                      if row["kind"] in BASELINES]
     baselines = {}
     for kind in BASELINES:
@@ -85,20 +85,19 @@ def _row(task: str, n: int, ctrl_from: list[str], baselines_from: list[str],
         nearest = min(points, key=lambda point: abs(point[0] - ctrl["kl"]))
         # From the base model across a gap of more than twice the default's KL is a guess.
         baselines[kind] = {"at_kl": score if points[0][0] <= 2 * ctrl["kl"] else None,
-                           "nearest": {"kl": nearest[0], "score": nearest[1]},
-                           "best": max(score for _, score in points), "points": points}
+                           "nearest": {"kl": nearest[0], "score": nearest[1]}, "points": points}
     return {"task": task, "n": n, "rule": ctrl["rule"], "seeds": ctrl["seeds"],
             "budget": (config["iterations"], config["objective"]["batch_size"]),
             "score": (ctrl["score"], ctrl["score_half"]), "kl": (ctrl["kl"], ctrl["kl_half"]),
             "base": base, "optimum": {"score": level["score"], "kl": level["kl"],
                                       "ess_min": level["ess_min"], "from": optimum_source},
             "score_ratio": ctrl["score"] / level["score"], "kl_ratio": ctrl["kl"] / level["kl"],
-            "baselines": baselines, "from": ctrl_from + [name for name in baselines_from
-                                                         if name not in ctrl_from]}
+            "baselines": baselines,
+            "from": [ctrl_from, *(name for name in baselines_from if name != ctrl_from)]}
 
 
-def _task(names: list[str], task: str) -> dict:
-    return json.loads((RESULTS / f"{names[0]}.json").read_text())["tasks"][task]
+def _task(name: str, task: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())["tasks"][task]
 
 
 def _baseline_cell(entry: dict | None) -> str:
