@@ -35,8 +35,9 @@ class DistributedConfig:
     ahead of the learner (0: the synchronous loop). `keep_actors: true` leaves a finished
     run's actors idle, holding their CPUs and GPUs, for the next run of the same process with
     the same resources, which then skips their start (imports of torch, diffusers and peft:
-    about 14 s for a learner and two workers on 2 CPU cores); learner ranks in a placement
-    group (those that reserve resources) and a failed run's actors are always ended."""
+    a tiny run's 2 s become 17 s on a learner and two fresh workers on 2 CPU cores,
+    benchmarks/actor_start.py); learner ranks in a placement group (those that reserve
+    resources) and a failed run's actors are always ended."""
 
     workers: int = 0
     learners: int = 1
