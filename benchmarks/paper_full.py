@@ -129,15 +129,23 @@ def _markdown(data: dict) -> str:
             f"{row['budget'][1]}) | {against_optimum(row)} | "
             + " | ".join(_baseline_cell(row["baselines"].get(kind)) for kind in BASELINES)
             + f" | {row['base']:.3f} |")
-    lines += ["", "Each baseline's best score at any of its scales, and that scale's KL:", "",
+    lines += ["", "Each baseline's best score at any of its scales, at that scale's KL; and the "
+              "smallest KL at which it scores above the default, as a multiple of the "
+              "default's KL:", "",
               "| task | N | " + " | ".join(BASELINES.values()) + " |",
               "|---|---|" + "---|" * len(BASELINES)]
     for row in data["rows"]:
         cells = []
         for kind in BASELINES:
             entry = row["baselines"].get(kind)
-            best = max(entry["points"], key=lambda point: point[1]) if entry else None
-            cells.append(f"{best[1]:.3f} at {best[0]:.1f} nats" if best else "not run")
+            if entry is None:
+                cells.append("not run")
+                continue
+            best = max(entry["points"], key=lambda point: point[1])
+            above = [kl for kl, score in entry["points"] if score > row["score"][0]]
+            cells.append(f"{best[1]:.3f} at {best[0]:.1f} nats; "
+                         + (f"above from {min(above) / row['kl'][0]:.1f}x" if above
+                            else "never above"))
         lines.append(f"| {NAMES[row['task']]} | {row['n']} | " + " | ".join(cells) + " |")
     lines += ["", "Sources: " + "; ".join(
         f"N = {row['n']} {row['task']}: " + ", ".join(f"{name}.md" for name in row["from"])
