@@ -35,7 +35,7 @@ class DistributedConfig:
     ahead of the learner (0: the synchronous loop). `keep_actors: true` leaves a finished
     run's actors idle, holding their CPUs and GPUs, for the next run of the same process with
     the same resources, which then skips their start (imports of torch, diffusers and peft:
-    a tiny run's 2 s become 17 s on a learner and two fresh workers on 2 CPU cores,
+    a tiny run's 1.5 s become 15.5 s on a learner and two fresh workers on 2 CPU cores,
     benchmarks/actor_start.py); learner ranks in a placement group (those that reserve
     resources) and a failed run's actors are always ended."""
 
