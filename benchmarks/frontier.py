@@ -14,7 +14,8 @@ full budget; the rule is chosen once per task (`ctrl_ray.rule_choice`) and run f
 The other rules are fixed settings of earlier frontiers.
 
     .venv/bin/python benchmarks/frontier.py [--tasks ink compress multi] [--rules default] \
-        [--seeds 0 1 2] [--baselines dps cg cfg] [--set adjoint:iterations=300]
+        [--seeds 0 1 2] [--baselines dps cg cfg] [--baseline-seeds 0 1 2] \
+        [--set adjoint:iterations=300]
 
 Writes benchmarks/results/frontier.{json,md}, docs/frontier.png, and logs all of it to MLflow
 (experiment ctrl-ray-frontier). Each run's result is cached under --out, so an interrupted
@@ -94,6 +95,9 @@ def main() -> None:
     parser.add_argument("--optimum-samples", type=int, default=300)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="training seeds of the CTRL runs")
+    parser.add_argument("--baseline-seeds", nargs="+", type=int, default=[0],
+                        help="training seeds of CG's classifiers and CFG's network (DPS trains "
+                             "nothing: one run per scale)")
     parser.add_argument("--optimum-max-samples", type=int, default=0,
                         help="top a context whose optimum has ESS < 50 up to this many samples")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -119,11 +123,12 @@ def main() -> None:
                     out / task / f"ctrl-{rule}-seed{seed}.json",
                     lambda t=task, r=rewards, m=rule, s=seed: _ctrl_run(t, r, m, s, args, out)))
         for kind in args.baselines:
-            for scale in args.scales or BASELINE_SCALES[kind]:
-                tasks[task]["runs"].append(_cached(
-                    out / task / f"{kind}-{scale:g}.json",
-                    lambda t=task, r=rewards, k=kind, s=scale: _baseline_run(t, r, k, s, args,
-                                                                             out)))
+            for seed in [0] if kind == "dps" else args.baseline_seeds:
+                for scale in args.scales or BASELINE_SCALES[kind]:
+                    tasks[task]["runs"].append(_cached(
+                        out / task / f"{_baseline_name(kind, scale, seed)}.json",
+                        lambda t=task, r=rewards, k=kind, s=scale, d=seed: _baseline_run(
+                            t, r, k, s, d, args, out)))
         # Runs an earlier invocation cached for this task (other rules, scales) count too.
         done = {(run["method"], run.get("seed")) for run in tasks[task]["runs"]}
         for path in sorted((out / task).glob("*.json")):
@@ -226,24 +231,29 @@ def _ctrl_run(task: str, rewards: list[str], rule: str, seed: int, args, out: Pa
             "kl": report["mean_kl"], "fidelity": report.get("fidelity"), "report": report}
 
 
-def _baseline_run(task: str, rewards: list[str], kind: str, scale: float, args,
+def _baseline_name(kind: str, scale: float, seed: int) -> str:
+    """A baseline run's folder name; seed 0 keeps the name of the runs before seeds."""
+    return f"{kind}-{scale:g}" + (f"-seed{seed}" if seed else "")
+
+
+def _baseline_run(task: str, rewards: list[str], kind: str, scale: float, seed: int, args,
                   out: Path) -> dict:
-    """A guided baseline at one guidance scale; the trained CFG network or CG classifiers of
-    the task's first scale are reused by the others."""
+    """A guided baseline at one guidance scale and training seed; the trained CFG network or
+    CG classifiers of the task's first scale (same seed) are reused by the others."""
     overrides = [f"base_model={args.base}", f"judge={args.judge}", f"guidance_scale={scale}",
                  f"evaluation.num_inference_steps={args.steps}",
                  f"evaluation.samples_per_target={args.samples_per_target}",
-                 f"evaluation.seed={TEST_SEED}",
-                 "evaluate_base=false", f"output_dir={out / task / f'{kind}-{scale:g}'}",
+                 f"evaluation.seed={TEST_SEED}", "evaluate_base=false",
+                 f"output_dir={out / task / _baseline_name(kind, scale, seed)}",
                  "experiment=ctrl-ray-frontier"]
     if kind == "dps":
         overrides.append("rewards=[" + ", ".join(f"{{path: {r}}}" for r in rewards) + "]")
     else:
-        overrides += [f"dataset={args.dataset}", "pairs=[" + ", ".join(
+        overrides += [f"training.seed={seed}", f"dataset={args.dataset}", "pairs=[" + ", ".join(
             f"{{label: {label}, num_pairs: {args.num_pairs}, seed: {i}, "
             f"path: {out}/pairs-{label}-{args.num_pairs}.parquet}}"
             for i, label in enumerate(LABELS[task])) + "]"]
-        first = out / task / f"{kind}-{BASELINE_SCALES[kind][0]:g}"
+        first = out / task / _baseline_name(kind, BASELINE_SCALES[kind][0], seed)
         if kind == "cfg" and (first / "cfg_model").exists():
             overrides.append(f"model={first / 'cfg_model'}")
         if kind == "cg" and (first / "classifiers").exists():
@@ -253,7 +263,7 @@ def _baseline_run(task: str, rewards: list[str], kind: str, scale: float, args,
     start = time.perf_counter()
     result = run_baseline(kind, config, progress=False)
     report = result[kind]
-    return {"method": f"{kind}-{scale:g}", "kind": kind, "guidance_scale": scale,
+    return {"method": f"{kind}-{scale:g}", "kind": kind, "guidance_scale": scale, "seed": seed,
             "seconds": time.perf_counter() - start, "score": _score(report, task),
             "kl": report["mean_kl"], "fidelity": report.get("fidelity"), "report": report}
 
@@ -309,8 +319,10 @@ def _markdown(data: dict) -> str:
              f"({data['args']['optimum_samples']} base samples per digit"
              + (f", topped up to {data['args']['optimum_max_samples']} where its ESS is below 50"
                 if data['args']['optimum_max_samples'] else "") + "). Per nat: score "
-             f"gained over the base per nat of KL. CTRL rows: mean +- 95% t-interval over "
-             f"training seeds {data['args']['seeds']}.", ""]
+             f"gained over the base per nat of KL. Mean +- 95% t-interval over training seeds: "
+             f"{data['args']['seeds']} for CTRL, "
+             f"{data['args'].get('baseline_seeds', [0])} for CG and CFG (DPS trains nothing).",
+             ""]
     for task, result in data["tasks"].items():
         optimum = result["optimum"]
         base = optimum["base"]["score"]
