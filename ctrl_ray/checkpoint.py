@@ -52,7 +52,8 @@ def policy_spec(model: AugmentedModel, label_info: dict[str, dict], sampling: di
             "coordinates": model.value_head.spec.coordinates,
             "step_candidates": model.value_head.spec.step_candidates,
             "initial_candidates": model.value_head.spec.initial_candidates,
-            "step_scale": model.value_head.spec.step_scale},
+            "step_scale": model.value_head.spec.step_scale,
+            "target_power": model.value_head.spec.target_power},
         "sampling": sampling,
         "base_model": base_model,
     }

@@ -87,14 +87,21 @@ def test_the_tilted_step_is_the_mean_of_the_tilted_transition():
     assert (shift - first_order).norm() > 0.2 * first_order.norm(), (shift, first_order)
 
 
-def test_the_step_scale_multiplies_either_step_and_must_be_positive():
-    """`step_scale` multiplies the first-order and the tilted shift of the same head."""
+def twin_heads(key: str, *values: float) -> list[SoftValueNet]:
+    """Heads with the same random (non-flat) weights, one per value of the spec's `key`."""
     torch.manual_seed(0)
-    nets = [SoftValueNet(SoftValueSpec([2], {"y": 2}, None, hidden_dim=16, step_scale=scale))
-            for scale in (1.0, 1.5)]
+    nets = [SoftValueNet(SoftValueSpec([2], {"y": 2}, None, hidden_dim=16, **{key: value}))
+            for value in values]
     for parameter in nets[0].parameters():
         torch.nn.init.normal_(parameter, std=0.4)
-    nets[1].load_state_dict(nets[0].state_dict())
+    for net in nets[1:]:
+        net.load_state_dict(nets[0].state_dict())
+    return nets
+
+
+def test_the_step_scale_multiplies_either_step_and_must_be_positive():
+    """`step_scale` multiplies the first-order and the tilted shift of the same head."""
+    nets = twin_heads("step_scale", 1.0, 1.5)
     mean, t, labels = torch.tensor([[0.3, -0.2]]), torch.full((1,), 400), {"y": torch.tensor([1])}
     offsets = torch.randn((4, 1, 2), generator=torch.Generator().manual_seed(1))
     for step in (offsets, None):
@@ -506,3 +513,36 @@ def test_a_head_fit_on_forward_noised_states_learns_the_chains_value():
     assert forward < flat - 0.1 and abs(forward - chain) < 0.05, losses
     with pytest.raises(InputError, match="forward_noise_fraction"):
         ValueConfig(forward_noise_fraction=1.5)
+
+
+def test_a_target_power_fits_a_tempered_value_and_steers_by_its_log_over_the_power():
+    """With target_power f the worker's targets are f lambda log p, the head's log h is what it
+    fits divided by f (so the step, the x_T tilt and the candidates' weights all read it), and a
+    saved policy keeps f."""
+    from test_theorem import STEPS, classifier_log_likelihood
+
+    from ctrl_ray.checkpoint import policy_spec
+    from ctrl_ray.objectives import value
+    from ctrl_ray.objectives.configs import ValueConfig
+
+    nets = twin_heads("target_power", 1.0, 0.5)
+    x, t, labels = torch.tensor([[0.3, -0.2]]), torch.full((1,), 400), {"y": torch.tensor([1])}
+    plain, tempered = (net.log_value(x, t, None, labels)[0] for net in nets)
+    torch.testing.assert_close(tempered, 2 * plain)
+    plain, tempered = (net.mean_shift(x, torch.tensor(0.5), t, None, labels, None)
+                       for net in nets)
+    assert plain.norm() > 1e-3
+    torch.testing.assert_close(tempered, 2 * plain)
+    with pytest.raises(InputError, match="target_power"):
+        SoftValueSpec([2], {"y": 2}, target_power=0)
+
+    models = [AugmentedModel(mixture_backbone(), {"y": 2}, adapter="value",
+                             value_head={"target_power": power}) for power in (1.0, 0.25)]
+    inputs = RolloutInputs.draw(0, 8, STEPS, (2,), {"y": 2})
+    config = ValueConfig(gamma=2.0, kl_weight=1.0, num_inference_steps=STEPS)
+    plain, tempered = (value.worker_step(model, classifier_log_likelihood, inputs, config, 8, 0,
+                                         report=False)[0]["log_targets"] for model in models)
+    assert plain.abs().max() > 0.1
+    torch.testing.assert_close(tempered, 0.25 * plain)
+    spec = policy_spec(models[1], {}, {}, "base", 4, None, None)
+    assert spec["value_head"]["target_power"] == 0.25

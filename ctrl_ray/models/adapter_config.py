@@ -13,7 +13,7 @@ from ctrl_ray.errors import InputError
 ADAPTERS = ("lora", "full", "none", "value")
 WIDTH_KEYS = ("channels", "hidden_dim", "time_embedding_dim")
 VALUE_HEAD_KEYS = (*WIDTH_KEYS, "coordinates", "step_candidates", "initial_candidates",
-                   "step_scale")
+                   "step_scale", "target_power")
 
 
 @dataclass
@@ -43,17 +43,18 @@ class AdapterConfig:
         for key in ("step_candidates", "initial_candidates"):
             if key in self.value_head:
                 check_step_candidates(self.value_head[key], key)
-        if "step_scale" in self.value_head:
-            check_step_scale(self.value_head["step_scale"])
+        for key in ("step_scale", "target_power"):
+            if key in self.value_head:
+                check_step_scale(self.value_head[key], key)
         if not isinstance(self.value_head.get("coordinates", True), bool):
             raise InputError(f"adapter.value_head.coordinates: need true or false, got "
                              f"{self.value_head['coordinates']!r}")
 
 
-def check_step_scale(value: Any) -> None:
-    """The value head's step multiplier: a number > 0."""
+def check_step_scale(value: Any, key: str = "step_scale") -> None:
+    """The value head's step multiplier (or target power): a number > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise InputError(f"value_head.step_scale: need a number > 0, got {value!r}")
+        raise InputError(f"value_head.{key}: need a number > 0, got {value!r}")
 
 
 def check_step_candidates(value: Any, key: str = "step_candidates") -> None:

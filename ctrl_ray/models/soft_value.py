@@ -44,6 +44,8 @@ class SoftValueSpec:
     time_embedding_dim: int = 64
     step_candidates: int = 8      # the step: 0 first-order, else this many base candidates
     step_scale: float = 1.0       # the step's multiple (> 1: a head early stopping left flat)
+    target_power: float = 1.0     # fit p^(power lambda), steer by its log / power (< 1: less
+                                  # variance from a rare target's few hits, a bias instead)
     initial_candidates: int = 32  # the tilt of x_T: 0 none, else this many base candidates
     coordinates: bool = True      # two channels of each pixel's position (images): where
                                   # things are survives the global average pool
@@ -62,6 +64,7 @@ class SoftValueSpec:
         check_step_candidates(self.step_candidates)
         check_step_candidates(self.initial_candidates, "initial_candidates")
         check_step_scale(self.step_scale)
+        check_step_scale(self.target_power, "target_power")
         if self.num_contexts and self.context_dim:
             raise InputError("a value head conditions on class indices or on prompt "
                              "embeddings, not both")
@@ -151,7 +154,8 @@ class SoftValueNet(nn.Module):
                                     device=x.device)
         consistent = ((targets[None] == rows[:, None]) | null[:, None]).all(-1)   # (B, J)
         log_q, log_m = self(x, t, contexts)
-        return torch.logsumexp(log_q.masked_fill(~consistent, float("-inf")), 1) + log_m, \
+        log_fitted = torch.logsumexp(log_q.masked_fill(~consistent, float("-inf")), 1) + log_m
+        return log_fitted / self.spec.target_power, \
             ~null.all(1)
 
     def grad_log_value(self, x: Tensor, t: Tensor, contexts: Tensor | None,

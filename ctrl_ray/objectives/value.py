@@ -68,7 +68,8 @@ def worker_step(model, reward_fn: RewardFn, inputs: RolloutInputs, config: Value
     if inputs.num_steps != config.num_inference_steps:
         raise InputError(f"inputs have {inputs.num_steps} steps of noise but "
                          f"num_inference_steps is {config.num_inference_steps}")
-    tilt = config.tilt_exponent(math.prod(model.sample_shape))
+    # the head's targets: (target_power lambda) log p(y | x0) for every y
+    tilt = config.tilt_exponent(math.prod(model.sample_shape)) * model.value_head.spec.target_power
     with torch.no_grad():
         base = sample(model, inputs, eta=config.eta, compute_kl=False, from_reference=True)
         log_targets = tilt * target_log_likelihoods(model, reward_fn, base.x0, base.contexts)
