@@ -303,6 +303,14 @@ def _pm(mean: float, half: float) -> str:
     return f"{mean:.3f}" if math.isnan(half) else f"{mean:.3f} +- {half:.3f}"
 
 
+def _baseline_seeds(data: dict) -> list[tuple[str, list[int]]]:
+    """The training seeds each trained baseline (CG, CFG) has runs for; runs cached before
+    seeds were recorded are seed 0."""
+    runs = [run for task in data["tasks"].values() for run in task["runs"]]
+    return [(kind, sorted({run.get("seed") or 0 for run in runs if run.get("kind") == kind}))
+            for kind in ("cg", "cfg") if any(run.get("kind") == kind for run in runs)]
+
+
 def _markdown(data: dict) -> str:
     minutes = sum(run.get("seconds", 0) for task in data["tasks"].values()
                   for run in task["runs"]) / 60
@@ -319,10 +327,10 @@ def _markdown(data: dict) -> str:
              f"({data['args']['optimum_samples']} base samples per digit"
              + (f", topped up to {data['args']['optimum_max_samples']} where its ESS is below 50"
                 if data['args']['optimum_max_samples'] else "") + "). Per nat: score "
-             f"gained over the base per nat of KL. Mean +- 95% t-interval over training seeds: "
-             f"{data['args']['seeds']} for CTRL, "
-             f"{data['args'].get('baseline_seeds', [0])} for CG and CFG (DPS trains nothing).",
-             ""]
+             f"gained over the base per nat of KL. Mean +- 95% t-interval over training seeds "
+             f"(the seeds column): {data['args']['seeds']} for CTRL"
+             + "".join(f", {seeds} for {kind.upper()}" for kind, seeds in _baseline_seeds(data))
+             + " (DPS trains nothing).", ""]
     for task, result in data["tasks"].items():
         optimum = result["optimum"]
         base = optimum["base"]["score"]

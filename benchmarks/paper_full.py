@@ -111,8 +111,9 @@ def _baseline(kind: str, runs: list[dict], base: float, kl: float) -> dict:
     readings = []
     for points in by_seed.values():
         # From the base model across a gap of more than twice the default's KL is a guess.
-        if min(points)[0] <= 2 * kl:
-            readings.append(at_kl([(0.0, base), *points], kl))
+        reading = at_kl([(0.0, base), *points], kl) if min(points)[0] <= 2 * kl else None
+        if reading is not None:
+            readings.append(reading)
     scales = sorted({run["guidance_scale"] for run in runs})
     points = sorted(tuple(map(float, np.mean([(run["kl"], run["score"]) for run in runs
                                               if run["guidance_scale"] == scale], 0)))
