@@ -8,6 +8,8 @@ URI resolves it here first. Models are logged as MLflow pyfunc models from code
 
 from __future__ import annotations
 
+import posixpath
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -132,27 +134,35 @@ def set_alias(name: str, version: int | str, alias: str) -> None:
 
 
 def check_name(name: str, key: str = "--name") -> None:
-    """A registered-model name MLflow accepts; InputError before anything is created."""
-    from mlflow.utils.validation import _validate_model_name
+    """A registered-model name MLflow accepts; InputError before anything is created.
 
-    try:
-        _validate_model_name(name)
-    except mlflow.exceptions.MlflowException as err:
-        raise InputError(f"{key}: {name!r} is not a valid model name ({err.message})") from None
+    MLflow's rule: not blank, no '/' or ':', and a plain file name (it may be stored as one).
+    Checked here rather than through `mlflow.utils.validation`, whose private names change.
+    """
+    why = None
+    if not name.strip():
+        why = "it is blank"
+    elif "/" in name or ":" in name:
+        why = "names cannot contain '/' or ':'"
+    elif posixpath.normpath(name) != name or name == "." or name.startswith(".."):
+        why = f"as a file name it would resolve to {posixpath.normpath(name)!r}"
+    if why:
+        raise InputError(f"{key}: {name!r} is not a valid model name ({why})")
+
+
+_ALIAS = re.compile(r"[\w\-]{1,255}")
+_VERSION_ALIAS = re.compile(r"[vV]\d+")
 
 
 def check_alias(alias: str, key: str = "--alias") -> None:
     """An alias MLflow accepts and does not reserve (`latest`, `v1`, `V2` ... are reserved)."""
-    from mlflow.utils.validation import (
-        _validate_model_alias_name,
-        _validate_model_alias_name_reserved,
-    )
-
-    try:
-        _validate_model_alias_name(alias)
-        _validate_model_alias_name_reserved(alias)
-    except mlflow.exceptions.MlflowException as err:
-        raise InputError(f"{key}: {alias!r} is not a usable alias ({err.message})") from None
+    why = None
+    if not _ALIAS.fullmatch(alias):
+        why = "1-255 characters, only alphanumerics, underscores (_) and dashes (-)"
+    elif alias.lower() == "latest" or _VERSION_ALIAS.fullmatch(alias):
+        why = "'latest' and version names like 'v1' are reserved"
+    if why:
+        raise InputError(f"{key}: {alias!r} is not a usable alias ({why})")
 
 
 def latest_version(name: str) -> str | None:

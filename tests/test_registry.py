@@ -36,6 +36,35 @@ def registered(tiny_run):
     return registry.register_policy(out / "policy", "ctrl-digits", "champion")
 
 
+ALIASES = ["champion", "a-b_c", "va", "\u65e5\u672c", "x" * 255, "x" * 256, "", "a b", "a.b",
+           "latest", "LATEST", "v1", "V22"]
+NAMES = ["ok", "a b", "x.", "\u65e5\u672c", " ", "a/b", "a:b", ".", "..", "..x", "../x", "./a",
+         "a/../b"]
+
+
+def _accepted(check, value) -> bool:
+    try:
+        check(value)
+    except (registry.InputError, mlflow.exceptions.MlflowException):
+        return False
+    return True
+
+
+def test_name_and_alias_checks_refuse_exactly_what_the_mlflow_registry_refuses(tmp_path):
+    """Our up-front checks against the real store's own validation, so an MLflow change shows."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    client.create_registered_model("alias-rules")
+    client.create_model_version("alias-rules", source=str(tmp_path))
+    for alias in ALIASES:
+        store = _accepted(lambda a: client.set_registered_model_alias("alias-rules", a, "1"), alias)
+        assert _accepted(registry.check_alias, alias) == store, alias[:12]
+    for name in NAMES:
+        store = _accepted(lambda n: client.create_registered_model(f"{n}"), name)
+        assert _accepted(registry.check_name, name) == store, name
+
+
 def test_registered_policy_pulled_in_a_fresh_process_equals_in_process_sample(
         registered, tiny_run, tmp_path):
     assert registered == "models:/ctrl-digits/1"
