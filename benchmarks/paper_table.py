@@ -410,6 +410,10 @@ QUICK_NOTE = (
     "**Quick mode**: a tiny 8x8 base model pre-trained for a few hundred steps, 4 sampler steps, "
     "short training for every method. The numbers only show that the pipeline runs end to end; "
     "they say nothing about the methods.")
+SHORT_BUDGET_NOTE = (
+    "**A short budget**: CTRL takes {updates} updates here, {seeds} seeds. The table "
+    "at the configs' full budget, the default rule with 3 seeds against every baseline's "
+    "frontier at matched KL, is [paper_full.md](../benchmarks/results/paper_full.md).")
 PROTOCOL = (
     "Every method uses the same base model, the same N labelled pairs (or the reward classifier "
     "trained on them), the same sampler (DDIM, eta = 1) and the same evaluation seeds; samples "
@@ -466,6 +470,11 @@ def labels_used(method: str, counts: dict) -> str:
     return used + (f", {counts['c']} digit c" if counts.get("c") else ", no c")
 
 
+def _option(overrides: list[str], key: str) -> str:
+    """The value `overrides` sets for `key` (`key=value`)."""
+    return next(o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}="))
+
+
 def write_docs(results: dict, docs: Path, quick: bool, notes: str | None = None) -> Path:
     """results.md with the three experiments' tables, its figures and the sample grids."""
     docs.mkdir(parents=True, exist_ok=True)
@@ -499,7 +508,8 @@ def write_docs(results: dict, docs: Path, quick: bool, notes: str | None = None)
         f"{machine_info['cpu_count']} threads); total {results['seconds'] / 60:.1f} min. Base "
         f"model `{inputs['base_model']}`, judge `{inputs['judge']}`, dataset "
         f"`{inputs['dataset']}`.", "",
-        *([QUICK_NOTE, ""] if quick else []),
+        *([QUICK_NOTE, ""] if quick else [SHORT_BUDGET_NOTE.format(
+            updates=_option(budget.ctrl, "iterations"), seeds=len(seeds)), ""]),
         PROTOCOL.format(seeds=seeds), "",
         f"Guidance scales: {scales}. Config overrides of this mode on top of configs/*.yaml: "
         f"{overrides}.", "",
