@@ -181,10 +181,21 @@ def _score(report: dict, task: str) -> float:
 
 
 def _optimum(task: str, rewards: list[str], args, levels: list[float] | None = None,
-             proposal=None) -> dict:
+             proposal=None, cache=None) -> dict:
     """The exact optimum of `task` at `levels` (default: GUIDANCE_LEVELS and the task's tilt),
     each level's score the task's headline number; with a `proposal` policy, its samples for
-    the pairs whose base ESS stays short (``args.short_pair_samples`` each)."""
+    the pairs whose base ESS stays short (``args.short_pair_samples`` each, topped up to
+    ``args.max_short_pair_samples``); with a `cache` (`PoolCache`), samples kept there."""
+    config, setup, judge = _optimum_setup(task, rewards, args, levels)
+    result = exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood, judge,
+                           config.optimum, proposal=proposal, cache=cache)
+    for level in [result["base"], *result["levels"], *result.get("base_samples_levels", [])]:
+        level["score"] = _score(level, task)
+    return result
+
+
+def _optimum_setup(task: str, rewards: list[str], args, levels: list[float] | None = None):
+    """The audit config of `task`'s optimum, its setup (base model, rewards) and the judge."""
     config = load_config(AuditConfig, overrides=[
         f"base_model={args.base}", f"judge={args.judge}",
         "rewards=[" + ", ".join(f"{{path: {r}}}" for r in rewards) + "]"])
@@ -196,11 +207,8 @@ def _optimum(task: str, rewards: list[str], args, levels: list[float] | None = N
     config.optimum.num_inference_steps = args.steps
     config.optimum.guidance_levels = levels or sorted({*GUIDANCE_LEVELS, TILT[task]})
     config.optimum.short_pair_samples = getattr(args, "short_pair_samples", 0)
-    result = exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood,
-                           DigitJudge.load(args.judge), config.optimum, proposal=proposal)
-    for level in [result["base"], *result["levels"], *result.get("base_samples_levels", [])]:
-        level["score"] = _score(level, task)
-    return result
+    config.optimum.max_short_pair_samples = getattr(args, "max_short_pair_samples", 0)
+    return config, setup, DigitJudge.load(args.judge)
 
 
 def _ctrl_run(task: str, rewards: list[str], rule: str, seed: int, args, out: Path) -> dict:

@@ -26,12 +26,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, testbed_parser, write_results  # noqa: E402
-from frontier import LABELS, TILT, _optimum  # noqa: E402
+from frontier import LABELS, TILT, _optimum, _optimum_setup  # noqa: E402
 
+from ctrl_ray.optimum import PoolCache, pair_pool, smallest_ess  # noqa: E402
 from ctrl_ray.policy import load_any  # noqa: E402
 
 
@@ -46,10 +48,17 @@ def main() -> None:
                         help="a trained policy of the task, for the pairs still short at the cap")
     parser.add_argument("--short-pair-samples", type=int, default=0,
                         help="the proposal's samples per pair still short (with --proposal)")
+    parser.add_argument("--max-short-pair-samples", type=int, default=0,
+                        help="top a pair still short up to this many of the proposal's samples")
+    parser.add_argument("--pairs", nargs="+", default=None, metavar="CONTEXT:TARGET_INDEX",
+                        help="only draw (and cache) the proposal's samples for these pairs, "
+                             "with one --tasks: a second process can draw them meanwhile")
     parser.add_argument("--out", default="outputs/bench-frontier-fit3000")
     args = parser.parse_args()
     if bool(args.proposal) != bool(args.short_pair_samples):
         parser.error("--proposal and --short-pair-samples go together")
+    if args.pairs and (not args.proposal or len(args.tasks) != 1):
+        parser.error("--pairs takes --proposal and one --tasks")
     torch.set_num_threads(1)
     out = Path(args.out)
     missing = [str(out / f"reward-{label}") for task in args.tasks for label in LABELS[task]
@@ -57,16 +66,19 @@ def main() -> None:
     if missing:
         parser.error(f"no trained reward at {', '.join(missing)}: run frontier.py with this "
                      "--out first")
+    if args.pairs:
+        _draw_pairs(args.tasks[0], args)
+        return
     committed = RESULTS / "goal_yardstick.json"
     tasks = _committed_tasks(json.loads(committed.read_text())) if committed.is_file() else {}
     for task in args.tasks:
-        path = out / task / (f"yardstick-max{args.optimum_max_samples}"
-                             f"{f'-short{args.short_pair_samples}' if args.proposal else ''}.json")
+        path = out / task / f"yardstick-{_name(args)}.json"
         if not path.is_file():
             rewards = [str(out / f"reward-{label}") for label in LABELS[task]]
             start = time.perf_counter()
             proposal = load_any(args.proposal).model.eval() if args.proposal else None
-            result = _optimum(task, rewards, args, levels=[TILT[task]], proposal=proposal)
+            result = _optimum(task, rewards, args, levels=[TILT[task]], proposal=proposal,
+                              cache=_cache(task, args))
             result["seconds"] = time.perf_counter() - start
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, default=str))
@@ -74,6 +86,39 @@ def main() -> None:
                        "date": machine()["date"]}
     data = {"machine": machine(), "tasks": tasks}
     write_results("goal_yardstick", data, markdown(data))
+
+
+def _name(args) -> str:
+    """The estimate's name: its caps and proposal samples."""
+    short = (f"-short{args.short_pair_samples}"
+             f"{f'-to{args.max_short_pair_samples}' if args.max_short_pair_samples else ''}"
+             if args.proposal else "")
+    return f"max{args.optimum_max_samples}{short}"
+
+
+def _cache(task: str, args) -> PoolCache:
+    """Where a task's samples are kept (the base's and each short pair's), so that a run
+    resumes and `--pairs` in another process can draw some pairs meanwhile."""
+    return PoolCache(Path(args.out) / task / f"samples-{_name(args)}")
+
+
+def _draw_pairs(task: str, args) -> None:
+    """Draw the proposal's samples for `args.pairs` into the task's cache, for a main run
+    (the same arguments without --pairs) to join with its base samples."""
+    rewards = [str(Path(args.out) / f"reward-{label}") for label in LABELS[task]]
+    config, setup, judge = _optimum_setup(task, rewards, args, [TILT[task]])
+    proposal = load_any(args.proposal).model.eval()
+    for pair in args.pairs:
+        context, index = (int(part) for part in pair.split(":"))
+        start = time.perf_counter()
+        pool = _cache(task, args).get(f"pair-{context}-{index}", lambda c=context, i=index:
+                                      pair_pool(proposal, setup.label_info,
+                                                setup.image_log_likelihood, judge,
+                                                config.optimum, c, i))
+        rows = np.arange(len(pool.context_of_row))
+        ess = smallest_ess(pool, list(pool.log_likelihood)[index], rows, [TILT[task]])
+        print(f"{task} pair {pair}: {len(rows)} samples, ESS {ess:.1f}, "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
 
 
 def _committed_tasks(data: dict) -> dict:

@@ -19,7 +19,7 @@ from ctrl_ray.errors import InputError
 # the remaining updates then follow the schedule stretched to the new count.
 FREE_KEYS = ("iterations", "checkpoint_every", "output_dir", "judge", "evaluate",
              "evaluate_base", "optimum_samples_per_context", "optimum_max_samples_per_context",
-             "optimum_policy_samples", "objective.report_every")
+             "optimum_policy_samples", "optimum_max_policy_samples", "objective.report_every")
 FREE_PREFIXES = ("evaluation.", "distributed.")
 # How far rollouts may run ahead of the learner changes which policy samples each batch.
 TRAINING_KEYS = ("distributed.max_staleness",)

@@ -92,6 +92,7 @@ class FinetuneConfig:
     # For each (context, target) whose base samples keep the optimum's ESS < 50: as many samples
     # of the fine-tuned policy drawn for it, weighted to the optimum by their path ratio; 0: off.
     optimum_policy_samples: int = 0
+    optimum_max_policy_samples: int = 0   # a pair still short topped up to this; 0: no top-up
     output_dir: str = "outputs/ctrl-digits-compress"
     experiment: str = "ctrl-ray-finetune"
 
@@ -99,7 +100,8 @@ class FinetuneConfig:
         check_bounds(self, iterations="[1, 100000000]", seed=SEED, checkpoint_every=">= 0",
                      optimum_samples_per_context="[0, 100000]",
                      optimum_max_samples_per_context="[0, 1000000]",
-                     optimum_policy_samples="[0, 100000]")
+                     optimum_policy_samples="[0, 100000]",
+                     optimum_max_policy_samples="[0, 1000000]")
         # The one place the update rule is chosen: `objective` becomes the rule's own config.
         rule_config = objective_config(self.mode)
         if self.adapter.kind is None:

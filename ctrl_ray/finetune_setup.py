@@ -155,13 +155,14 @@ def run_optimum(setup: Setup, config: FinetuneConfig, judge: DigitJudge | None,
     """The exact optimum at the run's gamma/alpha, on the evaluation's targets and sampler, from
     `optimum_samples_per_context` base samples per context (topped up as configured), and, with
     a `proposal` policy, `optimum_policy_samples` of its samples for each (context, target)
-    pair whose base ESS stays below 50."""
+    pair whose base ESS stays below 50 (topped up to `optimum_max_policy_samples`)."""
     tilt = config.objective.tilt_exponent(math.prod(setup.model.sample_shape))
     return exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood, judge,
                          proposal=proposal, config=OptimumConfig(
                              samples_per_context=config.optimum_samples_per_context,
                              max_samples_per_context=config.optimum_max_samples_per_context,
                              short_pair_samples=config.optimum_policy_samples,
+                             max_short_pair_samples=config.optimum_max_policy_samples,
                              contexts=config.evaluation.contexts,
                              context_digits=config.evaluation.context_digits,
                              guidance_levels=[tilt],

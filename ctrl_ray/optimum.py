@@ -20,6 +20,7 @@ ESS still says how far to trust it, except about regions the proposal never visi
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,66 @@ class SamplePool:
         """Unnormalised log weights of `rows` for the optimum of `target` at `tilt`."""
         logits = tilt * self.log_likelihood[target][rows]
         return logits if self.log_ratio is None else logits - self.log_ratio[rows]
+
+    def extend(self, other: SamplePool) -> None:
+        """Append `other`'s rows (same contexts and targets); a pool without `log_ratio` /
+        `target_of_row` holds base samples."""
+        def rows_of(pool: SamplePool, field_name: str, base_value) -> np.ndarray:
+            value = getattr(pool, field_name)
+            return np.full(len(pool.context_of_row), base_value) if value is None else value
+        if other.log_ratio is not None or self.log_ratio is not None:
+            self.log_ratio = np.concatenate([rows_of(self, "log_ratio", 0.0),
+                                             rows_of(other, "log_ratio", 0.0)])
+            self.target_of_row = np.concatenate([rows_of(self, "target_of_row", BASE_ROW),
+                                                 rows_of(other, "target_of_row", BASE_ROW)])
+        self.images = other.images if len(self.images) == 0 else torch.cat([self.images,
+                                                                            other.images])
+        for name, labels in other.labels.items():
+            self.labels[name] = np.concatenate([self.labels.get(name, np.zeros(0, np.int64)),
+                                                labels])
+        for target, log_likelihood in other.log_likelihood.items():
+            self.log_likelihood[target] = np.concatenate(
+                [self.log_likelihood.get(target, np.zeros(0)), log_likelihood])
+        if other.judged_digits is not None:
+            self.judged_digits = (other.judged_digits if self.judged_digits is None
+                                  else np.concatenate([self.judged_digits, other.judged_digits]))
+        self.context_of_row = np.concatenate([self.context_of_row, other.context_of_row])
+
+    def save(self, path: str | Path) -> None:
+        """Write the pool to one .npz file (`load` reads it back), so that a long estimate can
+        resume and a pair's samples can be drawn by another process."""
+        targets = list(self.log_likelihood)
+        arrays = {"context_of_row": self.context_of_row, "images": self.images.numpy(),
+                  "targets": np.asarray(targets, dtype=np.int64),
+                  "log_likelihood": np.stack([self.log_likelihood[t] for t in targets]),
+                  "meta": np.asarray(json.dumps({
+                      "contexts": self.contexts, "labels": list(self.labels),
+                      "scorers": self.scorers,
+                      "context_digits": [[c, d] for c, d in self.context_digits.items()]}))}
+        arrays.update({f"labels_{i}": self.labels[name] for i, name in enumerate(self.labels)})
+        for name in ("judged_digits", "log_ratio", "target_of_row"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as file:   # np.savez would add .npz to a name without it
+            np.savez(file, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SamplePool:
+        """The pool `save` wrote."""
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            optional = {name: data[name] if name in data else None
+                        for name in ("judged_digits", "log_ratio", "target_of_row")}
+            return cls(contexts=meta["contexts"], context_of_row=data["context_of_row"],
+                       images=torch.from_numpy(data["images"]),
+                       labels={name: data[f"labels_{i}"]
+                               for i, name in enumerate(meta["labels"])},
+                       log_likelihood={tuple(int(k) for k in target): row for target, row
+                                       in zip(data["targets"], data["log_likelihood"],
+                                              strict=True)},
+                       scorers=meta["scorers"],
+                       context_digits={c: d for c, d in meta["context_digits"]}, **optional)
 
 
 # log E_pre[p(y | x0, c)] below which a (context, target) pair counts as rare: 1 in 12 base
@@ -204,23 +265,70 @@ def smallest_ess(pool: SamplePool, target: tuple, rows: np.ndarray,
 
 def add_proposal_for_short_pairs(pool: SamplePool, proposal, label_info: dict[str, dict],
                                  log_likelihood: ImageLogLikelihood, judge,
-                                 config: OptimumConfig) -> list[tuple[int, int]]:
-    """Draw `short_pair_samples` of the `proposal` policy for each pair of the base `pool` whose
-    ESS is still short, each pair's alone (with its paths' log q/p_pre); those rows then serve
-    that pair, the base samples every other, unless the base samples' ESS is the larger there
-    (`keep_the_larger_ess`). Returns the pairs the policy serves."""
+                                 config: OptimumConfig, cache: PoolCache | None = None
+                                 ) -> list[tuple[int, int]]:
+    """Add the `proposal` policy's samples for each pair of the base `pool` whose ESS is still
+    short (`pair_pool`); those rows then serve that pair, the base samples every other, unless
+    the base samples' ESS is the larger there (`keep_the_larger_ess`). Returns the pairs the
+    policy serves."""
     short = short_pairs(pool, config)
     if not short:
         return short
     pool.log_ratio = np.zeros(len(pool.context_of_row))
     pool.target_of_row = np.full(len(pool.context_of_row), BASE_ROW)
-    _, scorers, judge = _empty_pool(proposal, label_info, judge, config)
-    targets = list(pool.log_likelihood)
     for c, index in short:
-        _add_samples(pool, proposal, scorers, log_likelihood, judge,
-                     [c] * config.short_pair_samples, config.seed + len(pool.context_of_row),
-                     config, target=targets[index])
+        pool.extend(_cached(cache, f"pair-{c}-{index}", lambda c=c, index=index: pair_pool(
+            proposal, label_info, log_likelihood, judge, config, c, index)))
     return keep_the_larger_ess(pool, short, config.guidance_levels)
+
+
+# a (context, target) pair's proposal samples take seeds from config.seed + PAIR_SEEDS * (1 +
+# the pair's number) on: more than any pool draws, so no pair shares a seed with another's
+PAIR_SEEDS = 1_000_000
+
+
+def pair_pool(proposal, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood, judge,
+              config: OptimumConfig, context: int, target_index: int) -> SamplePool:
+    """`short_pair_samples` of the proposal policy drawn for one (context, target) pair, each
+    with its path's log q/p_pre, topped up while the pair's ESS is below `min_ess` (as
+    `base_pool` tops up a context) to at most `max_short_pair_samples`. Its seeds depend on the
+    pair alone, so pairs can be drawn apart (another process) and joined."""
+    pool, scorers, judge = _empty_pool(proposal, label_info, judge, config)
+    targets = list(itertools.product(*(range(n) for n in proposal.label_classes.values())))
+    number = pool.contexts.index(context) * len(targets) + target_index
+    first_seed = config.seed + PAIR_SEEDS * (1 + number)
+    cap = max(config.max_short_pair_samples, config.short_pair_samples)
+    more = config.short_pair_samples
+    while more:
+        _add_samples(pool, proposal, scorers, log_likelihood, judge, [context] * more,
+                     first_seed + len(pool.context_of_row), config,
+                     target=targets[target_index])
+        rows = np.arange(len(pool.context_of_row))
+        more = _more_samples(len(rows), smallest_ess(pool, targets[target_index], rows,
+                                                     config.guidance_levels), config, cap)
+    return pool
+
+
+class PoolCache:
+    """Samples drawn for an estimate, kept as .npz files in `directory` (one per pool: the
+    base samples, each pair's proposal samples) so that an interrupted estimate resumes where
+    it stopped. A cache belongs to one model, reward and config: give each its own directory."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def get(self, name: str, draw: Callable[[], SamplePool]) -> SamplePool:
+        """The pool saved as `name`, else `draw()`'s, saved first."""
+        path = self.directory / f"{name}.npz"
+        if path.is_file():
+            return SamplePool.load(path)
+        pool = draw()
+        pool.save(path)
+        return pool
+
+
+def _cached(cache: PoolCache | None, name: str, draw: Callable[[], SamplePool]) -> SamplePool:
+    return draw() if cache is None else cache.get(name, draw)
 
 
 def keep_the_larger_ess(pool: SamplePool, pairs: list[tuple[int, int]],
@@ -250,10 +358,18 @@ def _top_up(pool: SamplePool, config: OptimumConfig) -> dict[int, int]:
         ess = min(weights_kl_and_ess(tilted_weights(log_likelihood[rows], tilt))[1]
                   for log_likelihood in pool.log_likelihood.values()
                   for tilt in config.guidance_levels)
-        if ess < config.min_ess and len(rows) < cap:
-            wanted = math.ceil(1.2 * len(rows) * config.min_ess / ess)
-            more[c] = min(cap, max(wanted, len(rows) + 1)) - len(rows)
+        if count := _more_samples(len(rows), ess, config, cap):
+            more[c] = count
     return more
+
+
+def _more_samples(drawn: int, ess: float, config: OptimumConfig, cap: int) -> int:
+    """How many more samples an ESS below `min_ess` asks for (20% over the proportional
+    estimate: the ESS grows in proportion to the samples), within `cap`; 0 if none."""
+    if ess >= config.min_ess or drawn >= cap:
+        return 0
+    wanted = math.ceil(1.2 * drawn * config.min_ess / ess)
+    return min(cap, max(wanted, drawn + 1)) - drawn
 
 
 def tilted_weights(log_likelihood: np.ndarray, tilt: float) -> np.ndarray:
@@ -339,14 +455,16 @@ def optimum_at(pool: SamplePool, label_info: dict[str, dict], tilt: float) -> di
 
 def exact_optimum(model, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood, judge,
                   config: OptimumConfig, grid_path: str | Path | None = None,
-                  proposal=None) -> dict:
+                  proposal=None, cache: PoolCache | None = None) -> dict:
     """The optimum at every guidance level (and the base model at level 0), with the ESS
     warning, and optionally a grid (rows = targets, columns = contexts) drawn from the optimum
     at the first level. From base samples; with a trained policy (`proposal`), from its samples
     instead, for every pair or (with `short_pair_samples`) for the pairs whose base ESS is
-    still short, whose base-only estimate is then kept as ``base_samples_levels``."""
+    still short, whose base-only estimate is then kept as ``base_samples_levels``. With a
+    `cache`, the samples drawn are kept there and taken from there."""
     hybrid = proposal is not None and config.short_pair_samples > 0
-    pool = (base_pool(model, label_info, log_likelihood, judge, config)
+    pool = (_cached(cache, "base", lambda: base_pool(model, label_info, log_likelihood, judge,
+                                                     config))
             if proposal is None or hybrid
             else proposal_pool(proposal, label_info, log_likelihood, judge, config))
     result = {"proposal": "base" if proposal is None else "policy",
@@ -363,12 +481,15 @@ def exact_optimum(model, label_info: dict[str, dict], log_likelihood: ImageLogLi
         result["base_samples_levels"] = [optimum_at(pool, label_info, tilt)
                                          for tilt in config.guidance_levels]
         short = add_proposal_for_short_pairs(pool, proposal, label_info, log_likelihood, judge,
-                                             config)
+                                             config, cache)
         names = {name: label_info[name] for name in pool.labels}
         targets = list(pool.log_likelihood)
         result["short_pairs"] = [
             {"context": context_labels(model, [c])[0],
-             "target": target_labels(names, [targets[index]])[0]} for c, index in short]
+             "target": target_labels(names, [targets[index]])[0],
+             "samples": len(pool.rows(c, index)),
+             "ess_min": smallest_ess(pool, targets[index], pool.rows(c, index),
+                                     config.guidance_levels)} for c, index in short]
         result["proposal"] = f"base, and the policy for {len(short)} pairs" if short else "base"
     levels = [optimum_at(pool, label_info, tilt) for tilt in config.guidance_levels]
     for level in levels:

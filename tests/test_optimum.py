@@ -189,6 +189,81 @@ def test_a_proposal_for_the_short_pair_alone_joins_the_base_samples(mixture_pool
         assert pool.base_rows().sum() == 40
 
 
+def test_a_pools_rows_save_load_and_join(mixture_pool, tmp_path):
+    """A pool written and read back is the same pool; joining a proposal's rows to base rows
+    marks the base rows as serving every target."""
+    base, x = mixture_pool
+    pool = hybrid_pool(x[:30], x[30:50], np.linspace(-1, 1, 20))
+    pool.save(tmp_path / "pool.npz")
+    loaded = SamplePool.load(tmp_path / "pool.npz")
+    for name in ("context_of_row", "log_ratio", "target_of_row"):
+        assert np.array_equal(getattr(loaded, name), getattr(pool, name))
+    assert torch.equal(loaded.images, pool.images) and loaded.contexts == pool.contexts
+    assert loaded.log_likelihood.keys() == pool.log_likelihood.keys()
+    assert all(np.array_equal(loaded.log_likelihood[t], pool.log_likelihood[t])
+               for t in pool.log_likelihood)
+    assert np.array_equal(loaded.labels["y"], pool.labels["y"])
+    assert loaded.scorers == pool.scorers and loaded.judged_digits is None
+    joined = hybrid_pool(x[:0], x[:0], np.zeros(0))
+    joined.log_ratio = joined.target_of_row = None
+    joined.extend(SamplePool(contexts=[0], context_of_row=base.context_of_row[:30],
+                             images=x[:30], labels={"y": base.labels["y"][:30]},
+                             judged_digits=None,
+                             log_likelihood={t: v[:30] for t, v in base.log_likelihood.items()},
+                             scorers=base.scorers))
+    assert joined.log_ratio is None   # base rows only, so far
+    proposal = hybrid_pool(x[:0], x[30:50], np.linspace(-1, 1, 20))
+    joined.extend(proposal)
+    for name in ("context_of_row", "log_ratio", "target_of_row"):
+        assert np.array_equal(getattr(joined, name), getattr(pool, name))
+    assert all(np.array_equal(joined.log_likelihood[t], pool.log_likelihood[t])
+               for t in pool.log_likelihood)
+
+
+def test_a_short_pairs_policy_samples_top_up_resume_and_draw_apart(tiny_run, tiny_base,
+                                                                     tiny_reward, tiny_judge,
+                                                                     tmp_path):
+    """A pair still short after `short_pair_samples` of the policy takes more, up to its cap;
+    what was drawn is kept in the cache and taken from there, and one pair drawn alone (as
+    another process would) has the same samples as in the joint estimate."""
+    from ctrl_ray.config import load_config
+    from ctrl_ray.finetune import FinetuneConfig
+    from ctrl_ray.finetune_setup import build_setup
+    from ctrl_ray.models.judge import DigitJudge
+    from ctrl_ray.optimum import PoolCache, exact_optimum, pair_pool
+    from ctrl_ray.optimum_config import OptimumConfig
+    from ctrl_ray.policy import load_any
+
+    setup = build_setup(load_config(FinetuneConfig, overrides=[
+        f"base_model={tiny_base.model_dir}", f"rewards=[{{path: {tiny_reward}}}]",
+        f"judge={tiny_judge}"]))
+    setup.model.eval()
+    policy = load_any(tiny_run[0] / "policy").model.eval()
+    judge = DigitJudge.load(tiny_judge)
+    config = OptimumConfig(samples_per_context=6, short_pair_samples=4,
+                           max_short_pair_samples=10, contexts=[0, 1], guidance_levels=[3.0],
+                           num_inference_steps=4)
+    cache = PoolCache(tmp_path)
+    result = exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood, judge,
+                           config, proposal=policy, cache=cache)
+    pairs = sorted(tmp_path.glob("pair-*.npz"))
+    assert (tmp_path / "base.npz").is_file() and len(pairs) == 8   # 2 contexts x 4 targets
+    # 10 samples cannot give an ESS of 50: 4, then the proportional ask, capped at 10
+    assert all(len(SamplePool.load(path).context_of_row) == 10 for path in pairs)
+    assert all(pair["samples"] == 10 for pair in result["short_pairs"])
+
+    def never() -> SamplePool:
+        raise AssertionError("drawn again")
+
+    again = exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood, judge,
+                          config, proposal=policy, cache=PoolCache(tmp_path))
+    assert again["levels"] == result["levels"]
+    cached = cache.get("pair-1-2", never)
+    alone = pair_pool(policy, setup.label_info, setup.image_log_likelihood, judge, config, 1, 2)
+    assert np.array_equal(alone.log_ratio, cached.log_ratio)
+    assert np.array_equal(alone.log_likelihood[(2,)], cached.log_likelihood[(2,)])
+
+
 def test_the_rarest_pairs_are_those_the_base_makes_least_often(mixture_pool):
     """log E_pre[p(y | x)] per (context, target), rarest first, matches the closed form's log Z
     at tilt 1; only pairs below the bound are listed, and the audit's table names them."""
