@@ -137,6 +137,36 @@ def returns(head: SoftValueNet, states, log_targets, contexts, timesteps, rows,
     return torch.stack(out[::-1])
 
 
+def policy_returns(head: SoftValueNet, states, log_targets, contexts, timesteps, rows,
+                   targets: torch.Tensor, row_td: torch.Tensor,
+                   step_log_weights: torch.Tensor) -> torch.Tensor:
+    """`targets` (S+1, R, J) of the rollouts `rows`, those whose `row_td` is below 1 (a policy's)
+    replaced by G_k = w_k ((1 - lambda) h_{k+1}(x_{k+1}) + lambda G_{k+1}), G_S = p(y | x0)^lambda
+    exactly, w_k = p_pre / pi of step k: given h_{k+1}, E_pi[G_k | x_k] = E_pre[h_{k+1} | x_k]
+    = h_k, with one step's weight (its variance that of one step's KL) where section 17's
+    whole-path weights multiplied twenty."""
+    chosen = (row_td[rows] < 1).nonzero().squeeze(1)
+    if len(chosen) == 0:
+        return targets
+    sub, last = rows[chosen], states.shape[0] - 1
+    td = row_td[sub][:, None].to(log_targets.dtype)
+    context = None if contexts is None else contexts[sub]
+    out = [log_targets[sub]]
+    with torch.no_grad():
+        for k in range(last - 1, -1, -1):
+            if k + 1 == last:
+                bootstrap = log_targets[sub]
+            else:
+                log_q, log_m = head(states[k + 1, sub], timesteps[k + 1].expand(len(sub)),
+                                    context)
+                bootstrap = log_q + log_m[:, None]
+            mixed = torch.logaddexp(torch.log1p(-td) + bootstrap, td.log() + out[-1])
+            out.append(step_log_weights[k, sub][:, None] + mixed)
+    targets = targets.clone()
+    targets[:, chosen] = torch.stack(out[::-1]).to(targets.dtype)
+    return targets
+
+
 def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, steps: int,
         seed: int, td: float = 1.0, refresh: int = 100, inputs: torch.Tensor | None = None,
         lr: float = 1e-3, batch: int = 128, offsets: torch.Tensor | None = None,
@@ -147,7 +177,8 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
         first_states: torch.Tensor | None = None,
         row_log_weights: torch.Tensor | None = None,
         target_log_weights: torch.Tensor | None = None,
-        extra_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+        extra_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        policy_td: tuple[torch.Tensor, torch.Tensor] | None = None
         ) -> tuple:
     """AdamW on random (rollout, state) pairs with TD(td) targets refreshed every `refresh`
     steps (td 1: the rule's Monte Carlo targets); every 100 steps the held-out Monte Carlo
@@ -169,7 +200,10 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
     its x_0 at any timestep, their loss weighted by it. `target_log_weights` (N, J), if given,
     balances each rollout's targets in the cross-entropy (`balanced_value_loss`), in the fit and
     the held-out check alike. `extra_loss(rows, generator)`, if given, is added to every step's
-    loss (rows: the batch's rollouts).
+    loss (rows: the batch's rollouts). `policy_td` (each rollout's TD lambda (N,), log p_pre / pi
+    of each of its steps (S, N)), if given: the rollouts whose lambda is below 1 are a policy's,
+    their targets per-decision importance-weighted TD returns (`policy_returns`) refreshed every
+    `refresh` steps, their states read from the chain only.
     Returns (loss, step kept, loss by state)."""
     if row_log_weights is not None and first_states is None:
         raise ValueError("row_log_weights weights the restarted rows that first_states marks")
@@ -197,10 +231,13 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
     best_state = copy.deepcopy(head.state_dict())
     targets = None
     for step in range(1, steps + 1):
-        if targets is None or (td < 1 and step % refresh == 1):
+        if targets is None or ((td < 1 or policy_td is not None) and step % refresh == 1):
             targets = returns(head, states, log_targets, contexts, timesteps, fit_rows, td)
             if offsets is not None:
                 targets = targets + offsets[:, fit_rows, None]
+            if policy_td is not None:
+                targets = policy_returns(head, states, log_targets, contexts, timesteps,
+                                         fit_rows, targets, *policy_td)
         pick = torch.randint(0, len(fit_rows), (batch,), generator=generator)
         which = torch.randint(0, count, (batch,), generator=generator)
         rows = fit_rows[pick]
@@ -222,6 +259,9 @@ def fit(head, states, log_targets, contexts, timesteps, fit_rows, held_rows, ste
                                         generator)
                 x = noised if first_states is None else torch.where(
                     (first == 0).view(-1, *[1] * (x.dim() - 1)), noised, x)
+                if policy_td is not None:   # a policy's x_0 is no base sample
+                    chain = (policy_td[0][rows] < 1).view(-1, *[1] * (x.dim() - 1))
+                    x = torch.where(chain, states[which, rows], x)
             if row_log_weights is not None:   # restarted rows' forward-noised states, weighted
                 coin = (torch.rand(batch, generator=generator) < forward_fraction) & (first > 0)
                 anywhere = torch.randint(0, count, (batch,), generator=generator)
