@@ -323,7 +323,9 @@ class PoolCache:
         if path.is_file():
             return SamplePool.load(path)
         pool = draw()
-        pool.save(path)
+        partial = path.with_name(f".{path.name}.partial")
+        pool.save(partial)
+        partial.replace(path)   # whole or absent: another process may be reading the cache
         return pool
 
 
