@@ -22,6 +22,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,21 +314,44 @@ def pair_pool(proposal, label_info: dict[str, dict], log_likelihood: ImageLogLik
 class PoolCache:
     """Samples drawn for an estimate, kept as .npz files in `directory` (one per pool: the
     base samples, each pair's proposal samples) so that an interrupted estimate resumes where
-    it stopped. A cache belongs to one model, reward and config: give each its own directory."""
+    it stopped, and processes on one machine can share the drawing: a pool another live
+    process is drawing is waited for, not drawn twice. A cache belongs to one model, reward and
+    config: give each its own directory."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, poll_seconds: float = 30.0):
         self.directory = Path(directory)
+        self.poll_seconds = poll_seconds
 
     def get(self, name: str, draw: Callable[[], SamplePool]) -> SamplePool:
         """The pool saved as `name`, else `draw()`'s, saved first."""
         path = self.directory / f"{name}.npz"
+        claim = self.directory / f".{name}.drawing"
+        while not path.is_file() and _drawing_elsewhere(claim):
+            time.sleep(self.poll_seconds)
         if path.is_file():
             return SamplePool.load(path)
-        pool = draw()
-        partial = path.with_name(f".{path.name}.partial")
-        pool.save(partial)
-        partial.replace(path)   # whole or absent: another process may be reading the cache
+        self.directory.mkdir(parents=True, exist_ok=True)
+        claim.write_text(str(os.getpid()))
+        try:
+            pool = draw()
+            partial = path.with_name(f".{path.name}.partial")
+            pool.save(partial)
+            partial.replace(path)   # whole or absent: another process may be reading it
+        finally:
+            claim.unlink(missing_ok=True)
         return pool
+
+
+def _drawing_elsewhere(claim: Path) -> bool:
+    """Whether the process named in `claim` is alive and not this one."""
+    try:
+        pid = int(claim.read_text())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:   # alive, another user's
+        return True
+    return pid != os.getpid()
 
 
 def _cached(cache: PoolCache | None, name: str, draw: Callable[[], SamplePool]) -> SamplePool:

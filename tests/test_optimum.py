@@ -264,6 +264,40 @@ def test_a_short_pairs_policy_samples_top_up_resume_and_draw_apart(tiny_run, tin
     assert np.array_equal(alone.log_likelihood[(2,)], cached.log_likelihood[(2,)])
 
 
+def test_a_pool_another_process_is_drawing_is_waited_for_not_drawn_again(mixture_pool,
+                                                                        tmp_path):
+    """A claim by a live process makes the cache wait for its file; a claim left by a process
+    that is gone does not."""
+    import subprocess
+    import threading
+
+    from ctrl_ray.optimum import PoolCache
+
+    pool, _ = mixture_pool
+    cache = PoolCache(tmp_path, poll_seconds=0.05)
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / ".base.drawing").write_text(str(other.pid))
+        def finish() -> None:   # the other process's save: whole, then renamed in
+            pool.save(tmp_path / ".base.npz.partial")
+            (tmp_path / ".base.npz.partial").replace(tmp_path / "base.npz")
+
+        threading.Timer(0.5, finish).start()
+
+        def never() -> SamplePool:
+            raise AssertionError("drawn while another process draws it")
+
+        waited = cache.get("base", never)
+        assert np.array_equal(waited.context_of_row, pool.context_of_row)
+    finally:
+        other.kill()
+        other.wait()
+    (tmp_path / ".pair-0-1.drawing").write_text(str(other.pid))   # gone now
+    drawn = cache.get("pair-0-1", lambda: pool)
+    assert drawn is pool and (tmp_path / "pair-0-1.npz").is_file()
+    assert not (tmp_path / ".pair-0-1.drawing").exists()
+
+
 def test_the_rarest_pairs_are_those_the_base_makes_least_often(mixture_pool):
     """log E_pre[p(y | x)] per (context, target), rarest first, matches the closed form's log Z
     at tilt 1; only pairs below the bound are listed, and the audit's table names them."""
