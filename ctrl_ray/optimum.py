@@ -206,35 +206,25 @@ def _add_samples(pool: SamplePool, model, scorers: dict, log_likelihood: ImageLo
         if target is not None:
             log_ratios.append(trajectory.path_log_ratio.double().cpu().numpy())
     images = torch.cat(images)
+    drawn = SamplePool(pool.contexts, np.asarray(rows), images, {}, None, {}, pool.scorers)
     targets = itertools.product(*(range(model.label_classes[name]) for name in names))
     with torch.no_grad():
         for each in targets:
             labels = {name: torch.full((len(rows),), k, dtype=torch.long)
                       for name, k in zip(names, each, strict=True)}
-            scores = torch.cat([
+            drawn.log_likelihood[each] = torch.cat([
                 log_likelihood(images[i:i + config.batch_size],
                                {n: v[i:i + config.batch_size] for n, v in labels.items()},
                                None if context_tensor is None else
                                context_tensor[i:i + config.batch_size]).double().cpu()
                 for i in range(0, len(rows), config.batch_size)]).numpy()
-            pool.log_likelihood[each] = np.concatenate(
-                [pool.log_likelihood.get(each, np.zeros(0)), scores])
     if target is not None:
-        index = list(pool.log_likelihood).index(target)
-        pool.log_ratio = np.concatenate([pool.log_ratio if pool.log_ratio is not None
-                                         else np.zeros(0), *log_ratios])
-        pool.target_of_row = np.concatenate([
-            pool.target_of_row if pool.target_of_row is not None else np.zeros(0, np.int64),
-            np.full(len(rows), index)])
-    for name in names:
-        pool.labels[name] = np.concatenate([pool.labels.get(name, np.zeros(0, np.int64)),
-                                            scorers[name].label(images)])
+        drawn.log_ratio = np.concatenate(log_ratios)
+        drawn.target_of_row = np.full(len(rows), list(drawn.log_likelihood).index(target))
+    drawn.labels = {name: scorers[name].label(images) for name in names}
     if judge is not None:
-        digits = judge.predict(judge_view(images, judge))
-        pool.judged_digits = digits if pool.judged_digits is None else np.concatenate(
-            [pool.judged_digits, digits])
-    pool.images = images if len(pool.images) == 0 else torch.cat([pool.images, images])
-    pool.context_of_row = np.concatenate([pool.context_of_row, np.asarray(rows)])
+        drawn.judged_digits = judge.predict(judge_view(images, judge))
+    pool.extend(drawn)
 
 
 def proposal_pool(policy, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood,
