@@ -16,7 +16,10 @@ samples.
 Uses the rewards the frontier trained under --out (the same pairs and seeds). Writes
 benchmarks/results/goal_yardstick.{json,md}, each task with the arguments it was run with; a
 task not run keeps its committed entry. Each task's estimate is cached under --out, and
-`default_goal.py` takes it where its ESS is the higher.
+`default_goal.py` takes it where its ESS is the higher. The samples drawn are kept under
+--out/TASK/samples[-PROPOSAL_RUN]: a run resumes there, a run with larger caps
+(`--max-samples`, `--max-short-pair-samples`) draws only what they add, and `--pairs` in a
+second process draws some pairs meanwhile.
 """
 
 from __future__ import annotations
@@ -98,8 +101,11 @@ def _name(args) -> str:
 
 def _cache(task: str, args) -> PoolCache:
     """Where a task's samples are kept (the base's and each short pair's), so that a run
-    resumes and `--pairs` in another process can draw some pairs meanwhile."""
-    return PoolCache(Path(args.out) / task / f"samples-{_name(args)}")
+    resumes, a run with larger caps only draws what they add, and `--pairs` in another process
+    can draw some pairs meanwhile. One directory per proposal (named after its run's): the
+    pairs' samples are its."""
+    proposal = f"-{Path(args.proposal).resolve().parent.name}" if args.proposal else ""
+    return PoolCache(Path(args.out) / task / f"samples{proposal}")
 
 
 def _draw_pairs(task: str, args) -> None:
@@ -111,10 +117,11 @@ def _draw_pairs(task: str, args) -> None:
     for pair in args.pairs:
         context, index = (int(part) for part in pair.split(":"))
         start = time.perf_counter()
-        pool = _cache(task, args).get(f"pair-{context}-{index}", lambda c=context, i=index:
-                                      pair_pool(proposal, setup.label_info,
-                                                setup.image_log_likelihood, judge,
-                                                config.optimum, c, i))
+        pool = _cache(task, args).get(f"pair-{context}-{index}",
+                                      lambda saved, c=context, i=index: pair_pool(
+                                          proposal, setup.label_info,
+                                          setup.image_log_likelihood, judge, config.optimum,
+                                          c, i, start=saved))
         rows = np.arange(len(pool.context_of_row))
         ess = smallest_ess(pool, list(pool.log_likelihood)[index], rows, [TILT[task]])
         print(f"{task} pair {pair}: {len(rows)} samples, ESS {ess:.1f}, "

@@ -156,12 +156,16 @@ RARE_LOG_Z = -2.5
 
 
 def base_pool(model, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood, judge,
-              config: OptimumConfig) -> SamplePool:
+              config: OptimumConfig, start: SamplePool | None = None) -> SamplePool:
     """Sample the base model M times per context and score every sample for every target; then
     top up each context whose ESS (at any target and guidance level) is below `min_ess`, by as
-    many samples as the ESS asks for (it grows in proportion), up to `max_samples_per_context`."""
+    many samples as the ESS asks for (it grows in proportion), up to `max_samples_per_context`.
+    From a `start` pool (an earlier estimate's samples, kept), only the top-up is drawn."""
     pool, scorers, judge = _empty_pool(model, label_info, judge, config)
-    more = {c: config.samples_per_context for c in pool.contexts}
+    if start is not None:
+        pool = start
+    more = (_top_up(pool, config) if len(pool.context_of_row)
+            else {c: config.samples_per_context for c in pool.contexts})
     while more:
         rows = [c for c, count in more.items() for _ in range(count)]
         _add_samples(pool, model, scorers, log_likelihood, judge, rows,
@@ -269,8 +273,9 @@ def add_proposal_for_short_pairs(pool: SamplePool, proposal, label_info: dict[st
     pool.log_ratio = np.zeros(len(pool.context_of_row))
     pool.target_of_row = np.full(len(pool.context_of_row), BASE_ROW)
     for c, index in short:
-        pool.extend(_cached(cache, f"pair-{c}-{index}", lambda c=c, index=index: pair_pool(
-            proposal, label_info, log_likelihood, judge, config, c, index)))
+        pool.extend(_cached(cache, f"pair-{c}-{index}", lambda saved, c=c, index=index:
+                            pair_pool(proposal, label_info, log_likelihood, judge, config, c,
+                                      index, start=saved)))
     return keep_the_larger_ess(pool, short, config.guidance_levels)
 
 
@@ -280,53 +285,64 @@ PAIR_SEEDS = 1_000_000
 
 
 def pair_pool(proposal, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood, judge,
-              config: OptimumConfig, context: int, target_index: int) -> SamplePool:
+              config: OptimumConfig, context: int, target_index: int,
+              start: SamplePool | None = None) -> SamplePool:
     """`short_pair_samples` of the proposal policy drawn for one (context, target) pair, each
     with its path's log q/p_pre, topped up while the pair's ESS is below `min_ess` (as
     `base_pool` tops up a context) to at most `max_short_pair_samples`. Its seeds depend on the
-    pair alone, so pairs can be drawn apart (another process) and joined."""
+    pair and the row alone, so pairs can be drawn apart (another process) and joined, and a
+    `start` pool (this pair's samples under a smaller cap, kept) is continued, not redrawn."""
     pool, scorers, judge = _empty_pool(proposal, label_info, judge, config)
+    if start is not None:
+        pool = start
     targets = list(itertools.product(*(range(n) for n in proposal.label_classes.values())))
     number = pool.contexts.index(context) * len(targets) + target_index
     first_seed = config.seed + PAIR_SEEDS * (1 + number)
     cap = max(config.max_short_pair_samples, config.short_pair_samples)
-    more = config.short_pair_samples
+
+    def still_short() -> int:
+        rows = np.arange(len(pool.context_of_row))
+        return _more_samples(len(rows), smallest_ess(pool, targets[target_index], rows,
+                                                     config.guidance_levels), config, cap)
+
+    more = still_short() if len(pool.context_of_row) else config.short_pair_samples
     while more:
         _add_samples(pool, proposal, scorers, log_likelihood, judge, [context] * more,
                      first_seed + len(pool.context_of_row), config,
                      target=targets[target_index])
-        rows = np.arange(len(pool.context_of_row))
-        more = _more_samples(len(rows), smallest_ess(pool, targets[target_index], rows,
-                                                     config.guidance_levels), config, cap)
+        more = still_short()
     return pool
 
 
 class PoolCache:
     """Samples drawn for an estimate, kept as .npz files in `directory` (one per pool: the
     base samples, each pair's proposal samples) so that an interrupted estimate resumes where
-    it stopped, and processes on one machine can share the drawing: a pool another live
-    process is drawing is waited for, not drawn twice. A cache belongs to one model, reward and
-    config: give each its own directory."""
+    it stopped, a later estimate with larger caps only draws what it adds, and processes on one
+    machine share the drawing: a pool another live process is drawing is waited for, not drawn
+    twice. A cache belongs to one model, reward, proposal and sampler: give each its own
+    directory."""
 
     def __init__(self, directory: str | Path, poll_seconds: float = 30.0):
         self.directory = Path(directory)
         self.poll_seconds = poll_seconds
 
-    def get(self, name: str, draw: Callable[[], SamplePool]) -> SamplePool:
-        """The pool saved as `name`, else `draw()`'s, saved first."""
+    def get(self, name: str, draw: Callable[[SamplePool | None], SamplePool]) -> SamplePool:
+        """`draw(saved)`: the pool saved as `name` (None if none), continued by `draw` where
+        it asks for more samples; saved again if it grew."""
         path = self.directory / f"{name}.npz"
         claim = self.directory / f".{name}.drawing"
-        while not path.is_file() and _drawing_elsewhere(claim):
+        while _drawing_elsewhere(claim):
             time.sleep(self.poll_seconds)
-        if path.is_file():
-            return SamplePool.load(path)
+        saved = SamplePool.load(path) if path.is_file() else None
+        rows = 0 if saved is None else len(saved.context_of_row)
         self.directory.mkdir(parents=True, exist_ok=True)
         claim.write_text(str(os.getpid()))
         try:
-            pool = draw()
-            partial = path.with_name(f".{path.name}.partial")
-            pool.save(partial)
-            partial.replace(path)   # whole or absent: another process may be reading it
+            pool = draw(saved)
+            if len(pool.context_of_row) > rows:
+                partial = path.with_name(f".{path.name}.partial")
+                pool.save(partial)
+                partial.replace(path)   # whole or absent: another process may be reading it
         finally:
             claim.unlink(missing_ok=True)
         return pool
@@ -344,8 +360,9 @@ def _drawing_elsewhere(claim: Path) -> bool:
     return pid != os.getpid()
 
 
-def _cached(cache: PoolCache | None, name: str, draw: Callable[[], SamplePool]) -> SamplePool:
-    return draw() if cache is None else cache.get(name, draw)
+def _cached(cache: PoolCache | None, name: str,
+            draw: Callable[[SamplePool | None], SamplePool]) -> SamplePool:
+    return draw(None) if cache is None else cache.get(name, draw)
 
 
 def keep_the_larger_ess(pool: SamplePool, pairs: list[tuple[int, int]],
@@ -480,8 +497,8 @@ def exact_optimum(model, label_info: dict[str, dict], log_likelihood: ImageLogLi
     still short, whose base-only estimate is then kept as ``base_samples_levels``. With a
     `cache`, the samples drawn are kept there and taken from there."""
     hybrid = proposal is not None and config.short_pair_samples > 0
-    pool = (_cached(cache, "base", lambda: base_pool(model, label_info, log_likelihood, judge,
-                                                     config))
+    pool = (_cached(cache, "base", lambda saved: base_pool(model, label_info, log_likelihood,
+                                                           judge, config, start=saved))
             if proposal is None or hybrid
             else proposal_pool(proposal, label_info, log_likelihood, judge, config))
     result = {"proposal": "base" if proposal is None else "policy",

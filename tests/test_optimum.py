@@ -3,6 +3,7 @@ tilted posterior on the analytic mixture, and `ctrl-ray reward audit` reports it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -220,12 +221,13 @@ def test_a_pools_rows_save_load_and_join(mixture_pool, tmp_path):
                for t in pool.log_likelihood)
 
 
-def test_a_short_pairs_policy_samples_top_up_resume_and_draw_apart(tiny_run, tiny_base,
-                                                                     tiny_reward, tiny_judge,
-                                                                     tmp_path):
+def test_a_short_pairs_policy_samples_top_up_resume_grow_and_draw_apart(tiny_run, tiny_base,
+                                                                          tiny_reward, tiny_judge,
+                                                                          tmp_path):
     """A pair still short after `short_pair_samples` of the policy takes more, up to its cap;
-    what was drawn is kept in the cache and taken from there, and one pair drawn alone (as
-    another process would) has the same samples as in the joint estimate."""
+    what was drawn is kept in the cache and taken from there (and continued under a larger
+    cap), and one pair drawn alone (as another process would) has the same samples as in the
+    joint estimate."""
     from ctrl_ray.config import load_config
     from ctrl_ray.finetune import FinetuneConfig
     from ctrl_ray.finetune_setup import build_setup
@@ -251,17 +253,29 @@ def test_a_short_pairs_policy_samples_top_up_resume_and_draw_apart(tiny_run, tin
     # 10 samples cannot give an ESS of 50: 4, then the proportional ask, capped at 10
     assert all(len(SamplePool.load(path).context_of_row) == 10 for path in pairs)
     assert all(pair["samples"] == 10 for pair in result["short_pairs"])
-
-    def never() -> SamplePool:
-        raise AssertionError("drawn again")
+    saved = {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("*.npz")}
 
     again = exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood, judge,
                           config, proposal=policy, cache=PoolCache(tmp_path))
     assert again["levels"] == result["levels"]
-    cached = cache.get("pair-1-2", never)
+    assert {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("*.npz")} == saved
+    cached = SamplePool.load(tmp_path / "pair-1-2.npz")
     alone = pair_pool(policy, setup.label_info, setup.image_log_likelihood, judge, config, 1, 2)
     assert np.array_equal(alone.log_ratio, cached.log_ratio)
     assert np.array_equal(alone.log_likelihood[(2,)], cached.log_likelihood[(2,)])
+
+    # a larger cap continues each pair from its saved rows: as if drawn under it at once
+    larger = dataclasses.replace(config, max_short_pair_samples=14)
+    exact_optimum(setup.model, setup.label_info, setup.image_log_likelihood, judge, larger,
+                  proposal=policy, cache=cache)
+    grown = SamplePool.load(tmp_path / "pair-1-2.npz")
+    at_once = pair_pool(policy, setup.label_info, setup.image_log_likelihood, judge, larger,
+                        1, 2)
+    assert len(grown.context_of_row) == len(at_once.context_of_row) == 14
+    assert np.array_equal(grown.log_ratio[:10], cached.log_ratio)
+    assert np.allclose(grown.log_ratio, at_once.log_ratio, rtol=0, atol=1e-3)
+    assert np.allclose(grown.log_likelihood[(2,)], at_once.log_likelihood[(2,)], rtol=0,
+                       atol=1e-3)
 
 
 def test_a_pool_another_process_is_drawing_is_waited_for_not_drawn_again(mixture_pool,
@@ -278,22 +292,24 @@ def test_a_pool_another_process_is_drawing_is_waited_for_not_drawn_again(mixture
     other = subprocess.Popen(["sleep", "30"])
     try:
         (tmp_path / ".base.drawing").write_text(str(other.pid))
-        def finish() -> None:   # the other process's save: whole, then renamed in
+        def finish() -> None:   # the other process's save (whole, then renamed in), its claim gone
             pool.save(tmp_path / ".base.npz.partial")
             (tmp_path / ".base.npz.partial").replace(tmp_path / "base.npz")
+            (tmp_path / ".base.drawing").unlink()
 
         threading.Timer(0.5, finish).start()
 
-        def never() -> SamplePool:
-            raise AssertionError("drawn while another process draws it")
+        def kept(saved: SamplePool | None) -> SamplePool:
+            assert saved is not None, "drawn while another process draws it"
+            return saved
 
-        waited = cache.get("base", never)
+        waited = cache.get("base", kept)
         assert np.array_equal(waited.context_of_row, pool.context_of_row)
     finally:
         other.kill()
         other.wait()
     (tmp_path / ".pair-0-1.drawing").write_text(str(other.pid))   # gone now
-    drawn = cache.get("pair-0-1", lambda: pool)
+    drawn = cache.get("pair-0-1", lambda saved: pool)
     assert drawn is pool and (tmp_path / "pair-0-1.npz").is_file()
     assert not (tmp_path / ".pair-0-1.drawing").exists()
 
