@@ -17,9 +17,9 @@ Uses the rewards the frontier trained under --out (the same pairs and seeds). Wr
 benchmarks/results/goal_yardstick.{json,md}, each task with the arguments it was run with; a
 task not run keeps its committed entry. Each task's estimate is cached under --out, and
 `default_goal.py` takes it where its ESS is the higher. The samples drawn are kept under
---out/TASK/samples[-PROPOSAL_RUN]: a run resumes there, a run with larger caps
-(`--max-samples`, `--max-short-pair-samples`) draws only what they add, and `--pairs` in a
-second process draws some pairs meanwhile.
+--out/TASK/samples[-PROPOSAL_RUN], saved every 2,048: a run resumes there, a run with larger
+caps (`--max-samples`, `--max-short-pair-samples`) draws only what they add, and `--pairs` in
+a second process draws some pairs meanwhile.
 """
 
 from __future__ import annotations
@@ -118,10 +118,10 @@ def _draw_pairs(task: str, args) -> None:
         context, index = (int(part) for part in pair.split(":"))
         start = time.perf_counter()
         pool = _cache(task, args).get(f"pair-{context}-{index}",
-                                      lambda saved, c=context, i=index: pair_pool(
+                                      lambda saved, keep, c=context, i=index: pair_pool(
                                           proposal, setup.label_info,
                                           setup.image_log_likelihood, judge, config.optimum,
-                                          c, i, start=saved))
+                                          c, i, start=saved, keep=keep))
         rows = np.arange(len(pool.context_of_row))
         ess = smallest_ess(pool, list(pool.log_likelihood)[index], rows, [TILT[task]])
         print(f"{task} pair {pair}: {len(rows)} samples, ESS {ess:.1f}, "

@@ -156,22 +156,37 @@ RARE_LOG_Z = -2.5
 
 
 def base_pool(model, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood, judge,
-              config: OptimumConfig, start: SamplePool | None = None) -> SamplePool:
+              config: OptimumConfig, start: SamplePool | None = None,
+              keep: Callable[[SamplePool], None] | None = None) -> SamplePool:
     """Sample the base model M times per context and score every sample for every target; then
     top up each context whose ESS (at any target and guidance level) is below `min_ess`, by as
     many samples as the ESS asks for (it grows in proportion), up to `max_samples_per_context`.
-    From a `start` pool (an earlier estimate's samples, kept), only the top-up is drawn."""
+    From a `start` pool (an earlier estimate's samples, kept), only what is missing is drawn;
+    `keep(pool)` is called after every `PROGRESS_ROWS` samples (a long draw saves its progress)."""
     pool, scorers, judge = _empty_pool(model, label_info, judge, config)
     if start is not None:
         pool = start
-    more = (_top_up(pool, config) if len(pool.context_of_row)
-            else {c: config.samples_per_context for c in pool.contexts})
-    while more:
-        rows = [c for c, count in more.items() for _ in range(count)]
-        _add_samples(pool, model, scorers, log_likelihood, judge, rows,
-                     config.seed + len(pool.context_of_row), config)
-        more = _top_up(pool, config)
+    while more := _top_up(pool, config):
+        _draw(pool, model, scorers, log_likelihood, judge,
+              [c for c, count in more.items() for _ in range(count)], config.seed, config, keep)
     return pool
+
+
+# samples drawn between two of a long draw's progress saves: whole batches of 256
+PROGRESS_ROWS = 2048
+
+
+def _draw(pool: SamplePool, model, scorers: dict, log_likelihood: ImageLogLikelihood, judge,
+          rows: list[int], first_seed: int, config: OptimumConfig,
+          keep: Callable[[SamplePool], None] | None, target: tuple | None = None) -> None:
+    """`_add_samples` for `rows`, row i of the pool seeded `first_seed + i`, in pieces of
+    `PROGRESS_ROWS` with `keep(pool)` after each."""
+    for piece in range(0, len(rows), PROGRESS_ROWS):
+        _add_samples(pool, model, scorers, log_likelihood, judge,
+                     rows[piece:piece + PROGRESS_ROWS], first_seed + len(pool.context_of_row),
+                     config, target=target)
+        if keep is not None:
+            keep(pool)
 
 
 def _empty_pool(model, label_info: dict[str, dict], judge, config: OptimumConfig
@@ -273,9 +288,9 @@ def add_proposal_for_short_pairs(pool: SamplePool, proposal, label_info: dict[st
     pool.log_ratio = np.zeros(len(pool.context_of_row))
     pool.target_of_row = np.full(len(pool.context_of_row), BASE_ROW)
     for c, index in short:
-        pool.extend(_cached(cache, f"pair-{c}-{index}", lambda saved, c=c, index=index:
+        pool.extend(_cached(cache, f"pair-{c}-{index}", lambda saved, keep, c=c, index=index:
                             pair_pool(proposal, label_info, log_likelihood, judge, config, c,
-                                      index, start=saved)))
+                                      index, start=saved, keep=keep)))
     return keep_the_larger_ess(pool, short, config.guidance_levels)
 
 
@@ -286,31 +301,33 @@ PAIR_SEEDS = 1_000_000
 
 def pair_pool(proposal, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood, judge,
               config: OptimumConfig, context: int, target_index: int,
-              start: SamplePool | None = None) -> SamplePool:
+              start: SamplePool | None = None,
+              keep: Callable[[SamplePool], None] | None = None) -> SamplePool:
     """`short_pair_samples` of the proposal policy drawn for one (context, target) pair, each
     with its path's log q/p_pre, topped up while the pair's ESS is below `min_ess` (as
     `base_pool` tops up a context) to at most `max_short_pair_samples`. Its seeds depend on the
     pair and the row alone, so pairs can be drawn apart (another process) and joined, and a
-    `start` pool (this pair's samples under a smaller cap, kept) is continued, not redrawn."""
+    `start` pool (this pair's samples under a smaller cap, or an interrupted draw's) is
+    continued, not redrawn; `keep` as in `base_pool`."""
     pool, scorers, judge = _empty_pool(proposal, label_info, judge, config)
     if start is not None:
         pool = start
     targets = list(itertools.product(*(range(n) for n in proposal.label_classes.values())))
     number = pool.contexts.index(context) * len(targets) + target_index
-    first_seed = config.seed + PAIR_SEEDS * (1 + number)
     cap = max(config.max_short_pair_samples, config.short_pair_samples)
 
     def still_short() -> int:
-        rows = np.arange(len(pool.context_of_row))
-        return _more_samples(len(rows), smallest_ess(pool, targets[target_index], rows,
-                                                     config.guidance_levels), config, cap)
+        drawn = len(pool.context_of_row)
+        if drawn < config.short_pair_samples:
+            return config.short_pair_samples - drawn
+        rows = np.arange(drawn)
+        return _more_samples(drawn, smallest_ess(pool, targets[target_index], rows,
+                                                 config.guidance_levels), config, cap)
 
-    more = still_short() if len(pool.context_of_row) else config.short_pair_samples
-    while more:
-        _add_samples(pool, proposal, scorers, log_likelihood, judge, [context] * more,
-                     first_seed + len(pool.context_of_row), config,
-                     target=targets[target_index])
-        more = still_short()
+    while more := still_short():
+        _draw(pool, proposal, scorers, log_likelihood, judge, [context] * more,
+              config.seed + PAIR_SEEDS * (1 + number), config, keep,
+              target=targets[target_index])
     return pool
 
 
@@ -326,23 +343,30 @@ class PoolCache:
         self.directory = Path(directory)
         self.poll_seconds = poll_seconds
 
-    def get(self, name: str, draw: Callable[[SamplePool | None], SamplePool]) -> SamplePool:
-        """`draw(saved)`: the pool saved as `name` (None if none), continued by `draw` where
-        it asks for more samples; saved again if it grew."""
+    def get(self, name: str, draw: Callable[[SamplePool | None, Callable], SamplePool]
+            ) -> SamplePool:
+        """`draw(saved, keep)`: the pool saved as `name` (None if none), continued by `draw`
+        where it asks for more samples, which calls `keep(pool)` to save its progress."""
         path = self.directory / f"{name}.npz"
         claim = self.directory / f".{name}.drawing"
         while _drawing_elsewhere(claim):
             time.sleep(self.poll_seconds)
         saved = SamplePool.load(path) if path.is_file() else None
-        rows = 0 if saved is None else len(saved.context_of_row)
+        saved_rows = -1 if saved is None else len(saved.context_of_row)
         self.directory.mkdir(parents=True, exist_ok=True)
         claim.write_text(str(os.getpid()))
+
+        def keep(pool: SamplePool) -> None:
+            nonlocal saved_rows
+            partial = path.with_name(f".{path.name}.partial")
+            pool.save(partial)
+            partial.replace(path)   # whole or absent: another process may be reading it
+            saved_rows = len(pool.context_of_row)
+
         try:
-            pool = draw(saved)
-            if len(pool.context_of_row) > rows:
-                partial = path.with_name(f".{path.name}.partial")
-                pool.save(partial)
-                partial.replace(path)   # whole or absent: another process may be reading it
+            pool = draw(saved, keep)
+            if len(pool.context_of_row) != saved_rows:   # a draw that did not keep its own
+                keep(pool)
         finally:
             claim.unlink(missing_ok=True)
         return pool
@@ -361,8 +385,8 @@ def _drawing_elsewhere(claim: Path) -> bool:
 
 
 def _cached(cache: PoolCache | None, name: str,
-            draw: Callable[[SamplePool | None], SamplePool]) -> SamplePool:
-    return draw(None) if cache is None else cache.get(name, draw)
+            draw: Callable[[SamplePool | None, Callable | None], SamplePool]) -> SamplePool:
+    return draw(None, None) if cache is None else cache.get(name, draw)
 
 
 def keep_the_larger_ess(pool: SamplePool, pairs: list[tuple[int, int]],
@@ -383,8 +407,13 @@ def keep_the_larger_ess(pool: SamplePool, pairs: list[tuple[int, int]],
 
 
 def _top_up(pool: SamplePool, config: OptimumConfig) -> dict[int, int]:
-    """How many more samples each context whose lowest ESS is below `min_ess` needs (20% over
-    the proportional estimate, within `max_samples_per_context`)."""
+    """How many more samples each context needs: the rest of its first `samples_per_context`,
+    then, where its lowest ESS is below `min_ess`, 20% over the proportional estimate, within
+    `max_samples_per_context`."""
+    drawn = {c: int((pool.context_of_row == c).sum()) for c in pool.contexts}
+    if first := {c: config.samples_per_context - count for c, count in drawn.items()
+                 if count < config.samples_per_context}:
+        return first
     more = {}
     for c in pool.contexts:
         rows = np.flatnonzero(pool.context_of_row == c)
@@ -497,8 +526,8 @@ def exact_optimum(model, label_info: dict[str, dict], log_likelihood: ImageLogLi
     still short, whose base-only estimate is then kept as ``base_samples_levels``. With a
     `cache`, the samples drawn are kept there and taken from there."""
     hybrid = proposal is not None and config.short_pair_samples > 0
-    pool = (_cached(cache, "base", lambda saved: base_pool(model, label_info, log_likelihood,
-                                                           judge, config, start=saved))
+    pool = (_cached(cache, "base", lambda saved, keep: base_pool(
+                model, label_info, log_likelihood, judge, config, start=saved, keep=keep))
             if proposal is None or hybrid
             else proposal_pool(proposal, label_info, log_likelihood, judge, config))
     result = {"proposal": "base" if proposal is None else "policy",

@@ -223,11 +223,12 @@ def test_a_pools_rows_save_load_and_join(mixture_pool, tmp_path):
 
 def test_a_short_pairs_policy_samples_top_up_resume_grow_and_draw_apart(tiny_run, tiny_base,
                                                                           tiny_reward, tiny_judge,
-                                                                          tmp_path):
+                                                                          tmp_path, monkeypatch):
     """A pair still short after `short_pair_samples` of the policy takes more, up to its cap;
-    what was drawn is kept in the cache and taken from there (and continued under a larger
-    cap), and one pair drawn alone (as another process would) has the same samples as in the
-    joint estimate."""
+    what was drawn is kept in the cache and taken from there (continued under a larger cap, or
+    after a stop part-way), and one pair drawn alone (as another process would) has the same
+    samples as in the joint estimate."""
+    from ctrl_ray import optimum
     from ctrl_ray.config import load_config
     from ctrl_ray.finetune import FinetuneConfig
     from ctrl_ray.finetune_setup import build_setup
@@ -277,6 +278,26 @@ def test_a_short_pairs_policy_samples_top_up_resume_grow_and_draw_apart(tiny_run
     assert np.allclose(grown.log_likelihood[(2,)], at_once.log_likelihood[(2,)], rtol=0,
                        atol=1e-3)
 
+    # a draw stopped part-way keeps the pieces it finished, and resumes from them
+    monkeypatch.setattr(optimum, "PROGRESS_ROWS", 3)
+    stopped = PoolCache(tmp_path / "stopped")
+
+    def draw(saved, keep, stop_after: int | None = None) -> SamplePool:
+        def keep_then_stop(pool: SamplePool) -> None:
+            keep(pool)
+            if len(pool.context_of_row) >= stop_after:
+                raise KeyboardInterrupt
+        return pair_pool(policy, setup.label_info, setup.image_log_likelihood, judge, larger,
+                         1, 2, start=saved, keep=keep if stop_after is None else keep_then_stop)
+
+    with pytest.raises(KeyboardInterrupt):
+        stopped.get("pair-1-2", lambda saved, keep: draw(saved, keep, stop_after=5))
+    # the first 4 in pieces of 3 and 1, then the top-up's first piece of 3: stopped at 7
+    assert len(SamplePool.load(tmp_path / "stopped" / "pair-1-2.npz").context_of_row) == 7
+    resumed = stopped.get("pair-1-2", draw)
+    assert len(resumed.context_of_row) == 14
+    assert np.allclose(resumed.log_ratio, at_once.log_ratio, rtol=0, atol=1e-3)
+
 
 def test_a_pool_another_process_is_drawing_is_waited_for_not_drawn_again(mixture_pool,
                                                                         tmp_path):
@@ -299,7 +320,7 @@ def test_a_pool_another_process_is_drawing_is_waited_for_not_drawn_again(mixture
 
         threading.Timer(0.5, finish).start()
 
-        def kept(saved: SamplePool | None) -> SamplePool:
+        def kept(saved: SamplePool | None, keep) -> SamplePool:
             assert saved is not None, "drawn while another process draws it"
             return saved
 
@@ -309,7 +330,7 @@ def test_a_pool_another_process_is_drawing_is_waited_for_not_drawn_again(mixture
         other.kill()
         other.wait()
     (tmp_path / ".pair-0-1.drawing").write_text(str(other.pid))   # gone now
-    drawn = cache.get("pair-0-1", lambda saved: pool)
+    drawn = cache.get("pair-0-1", lambda saved, keep: pool)
     assert drawn is pool and (tmp_path / "pair-0-1.npz").is_file()
     assert not (tmp_path / ".pair-0-1.drawing").exists()
 
