@@ -19,7 +19,9 @@ task not run keeps its committed entry. Each task's estimate is cached under --o
 `default_goal.py` takes it where its ESS is the higher. The samples drawn are kept under
 --out/TASK/samples[-PROPOSAL_RUN], saved every 2,048: a run resumes there, a run with larger
 caps (`--max-samples`, `--max-short-pair-samples`) draws only what they add, and `--pairs` in
-a second process draws some pairs meanwhile.
+a second process draws some pairs meanwhile. `--base-samples-from` starts a task's cache from
+another's base samples, rescored by this --out's reward (a base sample does not depend on the
+reward: N = 100 pairs' yardstick takes N = 1,000's samples).
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, testbed_parser, write_results  # noqa: E402
 from frontier import LABELS, TILT, _optimum, _optimum_setup  # noqa: E402
 
-from ctrl_ray.optimum import PoolCache, pair_pool, smallest_ess  # noqa: E402
+from ctrl_ray.optimum import (  # noqa: E402
+    PoolCache,
+    SamplePool,
+    pair_pool,
+    rescored,
+    smallest_ess,
+)
 from ctrl_ray.policy import load_any  # noqa: E402
 
 
@@ -56,6 +64,14 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=None, metavar="CONTEXT:TARGET_INDEX",
                         help="only draw (and cache) the proposal's samples for these pairs, "
                              "with one --tasks: a second process can draw them meanwhile")
+    parser.add_argument("--base-samples-from", default=None, metavar="SAMPLES_DIR",
+                        help="start from another estimate's base samples (its cache directory: "
+                             "the same base model, sampler and seed), rescored by this --out's "
+                             "reward instead of drawn again")
+    parser.add_argument("--num-pairs", type=int, default=1000,
+                        help="the pairs per label the rewards under --out were trained on "
+                             "(frontier.py's --num-pairs); the result's entry is the task's, "
+                             "TASK-nN where N is not 1,000")
     parser.add_argument("--out", default="outputs/bench-frontier-fit3000")
     args = parser.parse_args()
     if bool(args.proposal) != bool(args.short_pair_samples):
@@ -69,6 +85,9 @@ def main() -> None:
     if missing:
         parser.error(f"no trained reward at {', '.join(missing)}: run frontier.py with this "
                      "--out first")
+    if args.base_samples_from:
+        for task in args.tasks:
+            _rescore_base(task, args)
     if args.pairs:
         _draw_pairs(args.tasks[0], args)
         return
@@ -85,10 +104,16 @@ def main() -> None:
             result["seconds"] = time.perf_counter() - start
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, default=str))
-        tasks[task] = {**json.loads(path.read_text()), "args": vars(args),
-                       "date": machine()["date"]}
+        tasks[entry(task, args.num_pairs)] = {**json.loads(path.read_text()),
+                                              "args": vars(args), "date": machine()["date"]}
     data = {"machine": machine(), "tasks": tasks}
     write_results("goal_yardstick", data, markdown(data))
+
+
+def entry(task: str, num_pairs: int) -> str:
+    """A yardstick's entry in goal_yardstick.json: the task's name, with its N where the
+    rewards were trained on other than the frontier's 1,000 pairs."""
+    return task if num_pairs == 1000 else f"{task}-n{num_pairs}"
 
 
 def _name(args) -> str:
@@ -106,6 +131,20 @@ def _cache(task: str, args) -> PoolCache:
     pairs' samples are its."""
     proposal = f"-{Path(args.proposal).resolve().parent.name}" if args.proposal else ""
     return PoolCache(Path(args.out) / task / f"samples{proposal}")
+
+
+def _rescore_base(task: str, args) -> None:
+    """Save `args.base_samples_from`'s base samples, scored by this task's reward, as the
+    task's cached base samples (where it has none yet); the top-up then draws what the ESS
+    under this reward still asks for."""
+    rewards = [str(Path(args.out) / f"reward-{label}") for label in LABELS[task]]
+    config, setup, _ = _optimum_setup(task, rewards, args, [TILT[task]])
+    source = Path(args.base_samples_from) / "base.npz"
+    start = time.perf_counter()
+    pool = _cache(task, args).get("base", lambda saved, keep: saved or rescored(
+        SamplePool.load(source), setup.model, setup.image_log_likelihood, config.optimum))
+    print(f"{task}: {len(pool.context_of_row)} base samples from {source}, "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
 
 
 def _draw_pairs(task: str, args) -> None:
@@ -149,10 +188,13 @@ def markdown(data: dict) -> str:
         args = result["args"]
         estimates = [("base samples", result.get("base_samples_levels", [None])[0])] \
             if result.get("short_pairs") else []
+        shorts = result.get("short_pairs", [])
         pairs = ", ".join(f"{pair['context']} / {pair['target']}"
-                          for pair in result.get("short_pairs", []))
-        source = (f"base; the policy for {pairs} ({args['short_pair_samples']} each)" if pairs
-                  else "base samples")
+                          + (f" ({pair['samples']}, ESS {pair['ess_min']:.0f})"
+                             if "samples" in pair else "") for pair in shorts)
+        each = (f" ({args['short_pair_samples']} each)" if shorts and "samples" not in shorts[0]
+                else "")
+        source = f"base; the policy for {pairs}{each}" if pairs else "base samples"
         for name, level in [*estimates, (source, result["levels"][0])]:
             lines.append(
                 f"| {task} | {level['gamma_over_alpha']:g} | {name} | {level['score']:.3f} | "

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, write_results  # noqa: E402
 from default_goal import against_optimum  # noqa: E402
 from frontier import at_kl  # noqa: E402
+from goal_yardstick import entry  # noqa: E402
 from plots import line_plot  # noqa: E402
 from text2image_control import interval  # noqa: E402
 
@@ -83,9 +84,9 @@ def _row(task: str, n: int, ctrl_from: str, baselines_from: list[str],
     level = next(level for level in ctrl_result["optimum"]["levels"]
                  if level["gamma_over_alpha"] == ctrl_result["tilt"])
     optimum_source = ctrl_from
-    if (n == 1000 and task in yardstick
-            and yardstick[task]["levels"][0]["ess_min"] > level["ess_min"]):
-        level, optimum_source = yardstick[task]["levels"][0], "goal_yardstick"
+    own = yardstick.get(entry(task, n))
+    if own is not None and own["levels"][0]["ess_min"] > level["ess_min"]:
+        level, optimum_source = own["levels"][0], "goal_yardstick"
     base = ctrl_result["optimum"]["base"]["score"]
     runs = [run for name in baselines_from for run in _task(name, task)["runs"]
             if run.get("kind") in BASELINES]

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -226,17 +226,9 @@ def _add_samples(pool: SamplePool, model, scorers: dict, log_likelihood: ImageLo
             log_ratios.append(trajectory.path_log_ratio.double().cpu().numpy())
     images = torch.cat(images)
     drawn = SamplePool(pool.contexts, np.asarray(rows), images, {}, None, {}, pool.scorers)
-    targets = itertools.product(*(range(model.label_classes[name]) for name in names))
-    with torch.no_grad():
-        for each in targets:
-            labels = {name: torch.full((len(rows),), k, dtype=torch.long)
-                      for name, k in zip(names, each, strict=True)}
-            drawn.log_likelihood[each] = torch.cat([
-                log_likelihood(images[i:i + config.batch_size],
-                               {n: v[i:i + config.batch_size] for n, v in labels.items()},
-                               None if context_tensor is None else
-                               context_tensor[i:i + config.batch_size]).double().cpu()
-                for i in range(0, len(rows), config.batch_size)]).numpy()
+    targets = list(itertools.product(*(range(model.label_classes[name]) for name in names)))
+    drawn.log_likelihood = _scores(images, context_tensor, names, targets, log_likelihood,
+                                   config.batch_size)
     if target is not None:
         drawn.log_ratio = np.concatenate(log_ratios)
         drawn.target_of_row = np.full(len(rows), list(drawn.log_likelihood).index(target))
@@ -244,6 +236,38 @@ def _add_samples(pool: SamplePool, model, scorers: dict, log_likelihood: ImageLo
     if judge is not None:
         drawn.judged_digits = judge.predict(judge_view(images, judge))
     pool.extend(drawn)
+
+
+def _scores(images: torch.Tensor, contexts: torch.Tensor | None, names: list[str],
+            targets: list[tuple], log_likelihood: ImageLogLikelihood, batch_size: int
+            ) -> dict[tuple, np.ndarray]:
+    """log p(y | x, c) of every image for every target y (a tuple of classes, one per name)."""
+    scores = {}
+    with torch.no_grad():
+        for each in targets:
+            labels = {name: torch.full((len(images),), k, dtype=torch.long)
+                      for name, k in zip(names, each, strict=True)}
+            scores[each] = torch.cat([
+                log_likelihood(images[i:i + batch_size],
+                               {n: v[i:i + batch_size] for n, v in labels.items()},
+                               None if contexts is None else contexts[i:i + batch_size]
+                               ).double().cpu()
+                for i in range(0, len(images), batch_size)]).numpy()
+    return scores
+
+
+def rescored(pool: SamplePool, model, log_likelihood: ImageLogLikelihood,
+             config: OptimumConfig) -> SamplePool:
+    """The base samples of `pool` scored by another reward for the same labels: a base sample
+    does not depend on the reward, so a second reward's estimate (fewer training pairs, say)
+    starts from the first's samples instead of drawing them again."""
+    if not np.all(pool.base_rows()):
+        raise ValueError("only base samples can be rescored: a proposal's rows were drawn "
+                         "for one reward's targets")
+    contexts = torch.as_tensor(pool.context_of_row) if model.num_contexts else None
+    scores = _scores(pool.images, contexts, list(model.label_classes), list(pool.log_likelihood),
+                     log_likelihood, config.batch_size)
+    return replace(pool, log_likelihood=scores)
 
 
 def proposal_pool(policy, label_info: dict[str, dict], log_likelihood: ImageLogLikelihood,

@@ -22,6 +22,7 @@ from ctrl_ray.optimum import (
     keep_the_larger_ess,
     optimum_at,
     rare_pairs,
+    rescored,
     tilted_weights,
     weights_kl_and_ess,
 )
@@ -58,6 +59,34 @@ def mixture_pool() -> tuple[SamplePool, torch.Tensor]:
     return SamplePool(contexts=[0], context_of_row=np.zeros(len(x), dtype=int),
                     images=x, labels={"y": (x[:, 0] > 0).long().numpy()}, judged_digits=None,
                     log_likelihood=log_likelihood, scorers={"y": "sign of x_1"}), x
+
+
+def test_base_samples_are_rescored_by_another_reward(mixture_pool):
+    """Another reward's estimate starts from the same base samples, each target's log p(y | x)
+    now the other reward's; a proposal's rows, drawn for one reward's targets, are refused."""
+    from types import SimpleNamespace
+
+    from ctrl_ray.optimum_config import OptimumConfig
+
+    pool, x = mixture_pool
+    before = {target: values.copy() for target, values in pool.log_likelihood.items()}
+
+    def sharper(images, labels, contexts):
+        logits = 2 * (images @ CLASSIFIER_WEIGHT.double() + CLASSIFIER_BIAS)
+        return torch.where(labels["y"] == 1, -torch.nn.functional.softplus(-logits),
+                           -torch.nn.functional.softplus(logits))
+
+    model = SimpleNamespace(num_contexts=0, label_classes={"y": 2})
+    again = rescored(pool, model, sharper, OptimumConfig(batch_size=3000))
+    logits = 2 * (x @ CLASSIFIER_WEIGHT.double() + CLASSIFIER_BIAS).numpy()
+    assert np.allclose(again.log_likelihood[(1,)], -np.logaddexp(0, -logits), atol=1e-9)
+    assert np.allclose(again.log_likelihood[(0,)], -np.logaddexp(0, logits), atol=1e-9)
+    assert again.images is pool.images and np.array_equal(again.labels["y"], pool.labels["y"])
+    assert all(np.array_equal(pool.log_likelihood[t], before[t]) for t in before)
+    drawn = SamplePool(**{**pool.__dict__, "log_ratio": np.zeros(len(x)),
+                          "target_of_row": np.zeros(len(x), dtype=int)})
+    with pytest.raises(ValueError, match="only base samples"):
+        rescored(drawn, model, sharper, OptimumConfig())
 
 
 @pytest.mark.parametrize("tilt", [1.0, 3.0])
