@@ -91,8 +91,7 @@ def main() -> None:
     if args.pairs:
         _draw_pairs(args.tasks[0], args)
         return
-    committed = RESULTS / "goal_yardstick.json"
-    tasks = _committed_tasks(json.loads(committed.read_text())) if committed.is_file() else {}
+    estimates = {}
     for task in args.tasks:
         path = out / task / f"yardstick-{_name(args)}.json"
         if not path.is_file():
@@ -104,9 +103,12 @@ def main() -> None:
             result["seconds"] = time.perf_counter() - start
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, default=str))
-        tasks[entry(task, args.num_pairs)] = {**json.loads(path.read_text()),
-                                              "args": vars(args), "date": machine()["date"]}
-    data = {"machine": machine(), "tasks": tasks}
+        estimates[entry(task, args.num_pairs)] = {**json.loads(path.read_text()),
+                                                  "args": vars(args), "date": machine()["date"]}
+    # read at the end, not the start: another run may have written its entries meanwhile
+    committed = RESULTS / "goal_yardstick.json"
+    tasks = _committed_tasks(json.loads(committed.read_text())) if committed.is_file() else {}
+    data = {"machine": machine(), "tasks": {**tasks, **estimates}}
     write_results("goal_yardstick", data, markdown(data))
 
 
