@@ -85,6 +85,9 @@ def main() -> None:
     if missing:
         parser.error(f"no trained reward at {', '.join(missing)}: run frontier.py with this "
                      "--out first")
+    if args.base_samples_from and not (Path(args.base_samples_from) / "base.npz").is_file():
+        parser.error(f"no base samples at {Path(args.base_samples_from) / 'base.npz'}: "
+                     "--base-samples-from takes another estimate's samples directory")
     if args.base_samples_from:
         for task in args.tasks:
             _rescore_base(task, args)
@@ -143,8 +146,9 @@ def _rescore_base(task: str, args) -> None:
     config, setup, _ = _optimum_setup(task, rewards, args, [TILT[task]])
     source = Path(args.base_samples_from) / "base.npz"
     start = time.perf_counter()
-    pool = _cache(task, args).get("base", lambda saved, keep: saved or rescored(
-        SamplePool.load(source), setup.model, setup.image_log_likelihood, config.optimum))
+    pool = _cache(task, args).get("base", lambda saved, keep: saved if saved is not None
+                                  else rescored(SamplePool.load(source), setup.model,
+                                                setup.image_log_likelihood, config.optimum))
     print(f"{task}: {len(pool.context_of_row)} base samples from {source}, "
           f"{time.perf_counter() - start:.0f} s", flush=True)
 

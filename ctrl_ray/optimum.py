@@ -264,9 +264,13 @@ def rescored(pool: SamplePool, model, log_likelihood: ImageLogLikelihood,
     if not np.all(pool.base_rows()):
         raise ValueError("only base samples can be rescored: a proposal's rows were drawn "
                          "for one reward's targets")
+    names = list(model.label_classes)
+    if sorted(pool.labels) != sorted(names):
+        raise ValueError(f"the samples carry the labels {sorted(pool.labels)}, the reward "
+                         f"{sorted(names)}: rescore samples drawn for the same labels")
     contexts = torch.as_tensor(pool.context_of_row) if model.num_contexts else None
-    scores = _scores(pool.images, contexts, list(model.label_classes), list(pool.log_likelihood),
-                     log_likelihood, config.batch_size)
+    targets = list(itertools.product(*(range(model.label_classes[name]) for name in names)))
+    scores = _scores(pool.images, contexts, names, targets, log_likelihood, config.batch_size)
     return replace(pool, log_likelihood=scores)
 
 

@@ -87,6 +87,9 @@ def test_base_samples_are_rescored_by_another_reward(mixture_pool):
                           "target_of_row": np.zeros(len(x), dtype=int)})
     with pytest.raises(ValueError, match="only base samples"):
         rescored(drawn, model, sharper, OptimumConfig())
+    with pytest.raises(ValueError, match="same labels"):
+        rescored(pool, SimpleNamespace(num_contexts=0, label_classes={"ink": 2}), sharper,
+                 OptimumConfig())
 
 
 @pytest.mark.parametrize("tilt", [1.0, 3.0])
